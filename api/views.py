@@ -1,0 +1,58 @@
+"""Rows to response models: the shapes the API returns."""
+
+from __future__ import annotations
+
+from common.models import Job, Model, utcnow
+from common.schemas import JobOut, ModelOut, Progress
+
+
+def job_out(job: Job) -> JobOut:
+    return JobOut(
+        id=job.id,
+        type=job.type,
+        family=job.family,
+        status=job.status,
+        queue=job.queue,
+        priority=job.priority,
+        spec=job.spec,
+        attempt=job.attempt,
+        max_attempts=job.max_attempts,
+        attempts=job.attempts_log or [],
+        worker=job.worker,
+        progress=progress_of(job),
+        metrics=job.metrics or {},
+        result=job.result or {},
+        error=job.error,
+        cancel_requested=job.cancel_requested,
+        model_id=job.model_id,
+        parent_id=job.parent_id,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        heartbeat_at=job.heartbeat_at,
+        finished_at=job.finished_at,
+    )
+
+
+def progress_of(job: Job) -> Progress:
+    """done/total plus rate and ETA measured since the job started."""
+    p = Progress(done=job.progress_done, total=job.progress_total, unit=job.progress_unit)
+    if job.started_at and job.progress_done:
+        end = job.finished_at or utcnow()
+        elapsed = (end - job.started_at).total_seconds()
+        if elapsed > 0:
+            p.rate = round(job.progress_done / elapsed, 3)
+            if job.status == "running" and p.rate > 0:
+                p.eta_s = round(max(job.progress_total - job.progress_done, 0) / p.rate, 1)
+    return p
+
+
+def model_out(model: Model) -> ModelOut:
+    return ModelOut(
+        id=model.name,
+        created=int(model.created_at.timestamp()),
+        owned_by=model.owner,
+        family=model.family,
+        checkpoint_id=model.checkpoint_id,
+        genq_id=model.id,
+        created_by_job=model.created_by_job,
+    )

@@ -1,0 +1,67 @@
+"""The Celery app: queues, routing and the reliability settings of DESIGN.md §4."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from celery import Celery
+from kombu import Queue
+
+from common.config import get_settings
+
+TASK_FOR_TYPE = {"train": "genq.train", "generate": "genq.generate", "shard": "genq.batch_shard"}
+
+
+@lru_cache
+def get_celery() -> Celery:
+    """The process-wide Celery app (producer in the API, consumer in workers)."""
+    settings = get_settings()
+    app = Celery("genq", broker=settings.broker_url, include=["worker.tasks"])
+    transport = {
+        "visibility_timeout": settings.visibility_timeout_s,
+        "socket_connect_timeout": 5,
+        "socket_timeout": 10,
+    }
+    app.conf.update(
+        task_queues=[Queue(name, routing_key=name) for name in settings.queue_names],
+        task_default_queue="cpu",
+        task_create_missing_queues=False,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        broker_transport_options=transport,
+        broker_connection_retry_on_startup=True,
+        broker_connection_timeout=5,
+        task_publish_retry=True,
+        task_publish_retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        task_track_started=True,
+        task_ignore_result=True,
+        result_backend=None,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        event_serializer="json",
+        worker_max_tasks_per_child=settings.worker_max_tasks_per_child or None,
+        worker_max_memory_per_child=settings.worker_max_memory_per_child_kb or None,
+        worker_hijack_root_logger=False,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        timezone="UTC",
+    )
+    return app
+
+
+def send_job(job_id: str, attempt: int, *, job_type: str, queue: str, kwargs: dict) -> str:
+    """Publish the message for one attempt of a job; returns the Celery task id."""
+    result = get_celery().send_task(
+        TASK_FOR_TYPE[job_type], args=[job_id, attempt], kwargs=kwargs, queue=queue
+    )
+    return str(result.id)
+
+
+def __getattr__(name: str) -> Celery:
+    """`celery -A common.celery_app …` (Flower) finds the app as `app`."""
+    if name in ("app", "celery"):
+        return get_celery()
+    raise AttributeError(name)

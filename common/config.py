@@ -1,0 +1,74 @@
+"""Settings: every GENQ_* variable, read once."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """genq configuration; each field is the variable GENQ_<NAME>."""
+
+    model_config = SettingsConfigDict(env_prefix="GENQ_", env_file=".env", extra="ignore")
+
+    home: Path = Field(Path(".genq"), description="Folder for the embedded stack's state.")
+    database_url: str = Field("", description="SQLAlchemy URL; default sqlite under home.")
+    broker_url: str = Field("redis://127.0.0.1:6390/0", description="Celery broker (Redis).")
+    storage_url: str = Field("", description="fsspec URL for objects; default home/storage.")
+    s3_endpoint_url: str = Field("", description="S3 endpoint (MinIO, moto) for s3:// storage.")
+
+    api_url: str = Field("http://127.0.0.1:8000", description="Where clients reach the API.")
+    api_key: str = Field("", description="Key the CLI/SDK send; default home/api_key.")
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    redis_port: int = Field(6390, description="Port of the embedded Redis (genq up).")
+    flower_port: int = 5555
+    flower_user: str = "genq"
+    flower_password: str = Field("", description="Flower basic-auth password; default generated.")
+
+    queues: str = Field("gpu,cpu", description="Comma-separated queues (custom ones allowed).")
+    visibility_timeout_s: int = Field(43200, description="Redis redelivery timeout; > longest job.")
+    lease_s: int = Field(120, description="A running job without heartbeat this long is reaped.")
+    heartbeat_s: float = Field(3.0, description="Heartbeat interval of a running job.")
+    reaper_interval_s: float = Field(15.0, description="How often a worker's reaper looks.")
+    max_attempts: int = Field(3, description="Attempts before a transient failure is final.")
+    retry_backoff_s: float = Field(2.0, description="First retry delay; doubles per attempt.")
+    worker_max_tasks_per_child: int = 0
+    worker_max_memory_per_child_kb: int = 0
+    model_cache_bytes: int = Field(2 << 30, description="Per-process model cache bound.")
+
+    shard_size: int = Field(1000, description="Requests per batch shard.")
+    item_chunk: int = Field(64, description="Generated items committed per chunk.")
+    token_budget: int = Field(8192, description="Tokens per dynamic generation batch.")
+    max_upload_bytes: int = Field(200 << 20, description="Largest accepted upload.")
+    max_batch_lines: int = Field(100_000, description="Most requests in one batch file.")
+    max_prompt_chars: int = Field(32_000, description="Longest accepted prompt.")
+    max_tokens_cap: int = Field(4096, description="Largest accepted max_tokens.")
+    rate_limit_per_minute: int = Field(600, description="Requests per key per minute (0 = off).")
+
+    log_level: str = "INFO"
+
+    @property
+    def home_dir(self) -> Path:
+        return self.home.resolve()
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home_dir / 'genq.db'}"
+
+    @property
+    def storage_root(self) -> str:
+        return self.storage_url or f"file://{self.home_dir / 'storage'}"
+
+    @property
+    def queue_names(self) -> list[str]:
+        return [q.strip() for q in self.queues.split(",") if q.strip()]
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings, read from the environment once."""
+    return Settings()

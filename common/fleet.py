@@ -1,0 +1,63 @@
+"""The workers table: registration, heartbeats and who is alive."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from common.config import get_settings
+from common.models import Worker, utcnow
+
+
+def register_worker(
+    session: Session, *, hostname: str, queues: list[str], device: dict[str, Any], pid: int,
+    version: str,
+) -> None:
+    """Insert or refresh this worker's row."""
+    row = session.get(Worker, hostname) or Worker(hostname=hostname)
+    row.queues = ",".join(queues)
+    row.device = device
+    row.pid = pid
+    row.version = version
+    row.started_at = utcnow()
+    row.heartbeat_at = utcnow()
+    row.current_job = None
+    session.add(row)
+    session.commit()
+
+
+def worker_heartbeat(session: Session, *, hostname: str) -> None:
+    session.execute(update(Worker).where(Worker.hostname == hostname).values(heartbeat_at=utcnow()))
+    session.commit()
+
+
+def set_current_job(session: Session, *, hostname: str, job_id: str | None) -> None:
+    session.execute(update(Worker).where(Worker.hostname == hostname).values(current_job=job_id))
+    session.commit()
+
+
+def unregister_worker(session: Session, *, hostname: str) -> None:
+    row = session.get(Worker, hostname)
+    if row is not None:
+        session.delete(row)
+        session.commit()
+
+
+def live_workers(session: Session) -> list[Worker]:
+    """Workers whose heartbeat is within the lease."""
+    cutoff = utcnow() - timedelta(seconds=get_settings().lease_s)
+    return list(
+        session.scalars(
+            select(Worker).where(Worker.heartbeat_at >= cutoff).order_by(Worker.hostname)
+        )
+    )
+
+
+def live_gpu_worker(session: Session) -> bool:
+    return any(
+        str(w.device.get("type", "")).startswith("cuda") and "gpu" in w.queues.split(",")
+        for w in live_workers(session)
+    )

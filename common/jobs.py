@@ -1,0 +1,522 @@
+"""The job state machine (DESIGN.md §3): create, dispatch, claim, heartbeat, finish, retry, cancel.
+
+Every transition is one conditional UPDATE keyed on (id, attempt, status), so a stale
+message, a second worker or a late reaper can never move a job it does not own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.orm import Session
+
+from common import fleet
+from common.celery_app import send_job
+from common.config import get_settings
+from common.errors import Conflict, InvalidSpec, NotFound
+from common.models import (
+    FINISHED,
+    Checkpoint,
+    File,
+    Item,
+    Job,
+    JobStatus,
+    JobType,
+    Lock,
+    Model,
+    new_id,
+    utcnow,
+)
+from common.schemas import GenerateSpec, TrainSpec, family_kind
+
+log = logging.getLogger(__name__)
+
+GEN_FIELDS = ("max_tokens", "temperature", "top_k", "top_p", "num_beams", "seed")
+
+
+# ---------------------------------------------------------------- create & dispatch
+
+
+def find_model(session: Session, *, owner: str, name: str) -> Model:
+    """A model of this owner by name or id, else NotFound naming the `model` field."""
+    model = session.scalar(
+        select(Model).where(Model.owner == owner, or_(Model.name == name, Model.id == name))
+    )
+    if model is None:
+        raise NotFound(f"no model named {name!r}", param="model", code="model_not_found")
+    return model
+
+
+def get_job(session: Session, *, owner: str | None, job_id: str) -> Job:
+    """A job by id, scoped to its owner (another owner's job is not found)."""
+    job = session.get(Job, job_id)
+    if job is None or (owner is not None and job.owner != owner):
+        raise NotFound(f"no job {job_id!r}", param="job_id")
+    return job
+
+
+def create_job(
+    session: Session,
+    *,
+    owner: str,
+    spec: TrainSpec | GenerateSpec,
+    idempotency_key: str | None = None,
+) -> tuple[Job, bool]:
+    """Write a queued job (and its items) and commit; returns (job, created)."""
+    spec_json = spec.model_dump(mode="json", exclude_none=True)
+    if idempotency_key:
+        existing = session.scalar(
+            select(Job).where(Job.owner == owner, Job.idempotency_key == idempotency_key)
+        )
+        if existing is not None:
+            if existing.spec != spec_json:
+                raise Conflict(
+                    "Idempotency-Key was used with a different request", code="idempotency_conflict"
+                )
+            return existing, False
+    settings = get_settings()
+    job = Job(
+        id=new_id("job_"),
+        owner=owner,
+        type=spec.type,
+        spec=spec_json,
+        idempotency_key=idempotency_key,
+        priority=spec.priority,
+        max_attempts=spec.max_attempts or settings.max_attempts,
+        queue=resolve_queue(session, spec.queue),
+    )
+    if isinstance(spec, TrainSpec):
+        _prepare_train(session, job, spec)
+    else:
+        _prepare_generate(session, job, spec)
+    session.add(job)
+    session.flush()
+    if isinstance(spec, GenerateSpec):
+        insert_items(session, job.id, generate_requests(spec, family=job.family or ""))
+    session.commit()
+    return job, True
+
+
+def _prepare_train(session: Session, job: Job, spec: TrainSpec) -> None:
+    job.family = spec.family
+    job.progress_unit = "step"
+    job.progress_total = spec.steps or 0
+    if spec.data and spec.data.file_id:
+        file = session.get(File, spec.data.file_id)
+        if file is None or file.owner != job.owner:
+            raise NotFound(f"no file {spec.data.file_id!r}", param="data.file_id")
+    if spec.resume_from:
+        ckpt = session.get(Checkpoint, spec.resume_from)
+        parent = session.get(Job, ckpt.job_id) if ckpt else None
+        if ckpt is None or parent is None or parent.owner != job.owner:
+            raise NotFound(f"no checkpoint {spec.resume_from!r}", param="resume_from")
+        if parent.family != spec.family:
+            raise InvalidSpec(
+                f"checkpoint {ckpt.id} is a {parent.family} model, not {spec.family}",
+                param="resume_from",
+            )
+    if spec.name:
+        taken = session.scalar(
+            select(Model.id).where(Model.owner == job.owner, Model.name == spec.name)
+        )
+        if taken:
+            raise Conflict(f"a model named {spec.name!r} exists", param="name")
+
+
+def _prepare_generate(session: Session, job: Job, spec: GenerateSpec) -> None:
+    model = find_model(session, owner=job.owner, name=spec.model)
+    job.family = model.family
+    job.model_id = model.id
+    job.progress_unit = "item"
+    kind = family_kind(model.family)
+    if kind == "text" and not spec.prompts:
+        raise InvalidSpec(f"{model.name} is a text model: give prompts", param="prompts")
+    if kind == "image" and spec.prompts:
+        raise InvalidSpec(f"{model.name} is an image model: give n or labels", param="prompts")
+
+
+def generate_requests(spec: GenerateSpec, *, family: str) -> list[dict[str, Any]]:
+    """One item request per prompt, label or image of a generate spec."""
+    params = {k: getattr(spec, k) for k in GEN_FIELDS}
+    if spec.prompts:
+        return [{"gen": {"prompt": p, **params}} for p in spec.prompts]
+    labels: list[int | None] = list(spec.labels or [])
+    labels += [None] * max(0, (spec.n or 0) - len(labels))
+    return [{"gen": {"label": label, **params}} for label in labels]
+
+
+def insert_items(
+    session: Session, job_id: str, requests: list[dict[str, Any]], custom_ids: list[str] | None = None
+) -> None:
+    """Bulk-insert pending items (Core executemany)."""
+    rows = [
+        {
+            "job_id": job_id,
+            "index": i,
+            "custom_id": custom_ids[i] if custom_ids else str(i),
+            "status": "pending",
+            "request": req,
+        }
+        for i, req in enumerate(requests)
+    ]
+    if rows:
+        session.execute(Item.__table__.insert(), rows)
+    session.execute(update(Job).where(Job.id == job_id).values(progress_total=len(rows)))
+
+
+def resolve_queue(session: Session, queue: str) -> str:
+    """`auto` means gpu when a live GPU worker is registered, else cpu."""
+    if queue != "auto":
+        return queue
+    return "gpu" if fleet.live_gpu_worker(session) else "cpu"
+
+
+def dispatch(session: Session, job: Job) -> bool:
+    """Send the job's current attempt to Celery; False (job stays in the outbox) if it fails."""
+    kwargs = {"family": job.family, "model": job.model_id}
+    try:
+        task_id = send_job(job.id, job.attempt, job_type=job.type, queue=job.queue, kwargs=kwargs)
+    except Exception as exc:  # broker down: the outbox sweep re-sends later
+        log.warning("job %s: broker unreachable, left in outbox: %s", job.id, exc)
+        return False
+    session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.attempt == job.attempt)
+        .values(enqueued_at=utcnow(), celery_task_id=task_id)
+    )
+    session.commit()
+    return True
+
+
+def sweep_outbox(session: Session, *, min_age_s: float = 10.0) -> int:
+    """Send queued jobs whose message never reached the broker or whose back-off is over."""
+    now = utcnow()
+    jobs = session.scalars(
+        select(Job)
+        .where(
+            Job.status == JobStatus.queued,
+            Job.enqueued_at.is_(None),
+            Job.type != JobType.batch,
+            Job.cancel_requested.is_(False),
+            or_(Job.not_before.is_(None), Job.not_before <= now),
+            Job.created_at <= now - timedelta(seconds=min_age_s),
+        )
+        .order_by(Job.priority.desc(), Job.created_at)
+        .limit(500)
+    ).all()
+    return sum(dispatch(session, job) for job in jobs)
+
+
+# ---------------------------------------------------------------- claim & run
+
+
+def this_worker() -> str:
+    return socket.gethostname()
+
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass
+class Claim:
+    job: Job | None
+    reason: str  # "claimed", "taken_over", or why the message was dropped
+
+
+def claim_job(
+    session: Session, job_id: str, attempt: int, *, worker: str, pid: int, task_id: str | None
+) -> Claim:
+    """Move (job_id, attempt) from queued to running for this process, or say why not."""
+    now = utcnow()
+    claimed = session.execute(
+        update(Job)
+        .where(
+            Job.id == job_id,
+            Job.attempt == attempt,
+            Job.status == JobStatus.queued,
+            Job.cancel_requested.is_(False),
+        )
+        .values(
+            status=JobStatus.running,
+            worker=worker,
+            worker_pid=pid,
+            celery_task_id=task_id,
+            started_at=func.coalesce(Job.started_at, now),
+            heartbeat_at=now,
+            shutdown_requested=False,
+        )
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    session.commit()
+    job = session.get(Job, job_id)
+    if job is not None:
+        session.refresh(job)
+    if claimed == 1:
+        return Claim(job, "claimed")
+    if job is None:
+        return Claim(None, "unknown job")
+    if job.status == JobStatus.queued and job.cancel_requested and job.attempt == attempt:
+        finish_job(session, job, status=JobStatus.cancelled, from_status=JobStatus.queued)
+        return Claim(None, "cancelled while queued")
+    if (
+        job.status == JobStatus.running
+        and job.attempt == attempt
+        and job.worker == worker
+        and job.worker_pid != pid
+        and not pid_alive(job.worker_pid)
+    ):
+        return _take_over(session, job, worker=worker, pid=pid, task_id=task_id)
+    return Claim(None, f"stale message: job is {job.status} at attempt {job.attempt}")
+
+
+def _take_over(session: Session, job: Job, *, worker: str, pid: int, task_id: str | None) -> Claim:
+    """A redelivered message whose previous process on this host died: spend an attempt."""
+    error = {"code": "worker_lost", "message": f"process {job.worker_pid} died", "retryable": True}
+    if job.failures + 1 >= job.max_attempts:
+        fail_job(session, job, error, final=True)
+        return Claim(None, "attempts exhausted")
+    taken = session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.attempt == job.attempt, Job.worker_pid == job.worker_pid)
+        .values(
+            attempt=job.attempt + 1,
+            failures=job.failures + 1,
+            attempts_log=[*job.attempts_log, {"attempt": job.attempt, "error": error}],
+            worker_pid=pid,
+            celery_task_id=task_id,
+            heartbeat_at=utcnow(),
+        )
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    session.commit()
+    session.refresh(job)
+    return Claim(job, "taken_over") if taken == 1 else Claim(None, "lost the takeover race")
+
+
+@dataclass
+class Signals:
+    cancel: bool = False
+    shutdown: bool = False
+    lost: bool = False  # the job is no longer ours (reaped, finished or re-queued)
+
+
+def heartbeat(
+    session: Session,
+    job: Job,
+    *,
+    done: int | None = None,
+    total: int | None = None,
+    metrics: dict[str, Any] | None = None,
+) -> Signals:
+    """Refresh the lease and progress; returns the flags the runner must obey."""
+    values: dict[str, Any] = {"heartbeat_at": utcnow()}
+    if done is not None:
+        values["progress_done"] = done
+    if total is not None:
+        values["progress_total"] = total
+    if metrics is not None:
+        values["metrics"] = metrics
+    updated = session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.attempt == job.attempt, Job.status == JobStatus.running)
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    session.commit()
+    if updated != 1:
+        return Signals(lost=True)
+    row = session.execute(
+        select(Job.cancel_requested, Job.shutdown_requested).where(Job.id == job.id)
+    ).one()
+    return Signals(cancel=bool(row[0]), shutdown=bool(row[1]))
+
+
+def finish_job(
+    session: Session,
+    job: Job,
+    *,
+    status: JobStatus,
+    result: dict[str, Any] | None = None,
+    error: dict[str, Any] | None = None,
+    from_status: JobStatus = JobStatus.running,
+) -> bool:
+    """Record a final status for the job's current attempt; False if it was not ours."""
+    values: dict[str, Any] = {"status": status, "finished_at": utcnow(), "heartbeat_at": utcnow()}
+    if result is not None:
+        values["result"] = {**(job.result or {}), **result}
+    if error is not None:
+        values["error"] = error
+    done = session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.attempt == job.attempt, Job.status == from_status)
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    session.commit()
+    session.refresh(job)
+    if done == 1 and job.parent_id:
+        from common.batches import shard_finished
+
+        shard_finished(session, job)
+    return done == 1
+
+
+def fail_job(session: Session, job: Job, error: dict[str, Any], *, final: bool = False) -> str:
+    """Fail the attempt: re-queue with back-off if retryable and attempts remain, else fail."""
+    error = {"retryable": False, **error}
+    failures = job.failures + 1
+    log_entry = {"attempt": job.attempt, "error": error}
+    if error["retryable"] and not final and failures < job.max_attempts:
+        delay = get_settings().retry_backoff_s * 2 ** (failures - 1)
+        requeue_job(session, job, reason=error, spend=True, delay_s=delay)
+        return "queued"
+    session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.attempt == job.attempt)
+        .values(failures=failures, attempts_log=[*job.attempts_log, log_entry])
+        .execution_options(synchronize_session=False)
+    )
+    finish_job(session, job, status=JobStatus.failed, error=error)
+    return "failed"
+
+
+def requeue_job(
+    session: Session,
+    job: Job,
+    *,
+    reason: dict[str, Any],
+    spend: bool,
+    delay_s: float = 0.0,
+    from_status: JobStatus = JobStatus.running,
+) -> bool:
+    """Put the job back in its queue as a new attempt (spend=False: a soft shutdown)."""
+    values: dict[str, Any] = {
+        "status": JobStatus.queued,
+        "attempt": job.attempt + 1,
+        "worker": None,
+        "worker_pid": None,
+        "enqueued_at": None,
+        "shutdown_requested": False,
+        "not_before": utcnow() + timedelta(seconds=delay_s) if delay_s else None,
+        "attempts_log": [*job.attempts_log, {"attempt": job.attempt, "error": reason}],
+    }
+    if spend:
+        values["failures"] = job.failures + 1
+    moved = session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.attempt == job.attempt, Job.status == from_status)
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    session.commit()
+    session.refresh(job)
+    if moved == 1 and not delay_s:
+        dispatch(session, job)
+    return moved == 1
+
+
+# ---------------------------------------------------------------- cancel
+
+
+def cancel_job(session: Session, *, owner: str, job_id: str) -> Job:
+    """Cancel a queued job at once; ask a running one to stop at its next step or batch."""
+    job = get_job(session, owner=owner, job_id=job_id)
+    if JobStatus(job.status) in FINISHED:
+        return job
+    children = session.scalars(select(Job).where(Job.parent_id == job.id)).all()
+    for target in [job, *children]:
+        session.execute(
+            update(Job)
+            .where(Job.id == target.id, Job.status.in_([JobStatus.queued, JobStatus.running]))
+            .values(cancel_requested=True)
+        )
+        session.execute(
+            update(Job)
+            .where(Job.id == target.id, Job.status == JobStatus.queued, Job.type != JobType.batch)
+            .values(status=JobStatus.cancelled, finished_at=utcnow())
+        )
+    session.commit()
+    for child in children:
+        session.refresh(child)
+        if child.status == JobStatus.cancelled:
+            from common.batches import shard_finished
+
+            shard_finished(session, child)
+    session.refresh(job)
+    return job
+
+
+def request_shutdown(session: Session, *, worker: str) -> int:
+    """Flag this worker's running jobs: checkpoint and re-queue at the next step."""
+    n = session.execute(
+        update(Job)
+        .where(Job.worker == worker, Job.status == JobStatus.running)
+        .values(shutdown_requested=True)
+    ).rowcount
+    session.commit()
+    return n
+
+
+# ---------------------------------------------------------------- reaper
+
+
+def take_lease(session: Session, name: str, holder: str, ttl_s: float) -> bool:
+    """Hold the named lock for ttl_s: one conditional UPDATE (or the first INSERT) wins."""
+    now = utcnow()
+    expires = now + timedelta(seconds=ttl_s)
+    won = session.execute(
+        update(Lock)
+        .where(Lock.name == name, or_(Lock.holder == holder, Lock.expires_at < now))
+        .values(holder=holder, expires_at=expires)
+    ).rowcount
+    if won == 0 and session.get(Lock, name) is None:
+        try:
+            session.add(Lock(name=name, holder=holder, expires_at=expires))
+            session.commit()
+            return True
+        except Exception:
+            session.rollback()
+            return False
+    session.commit()
+    return won == 1
+
+
+def reap(session: Session, *, lease_s: float, now: datetime | None = None) -> list[str]:
+    """Re-queue (or fail) running jobs whose heartbeat is older than the lease."""
+    now = now or utcnow()
+    stale = session.scalars(
+        select(Job).where(
+            Job.status == JobStatus.running,
+            Job.type != JobType.batch,
+            and_(Job.heartbeat_at.is_not(None), Job.heartbeat_at < now - timedelta(seconds=lease_s)),
+        )
+    ).all()
+    reaped = []
+    for job in stale:
+        error = {
+            "code": "worker_lost",
+            "message": f"no heartbeat from {job.worker} pid {job.worker_pid} for {lease_s:.0f}s",
+            "retryable": True,
+        }
+        if job.cancel_requested:
+            finish_job(session, job, status=JobStatus.cancelled)
+        else:
+            log.warning("reaping job %s (attempt %s)", job.id, job.attempt)
+            fail_job(session, job, error)
+        reaped.append(job.id)
+    return reaped

@@ -1,0 +1,173 @@
+"""What jobs leave behind: checkpoints, artifacts, registered models and generated items."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import bindparam, select, update
+from sqlalchemy.orm import Session
+
+from common.errors import Conflict, NotFound
+from common.models import Artifact, Checkpoint, Item, Job, Model, new_id, utcnow
+from common.storage import Storage
+
+
+def save_checkpoint(
+    session: Session,
+    storage: Storage,
+    *,
+    job: Job,
+    step: int,
+    local: Path,
+    metrics: dict[str, Any],
+    keep_last: int = 2,
+) -> Checkpoint:
+    """Upload a finished local checkpoint folder, then register it (never half a checkpoint)."""
+    uri, size = storage.put_dir(f"checkpoints/{job.id}/step-{step:08d}", local)
+    ckpt = Checkpoint(
+        id=new_id("ckpt_"), job_id=job.id, step=step, uri=uri, bytes=size, metrics=metrics
+    )
+    session.add(ckpt)
+    session.commit()
+    prune_checkpoints(session, storage, job_id=job.id, keep_last=keep_last)
+    return ckpt
+
+
+def prune_checkpoints(session: Session, storage: Storage, *, job_id: str, keep_last: int) -> None:
+    """Keep the last K, the best (lowest loss) and any a model points at."""
+    ckpts = list(
+        session.scalars(
+            select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step)
+        )
+    )
+    keep = {c.id for c in ckpts[-keep_last:]}
+    scored = [c for c in ckpts if isinstance(c.metrics.get("loss"), int | float)]
+    if scored:
+        keep.add(min(scored, key=lambda c: c.metrics["loss"]).id)
+    keep |= set(session.scalars(select(Model.checkpoint_id).where(Model.created_by_job == job_id)))
+    for ckpt in ckpts:
+        if ckpt.id not in keep:
+            storage.delete(storage.key_of(ckpt.uri))
+            session.delete(ckpt)
+    session.commit()
+
+
+def latest_checkpoint(session: Session, *, job_id: str) -> Checkpoint | None:
+    return session.scalar(
+        select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step.desc())
+    )
+
+
+def get_checkpoint(session: Session, *, owner: str, checkpoint_id: str) -> Checkpoint:
+    ckpt = session.get(Checkpoint, checkpoint_id)
+    job = session.get(Job, ckpt.job_id) if ckpt else None
+    if ckpt is None or job is None or job.owner != owner:
+        raise NotFound(f"no checkpoint {checkpoint_id!r}", param="checkpoint_id")
+    return ckpt
+
+
+def add_artifact(
+    session: Session,
+    storage: Storage,
+    *,
+    job: Job,
+    kind: str,
+    filename: str,
+    data: bytes,
+    content_type: str,
+) -> Artifact:
+    """Store bytes and record them as an artifact of the job."""
+    filename = re.sub(r"[^A-Za-z0-9._-]", "_", filename)[-100:] or "artifact"
+    art_id = new_id("art_")
+    uri = storage.put_bytes(f"artifacts/{job.id}/{art_id}-{filename}", data)
+    art = Artifact(
+        id=art_id,
+        job_id=job.id,
+        kind=kind,
+        filename=filename,
+        uri=uri,
+        bytes=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+        content_type=content_type,
+    )
+    session.add(art)
+    session.commit()
+    return art
+
+
+def get_artifact(session: Session, *, owner: str, artifact_id: str) -> Artifact:
+    art = session.get(Artifact, artifact_id)
+    job = session.get(Job, art.job_id) if art else None
+    if art is None or job is None or job.owner != owner:
+        raise NotFound(f"no artifact {artifact_id!r}", param="artifact_id")
+    return art
+
+
+def register_model(
+    session: Session, *, job: Job, name: str, checkpoint: Checkpoint
+) -> Model:
+    """Make a finished training run's checkpoint a named, generation-ready model."""
+    existing = session.scalar(select(Model).where(Model.owner == job.owner, Model.name == name))
+    if existing is not None:
+        if existing.created_by_job == job.id:
+            return existing
+        raise Conflict(f"a model named {name!r} exists", param="name")
+    model = Model(
+        id=new_id("model_"),
+        owner=job.owner,
+        name=name,
+        family=job.family or "",
+        checkpoint_id=checkpoint.id,
+        created_by_job=job.id,
+    )
+    session.add(model)
+    session.commit()
+    return model
+
+
+def pending_items(session: Session, *, job_id: str) -> list[Item]:
+    """Items of a job not yet finished, in index order (a restarted shard skips the rest)."""
+    return list(
+        session.scalars(
+            select(Item)
+            .where(Item.job_id == job_id, Item.status == "pending")
+            .order_by(Item.index)
+        )
+    )
+
+
+def write_items(session: Session, rows: list[dict[str, Any]]) -> None:
+    """Finish a chunk of items in one executemany: rows have id, status, response, error, tokens."""
+    if not rows:
+        return
+    now = utcnow()
+    params = [
+        {
+            "b_id": r["id"],
+            "b_status": r["status"],
+            "b_response": r.get("response"),
+            "b_error": r.get("error"),
+            "b_tokens_in": r.get("tokens_in", 0),
+            "b_tokens_out": r.get("tokens_out", 0),
+            "b_finished_at": now,
+        }
+        for r in rows
+    ]
+    stmt = (
+        update(Item.__table__)
+        .where(Item.__table__.c.id == bindparam("b_id"))
+        .where(Item.__table__.c.status == "pending")
+        .values(
+            status=bindparam("b_status"),
+            response=bindparam("b_response"),
+            error=bindparam("b_error"),
+            tokens_in=bindparam("b_tokens_in"),
+            tokens_out=bindparam("b_tokens_out"),
+            finished_at=bindparam("b_finished_at"),
+        )
+    )
+    session.connection().execute(stmt, params)
+    session.commit()

@@ -1,0 +1,129 @@
+"""Object storage on fsspec: local files by default, s3:// (MinIO, AWS) when configured."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from collections.abc import Iterator
+from functools import lru_cache
+from pathlib import Path
+from typing import IO, Any
+
+import fsspec
+
+from common.config import get_settings
+
+CHUNK = 1 << 20
+
+
+class Storage:
+    """Keys are relative paths ("checkpoints/job_x/step-10/model.safetensors") under one root."""
+
+    def __init__(self, root: str, *, s3_endpoint_url: str = ""):
+        self.root = root.rstrip("/")
+        options: dict[str, Any] = {}
+        if root.startswith("s3://") and s3_endpoint_url:
+            options["client_kwargs"] = {"endpoint_url": s3_endpoint_url}
+        self.fs, self.base = fsspec.core.url_to_fs(self.root, **options)
+        self.is_local = self.fs.protocol in ("file", ("file", "local")) or "file" in self.fs.protocol
+        if self.is_local:
+            Path(self.base).mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> str:
+        key = key.strip("/")
+        if not key or ".." in key.split("/"):
+            raise ValueError(f"bad storage key {key!r}")
+        return f"{self.base}/{key}"
+
+    def uri(self, key: str) -> str:
+        return f"{self.root}/{key.strip('/')}"
+
+    def key_of(self, uri: str) -> str:
+        if not uri.startswith(self.root + "/"):
+            raise ValueError(f"{uri!r} is not under storage root {self.root!r}")
+        return uri[len(self.root) + 1 :]
+
+    def put_bytes(self, key: str, data: bytes) -> str:
+        return self.put_stream(key, iter([data]))[0]
+
+    def put_stream(self, key: str, chunks: Iterator[bytes]) -> tuple[str, int, str]:
+        """Write chunks to key; returns (uri, bytes, sha256)."""
+        digest, size = hashlib.sha256(), 0
+        path = self._path(key)
+        target = path + ".tmp" if self.is_local else path
+        if self.is_local:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with self.fs.open(target, "wb") as out:
+            for chunk in chunks:
+                digest.update(chunk)
+                size += len(chunk)
+                out.write(chunk)
+        if self.is_local:
+            Path(target).replace(path)
+        return self.uri(key), size, digest.hexdigest()
+
+    def put_file(self, key: str, local: Path) -> tuple[str, int, str]:
+        with open(local, "rb") as f:
+            return self.put_stream(key, iter(lambda: f.read(CHUNK), b""))
+
+    def put_dir(self, prefix: str, local: Path) -> tuple[str, int]:
+        """Upload every file of a local folder; returns (uri, total bytes)."""
+        total = 0
+        for file in sorted(p for p in local.rglob("*") if p.is_file()):
+            _, size, _ = self.put_file(f"{prefix}/{file.relative_to(local).as_posix()}", file)
+            total += size
+        return self.uri(prefix), total
+
+    def get_bytes(self, key: str) -> bytes:
+        return self.fs.cat_file(self._path(key))
+
+    def open(self, key: str) -> IO[bytes]:
+        return self.fs.open(self._path(key), "rb")
+
+    def iter_bytes(self, key: str) -> Iterator[bytes]:
+        with self.open(key) as f:
+            while chunk := f.read(CHUNK):
+                yield chunk
+
+    def local_dir(self, prefix: str, cache: Path) -> Path:
+        """A local folder holding prefix: the folder itself when local, else a cached copy."""
+        if self.is_local:
+            return Path(self._path(prefix))
+        target = cache / prefix
+        if not (target / ".complete").exists():
+            tmp = target.with_name(target.name + ".part")
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.fs.get(self._path(prefix) + "/", str(tmp) + "/", recursive=True)
+            (tmp / ".complete").touch()
+            shutil.rmtree(target, ignore_errors=True)
+            tmp.replace(target)
+        return target
+
+    def local_file(self, key: str, cache: Path) -> Path:
+        if self.is_local:
+            return Path(self._path(key))
+        target = cache / key
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self.fs.get(self._path(key), str(target) + ".part")
+            Path(str(target) + ".part").replace(target)
+        return target
+
+    def exists(self, key: str) -> bool:
+        return bool(self.fs.exists(self._path(key)))
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
+
+
+@lru_cache(maxsize=4)
+def storage_for(root: str, s3_endpoint_url: str = "") -> Storage:
+    return Storage(root, s3_endpoint_url=s3_endpoint_url)
+
+
+def get_storage() -> Storage:
+    """The configured store."""
+    settings = get_settings()
+    return storage_for(settings.storage_root, settings.s3_endpoint_url)

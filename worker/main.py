@@ -1,0 +1,110 @@
+"""Worker start-up: registration, the reaper thread, soft shutdown and fork hygiene."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from typing import Any
+
+from celery import signals
+
+from common import fleet, jobs
+from common.celery_app import get_celery
+from common.config import get_settings
+from common.db import get_engine, session_factory
+
+log = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+_state: dict[str, Any] = {"stop": threading.Event()}
+
+
+def start_worker(
+    *, queues: list[str], gpu: int | None = None, name: str | None = None, loglevel: str = "INFO"
+) -> None:
+    """Run a Celery worker (prefork, concurrency 1) on the given queues; blocks until it exits."""
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    else:
+        os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+    node = name or ("gpu%d" % gpu if gpu is not None else "-".join(queues))
+    _state.update(queues=queues, gpu=gpu)
+    app = get_celery()
+    app.worker_main(
+        [
+            "worker",
+            "--queues", ",".join(queues),
+            "--concurrency", "1",
+            "--pool", "prefork",
+            "--hostname", f"{node}@{socket.gethostname()}",
+            "--loglevel", loglevel,
+            "--task-events",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )
+
+
+@signals.worker_ready.connect
+def _on_ready(sender: Any = None, **_: Any) -> None:
+    hostname = sender.hostname if sender is not None else socket.gethostname()
+    _state["hostname"] = hostname
+    from worker.device import describe_device
+
+    with session_factory()() as session:
+        fleet.register_worker(
+            session, hostname=hostname, queues=_state.get("queues", []),
+            device=describe_device(_state.get("gpu")), pid=os.getpid(), version=VERSION,
+        )
+    thread = threading.Thread(target=_housekeeping, args=(hostname,), daemon=True)
+    thread.start()
+    log.info("worker %s ready on queues %s", hostname, _state.get("queues"))
+
+
+def _housekeeping(hostname: str) -> None:
+    """Worker heartbeat, plus reaper and outbox sweep while this worker holds the lease."""
+    settings = get_settings()
+    stop: threading.Event = _state["stop"]
+    while not stop.wait(settings.reaper_interval_s):
+        try:
+            with session_factory()() as session:
+                fleet.worker_heartbeat(session, hostname=hostname)
+                if jobs.take_lease(session, "reaper", hostname, settings.reaper_interval_s * 3):
+                    jobs.reap(session, lease_s=settings.lease_s)
+                    jobs.sweep_outbox(session)
+        except Exception as exc:  # database or broker blip: try again next round
+            log.warning("housekeeping failed: %s", exc)
+
+
+@signals.worker_shutting_down.connect
+def _on_shutting_down(sig: str = "", how: str = "", **_: Any) -> None:
+    """SIGTERM: tell this worker's running jobs to checkpoint and re-queue at their next step."""
+    hostname = _state.get("hostname")
+    if not hostname:
+        return
+    try:
+        with session_factory()() as session:
+            n = jobs.request_shutdown(session, worker=hostname)
+        log.info("shutdown (%s %s): asked %d running job(s) to checkpoint and re-queue", sig, how, n)
+    except Exception as exc:
+        log.warning("could not flag running jobs for shutdown: %s", exc)
+
+
+@signals.worker_shutdown.connect
+def _on_shutdown(**_: Any) -> None:
+    _state["stop"].set()
+    hostname = _state.get("hostname")
+    if hostname:
+        try:
+            with session_factory()() as session:
+                fleet.unregister_worker(session, hostname=hostname)
+        except Exception as exc:
+            log.warning("could not unregister worker: %s", exc)
+
+
+@signals.worker_process_init.connect
+def _on_child_start(**_: Any) -> None:
+    """A forked pool child must not reuse the parent's database connections."""
+    get_engine().dispose(close=False)

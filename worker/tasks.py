@@ -1,0 +1,124 @@
+"""Celery tasks: claim the job's attempt, run its body, record the outcome. Nothing else."""
+
+from __future__ import annotations
+
+import logging
+import os
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from common import fleet, jobs
+from common.celery_app import get_celery
+from common.db import session_factory
+from common.errors import Cancelled, GenqError, RetryableError
+from common.ml.checkpoint import CheckpointError
+from common.ml.train import NanLoss
+from common.models import JobStatus
+from worker.context import JobContext
+from worker.outcome import ShutdownRequested, StopForTimeout
+
+log = logging.getLogger(__name__)
+app = get_celery()
+
+Body = Callable[[JobContext], dict[str, Any]]
+
+
+def run_job(task: Any, job_id: str, attempt: int, body: Body) -> str:
+    """Claim (job_id, attempt) or drop the message; run body; map its ending to a transition."""
+    session = session_factory()()
+    try:
+        claim = jobs.claim_job(
+            session, job_id, attempt,
+            worker=task.request.hostname or jobs.this_worker(), pid=os.getpid(),
+            task_id=task.request.id,
+        )
+        if claim.job is None:
+            log.info("job %s attempt %s: message dropped (%s)", job_id, attempt, claim.reason)
+            return f"dropped: {claim.reason}"
+        job = claim.job
+        log.info("job %s attempt %s: %s", job.id, job.attempt, claim.reason)
+        hostname = task.request.hostname or ""
+        fleet.set_current_job(session, hostname=hostname, job_id=job.id)
+        try:
+            with JobContext(job=job, task=task) as ctx:
+                return record(session, ctx, body)
+        finally:
+            fleet.set_current_job(session, hostname=hostname, job_id=None)
+    finally:
+        session.close()
+
+
+def record(session: Any, ctx: JobContext, body: Body) -> str:
+    job = ctx.job
+    try:
+        result = body(ctx)
+    except Cancelled as stop:
+        jobs.finish_job(session, job, status=JobStatus.cancelled, result=_partial(stop))
+        return "cancelled"
+    except ShutdownRequested as stop:
+        reason = {"code": "shutdown", "message": "worker shut down", "retryable": True}
+        jobs.requeue_job(session, job, reason={**reason, **_partial(stop)}, spend=False)
+        return "re-queued by worker shutdown"
+    except StopForTimeout as stop:
+        error = {"code": "timeout", "message": f"ran past timeout_s={job.spec.get('timeout_s')}"}
+        jobs.finish_job(session, job, status=JobStatus.failed, error=error, result=_partial(stop))
+        return "failed: timeout"
+    except NanLoss as exc:
+        return _fail(ctx, session, {"code": "nan_loss", "message": str(exc), "step": exc.step})
+    except (GenqError, CheckpointError, ValueError) as exc:
+        code = getattr(exc, "code", "invalid_spec")
+        return _fail(ctx, session, {"code": code, "message": str(exc)})
+    except (RetryableError, OSError, TimeoutError, ConnectionError) as exc:
+        return _fail(ctx, session, _retryable(exc))
+    except Exception as exc:
+        if "out of memory" in str(exc).lower():
+            return _fail(ctx, session, _retryable(exc, code="out_of_memory"))
+        log.error("job %s crashed:\n%s", job.id, traceback.format_exc())
+        return _fail(ctx, session, {"code": "internal_error", "message": repr(exc)[:2000]})
+    if result.get("lost"):
+        return "lost the lease; another attempt owns the job"
+    jobs.finish_job(session, job, status=JobStatus.succeeded, result=result)
+    return f"succeeded: {summary(result)}"
+
+
+def _fail(ctx: JobContext, session: Any, error: dict[str, Any]) -> str:
+    ctx.log(f"{error['code']}: {error['message']}", level="ERROR")
+    return f"{jobs.fail_job(session, ctx.job, error)}: {error['code']}"
+
+
+def _retryable(exc: BaseException, code: str = "transient") -> dict[str, Any]:
+    return {"code": getattr(exc, "code", code), "message": repr(exc)[:2000], "retryable": True}
+
+
+def _partial(stop: BaseException) -> dict[str, Any]:
+    return stop.args[0] if stop.args and isinstance(stop.args[0], dict) else {}
+
+
+def summary(result: dict[str, Any]) -> str:
+    keys = ("model", "step", "items_done", "tokens_out", "output_file_id")
+    return ", ".join(f"{k}={result[k]}" for k in keys if result.get(k) is not None)
+
+
+@app.task(name="genq.train", bind=True)
+def train(self: Any, job_id: str, attempt: int, **meta: Any) -> str:
+    """Run one training job (args: job id, attempt; kwargs: family, model)."""
+    from worker.training import execute_training
+
+    return run_job(self, job_id, attempt, execute_training)
+
+
+@app.task(name="genq.generate", bind=True)
+def generate(self: Any, job_id: str, attempt: int, **meta: Any) -> str:
+    """Run one generation job."""
+    from worker.generation import execute_items
+
+    return run_job(self, job_id, attempt, execute_items)
+
+
+@app.task(name="genq.batch_shard", bind=True)
+def batch_shard(self: Any, job_id: str, attempt: int, **meta: Any) -> str:
+    """Run one shard of a batch."""
+    from worker.generation import execute_items
+
+    return run_job(self, job_id, attempt, execute_items)

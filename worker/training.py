@@ -1,0 +1,91 @@
+"""A training job inside a worker: storage and SQL around common.ml.train.run_training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from common import results
+from common.errors import Cancelled, InvalidSpec
+from common.ml.data import validate_data
+from common.ml.train import TrainHooks, run_training
+from common.models import Checkpoint, File
+from common.schemas import family_kind
+from worker.context import JobContext
+from worker.device import current_device
+from worker.outcome import ShutdownRequested, StopForTimeout
+
+
+def execute_training(ctx: JobContext) -> dict[str, Any]:
+    """Train (resuming from this job's last checkpoint after a restart) and register a model."""
+    job, spec = ctx.job, dict(ctx.job.spec)
+    spec["data"] = resolve_data(ctx, spec.get("data") or {})
+    problems = validate_data(spec["data"], family_kind(job.family or ""))
+    if problems:
+        raise InvalidSpec("; ".join(problems), param="data")
+    resume = resume_point(ctx)
+    if resume is not None:
+        ctx.log(f"resuming from checkpoint {resume.id} at step {resume.step}")
+    resume_dir = ctx.storage.local_dir(ctx.storage.key_of(resume.uri), ctx.cache_dir) if resume else None
+
+    last: dict[str, Checkpoint] = {}
+
+    def on_checkpoint(step: int, local: Path, metrics: dict[str, float]) -> None:
+        last["ckpt"] = results.save_checkpoint(
+            ctx.session, ctx.storage, job=job, step=step, local=local, metrics=metrics,
+            keep_last=int(spec.get("keep_last", 2)),
+        )
+        ctx.log(f"checkpoint {last['ckpt'].id} at step {step}")
+
+    hooks = TrainHooks(
+        should_stop=ctx.should_stop,
+        on_progress=ctx.progress,
+        on_metrics=ctx.write_metrics,
+        on_checkpoint=on_checkpoint,
+    )
+    outcome = run_training(
+        spec, ctx.workdir, hooks=hooks, resume_from=resume_dir, device=current_device()
+    )
+    ckpt = last.get("ckpt") or results.latest_checkpoint(ctx.session, job_id=job.id)
+    partial = {"checkpoint_id": ckpt.id if ckpt else None, "step": outcome.step}
+    if outcome.stopped == "cancel":
+        raise Cancelled(partial)
+    if outcome.stopped == "shutdown":
+        raise ShutdownRequested(partial)
+    if outcome.stopped == "timeout":
+        raise StopForTimeout(partial)
+    if outcome.stopped == "lost":
+        return {"lost": True, **partial}
+    for art in outcome.artifacts:
+        results.add_artifact(
+            ctx.session, ctx.storage, job=job, kind=art.kind, filename=art.path.name,
+            data=art.path.read_bytes(), content_type=art.content_type,
+        )
+    assert ckpt is not None, "run_training always writes a final checkpoint"
+    name = spec.get("name") or f"{job.family}-{job.id[4:12]}"
+    model = results.register_model(ctx.session, job=job, name=name, checkpoint=ckpt)
+    ctx.log(f"registered model {name!r} from step {ckpt.step}")
+    return {**partial, "model": model.name, "model_id": model.id, "metrics": outcome.metrics}
+
+
+def resolve_data(ctx: JobContext, data: dict[str, Any]) -> dict[str, Any]:
+    """Turn a file id into a local path the data loader can open."""
+    if "file_id" not in data:
+        return data
+    file = ctx.session.get(File, data["file_id"])
+    if file is None:
+        raise InvalidSpec(f"file {data['file_id']!r} is gone", param="data.file_id")
+    path = ctx.storage.local_file(ctx.storage.key_of(file.uri), ctx.cache_dir)
+    suffixed = ctx.workdir / f"dataset-{file.id}{Path(file.filename).suffix}"
+    if not suffixed.exists():
+        suffixed.symlink_to(path.resolve())
+    return {"path": str(suffixed)}
+
+
+def resume_point(ctx: JobContext) -> Checkpoint | None:
+    """This job's own last checkpoint (a restart), else the spec's resume_from."""
+    own = results.latest_checkpoint(ctx.session, job_id=ctx.job.id)
+    if own is not None:
+        return own
+    ckpt_id = ctx.job.spec.get("resume_from")
+    return ctx.session.get(Checkpoint, ckpt_id) if ckpt_id else None
