@@ -174,7 +174,8 @@ class Stack:
             self.stop(name, timeout=20)
 
 
-def start_stack(db_url: str, broker_url: str) -> Stack:
+def start_stack(db_url: str, broker_url: str, env_extra: dict[str, str] | None = None) -> Stack:
+    """An API (and, via start_worker, workers) on its own home; env_extra sets GENQ_* for all."""
     from common.auth import create_key
     from common.db import engine_for, session_factory
 
@@ -183,7 +184,7 @@ def start_stack(db_url: str, broker_url: str) -> Stack:
     port = _free_port()
     env = {**os.environ, "GENQ_HOME": str(home), "GENQ_DATABASE_URL": db_url,
            "GENQ_BROKER_URL": broker_url, "PYTHONUNBUFFERED": "1",
-           "GENQ_API_URL": f"http://127.0.0.1:{port}"}
+           "GENQ_API_URL": f"http://127.0.0.1:{port}", **(env_extra or {})}
     stack = Stack(home=home, env=env, api_url=f"http://127.0.0.1:{port}")
     with session_factory(engine_for(db_url))() as s:
         _, stack.api_key = create_key(s, owner=f"owner-{uuid.uuid4().hex[:6]}")
