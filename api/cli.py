@@ -281,6 +281,7 @@ def jobs(
     """List your jobs."""
     page = client().list_jobs(status=status, type=type, limit=limit)
     table = Table("id", "type", "family", "status", "progress", "attempt", "created")
+    table.columns[0].no_wrap = True
     for j in page["data"]:
         p = j["progress"]
         table.add_row(j["id"], j["type"], j["family"] or "", colour(j["status"]),
@@ -369,6 +370,58 @@ def show_results(c: Client, job: dict[str, Any], out: Path) -> None:
         console.print(f"saved {len(saved)} file(s) to {out}/")
     if job["result"]:
         console.print(f"[dim]result: {json.dumps(job['result'])}[/dim]")
+
+
+@app.command()
+@friendly
+def logs(
+    job_id: str,
+    follow_: Annotated[bool, typer.Option("--follow", "-f", help="Print until it ends")] = False,
+) -> None:
+    """Print a job's log lines."""
+    c = client()
+    after: int | None = None
+    while True:
+        for line in c.logs(job_id, after=after):
+            style = {"ERROR": "red", "WARNING": "yellow"}.get(line["level"], "dim")
+            console.print(f"[dim]{line['at'][11:19]}[/dim] [{style}]{line['level']:<7}[/] "
+                          f"{line['message']}", highlight=False)
+            after = line["id"]
+        if not follow_ or c.get_job(job_id)["status"] in FINISHED:
+            return
+        time.sleep(1)
+
+
+@app.command()
+@friendly
+def metrics(
+    job_id: str,
+    name: Annotated[list[str] | None, typer.Option(help="Only these series (e.g. loss)")] = None,
+) -> None:
+    """Show a job's metric series: first, last, best and a sparkline of each."""
+    points = client().metrics(job_id, names=name)
+    if not points:
+        console.print(f"{job_id}: no metrics yet")
+        return
+    series: dict[str, list[tuple[int, float]]] = {}
+    for p in points:
+        series.setdefault(p["name"], []).append((p["step"], p["value"]))
+    table = Table("metric", "steps", "first", "last", "min", "max", "curve")
+    for key, values in sorted(series.items()):
+        ys = [v for _, v in values]
+        table.add_row(key, f"{values[0][0]}–{values[-1][0]}", f"{ys[0]:.4g}", f"{ys[-1]:.4g}",
+                      f"{min(ys):.4g}", f"{max(ys):.4g}", sparkline(ys))
+    console.print(table)
+
+
+def sparkline(values: list[float], width: int = 40) -> str:
+    """A one-line chart of values, resampled to at most width characters."""
+    bars = "▁▂▃▄▅▆▇█"
+    if len(values) > width:
+        values = [values[round(i * (len(values) - 1) / (width - 1))] for i in range(width)]
+    lo, hi = min(values), max(values)
+    span = (hi - lo) or 1.0
+    return "".join(bars[min(int((v - lo) / span * len(bars)), len(bars) - 1)] for v in values)
 
 
 @app.command()

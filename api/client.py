@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -91,6 +92,35 @@ class Client:
     def download_artifact(self, artifact_id: str, dest: Path) -> Path:
         dest.write_bytes(self.request("GET", f"/v1/artifacts/{artifact_id}"))
         return dest
+
+    def metrics(self, job_id: str, names: list[str] | None = None) -> list[dict[str, Any]]:
+        """A job's metric points: step, name, value, at."""
+        params = {"name": names} if names else {}
+        return self.request("GET", f"/v1/jobs/{job_id}/metrics", params=params)["data"]
+
+    def logs(self, job_id: str, after: int | None = None) -> list[dict[str, Any]]:
+        """A job's log lines after the line id `after` (all when None)."""
+        lines: list[dict[str, Any]] = []
+        while True:
+            params = {"limit": 1000, **({"after": after} if after is not None else {})}
+            page = self.request("GET", f"/v1/jobs/{job_id}/logs", params=params)
+            lines += page["data"]
+            if not page["has_more"]:
+                return lines
+            after = page["next_cursor"]
+
+    def events(self, job_id: str) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Follow a job's server-sent events: (kind, job snapshot) until it finishes."""
+        with self.http.stream("GET", f"/v1/jobs/{job_id}/events", timeout=None) as resp:
+            if resp.status_code >= 400:
+                resp.read()
+                self.request("GET", f"/v1/jobs/{job_id}")  # raises the API's error
+            kind = ""
+            for line in resp.iter_lines():
+                if line.startswith("event:"):
+                    kind = line[6:].strip()
+                elif line.startswith("data:"):
+                    yield kind, json.loads(line[5:])
 
     def wait(self, job_id: str, timeout: float = 3600, poll: float = 0.5) -> dict[str, Any]:
         """Poll until the job is finished; returns its last state."""

@@ -7,7 +7,7 @@ import logging
 from fastapi import FastAPI
 
 from api.errors import install_error_handlers
-from api.routes import health, jobs, models, workers
+from api.routes import health, jobs, models, monitoring, workers
 from common.config import get_settings
 
 
@@ -20,7 +20,7 @@ def create_app() -> FastAPI:
         description="A distributed asynchronous job queue for generative models.",
     )
     install_error_handlers(app)
-    for router in (health.router, jobs.router, models.router, workers.router):
+    for router in (health.router, jobs.router, models.router, workers.router, monitoring.router):
         app.include_router(router)
     return app
 

@@ -48,6 +48,7 @@ class Settings(BaseSettings):
     max_prompt_chars: int = Field(32_000, description="Longest accepted prompt.")
     max_tokens_cap: int = Field(4096, description="Largest accepted max_tokens.")
     rate_limit_per_minute: int = Field(600, description="Requests per key per minute (0 = off).")
+    metrics_public: bool = Field(False, description="Serve /metrics without an API key.")
 
     log_level: str = "INFO"
 

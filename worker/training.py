@@ -56,16 +56,20 @@ def execute_training(ctx: JobContext) -> dict[str, Any]:
         raise StopForTimeout(partial)
     if outcome.stopped == "lost":
         return {"lost": True, **partial}
-    for art in outcome.artifacts:
+    pictures = [
         results.add_artifact(
             ctx.session, ctx.storage, job=job, kind=art.kind, filename=art.path.name,
             data=art.path.read_bytes(), content_type=art.content_type,
         )
+        for art in outcome.artifacts
+    ]
     assert ckpt is not None, "run_training always writes a final checkpoint"
     name = spec.get("name") or f"{job.family}-{job.id[4:12]}"
     model = results.register_model(ctx.session, job=job, name=name, checkpoint=ckpt)
     ctx.log(f"registered model {name!r} from step {ckpt.step}")
-    return {**partial, "model": model.name, "model_id": model.id, "metrics": outcome.metrics}
+    return {**partial, "model": model.name, "model_id": model.id, "metrics": outcome.metrics,
+            "artifacts": [{"id": a.id, "kind": a.kind, "filename": a.filename,
+                           "url": f"/v1/artifacts/{a.id}"} for a in pictures]}
 
 
 def resolve_data(ctx: JobContext, data: dict[str, Any]) -> dict[str, Any]:
