@@ -1,0 +1,1 @@
+"""Model code for genq: families, data, checkpoints, the training loop and generation."""

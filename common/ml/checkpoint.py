@@ -1,0 +1,147 @@
+"""Checkpoint directories: model.safetensors, config.json, tokenizer, state.pt, metrics.json."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_model as load_weights
+from safetensors.torch import save_model as save_weights
+
+from common.ml.families import get_family
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+STATE_FILE = "state.pt"
+METRICS_FILE = "metrics.json"
+FORMAT = 1
+
+
+class CheckpointError(Exception):
+    """A checkpoint directory is missing files or holds corrupt ones."""
+
+
+@dataclass
+class LoadedModel:
+    """Everything needed to generate from a checkpoint."""
+
+    family: str
+    kind: str
+    config: Any  # the family's Config
+    model: nn.Module
+    tokenizer: Any | None
+    device: str
+
+    @classmethod
+    def from_checkpoint(cls, path: Path, device: str = "cpu") -> LoadedModel:
+        return load_model(path, device)
+
+
+def save_checkpoint(path: Path, *, family: str, config: dict | Any, model: nn.Module,
+                    tokenizer_or_none: Any, train_state: dict | None,
+                    metrics: dict) -> None:
+    """Write a complete checkpoint to a sibling temp dir, then rename it onto `path`."""
+    path = Path(path)
+    module = get_family(family)
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        config = dataclasses.asdict(config)
+    meta: dict[str, Any] = {"format": FORMAT, "family": family, "kind": module.KIND,
+                            "config": config}
+    if hasattr(module, "architecture"):
+        meta["arch"] = module.architecture(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        save_weights(model, str(tmp / MODEL_FILE))
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, default=str))
+        if tokenizer_or_none is not None:
+            module.save_tokenizer(tokenizer_or_none, tmp)
+        if train_state is not None:
+            torch.save(train_state, tmp / STATE_FILE)
+        (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+        old = None
+        if path.exists():  # rename cannot replace a non-empty directory: move it aside first
+            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_meta(path: Path) -> dict:
+    """The parsed config.json of a checkpoint."""
+    file = Path(path) / CONFIG_FILE
+    if not file.is_file():
+        raise CheckpointError(f"{path}: not a checkpoint ({CONFIG_FILE} missing)")
+    try:
+        meta = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: corrupt JSON ({e})") from e
+    if not isinstance(meta, dict) or not {"family", "config"} <= meta.keys():
+        raise CheckpointError(f"{file}: needs 'family' and 'config'")
+    return meta
+
+
+def load_model(path: Path, device: str = "cpu") -> LoadedModel:
+    """Rebuild the model (safetensors weights only) and its tokenizer from a checkpoint."""
+    path = Path(path)
+    meta = read_meta(path)
+    try:
+        module = get_family(meta["family"])
+        config = module.Config(**meta["config"])
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path / CONFIG_FILE}: {e}") from e
+    tokenizer = None
+    if module.KIND == "text":
+        try:
+            tokenizer = module.load_tokenizer(path)
+        except Exception as e:  # tokenizer libraries raise assorted errors for bad files
+            raise CheckpointError(f"{path}: tokenizer files missing or corrupt ({e})") from e
+    model = module.build_model(config, tokenizer, arch=meta.get("arch"))
+    load_weights_into(model, path)
+    model.to(device).eval()
+    return LoadedModel(family=meta["family"], kind=module.KIND, config=config, model=model,
+                       tokenizer=tokenizer, device=str(device))
+
+
+def load_weights_into(model: nn.Module, path: Path) -> None:
+    """Fill `model` from the checkpoint's model.safetensors; CheckpointError if unusable."""
+    weights = Path(path) / MODEL_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"{weights}: missing")
+    try:
+        load_weights(model, str(weights), strict=True)
+    except Exception as e:  # SafetensorError, RuntimeError (shape/key mismatch), OSError
+        raise CheckpointError(f"{weights}: corrupt or does not match the config ({e})") from e
+
+
+def load_train_state(path: Path) -> dict:
+    """The optimizer/scheduler/RNG/data state saved with a checkpoint (weights_only load)."""
+    file = Path(path) / STATE_FILE
+    if not file.is_file():
+        raise CheckpointError(f"{file}: missing (the checkpoint has no training state)")
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle/zip errors for a truncated or foreign file
+        raise CheckpointError(f"{file}: corrupt ({e})") from e
+
+
+def load_metrics(path: Path) -> dict:
+    """The metrics.json of a checkpoint ({} if absent)."""
+    file = Path(path) / METRICS_FILE
+    return json.loads(file.read_text()) if file.is_file() else {}

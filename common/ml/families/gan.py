@@ -1,0 +1,130 @@
+"""MLP GAN: generator and discriminator, BCE-with-logits, optional label conditioning."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common.ml.data import ImageData
+from common.ml.families.image_fit import fit_to_images, one_hot
+
+KIND = "image"
+PHASES = ("d", "g")  # discriminator step, then generator step, each with its own optimizer
+OPTIMIZER: dict = {"optimizer": "adam", "betas": (0.5, 0.999)}
+
+
+@dataclass
+class Config:
+    hidden: int = 64
+    latent: int = 16
+    conditional: bool = False  # concatenate a one-hot label to z and to the discriminator input
+    # fitted to the data at train time
+    channels: int = 1
+    height: int = 8
+    width: int = 8
+    n_classes: int = 0
+
+    @property
+    def data_dim(self) -> int:
+        return self.channels * self.height * self.width
+
+
+RULES = [
+    ("hidden", lambda v: v >= 1, "must be >= 1"),
+    ("latent", lambda v: v >= 1, "must be >= 1"),
+    ("channels", lambda v: v in (1, 3, 4), "must be 1, 3 or 4"),
+    ("height", lambda v: v >= 1, "must be >= 1"),
+    ("width", lambda v: v >= 1, "must be >= 1"),
+    ("n_classes", lambda v: v >= 0, "must be >= 0"),
+]
+
+
+def check_config(cfg: Config) -> list[str]:
+    """Cross-field problems (none for the GAN)."""
+    return []
+
+
+class Generator(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        h = cfg.hidden
+        self.net = nn.Sequential(
+            nn.Linear(cfg.latent + cfg.n_classes, h), nn.LeakyReLU(0.2),
+            nn.Linear(h, h), nn.LeakyReLU(0.2),
+            nn.Linear(h, cfg.data_dim), nn.Tanh(),
+        )
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([z, y], dim=-1))  # (B, D) in [-1, 1]
+
+
+class Discriminator(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        h = cfg.hidden
+        self.net = nn.Sequential(
+            nn.Linear(cfg.data_dim + cfg.n_classes, h), nn.LeakyReLU(0.2),
+            nn.Linear(h, h), nn.LeakyReLU(0.2),
+            nn.Linear(h, 1),
+        )
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([x, y], dim=-1)).squeeze(-1)  # (B,) logits, real > 0
+
+
+class GAN(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        self.generator = Generator(cfg)
+        self.discriminator = Discriminator(cfg)
+
+
+def prepare(cfg: Config, data: ImageData) -> tuple[Config, None]:
+    """Fit the config to the images; image families have no tokenizer."""
+    return fit_to_images(cfg, data), None
+
+
+def build_model(cfg: Config, tokenizer: None = None, arch: dict | None = None) -> GAN:
+    return GAN(cfg)
+
+
+def phase_params(model: GAN, phase: str) -> list[nn.Parameter]:
+    part = model.discriminator if phase == "d" else model.generator
+    return list(part.parameters())
+
+
+def loss(model: GAN, batch: tuple[torch.Tensor, torch.Tensor | None],
+         phase: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Discriminator: real -> 1, fake -> 0. Generator (non-saturating): fake -> 1."""
+    images, labels = batch
+    real = images.flatten(1) * 2 - 1  # (B, D) in [-1, 1] to match the tanh output
+    b = real.size(0)
+    y = one_hot(labels, model.cfg.n_classes, b, real.device)
+    z = torch.randn(b, model.cfg.latent, device=real.device)
+    fake = model.generator(z, y)
+    ones, zeros = torch.ones(b, device=real.device), torch.zeros(b, device=real.device)
+    if phase == "d":
+        d_real = model.discriminator(real, y)
+        d_fake = model.discriminator(fake.detach(), y)
+        d_loss = (F.binary_cross_entropy_with_logits(d_real, ones)
+                  + F.binary_cross_entropy_with_logits(d_fake, zeros))
+        return d_loss, {"d_loss": d_loss.detach(),
+                        "d_real": torch.sigmoid(d_real).mean().detach(),
+                        "d_fake": torch.sigmoid(d_fake).mean().detach()}
+    g_loss = F.binary_cross_entropy_with_logits(model.discriminator(fake, y), ones)
+    return g_loss, {"g_loss": g_loss.detach()}
+
+
+@torch.no_grad()
+def sample_images(model: GAN, n: int, labels: torch.Tensor | None) -> torch.Tensor:
+    """Generate n images -> (n, C, H, W) in [0, 1]."""
+    cfg = model.cfg
+    device = next(model.parameters()).device
+    z = torch.randn(n, cfg.latent, device=device)
+    y = one_hot(labels, cfg.n_classes, n, device)
+    x = (model.generator(z, y).float() + 1) / 2
+    return x.view(n, cfg.channels, cfg.height, cfg.width)

@@ -1,0 +1,216 @@
+"""Batched generation from a checkpoint: dynamic batches, seeded reproducibility, OOM retry."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from common.ml.artifacts import png_bytes
+from common.ml.checkpoint import LoadedModel
+from common.ml.families import get_family
+from common.ml.sampling import Completion, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenRequest:
+    key: str  # the caller's id for the item, returned as is
+    prompt: str | None = None  # text families
+    label: int | None = None  # image families (conditioning); None = unconditional
+    max_tokens: int = 32
+    temperature: float = 1.0  # 0 => greedy
+    top_k: int | None = None
+    top_p: float | None = None
+    num_beams: int = 1
+    seed: int | None = None
+    n: int = 1
+
+    @property
+    def params(self) -> SamplingParams:
+        return SamplingParams(self.max_tokens, self.temperature, self.top_k, self.top_p,
+                              self.num_beams)
+
+
+@dataclass
+class GenOutput:
+    key: str
+    texts: list[str] | None  # text families: n completions without the prompt
+    images: list[bytes] | None  # image families: n PNGs, at least 64x64
+    tokens_in: int
+    tokens_out: int
+    finish_reasons: list[str]  # "stop" | "length"
+
+
+@dataclass
+class Unit:
+    """Work computed once: one request, or identical seeded requests sharing their result."""
+
+    requests: list[GenRequest]
+    ids: list[int] = field(default_factory=list)  # the (possibly truncated) prompt tokens
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+    @property
+    def head(self) -> GenRequest:
+        return self.requests[0]
+
+    def cost(self) -> int:
+        """Tokens this unit holds in a batch: rows x (prompt + new tokens)."""
+        rows = self.head.n * max(1, self.params.num_beams)
+        return rows * (len(self.ids) + self.params.max_tokens)
+
+
+def validate_requests(loaded: LoadedModel, requests: list[GenRequest]) -> list[str]:
+    """Every problem with the requests for this model, each naming the request key."""
+    problems = []
+    n_classes = getattr(loaded.config, "n_classes", 0)
+    for r in requests:
+        where = f"requests[{r.key}]"
+        if r.n < 1:
+            problems.append(f"{where}.n: must be >= 1")
+        if loaded.kind == "text":
+            if r.max_tokens < 0:
+                problems.append(f"{where}.max_tokens: must be >= 0")
+            if r.temperature < 0:
+                problems.append(f"{where}.temperature: must be >= 0")
+            if r.top_k is not None and r.top_k < 0:
+                problems.append(f"{where}.top_k: must be >= 0")
+            if r.top_p is not None and not 0 < r.top_p <= 1:
+                problems.append(f"{where}.top_p: must be in (0, 1]")
+            if r.num_beams < 1:
+                problems.append(f"{where}.num_beams: must be >= 1")
+        elif r.label is not None and not 0 <= r.label < n_classes:
+            problems.append(f"{where}.label: the model is unconditional" if not n_classes
+                            else f"{where}.label: must be in [0, {n_classes - 1}]")
+    return problems
+
+
+def _units(loaded: LoadedModel, module: Any, requests: list[GenRequest]) -> list[Unit]:
+    """Encode prompts and fold identical seeded sampling requests into one unit."""
+    limit = module.context_limit(loaded.model) if loaded.kind == "text" else None
+    units: list[Unit] = []
+    seeded: dict[tuple, Unit] = {}
+    for r in requests:
+        params = r.params
+        ids: list[int] = []
+        if loaded.kind == "text":
+            ids = module.encode(loaded.tokenizer, r.prompt or "")
+            if limit is not None and len(ids) + params.max_tokens > limit:
+                keep = max(1, limit - params.max_tokens)
+                ids = ids[-keep:]
+                params = replace(params, max_tokens=min(params.max_tokens, limit - len(ids)))
+                log.warning("request %s: prompt/max_tokens cut to the %d-token context",
+                            r.key, limit)
+        if _isolated(loaded, r):
+            sig = (tuple(ids), r.label, params, r.seed, r.n)
+            if sig in seeded:
+                seeded[sig].requests.append(r)
+                continue
+            seeded[sig] = Unit([r], ids, params)
+            units.append(seeded[sig])
+        else:
+            units.append(Unit([r], ids, params))
+    return units
+
+
+def _isolated(loaded: LoadedModel, r: GenRequest) -> bool:
+    """Seeded random requests run alone, so their output never depends on batch neighbours."""
+    return r.seed is not None and (loaded.kind == "image" or r.params.sampling)
+
+
+def _batches(loaded: LoadedModel, units: list[Unit], token_budget: int,
+             max_batch: int) -> Iterator[list[Unit]]:
+    """Isolated units one by one; the rest grouped by params, sorted by length, packed."""
+    groups: dict[tuple, list[Unit]] = {}
+    for u in units:
+        if _isolated(loaded, u.head):
+            yield [u]
+        else:
+            groups.setdefault((u.params, u.head.n), []).append(u)
+    for group in groups.values():
+        group.sort(key=lambda u: len(u.ids))
+        batch: list[Unit] = []
+        cost = rows = 0
+        for u in group:
+            u_rows = u.head.n * max(1, u.params.num_beams)
+            if batch and (cost + u.cost() > token_budget or rows + u_rows > max_batch):
+                yield batch
+                batch, cost, rows = [], 0, 0
+            batch.append(u)
+            cost, rows = cost + u.cost(), rows + u_rows
+        if batch:
+            yield batch
+
+
+def _compute(loaded: LoadedModel, module: Any, batch: list[Unit]) -> list[GenOutput]:
+    """Run one batch; isolated units under their own seed."""
+    head = batch[0].head
+    if _isolated(loaded, head):
+        devices = [torch.device(loaded.device).index or 0] if "cuda" in loaded.device else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(head.seed)
+            return _forward(loaded, module, batch)
+    return _forward(loaded, module, batch)
+
+
+def _forward(loaded: LoadedModel, module: Any, batch: list[Unit]) -> list[GenOutput]:
+    outputs = []
+    if loaded.kind == "image":
+        n_classes = getattr(loaded.config, "n_classes", 0)
+        labels = None
+        if n_classes:
+            labels = torch.cat([
+                torch.full((u.head.n,), u.head.label) if u.head.label is not None
+                else torch.randint(0, n_classes, (u.head.n,)) for u in batch])
+        images = module.sample_images(loaded.model, sum(u.head.n for u in batch), labels)
+        start = 0
+        for u in batch:
+            pngs = [png_bytes(img) for img in images[start:start + u.head.n]]
+            start += u.head.n
+            outputs += [GenOutput(r.key, None, list(pngs), 0, 0, ["stop"] * r.n)
+                        for r in u.requests]
+        return outputs
+    results: list[list[Completion]] = module.complete(
+        loaded.model, loaded.tokenizer, [u.ids for u in batch], batch[0].params, batch[0].head.n)
+    for u, completions in zip(batch, results, strict=True):
+        outputs += [GenOutput(r.key, [c.text for c in completions], None, len(u.ids),
+                              sum(c.tokens_out for c in completions),
+                              [c.finish_reason for c in completions]) for r in u.requests]
+    return outputs
+
+
+def _with_oom_retry(loaded: LoadedModel, module: Any, batch: list[Unit]) -> list[GenOutput]:
+    """On CUDA out-of-memory, halve the batch and retry each half (down to one unit)."""
+    try:
+        return _compute(loaded, module, batch)
+    except torch.cuda.OutOfMemoryError:
+        if len(batch) == 1:
+            raise
+        torch.cuda.empty_cache()
+        half = len(batch) // 2
+        log.warning("CUDA out of memory with %d requests; retrying as %d + %d",
+                    len(batch), half, len(batch) - half)
+        return (_with_oom_retry(loaded, module, batch[:half])
+                + _with_oom_retry(loaded, module, batch[half:]))
+
+
+def generate(loaded: LoadedModel, requests: list[GenRequest], *, token_budget: int = 4096,
+             max_batch: int = 64, should_stop: Callable[[], bool] = lambda: False,
+             on_outputs: Callable[[list[GenOutput]], None]) -> None:
+    """Generate for every request, reporting each finished batch; stop early if asked."""
+    problems = validate_requests(loaded, requests)
+    if problems:
+        raise ValueError("; ".join(problems))
+    module = get_family(loaded.family)
+    loaded.model.eval()
+    units = _units(loaded, module, requests)
+    with torch.inference_mode():
+        for batch in _batches(loaded, units, token_budget, max_batch):
+            if should_stop():
+                log.info("generation stopped early")
+                return
+            on_outputs(_with_oom_retry(loaded, module, batch))

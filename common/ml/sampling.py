@@ -1,0 +1,50 @@
+"""Sampling parameters shared by the text families, and next-token selection."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to continue a prompt; requests with equal params can share a batch."""
+
+    max_tokens: int = 32
+    temperature: float = 1.0  # 0 => greedy
+    top_k: int | None = None
+    top_p: float | None = None
+    num_beams: int = 1
+
+    @property
+    def sampling(self) -> bool:
+        """Random draws (so a seed matters); greedy and beam search are deterministic."""
+        return self.temperature > 0.0 and self.num_beams == 1
+
+
+@dataclass
+class Completion:
+    """One generated continuation (without the prompt)."""
+
+    text: str
+    tokens_out: int
+    finish_reason: str  # "stop" | "length"
+
+
+def pick_next(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Choose the next token ids from logits (B, V) -> (B,) with temperature/top-k/top-p."""
+    if not params.sampling:  # greedy; a family without beam search treats beams as greedy
+        return logits.argmax(dim=-1)
+    logits = logits.float() / params.temperature
+    if params.top_k is not None and 0 < params.top_k < logits.size(-1):
+        kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p is not None and params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cum - sorted_logits.softmax(dim=-1) >= params.top_p  # keep the first token always
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1).squeeze(-1)

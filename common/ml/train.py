@@ -1,0 +1,455 @@
+"""The one training loop: every family, resumable bit-for-bit, checkpoints, metrics, artifacts."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import shutil
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any, cast
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from common.ml.artifacts import save_grid, save_loss_plot
+from common.ml.checkpoint import (
+    load_metrics,
+    load_train_state,
+    load_weights_into,
+    read_meta,
+    save_checkpoint,
+)
+from common.ml.data import DataError, ImageData, TextData, load_data
+from common.ml.families import get_family, validate_model_config
+
+log = logging.getLogger(__name__)
+
+SEED_MIX = 1_000_003
+
+
+class NanLoss(Exception):
+    """The loss (or gradient norm) stopped being finite; the step is 1-based."""
+
+    def __init__(self, step: int, value: float = math.nan, what: str = "loss"):
+        super().__init__(f"{what} is {value} at step {step}")
+        self.step = step
+
+
+class InvalidTrainSpec(ValueError):
+    """The spec cannot be trained as given; the message lists every problem."""
+
+
+def _ignore(*args: Any) -> None:
+    return None
+
+
+@dataclass
+class TrainHooks:
+    """How the caller watches and steers a run."""
+
+    should_stop: Callable[[], str | None] = lambda: None  # a reason ("cancel", ...) stops
+    on_progress: Callable[[int, int, dict[str, float]], None] = _ignore  # every step
+    on_metrics: Callable[[int, dict[str, float]], None] = _ignore  # every log_every steps
+    on_checkpoint: Callable[[int, Path, dict[str, float]], None] = _ignore  # complete dir
+
+
+@dataclass
+class TrainArtifact:
+    kind: str  # "loss_plot" | "image_grid"
+    path: Path
+    content_type: str
+
+
+@dataclass
+class TrainOutcome:
+    stopped: str | None  # None: all steps done; else the stop reason
+    step: int
+    checkpoint: Path
+    metrics: dict[str, float]
+    artifacts: list[TrainArtifact] = field(default_factory=list)
+
+
+@dataclass
+class Settings:
+    """The training knobs of a spec, with defaults filled in."""
+
+    family: str
+    config: dict
+    data: dict
+    steps: int | None = None
+    epochs: int | None = None
+    batch_size: int = 16
+    lr: float = 1e-3
+    warmup_steps: int = 0
+    schedule: str = "cosine"
+    optimizer: str | None = None  # None: the family's default
+    weight_decay: float = 0.0
+    precision: str = "fp32"
+    grad_accum: int = 1
+    clip: float | None = 1.0
+    seed: int = 0
+    checkpoint_every: int = 50
+    keep_last: int = 2
+    log_every: int = 10
+    seq_len: int = 64
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> Settings:
+        known = {f for f in cls.__dataclass_fields__}
+        values = {k: v for k, v in spec.items() if k in known and v is not None}
+        values.setdefault("config", {})
+        problems = [f"{k}: required" for k in ("family", "data") if k not in values]
+        if "steps" not in values and "epochs" not in values:
+            problems.append("steps: give steps or epochs")
+        if problems:
+            raise InvalidTrainSpec("; ".join(problems))
+        s = cls(**values)
+        checks = [
+            ("steps", s.steps is None or s.steps >= 1, "must be >= 1"),
+            ("epochs", s.epochs is None or s.epochs >= 1, "must be >= 1"),
+            ("batch_size", s.batch_size >= 1, "must be >= 1"),
+            ("lr", s.lr > 0, "must be > 0"),
+            ("warmup_steps", s.warmup_steps >= 0, "must be >= 0"),
+            ("schedule", s.schedule in ("cosine", "constant"), "must be cosine or constant"),
+            ("optimizer", s.optimizer in (None, "adamw", "adam", "sgd"),
+             "must be adamw, adam or sgd"),
+            ("weight_decay", s.weight_decay >= 0, "must be >= 0"),
+            ("precision", s.precision in ("fp32", "bf16", "fp16"), "must be fp32, bf16 or fp16"),
+            ("grad_accum", s.grad_accum >= 1, "must be >= 1"),
+            ("clip", s.clip is None or s.clip > 0, "must be > 0 or null"),
+            ("checkpoint_every", s.checkpoint_every >= 1, "must be >= 1"),
+            ("keep_last", s.keep_last >= 1, "must be >= 1"),
+            ("log_every", s.log_every >= 1, "must be >= 1"),
+            ("seq_len", s.seq_len >= 1, "must be >= 1"),
+        ]
+        problems = [f"{name}: {msg}" for name, ok, msg in checks if not ok]
+        if problems:
+            raise InvalidTrainSpec("; ".join(problems))
+        return s
+
+
+def _mix(seed: int, n: int) -> int:
+    return (seed * SEED_MIX + n) % (2**63 - 1)
+
+
+class Batches:
+    """The batch for micro-step m is a pure function of (seed, m): resuming replays it exactly."""
+
+    def __init__(self, data: TextData | ImageData, tokens: torch.Tensor | None, batch_size: int,
+                 seq_len: int, seed: int, device: str):
+        self.tokens, self.b, self.t = tokens, batch_size, seq_len
+        self.images = data.images if isinstance(data, ImageData) else None
+        self.labels = data.labels if isinstance(data, ImageData) else None
+        self.seed, self.device = seed, device
+        self._perm: tuple[int, torch.Tensor] | None = None
+
+    def steps_per_epoch(self, grad_accum: int) -> int:
+        if self.tokens is not None:
+            return max(1, len(self.tokens) // (self.b * self.t * grad_accum))
+        assert self.images is not None
+        return max(1, len(self.images) // (self.b * grad_accum))
+
+    def __call__(self, m: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.tokens is not None:
+            g = torch.Generator().manual_seed(_mix(self.seed, m))
+            starts = torch.randint(0, len(self.tokens) - self.t, (self.b, 1), generator=g)
+            idx = starts + torch.arange(self.t)  # (B, T)
+            return self.tokens[idx].to(self.device), self.tokens[idx + 1].to(self.device)
+        assert self.images is not None
+        n = len(self.images)
+        per = max(1, n // self.b)
+        epoch, k = divmod(m, per)
+        if self._perm is None or self._perm[0] != epoch:  # a fresh shuffle each epoch
+            g = torch.Generator().manual_seed(_mix(self.seed + 7919, epoch))
+            self._perm = (epoch, torch.randperm(n, generator=g))
+        idx = self._perm[1][k * self.b:(k + 1) * self.b]
+        labels = self.labels
+        return (self.images[idx].to(self.device),
+                None if labels is None else labels[idx].to(self.device))
+
+
+def _rng_state() -> dict:
+    """RNG states as tensors and plain types, so state.pt loads with weights_only=True."""
+    np_state = cast(tuple, np.random.get_state(legacy=True))
+    py_version, py_state, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+        "python": {"version": py_version, "state": torch.tensor(py_state, dtype=torch.int64),
+                   "gauss": py_gauss},
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["cached"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"].tolist()), p["gauss"]))
+
+
+def _optimizer(name: str, params: list[nn.Parameter], s: Settings,
+               betas: tuple[float, float]) -> torch.optim.Optimizer:
+    """Weight decay on matrices only (nanoGPT style)."""
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": s.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=s.lr, momentum=0.9)
+    cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
+    return cls(groups, lr=s.lr, betas=betas)
+
+
+def _devices(device: str) -> list:
+    """CUDA devices whose RNG a fork_rng block must also save and restore."""
+    return [torch.device(device).index or 0] if str(device).startswith("cuda") else []
+
+
+def _lr_lambda(s: Settings, total: int) -> Callable[[int], float]:
+    """Linear warmup, then constant or cosine decay to a tenth of the peak."""
+
+    def factor(step: int) -> float:
+        if step < s.warmup_steps:
+            return (step + 1) / s.warmup_steps
+        if s.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - s.warmup_steps) / max(1, total - s.warmup_steps))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _prune(directory: Path, keep_last: int) -> None:
+    """Keep the newest `keep_last` checkpoints plus the one with the lowest loss."""
+    dirs = sorted(p for p in directory.glob("step-*") if p.is_dir())
+    losses = {p: load_metrics(p).get("loss", math.inf) for p in dirs}
+    keep = set(dirs[-keep_last:])
+    if dirs:
+        keep.add(min(dirs, key=lambda p: (losses[p], -dirs.index(p))))
+    for p in dirs:
+        if p not in keep:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+class Run:
+    """One training run's state; `run_training` is its public face."""
+
+    def __init__(self, spec: dict, workdir: Path, hooks: TrainHooks, resume_from: Path | None,
+                 device: str):
+        self.s = Settings.from_spec(spec)
+        self.workdir, self.hooks, self.device = Path(workdir), hooks, device
+        try:
+            self.module: ModuleType = get_family(self.s.family)
+        except ValueError as e:
+            raise InvalidTrainSpec(str(e)) from e
+        self._build(resume_from)
+
+    def _build(self, resume_from: Path | None) -> None:
+        s, module = self.s, self.module
+        try:
+            data = load_data(s.data, module.KIND)
+        except DataError as e:
+            raise InvalidTrainSpec("; ".join(e.problems)) from e
+        state = None
+        if resume_from is not None:
+            meta = read_meta(resume_from)
+            if meta["family"] != s.family:
+                raise InvalidTrainSpec(f"resume_from: checkpoint is {meta['family']!r}, "
+                                       f"spec is {s.family!r}")
+            cfg = module.Config(**meta["config"])
+            tokenizer = module.load_tokenizer(Path(resume_from)) if module.KIND == "text" else None
+            model = module.build_model(cfg, tokenizer, arch=meta.get("arch"))
+            load_weights_into(model, Path(resume_from))
+            state = load_train_state(resume_from)
+        else:
+            problems = validate_model_config(s.family, s.config)
+            if problems:
+                raise InvalidTrainSpec("; ".join(problems))
+            try:
+                cfg, tokenizer = module.prepare(module.Config(**s.config), data)
+            except ValueError as e:
+                raise InvalidTrainSpec(str(e)) from e
+            torch.manual_seed(s.seed)
+            model = module.build_model(cfg, tokenizer)
+        self.cfg, self.tokenizer, self.model = cfg, tokenizer, model.to(self.device)
+        self.batches = self._batches(data)
+        total = s.steps or (s.epochs or 1) * self.batches.steps_per_epoch(s.grad_accum)
+        self.total: int = total
+        opt_name = s.optimizer or module.OPTIMIZER["optimizer"]
+        self.phases = []
+        cuda = str(self.device).startswith("cuda")
+        for phase in module.PHASES:
+            params = module.phase_params(model, phase)
+            opt = _optimizer(opt_name, params, s, tuple(module.OPTIMIZER["betas"]))
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(s, total))
+            scaler = torch.amp.GradScaler("cuda", enabled=cuda and s.precision == "fp16")
+            self.phases.append((phase, params, opt, sched, scaler))
+        self.step = 0
+        self.history: dict[str, list] = {"step": [], "loss": []}
+        if state is not None:
+            for (_, _, opt, sched, scaler), o, sc, gs in zip(
+                    self.phases, state["optimizers"], state["schedulers"], state["scalers"],
+                    strict=True):
+                opt.load_state_dict(o)
+                sched.load_state_dict(sc)
+                scaler.load_state_dict(gs)
+            self.step = int(state["step"])
+            self.history = state["history"]
+            _set_rng_state(state["rng"])
+        self.autocast: Any = contextlib.nullcontext
+        if cuda and s.precision in ("bf16", "fp16"):
+            dtype = torch.bfloat16 if s.precision == "bf16" else torch.float16
+            self.autocast = lambda: torch.autocast("cuda", dtype=dtype)
+        elif s.precision != "fp32":
+            log.info("precision %s ignored on %s; training in fp32", s.precision, self.device)
+
+    def _batches(self, data: TextData | ImageData) -> Batches:
+        s = self.s
+        tokens = None
+        seq_len = s.seq_len
+        if isinstance(data, TextData):
+            tokens = torch.tensor(self.module.encode(self.tokenizer, data.text), dtype=torch.long)
+            if len(tokens) < 2:
+                raise InvalidTrainSpec("data: the text encodes to fewer than 2 tokens")
+            if seq_len >= len(tokens):
+                log.warning("seq_len %d cut to %d: the text is short", seq_len, len(tokens) - 1)
+                seq_len = len(tokens) - 1
+            limit = self.module.context_limit(self.model)
+            if limit is not None and seq_len > limit:
+                raise InvalidTrainSpec(f"seq_len: must be <= the model's context ({limit}), "
+                                       f"got {seq_len}")
+        return Batches(data, tokens, s.batch_size, seq_len, s.seed, self.device)
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step per phase over grad_accum micro-batches; returns its metrics."""
+        s, accum = self.s, self.s.grad_accum
+        torch.manual_seed(_mix(s.seed, self.step))  # dropout/noise depend only on the step
+        metrics: dict[str, float] = {"loss": 0.0}
+        norms = []
+        for phase, params, opt, sched, scaler in self.phases:
+            opt.zero_grad(set_to_none=True)
+            for j in range(accum):
+                batch = self.batches(self.step * accum + j)
+                with self.autocast():
+                    loss, extras = self.module.loss(self.model, batch, phase)
+                value = loss.item()
+                if not math.isfinite(value):
+                    raise NanLoss(self.step + 1, value)
+                scaler.scale(loss / accum).backward()
+                metrics["loss"] += value / accum
+                for k, v in extras.items():
+                    metrics[k] = metrics.get(k, 0.0) + v.item() / accum
+            scaler.unscale_(opt)
+            norm = torch.nn.utils.clip_grad_norm_(params, s.clip or math.inf).item()
+            if not math.isfinite(norm) and not scaler.is_enabled():
+                raise NanLoss(self.step + 1, norm, what="gradient norm")
+            norms.append(norm)
+            if len(self.phases) > 1:
+                metrics[f"grad_norm_{phase}"] = norm
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+        self.step += 1
+        metrics["grad_norm"] = math.sqrt(sum(n * n for n in norms))
+        return metrics
+
+    def save(self, metrics: dict[str, float]) -> Path:
+        path = self.workdir / "checkpoints" / f"step-{self.step:06d}"
+        state = {
+            "step": self.step,
+            "data_position": self.step * self.s.grad_accum,
+            "total_steps": self.total,
+            "optimizers": [p[2].state_dict() for p in self.phases],
+            "schedulers": [p[3].state_dict() for p in self.phases],
+            "scalers": [p[4].state_dict() for p in self.phases],
+            "rng": _rng_state(),
+            "history": self.history,
+        }
+        save_checkpoint(path, family=self.s.family, config=asdict(self.cfg), model=self.model,
+                        tokenizer_or_none=self.tokenizer, train_state=state,
+                        metrics={"step": self.step, **metrics})
+        self.hooks.on_checkpoint(self.step, path, {**metrics})
+        _prune(path.parent, self.s.keep_last)
+        return path
+
+    def run(self) -> TrainOutcome:
+        s, hooks = self.s, self.hooks
+        self.model.train()
+        recent: deque[float] = deque(maxlen=s.log_every)
+        window: dict[str, float] = {}
+        window_steps, window_start = 0, time.perf_counter()
+        logged: dict[str, float] = {}
+        stopped, saved_at, checkpoint = None, -1, None
+        log.info("training %s for %d steps from step %d", s.family, self.total, self.step)
+        while self.step < self.total:
+            stopped = hooks.should_stop()
+            if stopped:
+                log.info("stopping at step %d: %s", self.step, stopped)
+                break
+            metrics = self.train_step()
+            recent.append(metrics["loss"])
+            for k, v in metrics.items():
+                window[k] = window.get(k, 0.0) + v
+            window_steps += 1
+            hooks.on_progress(self.step, self.total, metrics)
+            if self.step % s.log_every == 0 or self.step == self.total:
+                elapsed = max(time.perf_counter() - window_start, 1e-9)
+                logged = {k: v / window_steps for k, v in window.items()}
+                logged["lr"] = float(self.phases[0][3].get_last_lr()[0])
+                logged["samples_per_s"] = window_steps * s.batch_size * s.grad_accum / elapsed
+                self.history["step"].append(self.step)
+                self.history["loss"].append(logged["loss"])
+                hooks.on_metrics(self.step, logged)
+                log.info("step %d/%d loss %.4f", self.step, self.total, logged["loss"])
+                window, window_steps, window_start = {}, 0, time.perf_counter()
+            if self.step % s.checkpoint_every == 0 and self.step < self.total:
+                checkpoint = self.save({**logged, "loss": sum(recent) / len(recent)})
+                saved_at = self.step
+        if saved_at != self.step or checkpoint is None:
+            loss = sum(recent) / len(recent) if recent else logged.get("loss", math.nan)
+            checkpoint = self.save({**logged, "loss": loss})
+        final = {**logged, "step": float(self.step)}
+        if recent:
+            final["loss"] = sum(recent) / len(recent)
+        artifacts = [] if stopped else self.artifacts()
+        return TrainOutcome(stopped=stopped, step=self.step, checkpoint=checkpoint,
+                            metrics=final, artifacts=artifacts)
+
+    def artifacts(self) -> list[TrainArtifact]:
+        """The loss curve, and a grid of samples for image families."""
+        out = []
+        plot = self.workdir / "loss.png"
+        save_loss_plot(self.history["step"], self.history["loss"], plot,
+                       f"{self.s.family} training loss")
+        out.append(TrainArtifact("loss_plot", plot, "image/png"))
+        if self.module.KIND == "image":
+            self.model.eval()
+            n_classes = getattr(self.cfg, "n_classes", 0)
+            labels = torch.arange(64) % n_classes if n_classes else None
+            with torch.random.fork_rng(devices=_devices(self.device)):
+                torch.manual_seed(self.s.seed)
+                images = self.module.sample_images(self.model, 64, labels)
+            grid = self.workdir / "samples.png"
+            save_grid(images, grid)
+            out.append(TrainArtifact("image_grid", grid, "image/png"))
+        return out
+
+
+def run_training(spec: dict, workdir: Path, *, hooks: TrainHooks,
+                 resume_from: Path | None = None, device: str = "cpu") -> TrainOutcome:
+    """Train `spec` in `workdir` (optionally resuming a checkpoint); see DESIGN.md section 6."""
+    Path(workdir).mkdir(parents=True, exist_ok=True)
+    return Run(spec, Path(workdir), hooks, resume_from, device).run()

@@ -1,0 +1,118 @@
+"""Batched generation: output types, seeded reproducibility, beams, batching, early stop."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from common.ml.checkpoint import LoadedModel, load_model
+from common.ml.generate import GenOutput, GenRequest, generate
+from common.ml.train import TrainOutcome
+
+
+def _run(loaded: LoadedModel, requests: list[GenRequest], **kwargs: Any) -> dict[str, GenOutput]:
+    batches: list[list[GenOutput]] = []
+    generate(loaded, requests, on_outputs=batches.append, **kwargs)
+    return {o.key: o for batch in batches for o in batch}
+
+
+def _texts(o: GenOutput) -> list[str]:
+    assert o.texts is not None and o.images is None
+    return o.texts
+
+
+def _pngs(o: GenOutput) -> list[bytes]:
+    assert o.images is not None and o.texts is None
+    return o.images
+
+
+@pytest.fixture(scope="module")
+def models(trained: dict[str, TrainOutcome]) -> dict[str, LoadedModel]:
+    return {family: load_model(outcome.checkpoint) for family, outcome in trained.items()}
+
+
+@pytest.mark.parametrize("family", ["lstm", "gpt"])
+def test_text_outputs(models: dict[str, LoadedModel], family: str) -> None:
+    requests = [GenRequest("greedy", prompt="The ", max_tokens=8, temperature=0),
+                GenRequest("sampled", prompt="def f(x):", max_tokens=6, n=3, top_k=5, top_p=0.9),
+                GenRequest("empty", prompt="", max_tokens=4)]
+    out = _run(models[family], requests)
+    assert set(out) == {"greedy", "sampled", "empty"}
+    for r in requests:
+        o = out[r.key]
+        assert len(_texts(o)) == r.n and len(o.finish_reasons) == r.n
+        assert all(isinstance(t, str) for t in _texts(o))
+        assert set(o.finish_reasons) <= {"stop", "length"}
+        assert 0 < o.tokens_out <= r.n * r.max_tokens
+    assert out["greedy"].tokens_in > 0 and out["empty"].tokens_in == 0
+    assert not _texts(out["greedy"])[0].startswith("The ")
+
+
+@pytest.mark.parametrize("family", ["vae", "gan"])
+def test_image_outputs(models: dict[str, LoadedModel], family: str) -> None:
+    out = _run(models[family], [GenRequest("three", label=3, n=2), GenRequest("any")])
+    assert len(_pngs(out["three"])) == 2 and len(_pngs(out["any"])) == 1
+    for png in _pngs(out["three"]) + _pngs(out["any"]):
+        with Image.open(io.BytesIO(png)) as im:
+            assert im.format == "PNG" and min(im.size) >= 64
+    assert out["any"].texts is None and out["any"].finish_reasons == ["stop"]
+
+
+@pytest.mark.parametrize("family", ["vae", "gan", "lstm", "gpt"])
+def test_seeded_requests_reproducible_across_batches(models: dict[str, LoadedModel],
+                                                     family: str) -> None:
+    loaded = models[family]
+    target = GenRequest("t", prompt="x = ", max_tokens=10, seed=1234, n=2, label=None)
+    alone = _run(loaded, [target])["t"]
+    crowd = [GenRequest(f"n{i}", prompt="import " * i, max_tokens=10) for i in range(4)]
+    together = _run(loaded, [*crowd[:2], target, *crowd[2:]], max_batch=3)["t"]
+    assert (alone.texts, alone.images) == (together.texts, together.images)
+    other = _run(loaded, [GenRequest("o", prompt="x = ", max_tokens=10, seed=99, n=2)])["o"]
+    assert (other.texts, other.images) != (alone.texts, alone.images)
+
+
+def test_identical_seeded_requests_share_one_result(models: dict[str, LoadedModel]) -> None:
+    calls: list[int] = []
+    requests = [GenRequest(k, prompt="a", max_tokens=5, seed=7) for k in ("a", "b", "c")]
+    batches: list[list[GenOutput]] = []
+
+    def record(outputs: list[GenOutput]) -> None:
+        batches.append(outputs)
+        calls.append(1)
+
+    generate(models["gpt"], requests, on_outputs=record)
+    outs = {o.key: o for batch in batches for o in batch}
+    assert len(calls) == 1 and set(outs) == {"a", "b", "c"}
+    assert outs["a"].texts == outs["b"].texts == outs["c"].texts
+
+
+def test_gpt_beams_and_batching(models: dict[str, LoadedModel]) -> None:
+    loaded = models["gpt"]
+    beams = [GenRequest(f"b{i}", prompt="class " + "A" * i, max_tokens=6, num_beams=3, n=2)
+             for i in range(3)]
+    out = _run(loaded, beams)
+    assert all(len(_texts(out[r.key])) == 2 for r in beams)
+    batches: list[list[GenOutput]] = []
+    greedy = [GenRequest(f"g{i}", prompt="x" * (i + 1), max_tokens=4, temperature=0)
+              for i in range(6)]
+    generate(loaded, greedy, on_outputs=batches.append, token_budget=20)
+    assert len(batches) > 1 and sum(len(b) for b in batches) == 6
+    single = _run(loaded, [greedy[0]])["g0"]
+    batched = {o.key: o for b in batches for o in b}["g0"]
+    assert single.texts == batched.texts
+
+
+def test_should_stop_between_batches(models: dict[str, LoadedModel]) -> None:
+    batches: list[list[GenOutput]] = []
+    requests = [GenRequest(f"r{i}", prompt="p", max_tokens=3, seed=i) for i in range(5)]
+    generate(models["lstm"], requests, on_outputs=batches.append,
+             should_stop=lambda: len(batches) >= 2)
+    assert len(batches) == 2
+
+
+def test_bad_label_is_rejected(models: dict[str, LoadedModel]) -> None:
+    with pytest.raises(ValueError, match=r"requests\[x\]\.label"):
+        generate(models["vae"], [GenRequest("x", label=42)], on_outputs=lambda o: None)

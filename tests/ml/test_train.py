@@ -1,0 +1,140 @@
+"""The training loop: learning, exact resume, checkpoints on disk, NaN handling, artifacts."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from common.ml.checkpoint import load_model, load_train_state
+from common.ml.families import get_family
+from common.ml.train import InvalidTrainSpec, NanLoss, TrainHooks, run_training
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+@pytest.mark.parametrize("family", ["vae", "lstm", "gpt"])
+def test_loss_falls(family: str, tiny_spec: Callable[..., dict], tmp_path: Path) -> None:
+    losses: list[float] = []
+    hooks = TrainHooks(on_metrics=lambda step, m: losses.append(m["loss"]))
+    outcome = run_training(tiny_spec(family, steps=40, log_every=1), tmp_path,
+                           hooks=hooks)
+    assert outcome.stopped is None and outcome.step == 40
+    assert len(losses) == 40
+    assert _mean(losses[-5:]) < _mean(losses[:5]) * 0.9
+
+
+def test_gan_learns_the_data_mean(tiny_spec: Callable[..., dict], tmp_path: Path) -> None:
+    """GAN losses do not fall monotonically; its samples must move toward the data instead."""
+    from sklearn.datasets import load_digits
+
+    real_mean = torch.tensor(load_digits().images, dtype=torch.float32).mean(0) / 16
+    seen: list[dict[str, float]] = []
+    hooks = TrainHooks(on_metrics=lambda step, m: seen.append(m))
+    gan = get_family("gan")
+
+    def distance(checkpoint: Path) -> float:
+        model = load_model(checkpoint).model
+        torch.manual_seed(0)
+        fake = gan.sample_images(model, 256, torch.arange(256) % 10)
+        return float((fake.mean(0)[0] - real_mean).abs().mean())
+
+    spec = tiny_spec("gan", steps=60, log_every=10, checkpoint_every=1)
+    outcome = run_training(spec, tmp_path, hooks=hooks)
+    start = run_training({**spec, "steps": 1}, tmp_path / "init", hooks=TrainHooks())
+    assert distance(outcome.checkpoint) < distance(start.checkpoint) * 0.7
+    assert {"d_loss", "g_loss", "d_real", "d_fake", "grad_norm", "lr"} <= seen[-1].keys()
+
+
+@pytest.mark.parametrize("family", ["vae", "gan", "lstm", "gpt"])
+def test_exact_resume(family: str, tiny_spec: Callable[..., dict], tmp_path: Path) -> None:
+    """Stopping at step k and resuming gives bitwise the weights of an uninterrupted run."""
+    dropout = {"lstm": {"dropout": 0.2, "n_layer": 2}, "gpt": {"dropout": 0.1}}.get(family, {})
+    spec = tiny_spec(family, steps=8, grad_accum=2, warmup_steps=2, batch_size=8,
+                     checkpoint_every=3, weight_decay=0.1)
+    spec["config"].update(dropout)
+    straight = run_training(spec, tmp_path / "straight", hooks=TrainHooks())
+
+    done = {"step": 0}
+    hooks = TrainHooks(should_stop=lambda: "shutdown" if done["step"] >= 5 else None,
+                       on_progress=lambda step, total, m: done.update(step=step))
+    stopped = run_training(spec, tmp_path / "first", hooks=hooks)
+    assert stopped.stopped == "shutdown" and stopped.step == 5
+    assert stopped.artifacts == []
+    assert load_train_state(stopped.checkpoint)["step"] == 5
+    resumed = run_training(spec, tmp_path / "second", hooks=TrainHooks(),
+                           resume_from=stopped.checkpoint)
+    assert resumed.stopped is None and resumed.step == 8
+
+    a = load_model(straight.checkpoint).model.state_dict()
+    b = load_model(resumed.checkpoint).model.state_dict()
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_checkpoints_kept_and_reported(tiny_spec: Callable[..., dict], tmp_path: Path) -> None:
+    reported: list[tuple[int, Path, bool]] = []
+    hooks = TrainHooks(on_checkpoint=lambda step, path, m: reported.append(
+        (step, path, (path / "model.safetensors").is_file() and "loss" in m)))
+    outcome = run_training(tiny_spec("vae", steps=10, checkpoint_every=2,
+                                     keep_last=2), tmp_path, hooks=hooks)
+    assert [r[0] for r in reported] == [2, 4, 6, 8, 10]
+    assert all(r[2] for r in reported)
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert {"step-000008", "step-000010"} <= set(kept) and len(kept) <= 3
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
+    assert outcome.checkpoint == tmp_path / "checkpoints" / "step-000010"
+    state = load_train_state(outcome.checkpoint)
+    assert {"optimizers", "schedulers", "rng", "step", "data_position"} <= state.keys()
+    kinds = {a.kind: a for a in outcome.artifacts}
+    assert set(kinds) == {"loss_plot", "image_grid"}
+    for artifact in kinds.values():
+        assert artifact.content_type == "image/png"
+        with Image.open(artifact.path) as im:
+            assert im.format == "PNG" and min(im.size) >= 64
+
+
+def test_epochs_convert_to_steps(tiny_spec: Callable[..., dict], tmp_path: Path) -> None:
+    spec = tiny_spec("vae", epochs=1, batch_size=256)
+    del spec["steps"]
+    outcome = run_training(spec, tmp_path, hooks=TrainHooks())
+    assert outcome.step == 1797 // 256
+
+
+def test_nan_loss_raises_with_step_and_keeps_last_checkpoint(tiny_spec: Callable[..., dict],
+                                                             tmp_path: Path) -> None:
+    spec = tiny_spec("vae", steps=20, lr=1e30, clip=None, checkpoint_every=1)
+    with pytest.raises(NanLoss) as info:
+        run_training(spec, tmp_path, hooks=TrainHooks())
+    step = info.value.step
+    assert step >= 2 and f"at step {step}" in str(info.value)
+    last = tmp_path / "checkpoints" / f"step-{step - 1:06d}"
+    assert load_model(last).model is not None
+
+
+def test_stop_before_any_step_still_checkpoints(tiny_spec: Callable[..., dict],
+                                                tmp_path: Path) -> None:
+    outcome = run_training(tiny_spec("lstm"), tmp_path,
+                           hooks=TrainHooks(should_stop=lambda: "cancel"))
+    assert outcome.stopped == "cancel" and outcome.step == 0
+    assert (outcome.checkpoint / "model.safetensors").is_file()
+
+
+def test_invalid_spec_lists_problems(tiny_spec: Callable[..., dict], tmp_path: Path) -> None:
+    spec = tiny_spec("gpt", seq_len=500)
+    with pytest.raises(InvalidTrainSpec, match="seq_len"):
+        run_training(spec, tmp_path, hooks=TrainHooks())
+    bad = tiny_spec("gpt")
+    bad["config"] = {"n_layer": 0, "bogus": 1}
+    with pytest.raises(InvalidTrainSpec) as info:
+        run_training(bad, tmp_path, hooks=TrainHooks())
+    assert "config.n_layer" in str(info.value) and "config.bogus" in str(info.value)
+    with pytest.raises(InvalidTrainSpec, match="data.builtin"):
+        run_training({**bad, "config": {}, "data": {"builtin": "digits"}}, tmp_path,
+                     hooks=TrainHooks())
