@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 from collections.abc import Iterator
 from functools import lru_cache
@@ -10,6 +11,8 @@ from pathlib import Path
 from typing import IO, Any
 
 import fsspec
+from fsspec import AbstractFileSystem
+from fsspec.implementations.local import LocalFileSystem
 
 from common.config import get_settings
 
@@ -21,13 +24,26 @@ class Storage:
 
     def __init__(self, root: str, *, s3_endpoint_url: str = ""):
         self.root = root.rstrip("/")
-        options: dict[str, Any] = {}
-        if root.startswith("s3://") and s3_endpoint_url:
-            options["client_kwargs"] = {"endpoint_url": s3_endpoint_url}
-        self.fs, self.base = fsspec.core.url_to_fs(self.root, **options)
-        self.is_local = self.fs.protocol in ("file", ("file", "local")) or "file" in self.fs.protocol
+        self._options: dict[str, Any] = {}
+        if root.startswith("s3://"):
+            # No listings cache: other machines write to the bucket, and a cached listing
+            # would hide their objects from exists() and downloads.
+            self._options["use_listings_cache"] = False
+            if s3_endpoint_url:
+                self._options["client_kwargs"] = {"endpoint_url": s3_endpoint_url}
+        self._pid = 0
+        _, self.base = fsspec.core.url_to_fs(self.root, **self._options)
+        self.is_local = isinstance(self.fs, LocalFileSystem)
         if self.is_local:
             Path(self.base).mkdir(parents=True, exist_ok=True)
+
+    @property
+    def fs(self) -> AbstractFileSystem:
+        """The filesystem, made anew in a forked child (s3fs's event loop is not fork-safe)."""
+        if self._pid != os.getpid():
+            self._fs, _ = fsspec.core.url_to_fs(self.root, **self._options)
+            self._pid = os.getpid()
+        return self._fs
 
     def _path(self, key: str) -> str:
         key = key.strip("/")
@@ -86,17 +102,35 @@ class Storage:
                 yield chunk
 
     def local_dir(self, prefix: str, cache: Path) -> Path:
-        """A local folder holding prefix: the folder itself when local, else a cached copy."""
+        """A local folder holding prefix: the folder itself when local, else a cached copy.
+
+        A copy counts only once its ".complete" marker is written, so a download cut short
+        is fetched again; FileNotFoundError when nothing is stored under prefix.
+        """
+        path = self._path(prefix)
         if self.is_local:
-            return Path(self._path(prefix))
+            if not Path(path).is_dir():
+                raise FileNotFoundError(self.uri(prefix))
+            return Path(path)
         target = cache / prefix
         if not (target / ".complete").exists():
-            tmp = target.with_name(target.name + ".part")
+            files = self.fs.find(path)
+            if not files:
+                raise FileNotFoundError(self.uri(prefix))
+            tmp = target.with_name(f"{target.name}.part-{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
-            self.fs.get(self._path(prefix) + "/", str(tmp) + "/", recursive=True)
+            for remote in files:
+                local = tmp / remote[len(path) + 1 :]
+                local.parent.mkdir(parents=True, exist_ok=True)
+                self.fs.get_file(remote, str(local))
             (tmp / ".complete").touch()
             shutil.rmtree(target, ignore_errors=True)
-            tmp.replace(target)
+            try:
+                tmp.replace(target)
+            except OSError:  # another process of this machine finished the same copy first
+                shutil.rmtree(tmp, ignore_errors=True)
+                if not (target / ".complete").exists():
+                    raise
         return target
 
     def local_file(self, key: str, cache: Path) -> Path:
@@ -105,8 +139,9 @@ class Storage:
         target = cache / key
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
-            self.fs.get(self._path(key), str(target) + ".part")
-            Path(str(target) + ".part").replace(target)
+            part = Path(f"{target}.part-{os.getpid()}")
+            self.fs.get_file(self._path(key), str(part))
+            part.replace(target)
         return target
 
     def exists(self, key: str) -> bool:

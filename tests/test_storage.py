@@ -1,0 +1,197 @@
+"""The Storage API on a local file:// root and on S3 (moto's server over real HTTP)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from common.storage import Storage
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint() -> Iterator[str]:
+    """A moto S3 server on a free local port, with dummy credentials in the environment."""
+    pytest.importorskip("s3fs")
+    server_mod = pytest.importorskip("moto.server")
+    dummy = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+             "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in dummy}
+    os.environ.update(dummy)
+    port = _free_port()
+    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def _s3_storage(endpoint: str) -> Storage:
+    import boto3
+
+    bucket = f"genq-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
+    return Storage(f"s3://{bucket}/prefix", s3_endpoint_url=endpoint)
+
+
+@pytest.fixture(params=["file", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Storage:
+    if request.param == "file":
+        return Storage(f"file://{tmp_path / 'objects'}")
+    return _s3_storage(request.getfixturevalue("s3_endpoint"))
+
+
+def _checkpoint_folder(root: Path) -> Path:
+    folder = root / "step-00000010"
+    (folder / "tokenizer").mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(os.urandom(3000))
+    (folder / "config.json").write_text('{"family": "lstm"}')
+    (folder / "tokenizer" / "vocab.json").write_text('{"a": 0}')
+    return folder
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes()
+            for p in folder.rglob("*") if p.is_file() and p.name != ".complete"}
+
+
+def test_bytes_round_trip_and_uri(store: Storage) -> None:
+    uri = store.put_bytes("artifacts/job_1/a.txt", b"hello")
+    assert uri == f"{store.root}/artifacts/job_1/a.txt"
+    assert store.key_of(uri) == "artifacts/job_1/a.txt"
+    assert store.get_bytes("artifacts/job_1/a.txt") == b"hello"
+    assert store.exists("artifacts/job_1/a.txt")
+    assert not store.exists("artifacts/job_1/missing.txt")
+    with pytest.raises(ValueError):
+        store.key_of("s3://elsewhere/x")
+
+
+def test_put_stream_hashes_and_iter_bytes_streams(store: Storage) -> None:
+    chunks = [os.urandom(700_000), os.urandom(900_000), b"tail"]
+    data = b"".join(chunks)
+    uri, size, sha = store.put_stream("files/big.bin", iter(chunks))
+    assert (size, sha) == (len(data), hashlib.sha256(data).hexdigest())
+    assert store.key_of(uri) == "files/big.bin"
+    parts = list(store.iter_bytes("files/big.bin"))
+    assert b"".join(parts) == data and len(parts) >= 2
+
+
+@pytest.mark.parametrize("key", ["../x", "a/../../b", "", "/", "a/./../b"])
+def test_rejects_escaping_keys(store: Storage, key: str) -> None:
+    with pytest.raises(ValueError):
+        store.put_bytes(key, b"x")
+    with pytest.raises(ValueError):
+        store.get_bytes(key)
+
+
+def test_checkpoint_folder_round_trips(store: Storage, tmp_path: Path) -> None:
+    folder = _checkpoint_folder(tmp_path / "local")
+    uri, total = store.put_dir("checkpoints/job_1/step-00000010", folder)
+    assert store.key_of(uri) == "checkpoints/job_1/step-00000010"
+    assert total == sum(len(b) for b in _tree(folder).values())
+
+    cache = tmp_path / "cache"
+    got = store.local_dir("checkpoints/job_1/step-00000010", cache)
+    assert _tree(got) == _tree(folder)
+    if not store.is_local:
+        # A cached copy is complete (marker) and reused without downloading again.
+        assert (got / ".complete").exists()
+        (got / "model.safetensors").write_bytes(b"local edit")
+        assert (store.local_dir("checkpoints/job_1/step-00000010", cache)
+                / "model.safetensors").read_bytes() == b"local edit"
+        # A half download (no marker) is fetched again.
+        (got / ".complete").unlink()
+        again = store.local_dir("checkpoints/job_1/step-00000010", cache)
+        assert _tree(again) == _tree(folder) and (again / ".complete").exists()
+        assert not list(cache.rglob("*.part*"))
+
+    store.delete("checkpoints/job_1/step-00000010")
+    assert not store.exists("checkpoints/job_1/step-00000010/config.json")
+    with pytest.raises(FileNotFoundError):
+        store.local_dir("checkpoints/job_1/step-00000010", tmp_path / "cache2")
+
+
+def test_sees_objects_written_by_another_machine(s3_endpoint: str, tmp_path: Path) -> None:
+    """No stale listing cache: an object another host uploads is visible at once."""
+    import boto3
+
+    store = _s3_storage(s3_endpoint)
+    bucket, prefix = store.base.split("/", 1)
+    store.put_bytes("shared/a", b"1")
+    assert not store.exists("shared/b")
+    assert store.local_dir("shared", tmp_path / "c1").is_dir()  # lists the folder
+    boto3.client("s3", endpoint_url=s3_endpoint).put_object(
+        Bucket=bucket, Key=f"{prefix}/shared/b", Body=b"2")
+    assert store.exists("shared/b")
+    assert store.get_bytes("shared/b") == b"2"
+    assert sorted(p.name for p in store.local_dir("shared", tmp_path / "c2").iterdir()) == [
+        ".complete", "a", "b"]
+
+
+def test_local_file(store: Storage, tmp_path: Path) -> None:
+    store.put_bytes("files/file-1/data.txt", b"abc")
+    path = store.local_file("files/file-1/data.txt", tmp_path / "cache")
+    assert path.read_bytes() == b"abc"
+    assert store.local_file("files/file-1/data.txt", tmp_path / "cache") == path
+
+
+def test_delete_missing_is_quiet(store: Storage) -> None:
+    store.delete("nothing/here")
+    store.put_bytes("one/two.txt", b"2")
+    store.delete("one/two.txt")
+    assert not store.exists("one/two.txt")
+
+
+def test_checkpoint_through_results_on_s3(s3_endpoint: str, tmp_path: Path) -> None:
+    """A real model checkpoint goes to S3 via common.results and loads back from the cache."""
+    pytest.importorskip("torch")
+    ml_checkpoint = pytest.importorskip("common.ml.checkpoint")
+    families = pytest.importorskip("common.ml.families")
+    from sqlalchemy import create_engine
+
+    from common import results
+    from common.models import Base, Job
+
+    store = _s3_storage(s3_endpoint)
+    vae = families.get_family("vae")
+    config = vae.Config()
+    model = vae.build_model(config, None, arch=None)
+    local = tmp_path / "ckpt"
+    ml_checkpoint.save_checkpoint(local, family="vae", config=config, model=model,
+                                  tokenizer_or_none=None, train_state=None, metrics={"loss": 1.0})
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    Base.metadata.create_all(engine)
+    from sqlalchemy.orm import Session
+
+    with Session(engine, expire_on_commit=False) as session:
+        job = Job(id="job_s3test", owner="o", type="train", family="vae", status="running",
+                  queue="cpu", spec={})
+        session.add(job)
+        session.commit()
+        ckpt = results.save_checkpoint(session, store, job=job, step=10, local=local,
+                                       metrics={"loss": 1.0})
+        model_row = results.register_model(session, job=job, name="s3-vae", checkpoint=ckpt)
+        assert ckpt.uri.startswith(store.root + "/checkpoints/job_s3test/")
+        assert model_row.checkpoint_id == ckpt.id
+
+    loaded = ml_checkpoint.load_model(store.local_dir(store.key_of(ckpt.uri), tmp_path / "cache"))
+    import torch
+
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[name], tensor), name
