@@ -16,6 +16,8 @@ class Settings(BaseSettings):
 
     home: Path = Field(Path(".genq"), description="Folder for the embedded stack's state.")
     database_url: str = Field("", description="SQLAlchemy URL; default sqlite under home.")
+    db_pool_size: int = Field(5, description="PostgreSQL connections kept open per process.")
+    db_max_overflow: int = Field(10, description="Extra PostgreSQL connections under load.")
     broker_url: str = Field("redis://127.0.0.1:6390/0", description="Celery broker (Redis).")
     storage_url: str = Field("", description="fsspec URL for objects; default home/storage.")
     s3_endpoint_url: str = Field("", description="S3 endpoint (MinIO, moto) for s3:// storage.")
