@@ -1,0 +1,172 @@
+"""Watching jobs: metrics, logs, server-sent events, Prometheus and Flower, on real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import ROOT, _free_port, wait_for
+
+SHORT_TRAIN = {"type": "train", "family": "lstm", "steps": 12, "batch_size": 4, "seq_len": 16,
+               "log_every": 2, "checkpoint_every": 12,
+               "config": {"hidden": 16, "n_embd": 8, "n_layer": 1}}
+
+
+def read_events(stack, job_id: str, timeout: float = 90) -> list[tuple[str, dict]]:
+    """Every (event, data) of a job's stream, until the server ends it."""
+    events: list[tuple[str, dict]] = []
+    headers = {"Authorization": f"Bearer {stack.api_key}"}
+    with httpx.stream("GET", f"{stack.api_url}/v1/jobs/{job_id}/events", headers=headers,
+                      timeout=timeout) as resp:
+        assert resp.status_code == 200
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        kind = ""
+        for line in resp.iter_lines():
+            if line.startswith("event:"):
+                kind = line.split(":", 1)[1].strip()
+            elif line.startswith("data:"):
+                events.append((kind, json.loads(line.split(":", 1)[1])))
+    return events
+
+
+def test_metrics_logs_and_artifact_links(stack, trained_lstm):
+    c = stack.client()
+    job_id = trained_lstm["id"]
+    body = c.request("GET", f"/v1/jobs/{job_id}/metrics", params={"name": "loss"})
+    assert body["names"] == ["loss"]
+    steps = [p["step"] for p in body["data"]]
+    assert steps == sorted(steps) and steps[-1] <= 30 and len(steps) >= 5
+    assert all(p["value"] > 0 for p in body["data"])
+    assert "loss" in c.request("GET", f"/v1/jobs/{job_id}/metrics")["names"]
+
+    lines = c.logs(job_id)
+    assert any("registered model" in line["message"] for line in lines)
+    assert c.logs(job_id, after=lines[-1]["id"]) == []
+
+    links = c.get_job(job_id)["result"]["artifacts"]
+    plot = next(a for a in links if a["kind"] == "loss_plot")
+    png = c.request("GET", plot["url"])
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+    other = stack.client(key="wrong")
+    with pytest.raises(Exception, match="key"):
+        other.request("GET", f"/v1/jobs/{job_id}/logs")
+
+
+def test_events_stream_status_and_progress_until_the_end(stack):
+    c = stack.client()
+    job = c.create_job(SHORT_TRAIN)
+    events = read_events(stack, job["id"])
+    kinds = [k for k, _ in events]
+    assert kinds[0] == "status" and events[0][1]["status"] in ("queued", "running")
+    assert events[-1] == ("status", events[-1][1]) and events[-1][1]["status"] == "succeeded"
+    assert "progress" in kinds
+    done = [d["progress"]["done"] for _, d in events]
+    assert done == sorted(done) and done[-1] == 12
+    # a finished job: one event, then the stream ends
+    again = read_events(stack, job["id"], timeout=10)
+    assert [(k, d["status"]) for k, d in again] == [("status", "succeeded")]
+    r = httpx.get(f"{stack.api_url}/v1/jobs/{job['id']}/events")
+    assert r.status_code == 401
+
+
+def test_prometheus_metrics_from_sql_and_redis(stack, trained_lstm):
+    assert httpx.get(f"{stack.api_url}/metrics").status_code == 401
+    r = httpx.get(f"{stack.api_url}/metrics", headers={"Authorization": f"Bearer {stack.api_key}"})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    samples = {}
+    for family in text_string_to_metric_families(r.text):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    assert samples[("genq_jobs", (("status", "succeeded"), ("type", "train")))] >= 1
+    assert ("genq_queue_depth", (("queue", "cpu"),)) in samples
+    assert samples[("genq_broker_up", ())] == 1
+    assert samples[("genq_workers", (("queue", "cpu"),))] >= 1
+    assert samples[("genq_job_duration_seconds_count", (("status", "succeeded"),
+                                                        ("type", "train")))] >= 1
+    assert ("genq_items_generated_total", ()) in samples
+    assert ("genq_tokens_total", (("direction", "out"),)) in samples
+
+
+def test_queue_depth_tolerates_redis_down(monkeypatch):
+    from api import broker, prometheus
+    from common.config import get_settings
+
+    monkeypatch.setenv("GENQ_BROKER_URL", f"redis://127.0.0.1:{_free_port()}/0")
+    get_settings.cache_clear()
+    broker._client.cache_clear()
+    try:
+        names = [m.name for m in prometheus.queue_depths()]
+        up = next(m for m in prometheus.queue_depths() if m.name == "genq_broker_up")
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+        broker._client.cache_clear()
+    assert names == ["genq_broker_up"] and up.samples[0].value == 0
+
+
+@pytest.fixture(scope="module")
+def flower(stack, redis_server):
+    """Flower with basic auth on this session's Redis."""
+    port = _free_port()
+    log = open(stack.home / "flower.log", "ab")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "common.celery_app", "--broker", redis_server,
+         "flower", "--address=127.0.0.1", f"--port={port}", "--basic_auth=u:p"],
+        cwd=ROOT, env=stack.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            return httpx.get(f"{url}/healthcheck", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return proc.poll() is not None and pytest.fail(stack.log("flower"))
+
+    wait_for(up, timeout=60)
+    time.sleep(1.0)  # its event consumer connects just after the HTTP server
+    yield url
+    os.killpg(proc.pid, 15)
+    proc.wait(20)
+
+
+def test_flower_shows_tasks_progress_and_worker_queues(stack, flower):
+    auth = ("u", "p")
+    assert httpx.get(f"{flower}/api/tasks").status_code == 401
+    c = stack.client()
+    job = c.create_job(SHORT_TRAIN)
+    assert c.wait(job["id"], timeout=90)["status"] == "succeeded"
+
+    def task_of_job():
+        tasks = httpx.get(f"{flower}/api/tasks", auth=auth, timeout=5).json()
+        return next((t for t in tasks.values()
+                     if t["name"] == "genq.train" and job["id"] in str(t["args"])
+                     and t["state"] == "SUCCESS"), None)
+
+    task = wait_for(task_of_job, timeout=30, interval=0.5)
+    assert "'lstm'" in str(task["kwargs"]) and "succeeded: model=" in str(task["result"])
+
+    long = c.create_job({**SHORT_TRAIN, "steps": 5000})
+
+    def progress_text():
+        tasks = httpx.get(f"{flower}/api/tasks", auth=auth, timeout=5).json()
+        return next((t["result"] for t in tasks.values()
+                     if long["id"] in str(t["args"]) and t["state"] == "PROGRESS"), None)
+
+    text = wait_for(progress_text, timeout=60, interval=0.3)
+    assert re.fullmatch(r"\d+/5000 steps, loss \d+\.\d+", text), text
+    c.cancel(long["id"])
+    assert c.wait(long["id"], timeout=60)["status"] == "cancelled"
+    workers = httpx.get(f"{flower}/api/workers", params={"refresh": 1}, auth=auth,
+                        timeout=20).json()
+    name = next(n for n in workers if n.startswith("w1@"))
+    queues = {q["name"] for q in workers[name]["active_queues"]}
+    assert queues == {"cpu", "gpu"}
