@@ -13,6 +13,7 @@ import httpx
 from common.config import get_settings
 
 FINISHED = ("succeeded", "failed", "cancelled")
+BATCH_FINISHED = ("completed", "failed", "cancelled", "expired")
 
 
 class GenqAPIError(Exception):
@@ -137,3 +138,38 @@ class Client:
 
     def workers(self) -> list[dict[str, Any]]:
         return self.request("GET", "/v1/workers")["data"]
+
+    # files & batches (OpenAI-compatible; the `openai` SDK works against /v1 too)
+    def upload_file(self, path: Path, purpose: str = "batch") -> dict[str, Any]:
+        with path.open("rb") as f:
+            return self.request("POST", "/v1/files", data={"purpose": purpose},
+                                files={"file": (path.name, f)})
+
+    def file_content(self, file_id: str) -> bytes:
+        return self.request("GET", f"/v1/files/{file_id}/content")
+
+    def create_batch(self, input_file_id: str, endpoint: str = "/v1/completions",
+                     model: str | None = None,
+                     metadata: dict[str, str] | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"input_file_id": input_file_id, "endpoint": endpoint,
+                                "completion_window": "24h"}
+        if model:
+            body["model"] = model
+        if metadata:
+            body["metadata"] = metadata
+        return self.request("POST", "/v1/batches", json=body)
+
+    def get_batch(self, batch_id: str) -> dict[str, Any]:
+        return self.request("GET", f"/v1/batches/{batch_id}")
+
+    def cancel_batch(self, batch_id: str) -> dict[str, Any]:
+        return self.request("POST", f"/v1/batches/{batch_id}/cancel")
+
+    def wait_batch(self, batch_id: str, timeout: float = 3600, poll: float = 0.5) -> dict[str, Any]:
+        """Poll until the batch is completed, failed, cancelled or expired."""
+        deadline = time.monotonic() + timeout
+        while True:
+            batch = self.get_batch(batch_id)
+            if batch["status"] in BATCH_FINISHED or time.monotonic() > deadline:
+                return batch
+            time.sleep(poll)

@@ -7,7 +7,7 @@ import logging
 from fastapi import FastAPI
 
 from api.errors import install_error_handlers
-from api.routes import health, jobs, models, monitoring, workers
+from api.routes import batches, files, health, jobs, models, monitoring, workers
 from common.config import get_settings
 
 
@@ -21,6 +21,8 @@ def create_app() -> FastAPI:
     )
     install_error_handlers(app)
     for router in (health.router, jobs.router, models.router, workers.router, monitoring.router):
+        app.include_router(router)
+    for router in (files.router, batches.router):
         app.include_router(router)
     return app
 

@@ -1,15 +1,289 @@
-"""Batches: a parent job split into shard jobs; the last shard to finish completes the parent."""
+"""Batches (OpenAI Batch API): validate an input file, split it into shard jobs, and let the
+last shard to finish write the output and error files and complete the parent job.
+
+A batch is a parent job (type `batch`, never claimed by a worker) plus shard jobs (type
+`shard`, parent_id set) of settings.shard_size items each. Shards count themselves on the
+parent with one UPDATE (shards_done + 1) read back in the same transaction; whoever brings
+it to shards_total finalizes. Finalizing takes a lease on the parent row (worker,
+heartbeat_at), so a crash mid-way is retried by the reaper's `finalize_stalled`.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
 
-from sqlalchemy import update
-from sqlalchemy.orm import Session
+from pydantic import ValidationError
+from sqlalchemy import exists, func, select, update
+from sqlalchemy.orm import Session, aliased
 
-from common.models import Job
+from common.batch_schemas import (
+    IMAGE_ENDPOINT,
+    BatchCreate,
+    BatchErrors,
+    BatchOut,
+    ImageBody,
+    LineError,
+    RequestCounts,
+    TextBody,
+    chat_prompt,
+)
+from common.config import get_settings
+from common.errors import Conflict, InvalidSpec, NotFound
+from common.models import FINISHED, File, Item, Job, JobStatus, JobType, Model, new_id, utcnow
+from common.schemas import family_kind
+from common.storage import Storage
 
 log = logging.getLogger(__name__)
+
+MAX_REPORTED_ERRORS = 1000
+
+
+# ------------------------------------------------------------------ validation
+
+
+@dataclass
+class Parsed:
+    """A validated input file: one item request per line, or the errors found."""
+
+    custom_ids: list[str] = field(default_factory=list)
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[LineError] = field(default_factory=list)
+    models: dict[str, Model] = field(default_factory=dict)
+
+    def error(self, line: int, code: str, message: str, param: str | None = None) -> None:
+        if len(self.errors) < MAX_REPORTED_ERRORS:
+            self.errors.append(LineError(code=code, message=message, param=param, line=line))
+
+
+def parse_input(
+    session: Session,
+    lines: Iterator[bytes],
+    *,
+    owner: str,
+    endpoint: str,
+    default_model: str | None,
+) -> Parsed:
+    """Check every line of a batch input file; collect every problem with its line number."""
+    settings = get_settings()
+    parsed, seen = Parsed(), set()
+    count = 0
+    for n, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        count += 1
+        if count > settings.max_batch_lines:
+            parsed.error(n, "too_many_requests",
+                         f"a batch holds at most {settings.max_batch_lines} requests")
+            break
+        try:
+            row = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            parsed.error(n, "invalid_json", f"line is not valid JSON: {exc}")
+            continue
+        if not isinstance(row, dict):
+            parsed.error(n, "invalid_json", "line must be a JSON object")
+            continue
+        custom_id = row.get("custom_id")
+        if not isinstance(custom_id, str) or not custom_id or len(custom_id) > 255:
+            parsed.error(n, "missing_required_parameter",
+                         "custom_id must be a non-empty string (at most 255 characters)",
+                         "custom_id")
+            continue
+        if custom_id in seen:
+            parsed.error(n, "duplicate_custom_id", f"custom_id {custom_id!r} is used twice",
+                         "custom_id")
+            continue
+        seen.add(custom_id)
+        request = _check_line(session, parsed, n, row, owner=owner, endpoint=endpoint,
+                              default_model=default_model)
+        if request is not None:
+            parsed.custom_ids.append(custom_id)
+            parsed.requests.append(request)
+    if count == 0:
+        parsed.error(1, "empty_file", "the input file has no requests")
+    return parsed
+
+
+def _check_line(
+    session: Session, parsed: Parsed, n: int, row: dict[str, Any], *,
+    owner: str, endpoint: str, default_model: str | None,
+) -> dict[str, Any] | None:
+    if row.get("method", "POST") != "POST":
+        parsed.error(n, "invalid_method", "method must be POST", "method")
+        return None
+    if row.get("url") != endpoint:
+        parsed.error(n, "mismatched_endpoint",
+                     f"url {row.get('url')!r} is not the batch endpoint {endpoint!r}", "url")
+        return None
+    body = row.get("body")
+    if not isinstance(body, dict):
+        parsed.error(n, "missing_required_parameter", "body must be a JSON object", "body")
+        return None
+    image = endpoint == IMAGE_ENDPOINT
+    try:
+        spec: TextBody | ImageBody = (ImageBody if image else TextBody).model_validate(body)
+    except ValidationError as exc:
+        for e in exc.errors():
+            where = ".".join(str(p) for p in e["loc"])
+            message = e["msg"].removeprefix("Value error, ")
+            parsed.error(n, "invalid_value", f"body.{where}: {message}", f"body.{where}")
+        return None
+    name = spec.model or default_model
+    if not name:
+        parsed.error(n, "missing_required_parameter", "body.model is required", "body.model")
+        return None
+    model = _model(session, parsed, owner, name)
+    if model is None:
+        parsed.error(n, "model_not_found", f"no model named {name!r}", "body.model")
+        return None
+    wanted = "image" if image else "text"
+    if family_kind(model.family) != wanted:
+        parsed.error(n, "invalid_model", f"{name} is a {model.family} model; "
+                     f"{endpoint} needs a {wanted} model", "body.model")
+        return None
+    base = {"model_id": model.id, "model": model.name, "url": endpoint, "body": body}
+    if isinstance(spec, ImageBody):
+        return {**base, "gen": {"label": spec.label, "n": spec.n, "seed": spec.seed}}
+    prompt = _prompt(parsed, n, spec, chat=endpoint == "/v1/chat/completions")
+    if prompt is None:
+        return None
+    gen = {"prompt": prompt, "max_tokens": spec.max_completion_tokens or spec.max_tokens,
+           "temperature": spec.temperature, "top_k": spec.top_k, "top_p": spec.top_p,
+           "num_beams": spec.num_beams, "seed": spec.seed, "n": spec.n}
+    if gen["max_tokens"] > get_settings().max_tokens_cap:
+        parsed.error(n, "invalid_value", f"max tokens must be <= {get_settings().max_tokens_cap}",
+                     "body.max_completion_tokens")
+        return None
+    return {**base, "gen": gen}
+
+
+def _prompt(parsed: Parsed, n: int, spec: TextBody, *, chat: bool) -> str | None:
+    if chat:
+        if not spec.messages:
+            parsed.error(n, "missing_required_parameter", "body.messages is required",
+                         "body.messages")
+            return None
+        prompt = chat_prompt(spec.messages)
+    else:
+        if spec.prompt is None:
+            parsed.error(n, "missing_required_parameter", "body.prompt is required", "body.prompt")
+            return None
+        prompt = spec.prompt if isinstance(spec.prompt, str) else spec.prompt[0]
+    cap = get_settings().max_prompt_chars
+    if len(prompt) > cap:
+        parsed.error(n, "invalid_value", f"prompt is longer than {cap} characters", "body.prompt")
+        return None
+    return prompt
+
+
+def _model(session: Session, parsed: Parsed, owner: str, name: str) -> Model | None:
+    if name not in parsed.models:
+        from common.jobs import find_model
+
+        try:
+            parsed.models[name] = find_model(session, owner=owner, name=name)
+        except NotFound:
+            return None
+    return parsed.models[name]
+
+
+# ------------------------------------------------------------------ create
+
+
+def create_batch(
+    session: Session,
+    storage: Storage,
+    *,
+    owner: str,
+    spec: BatchCreate,
+    idempotency_key: str | None = None,
+) -> tuple[Job, list[Job]]:
+    """Validate the input file and write the parent job, its shards and items (committed).
+
+    A bad file gives a `failed` parent with per-line errors and no shards. Returns the
+    parent and the shards still to dispatch (none when the key was seen before).
+    """
+    from common.jobs import resolve_queue
+
+    spec_json = spec.model_dump(mode="json", exclude_none=True)
+    if idempotency_key:
+        existing = session.scalar(
+            select(Job).where(Job.owner == owner, Job.idempotency_key == idempotency_key)
+        )
+        if existing is not None:
+            if existing.spec != spec_json:
+                raise Conflict("Idempotency-Key was used with a different request",
+                               code="idempotency_conflict")
+            return existing, []
+    source = session.get(File, spec.input_file_id)
+    if source is None or source.owner != owner:
+        raise NotFound(f"no file {spec.input_file_id!r}", param="input_file_id")
+    if source.purpose != "batch":
+        raise InvalidSpec(f"file {source.id} has purpose {source.purpose!r}, not 'batch'",
+                          param="input_file_id")
+    with storage.open(storage.key_of(source.uri)) as f:
+        parsed = parse_input(session, iter(f), owner=owner, endpoint=spec.endpoint,
+                             default_model=spec.model)
+    now = utcnow()
+    parent = Job(
+        id=new_id("job_"), owner=owner, type=JobType.batch, spec=spec_json,
+        idempotency_key=idempotency_key, progress_unit="item", created_at=now,
+        queue=resolve_queue(session, "auto"),
+    )
+    if parsed.errors:
+        parent.status = JobStatus.failed
+        parent.finished_at = now
+        first_error = parsed.errors[0]
+        parent.error = {"code": "invalid_input_file", "retryable": False,
+                        "message": f"{len(parsed.errors)} problem(s) in the input file; first: "
+                                   f"line {first_error.line}: {first_error.message}"}
+        parent.result = {"errors": [e.model_dump() for e in parsed.errors]}
+        session.add(parent)
+        session.commit()
+        return parent, []
+    models = {m.id: m for m in parsed.models.values()}
+    first = models[parsed.requests[0]["model_id"]]
+    parent.status = JobStatus.running
+    parent.started_at = now
+    parent.family = first.family
+    parent.model_id = first.id if len(models) == 1 else None
+    parent.progress_total = len(parsed.requests)
+    size = max(1, get_settings().shard_size)
+    starts = range(0, len(parsed.requests), size)
+    parent.shards_total = len(starts)
+    session.add(parent)
+    session.flush()
+    shards = []
+    for number, start in enumerate(starts):
+        requests = parsed.requests[start:start + size]
+        model = models[requests[0]["model_id"]]
+        shard = Job(
+            id=new_id("job_"), owner=owner, type=JobType.shard, parent_id=parent.id,
+            family=model.family, model_id=model.id, queue=parent.queue, progress_unit="item",
+            spec={"batch_id": parent.id, "shard": number, "first_request": start,
+                  "endpoint": spec.endpoint},
+            max_attempts=get_settings().max_attempts, created_at=now,
+        )
+        session.add(shard)
+        session.flush()
+        from common.jobs import insert_items
+
+        insert_items(session, shard.id, requests, parsed.custom_ids[start:start + size])
+        shards.append(shard)
+    session.commit()
+    return parent, shards
+
+
+# ------------------------------------------------------------------ finish
 
 
 def shard_finished(session: Session, shard: Job) -> None:
@@ -17,4 +291,250 @@ def shard_finished(session: Session, shard: Job) -> None:
     session.execute(
         update(Job).where(Job.id == shard.parent_id).values(shards_done=Job.shards_done + 1)
     )
+    # Read back inside the same transaction: the row (PostgreSQL) or the database (SQLite)
+    # stays write-locked until commit, so exactly one shard sees done == total.
+    done, total = session.execute(
+        select(Job.shards_done, Job.shards_total).where(Job.id == shard.parent_id)
+    ).one()
     session.commit()
+    if done >= total:
+        try:
+            finalize_batch(session, shard.parent_id or "")
+        except Exception:  # the reaper's finalize_stalled retries
+            session.rollback()
+            log.exception("batch %s: finalizing failed; the reaper retries", shard.parent_id)
+
+
+def finalize_stalled(session: Session) -> list[str]:
+    """Finalize running batches whose shards are all finished (a crash lost the last step)."""
+    child = aliased(Job)
+    unfinished = exists().where(child.parent_id == Job.id, child.status.not_in(list(FINISHED)))
+    ids = session.scalars(
+        select(Job.id).where(Job.type == JobType.batch, Job.status == JobStatus.running,
+                             ~unfinished)
+    ).all()
+    session.commit()
+    return [batch_id for batch_id in ids if finalize_batch(session, batch_id)]
+
+
+def finalize_batch(session: Session, batch_id: str) -> bool:
+    """Write the output and error files and complete the parent; False if not ours to do."""
+    from common.jobs import this_worker
+    from common.storage import get_storage
+
+    now = utcnow()
+    lease = timedelta(seconds=get_settings().lease_s)
+    won = session.execute(
+        update(Job)
+        .where(Job.id == batch_id, Job.type == JobType.batch, Job.status == JobStatus.running,
+               (Job.heartbeat_at.is_(None)) | (Job.heartbeat_at < now - lease))
+        .values(worker=f"finalizer {this_worker()} pid {os.getpid()}", heartbeat_at=now)
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    session.commit()
+    if won != 1:
+        return False
+    parent = session.get(Job, batch_id)
+    assert parent is not None
+    session.refresh(parent)
+    shards = sorted(session.scalars(select(Job).where(Job.parent_id == batch_id)),
+                    key=lambda s: s.spec.get("shard", 0))
+    if any(JobStatus(s.status) not in FINISHED for s in shards):
+        session.execute(update(Job).where(Job.id == batch_id).values(heartbeat_at=None))
+        session.commit()
+        return False
+    storage = get_storage()
+    with tempfile.TemporaryDirectory(prefix="genq-batch-") as tmp:
+        out_path, err_path = Path(tmp) / "output.jsonl", Path(tmp) / "errors.jsonl"
+        completed, failed = _write_lines(session, parent, shards, out_path, err_path)
+        files = [_store_output(storage, parent, out_path, "batch_output", "output")]
+        if failed:
+            files.append(_store_output(storage, parent, err_path, "batch_error", "error"))
+    status = JobStatus.cancelled if parent.cancel_requested else JobStatus.succeeded
+    result = {**(parent.result or {}), "output_file_id": files[0].id,
+              "error_file_id": files[1].id if failed else None, "completed": completed,
+              "failed": failed, "total": parent.progress_total,
+              "finalizing_at": int(now.timestamp())}
+    session.add_all(files)
+    done = session.execute(
+        update(Job)
+        .where(Job.id == batch_id, Job.status == JobStatus.running)
+        .values(status=status, result=result, finished_at=utcnow(), heartbeat_at=utcnow(),
+                worker=None, progress_done=completed + failed)
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if done != 1:
+        session.rollback()
+        for f in files:
+            storage.delete(storage.key_of(f.uri))
+        return False
+    session.commit()
+    log.info("batch %s %s: %d completed, %d failed", batch_id, status, completed, failed)
+    return True
+
+
+def _store_output(storage: Storage, parent: Job, path: Path, purpose: str, what: str) -> File:
+    file_id = new_id("file-")
+    uri, size, _ = storage.put_file(f"files/{file_id}", path)
+    return File(id=file_id, owner=parent.owner, purpose=purpose,
+                filename=f"{parent.id}_{what}.jsonl", bytes=size, uri=uri, created_at=utcnow())
+
+
+def _write_lines(
+    session: Session, parent: Job, shards: list[Job], out_path: Path, err_path: Path
+) -> tuple[int, int]:
+    """One output line per finished item, one error line per failed or unfinished one."""
+    api_url = get_settings().api_url.rstrip("/")
+    completed = failed = 0
+    with out_path.open("w") as out, err_path.open("w") as errors:
+        for shard in shards:
+            items = session.scalars(
+                select(Item).where(Item.job_id == shard.id).order_by(Item.index)
+                .execution_options(yield_per=500)
+            )
+            for item in items:
+                line_id = "batch_req_" + hashlib.sha256(
+                    f"{parent.id}:{item.custom_id}".encode()).hexdigest()[:32]
+                if item.status == "succeeded":
+                    completed += 1
+                    body = response_body(item, line_id, api_url)
+                    row = {"id": line_id, "custom_id": item.custom_id,
+                           "response": {"status_code": 200, "request_id": "req_" + line_id[10:],
+                                        "body": body}, "error": None}
+                    out.write(json.dumps(row) + "\n")
+                    continue
+                failed += 1
+                error = item.error or _unfinished_error(parent, shard)
+                row = {"id": line_id, "custom_id": item.custom_id, "response": None,
+                       "error": {"code": error.get("code", "error"),
+                                 "message": error.get("message", "")}}
+                errors.write(json.dumps(row) + "\n")
+    return completed, failed
+
+
+def _unfinished_error(parent: Job, shard: Job) -> dict[str, Any]:
+    if parent.cancel_requested or shard.status == JobStatus.cancelled:
+        return {"code": "batch_cancelled",
+                "message": "the batch was cancelled before this request ran"}
+    e = shard.error or {}
+    return {"code": e.get("code", "shard_failed"),
+            "message": f"its shard {shard.id} failed: {e.get('message', '')}".strip()}
+
+
+def response_body(item: Item, line_id: str, api_url: str) -> dict[str, Any]:
+    """A completion, chat.completion or images response body for a finished item."""
+    req, resp = item.request, item.response or {}
+    created = int((item.finished_at or utcnow()).timestamp())
+    if req.get("url") == IMAGE_ENDPOINT:
+        urls = [f"{api_url}/v1/artifacts/{a}" for a in resp.get("artifact_ids", [])]
+        return {"created": created, "data": [{"url": u} for u in urls]}
+    texts = resp.get("texts") or []
+    reasons = resp.get("finish_reasons") or []
+    usage = {"prompt_tokens": item.tokens_in, "completion_tokens": item.tokens_out,
+             "total_tokens": item.tokens_in + item.tokens_out}
+    chat = req.get("url") == "/v1/chat/completions"
+    choices: list[dict[str, Any]] = []
+    for i, text in enumerate(texts):
+        reason = reasons[i] if i < len(reasons) else "stop"
+        if chat:
+            choices.append({"index": i, "message": {"role": "assistant", "content": text},
+                            "finish_reason": reason, "logprobs": None})
+        else:
+            choices.append({"index": i, "text": text, "finish_reason": reason, "logprobs": None})
+    return {"id": ("chatcmpl-" if chat else "cmpl-") + line_id[10:], "created": created,
+            "object": "chat.completion" if chat else "text_completion",
+            "model": req.get("model", ""), "choices": choices, "usage": usage}
+
+
+# ------------------------------------------------------------------ read
+
+
+def item_counts(session: Session, *, batch_id: str) -> tuple[int, int]:
+    """(succeeded, failed) items across the batch's shards, counted live."""
+    rows = session.execute(
+        select(Item.status, func.count())
+        .join(Job, Item.job_id == Job.id)
+        .where(Job.parent_id == batch_id, Item.status != "pending")
+        .group_by(Item.status)
+    ).all()
+    counts = {status: n for status, n in rows}
+    return counts.get("succeeded", 0), counts.get("failed", 0)
+
+
+def get_batch(session: Session, *, owner: str, batch_id: str) -> Job:
+    job = session.get(Job, batch_id)
+    if job is None or job.owner != owner or job.type != JobType.batch:
+        raise NotFound(f"no batch {batch_id!r}", param="batch_id")
+    return job
+
+
+def mark_cancelling(session: Session, job: Job) -> None:
+    """Remember when a cancel was asked (OpenAI's cancelling_at)."""
+    if job.status == JobStatus.running and "cancelling_at" not in (job.result or {}):
+        job.result = {**(job.result or {}), "cancelling_at": int(utcnow().timestamp())}
+        session.commit()
+
+
+def openai_status(job: Job) -> str:
+    status = JobStatus(job.status)
+    if status == JobStatus.succeeded:
+        return "completed"
+    if status in (JobStatus.failed, JobStatus.cancelled):
+        return status.value
+    if status == JobStatus.queued:
+        return "validating"
+    if job.cancel_requested:
+        return "cancelling"
+    return "finalizing" if job.shards_done >= job.shards_total else "in_progress"
+
+
+def batch_out(session: Session, job: Job) -> BatchOut:
+    """The OpenAI batch object of a parent job."""
+    spec, result = job.spec or {}, job.result or {}
+
+    def ts(value: Any) -> int | None:
+        return int(value.timestamp()) if value is not None else None
+
+    status = openai_status(job)
+    if JobStatus(job.status).finished and "completed" in result:
+        completed, failed = result["completed"], result["failed"]
+    else:
+        completed, failed = item_counts(session, batch_id=job.id)
+    errors = None
+    if result.get("errors"):
+        errors = BatchErrors(data=[LineError(**e) for e in result["errors"]])
+    finished = ts(job.finished_at)
+    return BatchOut(
+        id=job.id,
+        endpoint=spec.get("endpoint", ""),
+        model=spec.get("model"),
+        errors=errors,
+        input_file_id=spec.get("input_file_id", ""),
+        completion_window=spec.get("completion_window", "24h"),
+        status=status,  # type: ignore[arg-type]
+        output_file_id=result.get("output_file_id"),
+        error_file_id=result.get("error_file_id"),
+        created_at=int(job.created_at.timestamp()),
+        in_progress_at=ts(job.started_at),
+        expires_at=int((job.created_at + timedelta(hours=24)).timestamp()),
+        finalizing_at=result.get("finalizing_at"),
+        completed_at=finished if status == "completed" else None,
+        failed_at=finished if status == "failed" else None,
+        cancelling_at=result.get("cancelling_at"),
+        cancelled_at=finished if status == "cancelled" else None,
+        request_counts=RequestCounts(total=job.progress_total, completed=completed, failed=failed),
+        metadata=spec.get("metadata"),
+    )
+
+
+def list_batches(
+    session: Session, *, owner: str, after: str | None, limit: int
+) -> tuple[list[Job], bool]:
+    query = select(Job).where(Job.owner == owner, Job.type == JobType.batch)
+    if after:
+        cursor = get_batch(session, owner=owner, batch_id=after)
+        query = query.where((Job.created_at < cursor.created_at)
+                            | ((Job.created_at == cursor.created_at) & (Job.id < cursor.id)))
+    rows = list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc())
+                                .limit(limit + 1)))
+    return rows[:limit], len(rows) > limit

@@ -439,24 +439,25 @@ def cancel_job(session: Session, *, owner: str, job_id: str) -> Job:
     if JobStatus(job.status) in FINISHED:
         return job
     children = session.scalars(select(Job).where(Job.parent_id == job.id)).all()
+    stopped = []  # shards this call moved to cancelled: each is counted on the parent once
     for target in [job, *children]:
         session.execute(
             update(Job)
             .where(Job.id == target.id, Job.status.in_([JobStatus.queued, JobStatus.running]))
             .values(cancel_requested=True)
         )
-        session.execute(
+        moved = session.execute(
             update(Job)
             .where(Job.id == target.id, Job.status == JobStatus.queued, Job.type != JobType.batch)
             .values(status=JobStatus.cancelled, finished_at=utcnow())
-        )
+        ).rowcount
+        if moved and target.parent_id:
+            stopped.append(target)
     session.commit()
-    for child in children:
-        session.refresh(child)
-        if child.status == JobStatus.cancelled:
-            from common.batches import shard_finished
+    for child in stopped:
+        from common.batches import shard_finished
 
-            shard_finished(session, child)
+        shard_finished(session, child)
     session.refresh(job)
     return job
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from celery import signals
 
-from common import fleet, jobs
+from common import batches, fleet, jobs
 from common.celery_app import get_celery
 from common.config import get_settings
 from common.db import get_engine, session_factory
@@ -73,6 +73,7 @@ def _housekeeping(hostname: str) -> None:
                 fleet.worker_heartbeat(session, hostname=hostname)
                 if jobs.take_lease(session, "reaper", hostname, settings.reaper_interval_s * 3):
                     jobs.reap(session, lease_s=settings.lease_s)
+                    batches.finalize_stalled(session)
                     jobs.sweep_outbox(session)
         except Exception as exc:  # database or broker blip: try again next round
             log.warning("housekeeping failed: %s", exc)

@@ -10,7 +10,7 @@ from sqlalchemy import select
 from api.broker import require_broker
 from api.deps import OwnerDep, SessionDep
 from api.views import job_out
-from common import jobs
+from common import batches, jobs
 from common.models import Item, Job, JobStatus, JobType
 from common.schemas import ItemList, ItemOut, JobList, JobOut, JobSpec
 
@@ -70,7 +70,11 @@ def list_jobs(
 @router.get("/{job_id}", response_model=JobOut)
 def get_job(job_id: str, session: SessionDep, owner: OwnerDep) -> JobOut:
     """One job: status, progress, metrics, attempts, result."""
-    return job_out(jobs.get_job(session, owner=owner, job_id=job_id))
+    job = jobs.get_job(session, owner=owner, job_id=job_id)
+    out = job_out(job)
+    if job.type == JobType.batch and job.status == JobStatus.running:
+        out.progress.done = sum(batches.item_counts(session, batch_id=job.id))
+    return out
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)

@@ -1,0 +1,60 @@
+"""/v1/batches: OpenAI's Batch API over sharded generation jobs."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Body, Header, Query
+
+from api.broker import require_broker
+from api.deps import OwnerDep, SessionDep
+from common import batches, jobs
+from common.batch_schemas import BatchCreate, BatchList, BatchOut
+from common.storage import get_storage
+
+router = APIRouter(prefix="/v1/batches", tags=["batches"])
+
+
+@router.post("", response_model=BatchOut)
+def create_batch(
+    spec: Annotated[BatchCreate, Body()],
+    session: SessionDep,
+    owner: OwnerDep,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+) -> BatchOut:
+    """Validate an uploaded JSONL file and queue its requests as shards (a bad file: failed)."""
+    require_broker()
+    parent, shards = batches.create_batch(session, get_storage(), owner=owner, spec=spec,
+                                          idempotency_key=idempotency_key)
+    for shard in shards:
+        jobs.dispatch(session, shard)
+    return batches.batch_out(session, parent)
+
+
+@router.get("", response_model=BatchList)
+def list_batches(
+    session: SessionDep,
+    owner: OwnerDep,
+    after: Annotated[str | None, Query(description="cursor: the last batch id seen")] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> BatchList:
+    """Your batches, newest first."""
+    rows, has_more = batches.list_batches(session, owner=owner, after=after, limit=limit)
+    data = [batches.batch_out(session, r) for r in rows]
+    return BatchList(data=data, has_more=has_more, first_id=data[0].id if data else None,
+                     last_id=data[-1].id if data else None)
+
+
+@router.get("/{batch_id}", response_model=BatchOut)
+def get_batch(batch_id: str, session: SessionDep, owner: OwnerDep) -> BatchOut:
+    """One batch: status, request counts, output and error file ids."""
+    return batches.batch_out(session, batches.get_batch(session, owner=owner, batch_id=batch_id))
+
+
+@router.post("/{batch_id}/cancel", response_model=BatchOut)
+def cancel_batch(batch_id: str, session: SessionDep, owner: OwnerDep) -> BatchOut:
+    """Cancel: queued shards at once, running ones after their current generation batch."""
+    batches.get_batch(session, owner=owner, batch_id=batch_id)
+    job = jobs.cancel_job(session, owner=owner, job_id=batch_id)
+    batches.mark_cancelling(session, job)
+    return batches.batch_out(session, job)

@@ -1,0 +1,159 @@
+"""OpenAI-shaped files and batches: request bodies, input lines and the objects the SDK parses."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from common.schemas import SamplingParams
+
+TEXT_ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
+IMAGE_ENDPOINT = "/v1/images/generations"
+Endpoint = Literal["/v1/completions", "/v1/chat/completions", "/v1/images/generations"]
+UPLOAD_PURPOSES = {"batch": (".jsonl",), "dataset": (".txt", ".jsonl", ".npz")}
+
+
+class FileOut(BaseModel):
+    """OpenAI's file object."""
+
+    id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    status: str = "processed"
+    status_details: str | None = None
+
+
+class FileList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FileOut]
+    has_more: bool
+    first_id: str | None = None
+    last_id: str | None = None
+
+
+class FileDeleted(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    deleted: bool = True
+
+
+class BatchCreate(BaseModel):
+    """POST /v1/batches; `model` (a genq extension) fills lines whose body has none."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input_file_id: str = Field(min_length=1, max_length=64)
+    endpoint: Endpoint
+    completion_window: Literal["24h"] = "24h"
+    metadata: dict[str, str] | None = Field(None, max_length=16)
+    model: str | None = Field(None, min_length=1, max_length=128)
+
+
+class LineError(BaseModel):
+    """One rejected input line, as OpenAI reports it in batch.errors."""
+
+    code: str
+    message: str
+    param: str | None = None
+    line: int | None = None
+
+
+class BatchErrors(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[LineError]
+
+
+class RequestCounts(BaseModel):
+    total: int
+    completed: int
+    failed: int
+
+
+class BatchOut(BaseModel):
+    """OpenAI's batch object; the id is the parent job's id (also GET /v1/jobs/{id})."""
+
+    id: str
+    object: Literal["batch"] = "batch"
+    endpoint: str
+    model: str | None = None
+    errors: BatchErrors | None = None
+    input_file_id: str
+    completion_window: str
+    status: Literal["validating", "failed", "in_progress", "finalizing", "completed",
+                    "expired", "cancelling", "cancelled"]
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    created_at: int
+    in_progress_at: int | None = None
+    expires_at: int | None = None
+    finalizing_at: int | None = None
+    completed_at: int | None = None
+    failed_at: int | None = None
+    expired_at: int | None = None
+    cancelling_at: int | None = None
+    cancelled_at: int | None = None
+    request_counts: RequestCounts
+    metadata: dict[str, str] | None = None
+
+
+class BatchList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[BatchOut]
+    has_more: bool
+    first_id: str | None = None
+    last_id: str | None = None
+
+
+# ------------------------------------------------------------------ input line bodies
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[dict[str, Any]]
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(str(p.get("text", "")) for p in self.content if p.get("type") == "text")
+
+
+class TextBody(SamplingParams):
+    """The body of a /v1/completions or /v1/chat/completions line (unknown keys ignored)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = Field(None, min_length=1, max_length=128)
+    prompt: str | list[str] | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    n: int = Field(1, ge=1, le=16)
+    stream: Literal[False] = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(v, list) and len(v) != 1:
+            raise ValueError("give one prompt per line (a string, or a list of one string)")
+        return v
+
+
+class ImageBody(BaseModel):
+    """The body of a /v1/images/generations line for image families (vae, gan)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = Field(None, min_length=1, max_length=128)
+    n: int = Field(1, ge=1, le=64)
+    label: int | None = Field(None, ge=0)
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+
+
+def chat_prompt(messages: list[ChatMessage]) -> str:
+    """The chat template for models without one: `role: content` lines, then `assistant: `."""
+    return "".join(f"{m.role}: {m.text()}\n" for m in messages) + "assistant: "

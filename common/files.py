@@ -1,0 +1,99 @@
+"""Uploaded and generated files (OpenAI's /v1/files): streamed to storage, tracked in SQL."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from common.batch_schemas import UPLOAD_PURPOSES, FileOut
+from common.config import get_settings
+from common.errors import InvalidSpec, NotFound, TooLarge
+from common.models import File, new_id, utcnow
+from common.storage import Storage
+
+
+def safe_filename(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name.rsplit("/", 1)[-1])[-120:] or "upload"
+
+
+def check_upload(purpose: str, filename: str) -> None:
+    """Purposes genq accepts from users and the file types each takes."""
+    if purpose not in UPLOAD_PURPOSES:
+        raise InvalidSpec(f"purpose must be one of {sorted(UPLOAD_PURPOSES)}", param="purpose")
+    suffixes = UPLOAD_PURPOSES[purpose]
+    if not filename.lower().endswith(suffixes):
+        raise InvalidSpec(f"a {purpose} file must end in {' or '.join(suffixes)}", param="file")
+
+
+def store_file(
+    session: Session,
+    storage: Storage,
+    *,
+    owner: str,
+    purpose: str,
+    filename: str,
+    chunks: Iterator[bytes],
+    limit: int | None = None,
+) -> File:
+    """Stream chunks to storage (413 past the size limit), then record the file."""
+    file_id = new_id("file-")
+    key = f"files/{file_id}"
+    cap = get_settings().max_upload_bytes if limit is None else limit
+
+    def capped() -> Iterator[bytes]:
+        seen = 0
+        for chunk in chunks:
+            seen += len(chunk)
+            if seen > cap:
+                raise TooLarge(f"file is larger than {cap} bytes", param="file")
+            yield chunk
+
+    try:
+        uri, size, _ = storage.put_stream(key, capped())
+    except TooLarge:
+        storage.delete(key + ".tmp")
+        storage.delete(key)
+        raise
+    row = File(id=file_id, owner=owner, purpose=purpose, filename=safe_filename(filename),
+               bytes=size, uri=uri, created_at=utcnow())
+    session.add(row)
+    session.commit()
+    return row
+
+
+def get_file(session: Session, *, owner: str, file_id: str, param: str = "file_id") -> File:
+    row = session.get(File, file_id)
+    if row is None or row.owner != owner:
+        raise NotFound(f"no file {file_id!r}", param=param)
+    return row
+
+
+def list_files(
+    session: Session, *, owner: str, purpose: str | None, after: str | None, limit: int
+) -> tuple[list[File], bool]:
+    """Newest first; `after` is the last id of the previous page."""
+    query = select(File).where(File.owner == owner)
+    if purpose:
+        query = query.where(File.purpose == purpose)
+    if after:
+        cursor = get_file(session, owner=owner, file_id=after, param="after")
+        query = query.where((File.created_at < cursor.created_at)
+                            | ((File.created_at == cursor.created_at) & (File.id < cursor.id)))
+    rows = list(session.scalars(query.order_by(File.created_at.desc(), File.id.desc())
+                                .limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+def delete_file(session: Session, storage: Storage, *, owner: str, file_id: str) -> None:
+    row = get_file(session, owner=owner, file_id=file_id)
+    storage.delete(storage.key_of(row.uri))
+    session.delete(row)
+    session.commit()
+
+
+def file_out(row: File) -> FileOut:
+    return FileOut(id=row.id, bytes=row.bytes, created_at=int(row.created_at.timestamp()),
+                   filename=row.filename, purpose=row.purpose)

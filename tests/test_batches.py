@@ -1,0 +1,250 @@
+"""The OpenAI Batch API end to end: the official SDK, validation, sharding, cancel, crash."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import openai
+import pytest
+from sqlalchemy import select
+
+from common.db import engine_for, session_factory
+from common.models import Item, Job
+from tests.conftest import ROOT, start_stack, wait_for
+
+PROMPTS = ["The ", "def ", "import ", "class ", "A ", "In ", "For ", "x = "]
+
+
+def sdk(stack) -> openai.OpenAI:  # type: ignore[no-untyped-def]
+    return openai.OpenAI(base_url=f"{stack.api_url}/v1", api_key=stack.api_key, max_retries=0)
+
+
+def lines_for(model: str | None, n: int, *, endpoint: str = "/v1/completions",
+              max_tokens: int = 6) -> list[dict]:
+    rows = []
+    for i in range(n):
+        prompt = PROMPTS[i % len(PROMPTS)]
+        body: dict = {"max_tokens": max_tokens, "temperature": 0.8, "seed": i}
+        if model:
+            body["model"] = model
+        if endpoint == "/v1/chat/completions":
+            body["messages"] = [{"role": "system", "content": "Be brief."},
+                                {"role": "user", "content": prompt}]
+        else:
+            body["prompt"] = prompt
+        rows.append({"custom_id": f"req-{i}", "method": "POST", "url": endpoint, "body": body})
+    return rows
+
+
+def jsonl(rows: list) -> bytes:
+    return b"".join((r if isinstance(r, str) else json.dumps(r)).encode() + b"\n" for r in rows)
+
+
+def run_batch(client: openai.OpenAI, rows: list, endpoint: str, timeout: float = 90):  # type: ignore[no-untyped-def]
+    upload = client.files.create(file=("in.jsonl", io.BytesIO(jsonl(rows))), purpose="batch")
+    batch = client.batches.create(input_file_id=upload.id, endpoint=endpoint,  # type: ignore[arg-type]
+                                  completion_window="24h", metadata={"test": "yes"})
+    deadline = time.monotonic() + timeout
+    while batch.status not in ("completed", "failed", "cancelled", "expired"):
+        assert time.monotonic() < deadline, batch
+        time.sleep(0.3)
+        batch = client.batches.retrieve(batch.id)
+    return batch
+
+
+def read_jsonl(client: openai.OpenAI, file_id: str | None) -> list[dict]:
+    if file_id is None:
+        return []
+    text = client.files.content(file_id).text
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def session_of(stack):  # type: ignore[no-untyped-def]
+    return session_factory(engine_for(stack.env["GENQ_DATABASE_URL"]))()
+
+
+@pytest.mark.parametrize("endpoint", ["/v1/completions", "/v1/chat/completions"])
+def test_openai_sdk_runs_a_batch(stack, trained_lstm, endpoint):
+    client = sdk(stack)
+    model = trained_lstm["result"]["model"]
+    rows = lines_for(model, 6, endpoint=endpoint)
+    batch = run_batch(client, rows, endpoint)
+    assert batch.status == "completed", batch
+    assert batch.request_counts is not None
+    assert (batch.request_counts.total, batch.request_counts.completed) == (6, 6)
+    assert batch.metadata == {"test": "yes"} and batch.completed_at and batch.error_file_id is None
+    out = read_jsonl(client, batch.output_file_id)
+    assert sorted(o["custom_id"] for o in out) == sorted(r["custom_id"] for r in rows)
+    shape = openai.types.Completion if endpoint == "/v1/completions" else openai.types.chat.ChatCompletion
+    for line in out:
+        assert line["id"].startswith("batch_req_") and line["error"] is None
+        assert line["response"]["status_code"] == 200
+        body = shape.model_validate(line["response"]["body"])
+        assert body.model == model and len(body.choices) == 1
+        assert body.usage is not None and body.usage.completion_tokens > 0
+    job = stack.client().get_job(batch.id)
+    assert job["type"] == "batch" and job["status"] == "succeeded"
+    assert job["progress"]["done"] == job["progress"]["total"] == 6
+    assert client.files.retrieve(batch.output_file_id).purpose == "batch_output"
+    assert batch.id in [b.id for b in client.batches.list(limit=5).data]
+
+
+def test_bad_file_fails_with_line_errors_and_queues_nothing(stack, trained_lstm):
+    client = sdk(stack)
+    model = trained_lstm["result"]["model"]
+    good = lines_for(model, 2)
+    rows = [
+        good[0],                                                    # 1 ok
+        "{not json",                                                # 2
+        {"method": "POST", "url": "/v1/completions", "body": {"model": model, "prompt": "a"}},  # 3
+        {**good[1], "custom_id": "req-0"},                          # 4 duplicate
+        {**good[1], "custom_id": "u", "url": "/v1/chat/completions"},  # 5 wrong url
+        {**good[1], "custom_id": "m", "body": {"model": "nope", "prompt": "a"}},  # 6
+        {**good[1], "custom_id": "t", "body": {"model": model, "prompt": "a", "max_tokens": 0}},
+    ]
+    upload = client.files.create(file=("bad.jsonl", io.BytesIO(jsonl(rows))), purpose="batch")
+    batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/completions",
+                                  completion_window="24h")
+    assert batch.status == "failed" and batch.failed_at
+    assert batch.errors is not None and batch.errors.data is not None
+    by_line = {e.line: e.code for e in batch.errors.data}
+    assert by_line == {2: "invalid_json", 3: "missing_required_parameter",
+                       4: "duplicate_custom_id", 5: "mismatched_endpoint",
+                       6: "model_not_found", 7: "invalid_value"}, batch.errors
+    with session_of(stack) as s:
+        assert s.scalars(select(Job).where(Job.parent_id == batch.id)).all() == []
+    assert client.batches.retrieve(batch.id).status == "failed"
+
+
+def test_files_api(stack):
+    client = sdk(stack)
+    up = client.files.create(file=("data.txt", io.BytesIO(b"hello world\n")), purpose="dataset")
+    assert (up.object, up.bytes, up.filename, up.status) == ("file", 12, "data.txt", "processed")
+    assert client.files.retrieve(up.id).id == up.id
+    assert client.files.content(up.id).content == b"hello world\n"
+    assert up.id in [f.id for f in client.files.list()]
+    assert client.files.delete(up.id).deleted
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(up.id)
+    with pytest.raises(openai.UnprocessableEntityError):
+        client.files.create(file=("x.exe", io.BytesIO(b"x")), purpose="batch")
+
+
+def test_cli_batch_submit_waits_for_output(stack, trained_lstm, tmp_path):
+    path = tmp_path / "reqs.jsonl"
+    path.write_bytes(jsonl(lines_for(None, 3)))
+    env = {**stack.env, "GENQ_API_KEY": stack.api_key}
+    proc = subprocess.run(
+        [sys.executable, "-m", "api.cli", "batch", "submit", str(path), "--model",
+         trained_lstm["result"]["model"], "--wait", "--out", str(tmp_path / "out.jsonl")],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    batch_id = proc.stdout.split("submitted batch ")[1].split()[0]
+    assert batch_id.startswith("job_")
+    assert "completed" in proc.stdout and str(tmp_path / "out.jsonl") in proc.stdout.replace("\n", "")
+    out = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert sorted(o["custom_id"] for o in out) == ["req-0", "req-1", "req-2"]
+
+
+# ------------------------------------------------------------------ sharded, two workers
+
+
+@pytest.fixture(scope="module")
+def shard_stack(stack, trained_lstm, redis_server):  # type: ignore[no-untyped-def]
+    """A second API + two workers on the same database and storage, shards of 4 requests,
+    on their own Redis database (so the session worker never takes their messages)."""
+    broker = redis_server.rsplit("/", 1)[0] + "/5"
+    s = start_stack(stack.env["GENQ_DATABASE_URL"], broker, env_extra={
+        "GENQ_SHARD_SIZE": "4",
+        "GENQ_STORAGE_URL": f"file://{(stack.home / 'storage').resolve()}",
+        "GENQ_TOKEN_BUDGET": "64",
+    })
+    s.api_key = stack.api_key  # same owner: the trained model is visible
+    s.start_worker("b1")
+    s.start_worker("b2")
+    yield s
+    s.stop_all()
+
+
+def shards_of(stack, batch_id: str) -> list[Job]:  # type: ignore[no-untyped-def]
+    with session_of(stack) as s:
+        return list(s.scalars(select(Job).where(Job.parent_id == batch_id)))
+
+
+def test_two_workers_share_the_shards(shard_stack, trained_lstm):
+    client = sdk(shard_stack)
+    rows = lines_for(trained_lstm["result"]["model"], 24, max_tokens=24)
+    batch = run_batch(client, rows, "/v1/completions")
+    assert batch.status == "completed", batch
+    out = read_jsonl(client, batch.output_file_id)
+    assert sorted(o["custom_id"] for o in out) == sorted(r["custom_id"] for r in rows)
+    shards = shards_of(shard_stack, batch.id)
+    assert len(shards) == 6 and all(s.status == "succeeded" for s in shards)
+    hosts = {(s.worker or "").split("@")[0] for s in shards}
+    assert hosts == {"b1", "b2"}, hosts
+
+
+def test_cancel_keeps_finished_items_once(shard_stack, trained_lstm):
+    client = sdk(shard_stack)
+    rows = lines_for(trained_lstm["result"]["model"], 40, max_tokens=120)
+    upload = client.files.create(file=("in.jsonl", io.BytesIO(jsonl(rows))), purpose="batch")
+    batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/completions",
+                                  completion_window="24h")
+    wait_for(lambda: client.batches.retrieve(batch.id).request_counts.completed >= 2,  # type: ignore[union-attr]
+             timeout=60, interval=0.05)
+    cancelling = client.batches.cancel(batch.id)
+    assert cancelling.status in ("cancelling", "cancelled")
+    batch = wait_for(lambda: (b := client.batches.retrieve(batch.id)).status == "cancelled" and b,
+                     timeout=60)
+    out = read_jsonl(client, batch.output_file_id)
+    errors = read_jsonl(client, batch.error_file_id)
+    done_ids = [o["custom_id"] for o in out]
+    assert 2 <= len(done_ids) < 40 and len(set(done_ids)) == len(done_ids)
+    with session_of(shard_stack) as s:
+        finished = set(s.scalars(select(Item.custom_id).join(Job, Item.job_id == Job.id)
+                                 .where(Job.parent_id == batch.id, Item.status == "succeeded")))
+    assert set(done_ids) == finished
+    assert sorted(done_ids + [e["custom_id"] for e in errors]) == sorted(r["custom_id"] for r in rows)
+    assert all(e["error"]["code"] == "batch_cancelled" for e in errors)
+    assert batch.request_counts.completed == len(done_ids)  # type: ignore[union-attr]
+
+
+def test_killed_shard_resumes_without_losing_or_doubling(shard_stack, trained_lstm):
+    client = sdk(shard_stack)
+    rows = lines_for(trained_lstm["result"]["model"], 12, max_tokens=150)
+    upload = client.files.create(file=("in.jsonl", io.BytesIO(jsonl(rows))), purpose="batch")
+    batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/completions",
+                                  completion_window="24h")
+
+    def half_done_shard() -> Job | None:
+        with session_of(shard_stack) as s:
+            for shard in s.scalars(select(Job).where(Job.parent_id == batch.id,
+                                                     Job.status == "running")):
+                statuses = list(s.scalars(select(Item.status).where(Item.job_id == shard.id)))
+                if "pending" in statuses and len(set(statuses)) > 1:
+                    return shard
+        return None
+
+    victim = wait_for(half_done_shard, timeout=60, interval=0.02)
+    os.kill(victim.worker_pid, signal.SIGKILL)
+    batch = wait_for(lambda: (b := client.batches.retrieve(batch.id)).status == "completed" and b,
+                     timeout=90)
+    out = read_jsonl(client, batch.output_file_id)
+    ids = [o["custom_id"] for o in out]
+    assert sorted(ids) == sorted(r["custom_id"] for r in rows), ids
+    with session_of(shard_stack) as s:
+        again = s.get(Job, victim.id)
+        assert again is not None and again.attempt > victim.attempt
+        assert again.attempts_log and again.attempts_log[-1]["error"]["code"] == "worker_lost"
+
+
+def test_unknown_batch_is_404(stack):
+    with pytest.raises(openai.NotFoundError):
+        sdk(stack).batches.retrieve("job_nope")
