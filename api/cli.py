@@ -27,7 +27,7 @@ keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(keys_app, name="keys")
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # one-line errors stay one line in logs
 
 
 def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -85,8 +85,9 @@ def up(
     except KeyboardInterrupt:
         console.print("\nstopping (running jobs checkpoint and re-queue)…")
     finally:
-        stack.stop()
-        console.print("stopped.")
+        if stack.procs:
+            stack.stop()
+            console.print("stopped.")
 
 
 def count_gpus() -> int:

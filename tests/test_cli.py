@@ -1,0 +1,194 @@
+"""The `genq` command as people run it: subprocesses against a real stack, and `genq up`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import _free_port, wait_for
+
+TINY_LSTM = {"type": "train", "family": "lstm", "steps": 10, "batch_size": 4, "seq_len": 16,
+             "log_every": 2, "checkpoint_every": 10,
+             "config": {"hidden": 16, "n_embd": 8, "n_layer": 1}}
+
+
+def genq(*args: str, env: dict[str, str], cwd: Path | None = None,
+         timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "api.cli", *args], env={**env, "COLUMNS": "200"},
+                          cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def cli_env(stack) -> dict[str, str]:
+    return {**stack.env, "GENQ_API_URL": stack.api_url, "GENQ_API_KEY": stack.api_key}
+
+
+def test_jobs_watch_results_metrics_logs(stack, trained_lstm, cli_env, tmp_path):
+    job_id = trained_lstm["id"]
+    listed = genq("jobs", env=cli_env)
+    assert listed.returncode == 0 and job_id in listed.stdout and "succeeded" in listed.stdout
+
+    watched = genq("watch", job_id, env=cli_env)
+    assert watched.returncode == 0
+    assert watched.stdout.strip().splitlines()[-1].startswith("succeeded")
+
+    out = tmp_path / "out"
+    shown = genq("results", job_id, "--out", str(out), env=cli_env)
+    assert shown.returncode == 0, shown.stderr
+    pngs = sorted(out.glob("*.png"))
+    assert any("loss" in p.name for p in pngs), shown.stdout
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
+
+    curves = genq("metrics", job_id, "--name", "loss", env=cli_env)
+    assert curves.returncode == 0 and "loss" in curves.stdout and "▁" in curves.stdout
+
+    lines = genq("logs", job_id, env=cli_env)
+    assert lines.returncode == 0 and "registered model" in lines.stdout
+
+
+def test_generate_prints_texts(stack, trained_lstm, cli_env, tmp_path):
+    model = trained_lstm["result"]["model"]
+    done = genq("generate", model, "The ", "def ", "--max-tokens", "8", "--seed", "1",
+                "--out", str(tmp_path), env=cli_env)
+    assert done.returncode == 0, done.stderr
+    assert "submitted job_" in done.stdout
+    assert "0 The " in done.stdout and "1 def " in done.stdout
+
+
+def test_workers_and_cancel(stack, cli_env):
+    shown = genq("workers", env=cli_env)
+    assert shown.returncode == 0 and "w1@" in shown.stdout and "cpu,gpu" in shown.stdout
+
+    c = stack.client()
+    job = c.create_job({**TINY_LSTM, "steps": 5000})
+    wait_for(lambda: c.get_job(job["id"])["status"] == "running", timeout=30)
+    cancelled = genq("cancel", job["id"], env=cli_env)
+    assert cancelled.returncode == 0 and "cancel requested" in cancelled.stdout
+    assert c.wait(job["id"], timeout=60)["status"] == "cancelled"
+
+
+def test_friendly_errors(stack, cli_env, tmp_path):
+    wrong = genq("watch", "job_nope", env=cli_env)
+    assert wrong.returncode == 1 and "no job 'job_nope'" in wrong.stderr
+    assert "Traceback" not in wrong.stderr + wrong.stdout
+
+    bad_key = genq("jobs", env={**cli_env, "GENQ_API_KEY": "sk-wrong"})
+    assert bad_key.returncode == 1 and "HTTP 401" in bad_key.stderr
+
+    no_key = {**cli_env, "GENQ_API_KEY": "", "GENQ_HOME": str(tmp_path / "empty")}
+    missing = genq("jobs", env=no_key, cwd=tmp_path)
+    assert missing.returncode == 1 and "no API key" in missing.stderr
+
+    down = genq("jobs", env={**cli_env, "GENQ_API_URL": f"http://127.0.0.1:{_free_port()}"})
+    assert down.returncode == 1 and "cannot reach genq" in down.stderr
+    for r in (missing, down, bad_key):
+        assert "Traceback" not in r.stderr + r.stdout
+
+
+# ------------------------------------------------------------------ genq up
+
+
+def up_env(**ports: int) -> dict[str, str]:
+    """This environment without the test session's GENQ_* settings, plus the ports."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GENQ_")}
+    env.update({f"GENQ_{name.upper()}_PORT": str(port) for name, port in ports.items()})
+    env["GENQ_HEARTBEAT_S"] = "0.5"
+    return env
+
+
+def descendants(root: int) -> set[int]:
+    """Every live process below root (read from /proc, no psutil)."""
+    parent: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parent[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = set(), {root}
+    while frontier:
+        frontier = {pid for pid, ppid in parent.items() if ppid in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (ProcessLookupError, FileNotFoundError):
+        return False
+    return state != "Z"
+
+
+def test_genq_up_end_to_end_and_clean_stop(tmp_path):
+    api, redis, flower = _free_port(), _free_port(), _free_port()
+    env = up_env(api=api, redis=redis, flower=flower)
+    log = open(tmp_path / "up.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "api.cli", "up"], cwd=tmp_path, env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    children: set[int] = set()
+    try:
+        def api_key() -> str:
+            children.update(descendants(proc.pid))
+            assert proc.poll() is None, (tmp_path / "up.log").read_text()
+            path = tmp_path / ".genq" / "api_key"
+            try:
+                healthy = httpx.get(f"http://127.0.0.1:{api}/healthz", timeout=1).is_success
+            except httpx.HTTPError:
+                return ""
+            return path.read_text().strip() if healthy and path.exists() else ""
+
+        key = wait_for(api_key, timeout=60, interval=0.3)
+        assert (tmp_path / ".genq" / "api_key").stat().st_mode & 0o777 == 0o600
+        from api.client import Client
+
+        c = Client(f"http://127.0.0.1:{api}", api_key=key)
+        train = c.create_job({**TINY_LSTM, "name": "up-lstm"})
+        assert c.wait(train["id"], timeout=90)["status"] == "succeeded"
+        gen = c.create_job({"type": "generate", "model": "up-lstm", "prompts": ["a"],
+                            "max_tokens": 4})
+        assert c.wait(gen["id"], timeout=30)["status"] == "succeeded"
+
+        password = (tmp_path / ".genq" / "flower_password").read_text().strip()
+
+        def flower_tasks() -> dict[str, str]:
+            tasks = httpx.get(f"http://127.0.0.1:{flower}/api/tasks", auth=("genq", password),
+                              timeout=5).json()
+            seen = {t["name"]: str(t["args"]) for t in tasks.values()}
+            ok = train["id"] in seen.get("genq.train", "") and gen["id"] in seen.get(
+                "genq.generate", "")
+            return seen if ok else {}
+
+        wait_for(flower_tasks, timeout=20, interval=0.5)
+        children.update(descendants(proc.pid))
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(60)
+    output = (tmp_path / "up.log").read_text()
+    assert code == 0, output
+    assert "Traceback" not in output and "stopped." in output
+    assert len(children) >= 4  # redis, api, worker (+ its pool child), flower
+    wait_for(lambda: not any(alive(pid) for pid in children), timeout=10)
+
+
+def test_genq_up_busy_port_is_one_line(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        env = up_env(api=port, redis=_free_port(), flower=_free_port())
+        r = subprocess.run([sys.executable, "-m", "api.cli", "up"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert f"port {port} for the API is busy" in r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
