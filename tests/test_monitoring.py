@@ -96,6 +96,18 @@ def test_prometheus_metrics_from_sql_and_redis(stack, trained_lstm):
     assert ("genq_tokens_total", (("direction", "out"),)) in samples
 
 
+def test_metrics_can_be_public(db_url, redis_server):
+    from tests.conftest import start_stack
+
+    public = start_stack(db_url, redis_server, {"GENQ_METRICS_PUBLIC": "true"})
+    try:
+        r = httpx.get(f"{public.api_url}/metrics")
+        assert r.status_code == 200 and "genq_jobs{" in r.text
+        assert httpx.get(f"{public.api_url}/v1/jobs").status_code == 401
+    finally:
+        public.stop_all()
+
+
 def test_queue_depth_tolerates_redis_down(monkeypatch):
     from api import broker, prometheus
     from common.config import get_settings
