@@ -106,17 +106,22 @@ def load_model(path: Path, device: str = "cpu") -> LoadedModel:
         config = module.Config(**meta["config"])
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{path / CONFIG_FILE}: {e}") from e
-    tokenizer = None
-    if module.KIND == "text":
-        try:
-            tokenizer = module.load_tokenizer(path)
-        except Exception as e:  # tokenizer libraries raise assorted errors for bad files
-            raise CheckpointError(f"{path}: tokenizer files missing or corrupt ({e})") from e
+    tokenizer = load_tokenizer(module, path)
     model = module.build_model(config, tokenizer, arch=meta.get("arch"))
     load_weights_into(model, path)
     model.to(device).eval()
     return LoadedModel(family=meta["family"], kind=module.KIND, config=config, model=model,
                        tokenizer=tokenizer, device=str(device))
+
+
+def load_tokenizer(module: Any, path: Path) -> Any | None:
+    """The checkpoint's tokenizer for a text family (None for image families)."""
+    if module.KIND != "text":
+        return None
+    try:
+        return module.load_tokenizer(Path(path))
+    except Exception as e:  # tokenizer libraries raise assorted errors for bad files
+        raise CheckpointError(f"{path}: tokenizer files missing or corrupt ({e})") from e
 
 
 def load_weights_into(model: nn.Module, path: Path) -> None:

@@ -59,6 +59,7 @@ def load_data(data: dict, family_kind: str) -> Dataset:
     """Load the dataset named by `data`; raise DataError listing every problem."""
     if not isinstance(data, dict):
         raise DataError(["data: must be an object with 'builtin' or 'path'"])
+    data = {k: v for k, v in data.items() if v is not None}
     problems = [f"data.{k}: unknown field (allowed: builtin, path)" for k in data
                 if k not in ("builtin", "path")]
     if ("builtin" in data) == ("path" in data):

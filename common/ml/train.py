@@ -22,6 +22,7 @@ import torch.nn as nn
 from common.ml.artifacts import save_grid, save_loss_plot
 from common.ml.checkpoint import (
     load_metrics,
+    load_tokenizer,
     load_train_state,
     load_weights_into,
     read_meta,
@@ -103,8 +104,10 @@ class Settings:
 
     @classmethod
     def from_spec(cls, spec: dict) -> Settings:
-        known = {f for f in cls.__dataclass_fields__}
-        values = {k: v for k, v in spec.items() if k in known and v is not None}
+        known = set(cls.__dataclass_fields__)
+        nullable = {"clip", "optimizer", "steps", "epochs"}  # an explicit null means something
+        values = {k: v for k, v in spec.items()
+                  if k in known and (v is not None or k in nullable)}
         values.setdefault("config", {})
         problems = [f"{k}: required" for k in ("family", "data") if k not in values]
         if "steps" not in values and "epochs" not in values:
@@ -270,7 +273,7 @@ class Run:
                 raise InvalidTrainSpec(f"resume_from: checkpoint is {meta['family']!r}, "
                                        f"spec is {s.family!r}")
             cfg = module.Config(**meta["config"])
-            tokenizer = module.load_tokenizer(Path(resume_from)) if module.KIND == "text" else None
+            tokenizer = load_tokenizer(module, Path(resume_from))
             model = module.build_model(cfg, tokenizer, arch=meta.get("arch"))
             load_weights_into(model, Path(resume_from))
             state = load_train_state(resume_from)

@@ -7,8 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from common.ml.train import TrainHooks, TrainOutcome, run_training
+
+# Tiny models gain nothing from a second thread, and lose a lot on a busy 2-core machine.
+torch.set_num_threads(1)
 
 IMAGE_FAMILIES = ("vae", "gan")
 TEXT_FAMILIES = ("lstm", "gpt")

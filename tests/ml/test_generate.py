@@ -49,6 +49,8 @@ def test_text_outputs(models: dict[str, LoadedModel], family: str) -> None:
         assert 0 < o.tokens_out <= r.n * r.max_tokens
     assert out["greedy"].tokens_in > 0 and out["empty"].tokens_in == 0
     assert not _texts(out["greedy"])[0].startswith("The ")
+    zero = _run(models[family], [GenRequest("z", prompt="a", max_tokens=0, n=2)])["z"]
+    assert _texts(zero) == ["", ""] and zero.tokens_out == 0
 
 
 @pytest.mark.parametrize("family", ["vae", "gan"])

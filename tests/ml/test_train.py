@@ -138,3 +138,39 @@ def test_invalid_spec_lists_problems(tiny_spec: Callable[..., dict], tmp_path: P
     with pytest.raises(InvalidTrainSpec, match="data.builtin"):
         run_training({**bad, "config": {}, "data": {"builtin": "digits"}}, tmp_path,
                      hooks=TrainHooks())
+
+
+def test_null_clip_means_no_clipping(tiny_spec: Callable[..., dict], tmp_path: Path) -> None:
+    norms: list[float] = []
+    spec = tiny_spec("vae", steps=3, clip=None, lr=1e-3, data={"builtin": "digits", "path": None})
+    run_training(spec, tmp_path, hooks=TrainHooks(
+        on_progress=lambda step, total, m: norms.append(m["grad_norm"])))
+    assert max(norms) > 1.0  # so clipping at 1.0 would have changed the updates
+    clipped = run_training({**spec, "clip": 1.0, "steps": 3}, tmp_path / "c", hooks=TrainHooks())
+    a = load_model(clipped.checkpoint).model.state_dict()
+    b = load_model(tmp_path / "checkpoints" / "step-000003").model.state_dict()
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pretrained_gpt_directory(tmp_path: Path, text_file: Path) -> None:
+    """Fine-tune from a local transformers directory (model + tokenizer), then generate."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from common.ml.families.gpt import train_tokenizer
+    from common.ml.generate import GenOutput, GenRequest, generate
+
+    tokenizer = train_tokenizer(text_file.read_text(), 300)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32,
+                                       n_layer=1, n_head=2))
+    pretrained = tmp_path / "pretrained"
+    model.save_pretrained(pretrained)
+    tokenizer.save_pretrained(pretrained)
+    spec = {"family": "gpt", "config": {"pretrained": str(pretrained)},
+            "data": {"path": str(text_file)}, "steps": 3, "seq_len": 32, "batch_size": 4}
+    outcome = run_training(spec, tmp_path / "run", hooks=TrainHooks())
+    loaded = load_model(outcome.checkpoint)
+    assert getattr(loaded.model.config, "n_layer", None) == 1
+    out: list[GenOutput] = []
+    generate(loaded, [GenRequest("a", prompt="The", max_tokens=4, temperature=0)],
+             on_outputs=out.extend)
+    assert out[0].texts is not None and len(out[0].texts) == 1

@@ -142,6 +142,8 @@ def loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor],
 def complete(model: Any, tokenizer: Any, prompts: list[list[int]],
              params: SamplingParams, n: int) -> list[list[Completion]]:
     """n continuations per prompt via model.generate, left-padded with an attention mask."""
+    if params.max_tokens == 0:
+        return [[Completion("", 0, "length")] * n for _ in prompts]
     device = next(model.parameters()).device
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     rows = [p or [eos] for p in prompts]  # an empty prompt starts after end-of-text
