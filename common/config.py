@@ -36,6 +36,7 @@ class Settings(BaseSettings):
     lease_s: int = Field(120, description="A running job without heartbeat this long is reaped.")
     heartbeat_s: float = Field(3.0, description="Heartbeat interval of a running job.")
     reaper_interval_s: float = Field(15.0, description="How often a worker's reaper looks.")
+    cancel_grace_s: float = Field(10.0, description="force cancel: revoke a job still running after this.")
     max_attempts: int = Field(3, description="Attempts before a transient failure is final.")
     retry_backoff_s: float = Field(2.0, description="First retry delay; doubles per attempt.")
     worker_max_tasks_per_child: int = 0

@@ -17,7 +17,7 @@ from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from common import fleet
-from common.celery_app import send_job
+from common.celery_app import get_celery, send_job
 from common.config import get_settings
 from common.errors import Conflict, InvalidSpec, NotFound
 from common.models import (
@@ -232,6 +232,11 @@ def pid_alive(pid: int | None) -> bool:
     return True
 
 
+def same_host(a: str | None, b: str) -> bool:
+    """Two Celery node names (`node@host`) on one machine, where a pid can be checked."""
+    return a is not None and a.rpartition("@")[2] == b.rpartition("@")[2]
+
+
 @dataclass
 class Claim:
     job: Job | None
@@ -276,7 +281,7 @@ def claim_job(
     if (
         job.status == JobStatus.running
         and job.attempt == attempt
-        and job.worker == worker
+        and same_host(job.worker, worker)
         and job.worker_pid != pid
         and not pid_alive(job.worker_pid)
     ):
@@ -460,6 +465,21 @@ def cancel_job(session: Session, *, owner: str, job_id: str) -> Job:
         shard_finished(session, child)
     session.refresh(job)
     return job
+
+
+def force_cancel(session: Session, *, job_id: str, attempt: int) -> bool:
+    """After the grace period: terminate an attempt that ignored its cancel flag; True if it did.
+
+    revoke(terminate=True) makes the worker SIGTERM the task's pool child (SystemExit in the
+    task, message acked); the row is finished here since that attempt can no longer do it.
+    """
+    job = session.get(Job, job_id)
+    if job is None or job.attempt != attempt or job.status != JobStatus.running:
+        return False
+    if job.celery_task_id:
+        get_celery().control.revoke(job.celery_task_id, terminate=True, signal="SIGTERM")
+    log.warning("job %s attempt %s: still running after cancel; revoked", job.id, attempt)
+    return finish_job(session, job, status=JobStatus.cancelled, result={"forced": True})
 
 
 def request_shutdown(session: Session, *, worker: str) -> int:

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import time
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Header, Query, Response
+from fastapi import APIRouter, BackgroundTasks, Body, Header, Query, Response
 from sqlalchemy import select
 
 from api.broker import require_broker
 from api.deps import OwnerDep, SessionDep
 from api.views import job_out
 from common import batches, jobs
+from common.config import get_settings
+from common.db import session_factory
 from common.models import Item, Job, JobStatus, JobType
 from common.schemas import ItemList, ItemOut, JobList, JobOut, JobSpec
 
@@ -78,9 +81,26 @@ def get_job(job_id: str, session: SessionDep, owner: OwnerDep) -> JobOut:
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)
-def cancel_job(job_id: str, session: SessionDep, owner: OwnerDep) -> JobOut:
+def cancel_job(
+    job_id: str,
+    session: SessionDep,
+    owner: OwnerDep,
+    background: BackgroundTasks,
+    force: Annotated[
+        bool, Query(description="also terminate it if still running after GENQ_CANCEL_GRACE_S")
+    ] = False,
+) -> JobOut:
     """Cancel: queued jobs at once, running ones at their next step or batch."""
-    return job_out(jobs.cancel_job(session, owner=owner, job_id=job_id))
+    job = jobs.cancel_job(session, owner=owner, job_id=job_id)
+    if force and job.status == JobStatus.running and job.type != JobType.batch:
+        background.add_task(_force_after_grace, job.id, job.attempt)
+    return job_out(job)
+
+
+def _force_after_grace(job_id: str, attempt: int) -> None:
+    time.sleep(get_settings().cancel_grace_s)
+    with session_factory()() as session:
+        jobs.force_cancel(session, job_id=job_id, attempt=attempt)
 
 
 @router.get("/{job_id}/items", response_model=ItemList)

@@ -1,0 +1,413 @@
+"""Issue 6: nothing is lost under kill -9, SIGTERM, Redis restarts, cancels and timeouts.
+
+Each test does the real thing to real processes: its own Redis (appendonly, restartable),
+its own SQLite database, an API and two workers with a 4 s lease.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from sqlalchemy import select
+
+from tests.conftest import _TMP, ROOT, Stack, _free_port, start_stack, wait_for
+
+SPEC = {"type": "train", "family": "lstm", "steps": 30, "batch_size": 8, "seq_len": 32,
+        "checkpoint_every": 5, "log_every": 5, "seed": 7, "data": {"builtin": "python-docs"}}
+
+
+class RedisServer:
+    """A redis-server with appendonly on, which a test may stop and start again."""
+
+    def __init__(self) -> None:
+        self.port = _free_port()
+        self.dir = _TMP / f"redis-aof-{uuid.uuid4().hex[:6]}"
+        self.dir.mkdir(parents=True)
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        import redis
+
+        from api.stack import redis_binary
+
+        self.proc = subprocess.Popen(
+            [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.dir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=self.port)
+        wait_for(lambda: _ping(client), timeout=20, interval=0.05)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+def _ping(client) -> bool:  # type: ignore[no-untyped-def]
+    try:
+        return bool(client.ping())
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="module")
+def aof_redis() -> Iterator[RedisServer]:
+    server = RedisServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def rstack(aof_redis: RedisServer) -> Iterator[Stack]:
+    """API + workers a and b on their own Redis and database, with a short lease."""
+    from common.migrate import upgrade
+
+    db = f"sqlite:///{_TMP / f'rel-{uuid.uuid4().hex[:6]}.db'}"
+    upgrade(db)
+    stack = start_stack(db, aof_redis.url, env_extra={
+        "GENQ_LEASE_S": "4", "GENQ_ITEM_CHUNK": "4", "GENQ_CANCEL_GRACE_S": "1",
+    })
+    for name in ("a", "b"):
+        spawn_worker(stack, name)
+    for name in ("a", "b"):
+        stack.wait_worker(name)
+    yield stack
+    stack.stop_all()
+
+
+def spawn_worker(stack: Stack, name: str) -> None:
+    stack.spawn(name, [sys.executable, "-m", "api.cli", "worker", "--queues", "cpu",
+                       "--name", name])
+
+
+def ensure_two_workers(stack: Stack) -> None:
+    """Replace workers a test killed (under fresh names: a dead one's row lingers)."""
+    alive = [n for n, p in stack.procs.items() if n != "api" and p.poll() is None]
+    for _ in range(2 - len(alive)):
+        name = f"w{uuid.uuid4().hex[:4]}"
+        spawn_worker(stack, name)
+        stack.wait_worker(name)
+
+
+def row(stack: Stack, job_id: str):  # type: ignore[no-untyped-def]
+    from common.db import engine_for, session_factory
+    from common.models import Job
+
+    with session_factory(engine_for(stack.env["GENQ_DATABASE_URL"]))() as s:
+        job = s.get(Job, job_id)
+        s.expunge(job)
+        return job
+
+
+def running_at(stack: Stack, job_id: str, step: int, timeout: float = 60):  # type: ignore[no-untyped-def]
+    """Wait until the job runs at or past `step`; returns its row."""
+    def ready():  # type: ignore[no-untyped-def]
+        job = row(stack, job_id)
+        assert job.status in ("queued", "running"), (job.status, job.error)
+        return job if job.status == "running" and job.progress_done >= step else None
+    return wait_for(ready, timeout=timeout, interval=0.1)
+
+
+def node_of(job) -> str:  # type: ignore[no-untyped-def]
+    return job.worker.split("@", 1)[0]
+
+
+def final_weights(stack: Stack, checkpoint_id: str) -> dict[str, torch.Tensor]:
+    from common.db import engine_for, session_factory
+    from common.ml.checkpoint import load_model
+    from common.models import Checkpoint
+
+    with session_factory(engine_for(stack.env["GENQ_DATABASE_URL"]))() as s:
+        uri = s.get(Checkpoint, checkpoint_id).uri
+    return load_model(Path(uri.removeprefix("file://"))).model.state_dict()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+    """The weights of an uninterrupted run of SPEC, in this process."""
+    from common.ml.checkpoint import load_model
+    from common.ml.train import TrainHooks, run_training
+
+    out = run_training(dict(SPEC), tmp_path_factory.mktemp("ref"), hooks=TrainHooks())
+    return load_model(out.checkpoint).model.state_dict()
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def send_in_stack(stack: Stack, job_id: str, attempt: int, job_type: str = "train") -> None:
+    """Publish one more message for (job_id, attempt) with the stack's own settings."""
+    code = ("import sys; from common.celery_app import send_job; "
+            "send_job(sys.argv[1], int(sys.argv[2]), job_type=sys.argv[3], queue='cpu', kwargs={})")
+    subprocess.run([sys.executable, "-c", code, job_id, str(attempt), job_type],
+                   env=stack.env, cwd=ROOT, check=True)
+
+
+def job_logs(stack: Stack, job_id: str) -> list[str]:
+    from common.db import engine_for, session_factory
+    from common.models import JobLog
+
+    with session_factory(engine_for(stack.env["GENQ_DATABASE_URL"]))() as s:
+        return list(s.scalars(select(JobLog.message).where(JobLog.job_id == job_id)))
+
+
+# ---------------------------------------------------------------- kill -9
+
+
+def test_kill9_pool_child_resumes_from_checkpoint(rstack, reference):
+    c = rstack.client()
+    job = c.create_job(SPEC)
+    pid = running_at(rstack, job["id"], 8).worker_pid
+    os.kill(pid, signal.SIGKILL)
+    done = c.wait(job["id"], timeout=120)
+    assert done["status"] == "succeeded", done
+    assert done["attempt"] >= 2
+    assert done["attempts"][0]["error"]["code"] == "worker_lost"
+    assert row(rstack, job["id"]).worker_pid != pid
+    assert any("resuming from checkpoint" in m for m in job_logs(rstack, job["id"]))
+    assert_same_weights(final_weights(rstack, done["result"]["checkpoint_id"]), reference)
+
+
+def test_kill9_whole_worker_resumes_on_another(rstack, reference):
+    ensure_two_workers(rstack)
+    c = rstack.client()
+    job = c.create_job(SPEC)
+    victim = node_of(running_at(rstack, job["id"], 8))
+    rstack.stop(victim, sig=signal.SIGKILL)
+    done = c.wait(job["id"], timeout=120)
+    assert done["status"] == "succeeded", done
+    assert node_of(row(rstack, job["id"])) != victim
+    assert done["attempts"][0]["error"]["code"] == "worker_lost"
+    assert_same_weights(final_weights(rstack, done["result"]["checkpoint_id"]), reference)
+
+
+@pytest.fixture(scope="module")
+def model_name(rstack) -> str:
+    c = rstack.client()
+    name = f"lstm-{uuid.uuid4().hex[:6]}"
+    job = c.create_job({**SPEC, "steps": 10, "name": name})
+    assert c.wait(job["id"], timeout=120)["status"] == "succeeded"
+    return name
+
+
+def test_kill9_mid_generation_every_item_exactly_once(rstack, model_name):
+    ensure_two_workers(rstack)
+    c = rstack.client()
+    prompts = [f"line {i}: " for i in range(120)]
+    job = c.create_job({"type": "generate", "model": model_name, "prompts": prompts,
+                        "max_tokens": 24, "seed": 1})
+    first = running_at(rstack, job["id"], 8)
+    os.kill(first.worker_pid, signal.SIGKILL)
+    done = c.wait(job["id"], timeout=120)
+    assert done["status"] == "succeeded", done
+    assert done["attempt"] >= 2
+    items = list(c.items(job["id"]))
+    ids = [i["custom_id"] for i in items]
+    assert sorted(ids, key=int) == [str(i) for i in range(120)] and len(set(ids)) == 120
+    assert all(i["status"] == "succeeded" and len(i["response"]["texts"]) == 1 for i in items)
+    # items finished before the kill were not generated again (their finish time predates it)
+    from common.db import engine_for, session_factory
+    from common.models import Item
+
+    with session_factory(engine_for(rstack.env["GENQ_DATABASE_URL"]))() as s:
+        stamps = s.scalars(select(Item.finished_at).where(Item.job_id == job["id"])).all()
+    assert len(stamps) == 120 and all(stamps)
+
+
+# ---------------------------------------------------------------- soft shutdown
+
+
+def test_sigterm_checkpoints_and_requeues_without_spending_an_attempt(rstack, reference):
+    ensure_two_workers(rstack)
+    c = rstack.client()
+    job = c.create_job(SPEC)
+    victim = node_of(running_at(rstack, job["id"], 8))
+    proc = rstack.procs[victim]
+    os.kill(proc.pid, signal.SIGTERM)  # the main process only, as docker stop does
+    proc.wait(60)
+    rstack.procs.pop(victim)
+    done = c.wait(job["id"], timeout=120)
+    assert done["status"] == "succeeded", done
+    final = row(rstack, job["id"])
+    assert final.failures == 0 and node_of(final) != victim
+    assert [a["error"]["code"] for a in done["attempts"]] == ["shutdown"]
+    assert done["attempts"][0]["error"]["checkpoint_id"]
+    assert_same_weights(final_weights(rstack, done["result"]["checkpoint_id"]), reference)
+
+
+# ---------------------------------------------------------------- cancel
+
+
+def test_cancel_running_training_within_a_step(rstack):
+    ensure_two_workers(rstack)
+    c = rstack.client()
+    job = c.create_job({**SPEC, "steps": 2000})
+    at = running_at(rstack, job["id"], 8).progress_done
+    t0 = time.monotonic()
+    c.cancel(job["id"])
+    done = c.wait(job["id"], timeout=30, poll=0.1)
+    assert done["status"] == "cancelled", done
+    assert time.monotonic() - t0 < 5
+    ckpt = c.request("GET", f"/v1/checkpoints/{done['result']['checkpoint_id']}")
+    assert at <= ckpt["step"] <= at + 15, (at, ckpt["step"])
+
+
+def test_cancel_queued_job_is_immediate(rstack):
+    c = rstack.client()
+    job = c.create_job({**SPEC, "queue": "gpu"})  # no worker serves gpu here
+    cancelled = c.cancel(job["id"])
+    assert cancelled["status"] == "cancelled"
+
+
+def test_force_cancel_revokes_a_stuck_task(rstack):
+    """A frozen child cannot notice the flag: after the grace period the API revokes it."""
+    ensure_two_workers(rstack)
+    c = rstack.client()
+    job = c.create_job({**SPEC, "steps": 2000})
+    running = running_at(rstack, job["id"], 5)
+    os.kill(running.worker_pid, signal.SIGSTOP)
+    try:
+        resp = c.request("POST", f"/v1/jobs/{job['id']}/cancel", params={"force": "true"})
+        assert resp["status"] == "running"  # cooperative first
+        done = c.wait(job["id"], timeout=20, poll=0.2)
+    finally:
+        os.kill(running.worker_pid, signal.SIGCONT)
+    assert done["status"] == "cancelled" and done["result"]["forced"] is True
+    wait_for(lambda: not _alive(running.worker_pid), timeout=20)  # terminated, not resumed
+    after = c.create_job({**SPEC, "steps": 2})
+    assert c.wait(after["id"], timeout=60)["status"] == "succeeded"
+    assert c.get_job(job["id"])["status"] == "cancelled"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split()[2] != "Z"
+
+
+# ---------------------------------------------------------------- duplicates, retries, limits
+
+
+def test_duplicate_message_runs_once_and_stale_attempt_is_dropped(rstack):
+    ensure_two_workers(rstack)
+    c = rstack.client()
+    job = c.create_job({**SPEC, "steps": 20})
+    send_in_stack(rstack, job["id"], 1)  # the same (job, attempt) again: both workers race
+    done = c.wait(job["id"], timeout=120)
+    assert done["status"] == "succeeded" and done["attempt"] == 1 and done["attempts"] == []
+    assert sum("registered model" in m for m in job_logs(rstack, job["id"])) == 1
+    send_in_stack(rstack, job["id"], 0)  # an attempt that is long gone
+    wait_for(lambda: sum(rstack.log(n).count(f"job {job['id']} attempt") for n in rstack.procs
+                         if n != "api") >= 3, timeout=30)
+    text = "".join(rstack.log(n) for n in rstack.procs if n != "api")
+    assert text.count("message dropped") >= 2
+    assert c.get_job(job["id"])["status"] == "succeeded"
+
+
+def test_deterministic_error_fails_at_once(rstack):
+    c = rstack.client()
+    job = c.create_job({**SPEC, "steps": 50, "lr": 10, "optimizer": "sgd", "clip": None,
+                        "config": {"hidden": 32}, "max_attempts": 3})
+    done = c.wait(job["id"], timeout=60)
+    assert done["status"] == "failed" and done["error"]["code"] == "nan_loss", done
+    assert done["attempt"] == 1
+    assert [a["error"]["code"] for a in done["attempts"]] == ["nan_loss"]
+
+
+def test_transient_error_retries_with_backoff_then_fails(rstack):
+    """Storage that cannot take the checkpoint (a file where its folder goes) is transient."""
+    c = rstack.client()
+    job = c.create_job({**SPEC, "queue": "gpu", "max_attempts": 3})  # parked: nobody serves gpu
+    blocker = rstack.home / "storage" / "checkpoints" / job["id"]
+    blocker.parent.mkdir(parents=True, exist_ok=True)
+    blocker.write_text("not a folder")
+    from common.db import engine_for, session_factory
+    from common.models import Job
+
+    with session_factory(engine_for(rstack.env["GENQ_DATABASE_URL"]))() as s:
+        s.get(Job, job["id"]).queue = "cpu"
+        s.get(Job, job["id"]).enqueued_at = None  # the outbox sweep sends it to cpu
+        s.commit()
+    done = c.wait(job["id"], timeout=90)
+    assert done["status"] == "failed", done
+    codes = [a["error"]["code"] for a in done["attempts"]]
+    assert len(codes) == 3 and len(set(codes)) == 1 and done["attempts"][0]["error"]["retryable"]
+    assert row(rstack, job["id"]).failures == 3
+
+
+def test_timeout_checkpoints_then_fails(rstack):
+    c = rstack.client()
+    job = c.create_job({**SPEC, "steps": 5000, "timeout_s": 3})
+    done = c.wait(job["id"], timeout=60)
+    assert done["status"] == "failed" and done["error"]["code"] == "timeout", done
+    assert done["result"]["checkpoint_id"]
+    c.request("GET", f"/v1/checkpoints/{done['result']['checkpoint_id']}")
+
+
+# ---------------------------------------------------------------- broker outage
+
+
+def test_redis_restart_loses_nothing(rstack, aof_redis):
+    """Queued messages survive a Redis restart (appendonly); submits while down get 503."""
+    c = rstack.client()
+    parked = [c.create_job({**SPEC, "steps": 3, "queue": "gpu"}) for _ in range(2)]
+    aof_redis.stop()
+    try:
+        resp = httpx.post(f"{rstack.api_url}/v1/jobs", json={**SPEC, "steps": 3},
+                          headers={"Authorization": f"Bearer {rstack.api_key}"}, timeout=30)
+        assert resp.status_code == 503, resp.text
+        assert resp.json()["error"]["code"] == "broker_unavailable"
+        assert c.list_jobs(limit=100)["data"][0]["id"] == parked[-1]["id"]  # nothing written
+    finally:
+        aof_redis.start()
+    # the parked messages are still in Redis: a gpu worker now takes them
+    spawn_worker_on(rstack, "g1", "gpu")
+    for job in parked:
+        assert c.wait(job["id"], timeout=90)["status"] == "succeeded"
+    rstack.stop("g1")
+
+
+def spawn_worker_on(stack: Stack, name: str, queues: str) -> None:
+    stack.spawn(name, [sys.executable, "-m", "api.cli", "worker", "--queues", queues,
+                       "--name", name])
+    stack.wait_worker(name)
+
+
+def test_outbox_sweep_sends_a_job_that_never_reached_the_broker(rstack):
+    from common.auth import owner_of
+    from common.db import engine_for, session_factory
+    from common.models import Job, utcnow
+
+    ensure_two_workers(rstack)
+    with session_factory(engine_for(rstack.env["GENQ_DATABASE_URL"]))() as s:
+        owner = owner_of(s, rstack.api_key)
+        job = Job(id=f"job_{uuid.uuid4().hex}", owner=owner, type="train", family="lstm",
+                  spec={**SPEC, "steps": 3}, queue="cpu", progress_unit="step",
+                  progress_total=3, max_attempts=3,
+                  created_at=utcnow() - timedelta(seconds=60))
+        s.add(job)
+        s.commit()
+        job_id = job.id
+    assert row(rstack, job_id).enqueued_at is None
+    done = rstack.client().wait(job_id, timeout=60)
+    assert done["status"] == "succeeded", done
