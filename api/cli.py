@@ -438,6 +438,66 @@ def workers() -> None:
     console.print(table)
 
 
+# ------------------------------------------------------------------ batches (OpenAI Batch API)
+
+batch_app = typer.Typer(help="Bulk generation through the OpenAI-compatible Batch API.",
+                        no_args_is_help=True)
+app.add_typer(batch_app, name="batch")
+
+
+@batch_app.command("submit")
+@friendly
+def batch_submit(
+    file: Annotated[Path, typer.Argument(help="JSONL: one {custom_id, method, url, body} a line")],
+    model: Annotated[str | None, typer.Option(help="Model for lines whose body has none")] = None,
+    endpoint: Annotated[str, typer.Option(help="/v1/completions | /v1/chat/completions | "
+                                               "/v1/images/generations")] = "/v1/completions",
+    wait: Annotated[bool, typer.Option("--wait", help="Wait and download the output")] = False,
+    out: Annotated[Path | None, typer.Option(help="Where --wait saves the output JSONL "
+                                                  "(default FILE.output.jsonl)")] = None,
+) -> None:
+    """Upload FILE and create a batch; with --wait, follow it and save the output file."""
+    c = client()
+    upload = c.upload_file(file, purpose="batch")
+    batch = c.create_batch(upload["id"], endpoint=endpoint, model=model)
+    console.print(f"submitted batch {batch['id']} (input {upload['id']}, "
+                  f"{batch['request_counts']['total']} requests): {batch['status']}")
+    if batch["status"] == "failed":
+        for e in (batch.get("errors") or {}).get("data", [])[:20]:
+            err.print(f"  line {e['line']}: {e['code']}: {e['message']}")
+        raise typer.Exit(1)
+    if not wait:
+        return
+    batch = follow_batch(c, batch)
+    counts = batch["request_counts"]
+    console.print(f"{batch['status']}: {counts['completed']} completed, {counts['failed']} failed")
+    if batch.get("output_file_id"):
+        target = out or file.with_name(file.stem + ".output.jsonl")
+        target.write_bytes(c.file_content(batch["output_file_id"]))
+        console.print(f"output  {batch['output_file_id']} → {target}")
+    if batch.get("error_file_id"):
+        target = (out or file).with_name(file.stem + ".errors.jsonl")
+        target.write_bytes(c.file_content(batch["error_file_id"]))
+        console.print(f"errors  {batch['error_file_id']} → {target}")
+    raise typer.Exit(0 if batch["status"] == "completed" else 1)
+
+
+def follow_batch(c: Client, batch: dict[str, Any]) -> dict[str, Any]:
+    from api.client import BATCH_FINISHED
+
+    columns = [TextColumn("{task.description}"), BarColumn(),
+               TextColumn("{task.completed}/{task.total}"), TimeRemainingColumn()]
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task(batch["id"], total=max(batch["request_counts"]["total"], 1))
+        while batch["status"] not in BATCH_FINISHED:
+            time.sleep(0.5)
+            batch = c.get_batch(batch["id"])
+            counts = batch["request_counts"]
+            bar.update(task, completed=counts["completed"] + counts["failed"],
+                       description=f"{batch['id']} {batch['status']}")
+    return batch
+
+
 def main() -> None:
     app()
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -46,14 +49,23 @@ def run_demo(console: Console, *, steps: int = 300) -> None:
 
 
 def generate_texts(c: Client, model: str) -> list[tuple[str, str]]:
-    job = c.create_job({"type": "generate", "model": model, "prompts": PROMPTS,
-                        "max_tokens": 60, "temperature": 0.7, "seed": 1})
-    job = c.wait(job["id"], timeout=600)
-    out: list[tuple[str, str]] = []
-    for item in c.items(job["id"]):
-        resp: dict[str, Any] = item.get("response") or {}
-        out.append((item["request"]["gen"]["prompt"], (resp.get("texts") or [""])[0]))
-    return out
+    """Bulk-generate through the OpenAI-compatible Batch API: upload JSONL, batch, output file."""
+    lines = [{"custom_id": f"prompt-{i}", "method": "POST", "url": "/v1/completions",
+              "body": {"model": model, "prompt": p, "max_tokens": 60, "temperature": 0.7,
+                       "seed": 1}}
+             for i, p in enumerate(PROMPTS)]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "demo-prompts.jsonl"
+        path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+        upload = c.upload_file(path, purpose="batch")
+    batch = c.wait_batch(c.create_batch(upload["id"], endpoint="/v1/completions")["id"],
+                         timeout=600)
+    texts: dict[str, str] = {}
+    if batch.get("output_file_id"):
+        for raw in c.file_content(batch["output_file_id"]).decode().splitlines():
+            row: dict[str, Any] = json.loads(raw)
+            texts[row["custom_id"]] = row["response"]["body"]["choices"][0]["text"]
+    return [(p, texts.get(f"prompt-{i}", "")) for i, p in enumerate(PROMPTS)]
 
 
 def show_where(console: Console, settings: Any, job_id: str, model: str, temporary: bool) -> None:
