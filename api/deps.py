@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from common.auth import owner_of
 from common.config import get_settings
 from common.db import session_factory
-from common.errors import RateLimited, Unauthorized
+from common.errors import RateLimited, TooLarge, Unauthorized
 
 
 def get_session() -> Iterator[Session]:
@@ -63,3 +63,13 @@ def get_owner(request: Request, session: SessionDep) -> str:
 
 
 OwnerDep = Annotated[str, Depends(get_owner)]
+
+
+def limit_json_body(request: Request) -> None:
+    """413 for a JSON body over GENQ_MAX_JSON_BYTES, before it is read (uploads are streamed)."""
+    if not request.headers.get("content-type", "").startswith("application/json"):
+        return
+    size = request.headers.get("content-length")
+    cap = get_settings().max_json_bytes
+    if size and size.isdigit() and int(size) > cap:
+        raise TooLarge(f"request body is {int(size)} bytes; the limit is {cap}", param="body")

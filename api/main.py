@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
+from api.deps import limit_json_body
 from api.errors import install_error_handlers
 from api.routes import batches, files, health, jobs, models, monitoring, workers
 from common.config import get_settings
@@ -15,6 +16,7 @@ def create_app() -> FastAPI:
     """Build the API application."""
     logging.basicConfig(level=get_settings().log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = FastAPI(
+        dependencies=[Depends(limit_json_body)],
         title="genq",
         version="0.1.0",
         description="A distributed asynchronous job queue for generative models.",

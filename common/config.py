@@ -36,7 +36,7 @@ class Settings(BaseSettings):
     lease_s: int = Field(120, description="A running job without heartbeat this long is reaped.")
     heartbeat_s: float = Field(3.0, description="Heartbeat interval of a running job.")
     reaper_interval_s: float = Field(15.0, description="How often a worker's reaper looks.")
-    cancel_grace_s: float = Field(10.0, description="force cancel: revoke a job still running after this.")
+    cancel_grace_s: float = Field(10.0, description="Force cancel revokes after this.")
     max_attempts: int = Field(3, description="Attempts before a transient failure is final.")
     retry_backoff_s: float = Field(2.0, description="First retry delay; doubles per attempt.")
     worker_max_tasks_per_child: int = 0
@@ -46,6 +46,7 @@ class Settings(BaseSettings):
     shard_size: int = Field(1000, description="Requests per batch shard.")
     item_chunk: int = Field(64, description="Generated items committed per chunk.")
     token_budget: int = Field(8192, description="Tokens per dynamic generation batch.")
+    max_json_bytes: int = Field(32 << 20, description="Largest accepted JSON request body.")
     max_upload_bytes: int = Field(200 << 20, description="Largest accepted upload.")
     max_batch_lines: int = Field(100_000, description="Most requests in one batch file.")
     max_prompt_chars: int = Field(32_000, description="Longest accepted prompt.")

@@ -1,0 +1,188 @@
+"""Issue 6: strangers, revoked keys, floods, oversized input and outages never get a 5xx or data."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, settings
+
+from tests.conftest import _TMP, ROOT, Stack, _free_port, start_stack
+from tests.test_reliability import RedisServer
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture(scope="module")
+def quiet_stack() -> Iterator[Stack]:
+    """An API with no workers on its own Redis and database: fuzzed jobs just stay queued."""
+    from common.migrate import upgrade
+
+    redis = RedisServer()
+    redis.start()
+    db = f"sqlite:///{_TMP / f'sec-{uuid.uuid4().hex[:6]}.db'}"
+    upgrade(db)
+    stack = start_stack(db, redis.url)
+    yield stack
+    stack.stop_all()
+    redis.stop()
+
+
+def test_stranger_sees_nothing(stack, trained_lstm):
+    from common.auth import create_key
+    from common.db import engine_for, session_factory
+
+    with session_factory(engine_for(stack.env["GENQ_DATABASE_URL"]))() as s:
+        _, other = create_key(s, owner=f"stranger-{uuid.uuid4().hex[:6]}")
+    job_id = trained_lstm["id"]
+    result = trained_lstm["result"]
+    arts = httpx.get(f"{stack.api_url}/v1/jobs/{job_id}/artifacts", headers=auth(stack.api_key))
+    assert arts.status_code == 200 and arts.json(), arts.text
+    paths = [f"/v1/jobs/{job_id}", f"/v1/jobs/{job_id}/items", f"/v1/jobs/{job_id}/artifacts",
+             f"/v1/checkpoints/{result['checkpoint_id']}", f"/v1/models/{result['model']}",
+             f"/v1/artifacts/{arts.json()[0]['id']}"]
+    for path in paths:
+        assert httpx.get(stack.api_url + path, headers=auth(stack.api_key)).status_code == 200, path
+        resp = httpx.get(stack.api_url + path, headers=auth(other))
+        assert resp.status_code == 404, (path, resp.text)
+    cancel = httpx.post(f"{stack.api_url}/v1/jobs/{job_id}/cancel", headers=auth(other))
+    assert cancel.status_code == 404
+    listed = httpx.get(f"{stack.api_url}/v1/jobs", headers=auth(other)).json()
+    assert listed["data"] == []
+    assert httpx.get(f"{stack.api_url}/v1/models", headers=auth(other)).json()["data"] == []
+
+
+def test_revoked_key_is_401(stack):
+    from common.auth import create_key
+    from common.db import engine_for, session_factory
+
+    with session_factory(engine_for(stack.env["GENQ_DATABASE_URL"]))() as s:
+        row, key = create_key(s, owner="soon-gone")
+    assert httpx.get(f"{stack.api_url}/v1/jobs", headers=auth(key)).status_code == 200
+    subprocess.run([sys.executable, "-m", "api.cli", "keys", "revoke", row.id], env=stack.env,
+                   cwd=ROOT, check=True, capture_output=True)
+    resp = httpx.get(f"{stack.api_url}/v1/jobs", headers=auth(key))
+    assert resp.status_code == 401 and resp.json()["error"]["code"] == "invalid_api_key"
+
+
+def spawn_api(base: Stack, **env: str) -> Stack:
+    """One more API process on base's settings with some overridden; waits for /healthz."""
+    port = _free_port()
+    home = _TMP / f"api-{uuid.uuid4().hex[:6]}"
+    home.mkdir()
+    api = Stack(home=home, env={**base.env, "GENQ_HOME": str(home), **env},
+                api_url=f"http://127.0.0.1:{port}", api_key=base.api_key)
+    api.spawn("api", [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1",
+                      "--port", str(port), "--log-level", "info"])
+    for _ in range(300):
+        try:
+            httpx.get(f"{api.api_url}/healthz", timeout=1)
+            return api
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    raise RuntimeError(api.log("api"))
+
+
+def test_rate_limit_is_429(quiet_stack):
+    limited = spawn_api(quiet_stack, GENQ_RATE_LIMIT_PER_MINUTE="5")
+    headers = auth(limited.api_key)
+    try:
+        codes = [httpx.get(f"{limited.api_url}/v1/jobs", headers=headers).status_code
+                 for _ in range(7)]
+        assert codes[:5] == [200] * 5 and codes[-1] == 429, codes
+        resp = httpx.get(f"{limited.api_url}/v1/jobs", headers=headers)
+        assert resp.json()["error"]["code"] == "rate_limited"
+        assert httpx.get(f"{limited.api_url}/healthz").status_code == 200  # probes are free
+    finally:
+        limited.stop_all()
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        ({"type": "generate", "model": "m", "prompts": ["x" * 40_000]}, 422, "prompts"),
+        ({"type": "generate", "model": "m", "prompts": ["x"], "max_tokens": 10**7}, 422,
+         "max_tokens"),
+        ({"type": "generate", "model": "m", "prompts": ["x"] * 10_001}, 422, "prompts"),
+        ({"type": "train", "family": "lstm", "steps": 10**9}, 422, "steps"),
+    ],
+)
+def test_oversized_input_names_the_field(stack, body, status, param):
+    resp = httpx.post(f"{stack.api_url}/v1/jobs", json=body, headers=auth(stack.api_key))
+    assert resp.status_code == status, resp.text
+    assert resp.json()["error"]["param"] == param
+
+
+def test_oversized_json_body_is_413(stack):
+    body = b'{"type": "generate", "model": "m", "prompts": ["' + b"x" * (33 << 20) + b'"]}'
+    resp = httpx.post(f"{stack.api_url}/v1/jobs", content=body, timeout=60,
+                      headers={**auth(stack.api_key), "content-type": "application/json"})
+    assert resp.status_code == 413, resp.text[:300]
+    assert resp.json()["error"]["param"] == "body"
+
+
+def test_database_outage_is_503_and_password_not_logged(stack):
+    """An API whose PostgreSQL is down answers 503 with a code, never 500, and keeps secrets."""
+    password = f"pw-{uuid.uuid4().hex}"
+    url = f"postgresql://genq:{password}@127.0.0.1:{_free_port()}/genq"
+    down = spawn_api(stack, GENQ_DATABASE_URL=url)
+    try:
+        for method, path in [("GET", "/v1/jobs"), ("POST", "/v1/jobs"), ("GET", "/readyz")]:
+            resp = httpx.request(method, down.api_url + path, headers=auth(stack.api_key),
+                                 json={"type": "train", "family": "lstm", "steps": 1}, timeout=30)
+            assert resp.status_code == 503, (path, resp.text)
+            assert password not in resp.text
+    finally:
+        down.stop_all()
+    assert password not in down.log("api")
+    assert stack.api_key not in stack.log("api") + stack.log("w1")
+
+
+def test_weights_load_safely():
+    """Weights come from safetensors; other state loads weights_only; no remote code."""
+    sources = "\n".join(p.read_text() for p in Path(ROOT, "common").rglob("*.py"))
+    sources += "\n".join(p.read_text() for p in Path(ROOT, "worker").rglob("*.py"))
+    assert "trust_remote_code=True" not in sources
+    for line in sources.splitlines():
+        if "torch.load(" in line:
+            assert "weights_only=True" in line, line
+
+
+def test_celery_gets_child_limits():
+    code = ("from common.celery_app import get_celery; c = get_celery().conf; "
+            "print(c.worker_max_tasks_per_child, c.worker_max_memory_per_child)")
+    env = {"GENQ_WORKER_MAX_TASKS_PER_CHILD": "7", "GENQ_WORKER_MAX_MEMORY_PER_CHILD_KB": "900000"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         env={**__import__("os").environ, **env}, check=True)
+    assert out.stdout.split() == ["7", "900000"]
+
+
+@pytest.fixture(scope="module")
+def api_schema(quiet_stack):  # type: ignore[no-untyped-def]
+    from common.auth import create_key
+    from common.db import engine_for, session_factory
+
+    with session_factory(engine_for(quiet_stack.env["GENQ_DATABASE_URL"]))() as s:
+        _, key = create_key(s, owner="fuzzer")
+    pytest.fuzz_key = key  # type: ignore[attr-defined]
+    return schemathesis.openapi.from_url(f"{quiet_stack.api_url}/openapi.json")
+
+
+fuzz = schemathesis.pytest.from_fixture("api_schema")
+
+
+@fuzz.parametrize()
+@settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
+def test_fuzz_no_5xx(case):  # type: ignore[no-untyped-def]
+    """Schemathesis: every operation, authorised, answers below 500."""
+    resp = case.call(headers=auth(pytest.fuzz_key), timeout=30)  # type: ignore[attr-defined]
+    assert resp.status_code < 500, (case.method, case.path, resp.status_code, resp.text[:500])
