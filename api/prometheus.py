@@ -50,9 +50,10 @@ def jobs_by_status(session: Session) -> Iterator[Metric]:
         select(Job.status, Job.type, func.count()).group_by(Job.status, Job.type)
     )
     seen = {(str(s), str(t)): int(n) for s, t, n in counts}
-    for status in JobStatus:
-        for jtype in JobType:
-            g.add_metric([status.value, jtype.value], seen.pop((status.value, jtype.value), 0))
+    for known_status in JobStatus:
+        for known_type in JobType:
+            key = (known_status.value, known_type.value)
+            g.add_metric(list(key), seen.pop(key, 0))
     for (status, jtype), n in seen.items():
         g.add_metric([status, jtype], n)
     yield g
@@ -109,8 +110,9 @@ def job_durations(session: Session) -> Iterator[Metric]:
     )
     series: dict[tuple[str, str], list[float]] = {}
     for jtype, status, started, finished in rows:
-        series.setdefault((str(jtype), str(status)), []).append(
-            max((finished - started).total_seconds(), 0.0))
+        if started is not None and finished is not None:
+            series.setdefault((str(jtype), str(status)), []).append(
+                max((finished - started).total_seconds(), 0.0))
     for (jtype, status), values in sorted(series.items()):
         buckets = [(str(b), float(sum(v <= b for v in values))) for b in DURATION_BUCKETS]
         buckets.append(("+Inf", float(len(values))))
