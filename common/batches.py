@@ -156,13 +156,14 @@ def _check_line(
     prompt = _prompt(parsed, n, spec, chat=endpoint == "/v1/chat/completions")
     if prompt is None:
         return None
-    gen = {"prompt": prompt, "max_tokens": spec.max_completion_tokens or spec.max_tokens,
-           "temperature": spec.temperature, "top_k": spec.top_k, "top_p": spec.top_p,
-           "num_beams": spec.num_beams, "seed": spec.seed, "n": spec.n}
-    if gen["max_tokens"] > get_settings().max_tokens_cap:
-        parsed.error(n, "invalid_value", f"max tokens must be <= {get_settings().max_tokens_cap}",
+    max_tokens, cap = spec.max_completion_tokens or spec.max_tokens, get_settings().max_tokens_cap
+    if max_tokens > cap:
+        parsed.error(n, "invalid_value", f"max tokens must be <= {cap}",
                      "body.max_completion_tokens")
         return None
+    gen = {"prompt": prompt, "max_tokens": max_tokens, "temperature": spec.temperature,
+           "top_k": spec.top_k, "top_p": spec.top_p, "num_beams": spec.num_beams,
+           "seed": spec.seed, "n": spec.n}
     return {**base, "gen": gen}
 
 
