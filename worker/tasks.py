@@ -122,3 +122,8 @@ def batch_shard(self: Any, job_id: str, attempt: int, **meta: Any) -> str:
     from worker.generation import execute_items
 
     return run_job(self, job_id, attempt, execute_items)
+
+
+@app.task(name="genq.noop")
+def noop() -> None:
+    """Does nothing: the raw-Celery baseline of the queue-overhead benchmark."""

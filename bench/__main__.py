@@ -1,0 +1,34 @@
+"""`make bench`: every benchmark in one run; figures as ratios; writes bench/RESULTS.md."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from bench.generation import bench_generation
+from bench.harness import Report, bench_stack
+from bench.overhead import bench_overhead
+from bench.sql_writes import bench_sql_writes
+from bench.training import bench_checkpoints, bench_training
+
+
+def main() -> int:
+    start = time.perf_counter()
+    report = Report()
+    bench_sql_writes(report)
+    bench_checkpoints(report)
+    with bench_stack() as stack:
+        from api.client import Client
+
+        client = Client(api_key=stack.api_key)  # type: ignore[attr-defined]
+        job = bench_training(report, client)
+        model = job["result"]["model"]
+        bench_generation(report, client, model)
+        bench_overhead(report, client, model)
+    report.write("make bench", time.perf_counter() - start)
+    print(f"wrote bench/RESULTS.md in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Item writes into SQL: common.results.write_items vs a raw Core executemany of the same rows."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import time
+import uuid
+
+from sqlalchemy import bindparam, delete, insert, update
+
+from bench.harness import Figure, Report
+
+N_ITEMS, CHUNK = 5000, 64
+
+
+def postgres_url() -> str | None:
+    url = os.environ.get("GENQ_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+    try:
+        socket.create_connection(("127.0.0.1", 5432), timeout=1).close()
+    except OSError:
+        return None
+    return url
+
+
+def bench_one(url: str) -> tuple[float, float, float]:
+    """(chunked, one-call, raw) items/s on the database at url (tables made by migrations)."""
+    from common import results
+    from common.db import engine_for, normalize_url, session_factory
+    from common.migrate import upgrade
+    from common.models import Item, Job, new_id
+
+    upgrade(url)
+    engine = engine_for(normalize_url(url))
+    job_id = new_id("job_bench_")[:40]
+    rates = []
+    with session_factory(engine)() as session:
+        session.add(Job(id=job_id, owner="bench", type="generate", spec={}))
+        session.commit()
+        for mode in ("chunked", "genq", "raw"):
+            session.execute(insert(Item), [
+                {"job_id": job_id, "index": i, "custom_id": f"{mode}-{i}", "status": "pending",
+                 "request": {"gen": {"prompt": "x" * 40}}} for i in range(N_ITEMS)])
+            session.commit()
+            ids = [row.id for row in session.query(Item.id).filter(
+                Item.job_id == job_id, Item.custom_id.like(f"{mode}-%")).order_by(Item.id)]
+            rows = [{"id": i, "status": "succeeded", "response": {"texts": ["y" * 60]},
+                     "tokens_in": 10, "tokens_out": 16} for i in ids]
+            start = time.perf_counter()
+            if mode != "raw":
+                size = CHUNK if mode == "chunked" else len(rows)
+                for k in range(0, len(rows), size):
+                    results.write_items(session, rows[k : k + size])
+            else:
+                table = Item.__table__
+                stmt = update(table).where(table.c.id == bindparam("b_id")).values(
+                    status=bindparam("b_status"), response=bindparam("b_response"),
+                    tokens_in=bindparam("b_in"), tokens_out=bindparam("b_out"))
+                session.connection().execute(stmt, [
+                    {"b_id": r["id"], "b_status": r["status"], "b_response": r["response"],
+                     "b_in": r["tokens_in"], "b_out": r["tokens_out"]} for r in rows])
+                session.commit()
+            rates.append(N_ITEMS / (time.perf_counter() - start))
+        session.execute(delete(Item).where(Item.job_id == job_id))
+        session.execute(delete(Job).where(Job.id == job_id))
+        session.commit()
+    return rates[0], rates[1], rates[2]
+
+
+def bench_sql_writes(report: Report) -> None:
+    sqlite = f"sqlite:///{tempfile.mkdtemp()}/bench-{uuid.uuid4().hex[:6]}.db"
+    targets = [("SQLite", sqlite)] + ([("PostgreSQL", pg)] if (pg := postgres_url()) else [])
+    for name, url in targets:
+        chunked, genq, raw = bench_one(url)
+        report.add(Figure(f"item writes into {name} (write_items, one call)", genq, "items/s",
+                          baseline=raw, target=0.8,
+                          note="raw: one Core executemany of the same rows, one commit"))
+        report.add(Figure(f"item writes into {name} ({CHUNK}-item commits)", chunked, "items/s",
+                          baseline=raw,
+                          note="as a shard writes: a commit per generation batch (per-item "
+                               "resume)"))

@@ -1,0 +1,107 @@
+"""Training through the queue vs a bare PyTorch loop; checkpoint save/load and resume times."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.harness import Figure, Report
+
+GPT = {"vocab_size": 512, "n_positions": 128, "n_embd": 64, "n_layer": 2, "n_head": 2}
+STEPS, BATCH, SEQ, LOG_EVERY = 150, 16, 64, 10
+
+
+def train_spec(name: str) -> dict[str, Any]:
+    return {"type": "train", "family": "gpt", "name": name, "config": GPT, "steps": STEPS,
+            "batch_size": BATCH, "seq_len": SEQ, "log_every": LOG_EVERY, "lr": 3e-3}
+
+
+def queue_steps_per_s(client: Any, job_id: str) -> float:
+    """Steady-state steps/s from the logged metrics (checkpoints at the default interval count)."""
+    points = client.metrics(job_id, ["loss"])
+    first, last = points[0], points[-1]
+    at = datetime.fromisoformat
+    seconds = (at(last["at"]) - at(first["at"])).total_seconds()
+    return (last["step"] - first["step"]) / seconds
+
+
+def bare_steps_per_s() -> float:
+    """The same model, data and batch in a plain loop: forward, backward, clip, AdamW."""
+    from common.ml.data import load_data
+    from common.ml.families import get_family
+    from common.ml.train import Batches
+
+    module = get_family("gpt")
+    data = load_data({"builtin": "python-docs"}, "text")
+    cfg, tok = module.prepare(module.Config(**GPT), data)
+    torch.manual_seed(0)
+    model = module.build_model(cfg, tok)
+    tokens = torch.tensor(module.encode(tok, data.text), dtype=torch.long)
+    batches = Batches(data, tokens, BATCH, SEQ, 0, "cpu")
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    phase = module.PHASES[0]
+    start = 0.0
+    for step in range(STEPS):
+        if step == LOG_EVERY:
+            start = time.perf_counter()
+        loss, _ = module.loss(model, batches(step), phase)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    return (STEPS - LOG_EVERY) / (time.perf_counter() - start)
+
+
+def bench_training(report: Report, client: Any) -> dict[str, Any]:
+    """Train the tiny GPT through the queue (it also serves the generation benches)."""
+    job = client.wait(client.create_job(train_spec(f"bench-gpt-{int(time.time())}"))["id"])
+    assert job["status"] == "succeeded", job
+    queue = queue_steps_per_s(client, job["id"])
+    bare = bare_steps_per_s()
+    report.add(Figure("training steps/s through the queue (tiny gpt, B=16, T=64)", queue,
+                      "steps/s", baseline=bare, target=0.95,
+                      note="bare PyTorch loop, same model/batch; checkpoints every 50 steps"))
+    return job
+
+
+def bench_checkpoints(report: Report) -> None:
+    """Save/load of a safetensors checkpoint and time from resume to the first step."""
+    from common.ml.checkpoint import load_model
+    from common.ml.train import TrainHooks, run_training
+
+    work = Path(tempfile.mkdtemp(prefix="genq-bench-ckpt-"))
+    spec = {"family": "gpt", "config": {**GPT, "n_embd": 256, "n_layer": 4, "n_head": 4},
+            "data": {"builtin": "python-docs"}, "steps": 2, "batch_size": 4, "seq_len": 32,
+            "checkpoint_every": 1000}
+    saves: list[float] = []
+    last = {"t": time.perf_counter()}
+
+    def on_checkpoint(step: int, path: Path, metrics: dict[str, float]) -> None:
+        saves.append(time.perf_counter() - last["t"])
+
+    outcome = run_training(spec, work / "a", hooks=TrainHooks(on_checkpoint=on_checkpoint))
+    ckpt = outcome.checkpoint
+    size = sum(p.stat().st_size for p in ckpt.rglob("*") if p.is_file())
+    loads = []
+    for _ in range(3):
+        t = time.perf_counter()
+        load_model(ckpt)
+        loads.append(time.perf_counter() - t)
+    first: dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    def on_progress(step: int, total: int, metrics: dict[str, float]) -> None:
+        first.setdefault("t", time.perf_counter() - t0)
+
+    run_training({**spec, "steps": 3}, work / "b", hooks=TrainHooks(on_progress=on_progress),
+                 resume_from=ckpt)
+    mb = size / 1e6
+    report.add(Figure(f"checkpoint load (gpt {mb:.1f} MB, safetensors)", min(loads) * 1000, "ms"))
+    report.add(Figure("resume to first step (same checkpoint)", first.get("t", math.nan) * 1000,
+                      "ms", note="load weights + optimizer/RNG state + data, one step"))
