@@ -325,13 +325,21 @@ def test_duplicate_message_runs_once_and_stale_attempt_is_dropped(rstack):
 
 
 def test_deterministic_error_fails_at_once(rstack):
+    """A checkpoint to resume from whose files are gone fails at once: retrying cannot help."""
+    from common.db import engine_for, session_factory
+    from common.models import Checkpoint
+
     c = rstack.client()
-    job = c.create_job({**SPEC, "steps": 50, "lr": 10, "optimizer": "sgd", "clip": None,
-                        "config": {"hidden": 32}, "max_attempts": 3})
+    base = c.wait(c.create_job({**SPEC, "steps": 2})["id"], timeout=60)
+    with session_factory(engine_for(rstack.env["GENQ_DATABASE_URL"]))() as s:
+        uri = s.get(Checkpoint, base["result"]["checkpoint_id"]).uri
+    (Path(uri.removeprefix("file://")) / "config.json").unlink()
+    job = c.create_job({**SPEC, "steps": 4, "resume_from": base["result"]["checkpoint_id"],
+                        "max_attempts": 3})
     done = c.wait(job["id"], timeout=60)
-    assert done["status"] == "failed" and done["error"]["code"] == "nan_loss", done
-    assert done["attempt"] == 1
-    assert [a["error"]["code"] for a in done["attempts"]] == ["nan_loss"]
+    assert done["status"] == "failed" and done["error"]["retryable"] is False, done
+    assert done["attempt"] == 1 and row(rstack, job["id"]).failures == 1
+    assert [a["error"]["code"] for a in done["attempts"]] == [done["error"]["code"]]
 
 
 def test_transient_error_retries_with_backoff_then_fails(rstack):
@@ -411,3 +419,78 @@ def test_outbox_sweep_sends_a_job_that_never_reached_the_broker(rstack):
     assert row(rstack, job_id).enqueued_at is None
     done = rstack.client().wait(job_id, timeout=60)
     assert done["status"] == "succeeded", done
+
+
+# ---------------------------------------------------------------- reaper and back-off (SQL level)
+
+
+def _running_job(session, **values):  # type: ignore[no-untyped-def]
+    from common.models import Job, utcnow
+
+    values = {"heartbeat_at": utcnow(), "max_attempts": 3, **values}
+    job = Job(id=f"job_{uuid.uuid4().hex}", owner="reaper-test", type="train", family="lstm",
+              spec={}, queue="cpu", status="running", worker="x@nowhere", worker_pid=1, **values)
+    session.add(job)
+    session.commit()
+    return job
+
+
+def test_only_one_reaper_holds_the_lease(session):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from common import jobs
+    from common.db import session_factory
+
+    name = f"reaper-{uuid.uuid4().hex[:6]}"
+    factory = session_factory(session.get_bind())
+
+    def attempt(holder: str) -> bool:
+        with factory() as s:
+            return jobs.take_lease(s, name, holder, ttl_s=30)
+
+    with ThreadPoolExecutor(4) as pool:
+        won = list(pool.map(attempt, [f"w{i}" for i in range(4)]))
+    assert sum(won) == 1
+    winner = f"w{won.index(True)}"
+    assert attempt(winner) and not attempt("late")
+    with factory() as s:  # an expired lease passes on
+        assert jobs.take_lease(s, name, winner, ttl_s=-1)
+    assert attempt("late")
+
+
+def test_reaper_requeues_then_fails_worker_lost(session):
+    from common import jobs
+    from common.models import Job, utcnow
+
+    fresh = _running_job(session)
+    stale = _running_job(session, heartbeat_at=utcnow() - timedelta(seconds=300))
+    last = _running_job(session, heartbeat_at=utcnow() - timedelta(seconds=300), failures=2)
+    reaped = jobs.reap(session, lease_s=120)
+    assert fresh.id not in reaped and {stale.id, last.id} <= set(reaped)
+    session.expire_all()
+    stale, last = session.get(Job, stale.id), session.get(Job, last.id)
+    assert (stale.status, stale.attempt, stale.failures) == ("queued", 2, 1)
+    assert stale.not_before is not None and stale.not_before > utcnow()
+    assert stale.attempts_log[-1]["error"]["code"] == "worker_lost"
+    assert last.status == "failed" and last.error["code"] == "worker_lost"
+    assert session.get(Job, fresh.id).status == "running"
+
+
+def test_retry_backoff_doubles(session):
+    from common import jobs
+    from common.config import get_settings
+    from common.models import Job, utcnow
+
+    base = get_settings().retry_backoff_s
+    job = _running_job(session, max_attempts=5)
+    delays = []
+    for _ in range(3):
+        before = utcnow()
+        assert jobs.fail_job(session, job, {"code": "transient", "message": "x",
+                                            "retryable": True}) == "queued"
+        session.refresh(job)
+        delays.append((job.not_before - before).total_seconds())
+        session.execute(Job.__table__.update().where(Job.id == job.id).values(status="running"))
+        session.commit()
+        session.refresh(job)
+    assert [round(d / base) for d in delays] == [1, 2, 4], delays
