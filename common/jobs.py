@@ -302,6 +302,7 @@ def _take_over(session: Session, job: Job, *, worker: str, pid: int, task_id: st
             attempt=job.attempt + 1,
             failures=job.failures + 1,
             attempts_log=[*job.attempts_log, {"attempt": job.attempt, "error": error}],
+            worker=worker,
             worker_pid=pid,
             celery_task_id=task_id,
             heartbeat_at=utcnow(),
@@ -345,9 +346,18 @@ def heartbeat(
     session.commit()
     if updated != 1:
         return Signals(lost=True)
+    return read_signals(session, job)
+
+
+def read_signals(session: Session, job: Job) -> Signals:
+    """The cancel / shutdown flags of the job's current attempt (lost if it is not ours)."""
     row = session.execute(
-        select(Job.cancel_requested, Job.shutdown_requested).where(Job.id == job.id)
+        select(Job.cancel_requested, Job.shutdown_requested, Job.attempt, Job.status)
+        .where(Job.id == job.id)
     ).one()
+    session.commit()  # end the read transaction: SQLite must not pin an old snapshot
+    if row[2] != job.attempt or row[3] != JobStatus.running:
+        return Signals(lost=True)
     return Signals(cancel=bool(row[0]), shutdown=bool(row[1]))
 
 

@@ -23,7 +23,7 @@ from sqlalchemy import select
 
 from tests.conftest import _TMP, ROOT, Stack, _free_port, start_stack, wait_for
 
-SPEC = {"type": "train", "family": "lstm", "steps": 30, "batch_size": 8, "seq_len": 32,
+SPEC = {"type": "train", "family": "lstm", "steps": 120, "batch_size": 8, "seq_len": 32,
         "checkpoint_every": 5, "log_every": 5, "seed": 7, "data": {"builtin": "python-docs"}}
 
 
@@ -252,13 +252,28 @@ def test_sigterm_checkpoints_and_requeues_without_spending_an_attempt(rstack, re
     assert_same_weights(final_weights(rstack, done["result"]["checkpoint_id"]), reference)
 
 
+def test_sigterm_to_the_process_group_loses_nothing(rstack, reference):
+    """systemd's default stop signals every process of the worker; the job still finishes."""
+    ensure_two_workers(rstack)
+    c = rstack.client()
+    job = c.create_job(SPEC)
+    victim = node_of(running_at(rstack, job["id"], 8))
+    rstack.stop(victim, sig=signal.SIGTERM)
+    done = c.wait(job["id"], timeout=120)
+    assert done["status"] == "succeeded", done
+    assert node_of(row(rstack, job["id"])) != victim
+    assert {a["error"]["code"] for a in done["attempts"]} <= {"shutdown", "worker_lost"}
+    assert_same_weights(final_weights(rstack, done["result"]["checkpoint_id"]), reference)
+
+
 # ---------------------------------------------------------------- cancel
 
 
 def test_cancel_running_training_within_a_step(rstack):
     ensure_two_workers(rstack)
     c = rstack.client()
-    job = c.create_job({**SPEC, "steps": 2000})
+    slow = {"steps": 2000, "batch_size": 64, "seq_len": 128}  # steps of tens of ms
+    job = c.create_job({**SPEC, **slow})
     at = running_at(rstack, job["id"], 8).progress_done
     t0 = time.monotonic()
     c.cancel(job["id"])
@@ -266,7 +281,7 @@ def test_cancel_running_training_within_a_step(rstack):
     assert done["status"] == "cancelled", done
     assert time.monotonic() - t0 < 5
     ckpt = c.request("GET", f"/v1/checkpoints/{done['result']['checkpoint_id']}")
-    assert at <= ckpt["step"] <= at + 15, (at, ckpt["step"])
+    assert at <= ckpt["step"] <= at + 25, (at, ckpt["step"])
 
 
 def test_cancel_queued_job_is_immediate(rstack):

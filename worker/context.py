@@ -19,6 +19,7 @@ from common.models import Job, JobLog, Metric, utcnow
 from common.storage import Storage, get_storage
 
 log = logging.getLogger(__name__)
+STOP_POLL_S = 0.05  # flag reads by the running step: cheap primary-key selects
 
 
 @dataclass
@@ -36,6 +37,7 @@ class JobContext:
     _stop: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _last_event: float = 0.0
+    _last_poll: float = 0.0
     _started: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
@@ -90,7 +92,26 @@ class JobContext:
         self._signals = signals
 
     def should_stop(self) -> str | None:
-        """Why the job must stop now: cancel, shutdown, timeout, lost; None to go on."""
+        """Why the job must stop now: cancel, shutdown, timeout, lost; None to go on.
+
+        Called every step / batch: the flags are read from SQL here too (at most every
+        STOP_POLL_S), so a cancel lands within about one step, not one heartbeat.
+        """
+        now = time.monotonic()
+        if now - self._last_poll >= STOP_POLL_S:
+            self._last_poll = now
+            try:
+                polled = jobs.read_signals(self.session, self.job)
+            except Exception as exc:  # a database blip: the heartbeat's flags still stand
+                self.session.rollback()
+                log.debug("job %s: flag poll failed: %s", self.job.id, exc)
+            else:
+                signals = self._signals
+                self._signals = jobs.Signals(
+                    cancel=polled.cancel or signals.cancel,
+                    shutdown=polled.shutdown or signals.shutdown,
+                    lost=polled.lost or signals.lost,
+                )
         s = self._signals
         if s.lost:
             return "lost"
