@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     retry_backoff_s: float = Field(2.0, description="First retry delay; doubles per attempt.")
     worker_max_tasks_per_child: int = 0
     worker_max_memory_per_child_kb: int = 0
+    pretrained_root: Path | None = Field(
+        None, description="Folder gpt `config.pretrained` paths must be in; default home/pretrained."
+    )
     model_cache_bytes: int = Field(2 << 30, description="Per-process model cache bound.")
 
     shard_size: int = Field(1000, description="Requests per batch shard.")
@@ -59,6 +62,10 @@ class Settings(BaseSettings):
     @property
     def home_dir(self) -> Path:
         return self.home.resolve()
+
+    @property
+    def pretrained_dir(self) -> Path:
+        return (self.pretrained_root or self.home_dir / "pretrained").resolve()
 
     @property
     def db_url(self) -> str:

@@ -83,6 +83,8 @@ class TrainSpec(Strict):
                 f"data.builtin: {self.data.builtin!r} is {BUILTIN_DATA[self.data.builtin]} data, "
                 f"family {self.family!r} needs {family_kind(self.family)} data"
             )
+        if self.family == "gpt" and isinstance(self.config.get("pretrained"), str):
+            self.config["pretrained"] = confine_pretrained(self.config["pretrained"], problems)
         problems += validate_model_config(self.family, self.config)
         check_queue(self.queue, problems)
         if problems:
@@ -137,6 +139,16 @@ class GenerateSpec(SamplingParams):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+
+def confine_pretrained(path: str, problems: list[str]) -> str:
+    """A pretrained directory resolved inside GENQ_PRETRAINED_ROOT, never elsewhere."""
+    root = get_settings().pretrained_dir
+    resolved = (root / path).resolve()
+    if not resolved.is_relative_to(root):
+        problems.append(f"config.pretrained: must be a folder inside {root} (GENQ_PRETRAINED_ROOT)")
+        return path
+    return str(resolved)
 
 
 def check_queue(queue: str, problems: list[str]) -> None:

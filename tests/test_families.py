@@ -85,3 +85,27 @@ def test_resume_from_checkpoint_is_exact(stack, family):
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), f"{family}: {name} differs after resume"
+
+
+def test_gpt_fine_tunes_a_local_pretrained_directory(stack):
+    """A transformers directory under GENQ_HOME/pretrained is loaded (never downloaded)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from common.ml.families.gpt import save_tokenizer, train_tokenizer
+
+    target = stack.home / "pretrained" / "tiny-gpt2"
+    target.mkdir(parents=True)
+    tokenizer = train_tokenizer("hello world, tiny corpus for a tokenizer " * 50, 300)
+    save_tokenizer(tokenizer, target)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=1,
+                               n_head=2)).save_pretrained(target)
+    job = train(stack, "gpt", 3, config={"pretrained": "tiny-gpt2"}, seq_len=32)
+    assert job["result"]["model"]
+
+
+def test_pretrained_outside_the_root_is_refused(stack):
+    import httpx
+
+    resp = httpx.post(f"{stack.api_url}/v1/jobs", headers={"Authorization": f"Bearer {stack.api_key}"},
+                      json={"type": "train", "family": "gpt", "config": {"pretrained": "/etc"}})
+    assert resp.status_code == 422 and "config.pretrained" in resp.json()["error"]["message"]
