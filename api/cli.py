@@ -20,8 +20,11 @@ from rich.table import Table
 from api.client import FINISHED, Client, GenqAPIError
 from common.config import get_settings
 
-app = typer.Typer(help="genq: a job queue for generative models.", no_args_is_help=True,
-                  pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="genq: a job queue for generative models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 db_app = typer.Typer(help="Database commands.", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
@@ -42,8 +45,10 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
         except GenqAPIError as exc:
             err.print(f"[red]error:[/red] {exc} [dim](HTTP {exc.status}, {exc.code})[/dim]")
         except httpx.ConnectError:
-            err.print(f"[red]error:[/red] cannot reach genq at {get_settings().api_url}: "
-                      "is `genq up` running? (or set GENQ_API_URL)")
+            err.print(
+                f"[red]error:[/red] cannot reach genq at {get_settings().api_url}: "
+                "is `genq up` running? (or set GENQ_API_URL)"
+            )
         except httpx.HTTPError as exc:
             err.print(f"[red]error:[/red] talking to {get_settings().api_url}: {exc}")
         except StackError as exc:
@@ -58,8 +63,10 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
 def client() -> Client:
     c = Client()
     if not c.api_key:
-        err.print("[red]error:[/red] no API key: set GENQ_API_KEY, or run `genq up` in this "
-                  "folder (it saves one in .genq/api_key)")
+        err.print(
+            "[red]error:[/red] no API key: set GENQ_API_KEY, or run `genq up` in this "
+            "folder (it saves one in .genq/api_key)"
+        )
         raise typer.Exit(1)
     return c
 
@@ -70,7 +77,9 @@ def client() -> Client:
 @app.command()
 @friendly
 def up(
-    gpus: Annotated[int | None, typer.Option(help="GPU workers (default: one per CUDA device)")] = None,
+    gpus: Annotated[
+        int | None, typer.Option(help="GPU workers (default: one per CUDA device)")
+    ] = None,
     flower: Annotated[bool, typer.Option(help="Start Flower")] = True,
 ) -> None:
     """Start Redis, the API, workers and Flower in this folder (.genq/); Ctrl-C stops all."""
@@ -105,8 +114,10 @@ def print_stack(stack: Any) -> None:
     console.print(f"[bold green]genq is up[/bold green] (state in {s.home_dir})")
     console.print(f"  API      http://{s.api_host}:{s.api_port}   docs: /docs")
     if stack.with_flower:
-        console.print(f"  Flower   http://127.0.0.1:{s.flower_port}   user {s.flower_user}, "
-                      f"password in {s.home_dir / 'flower_password'}")
+        console.print(
+            f"  Flower   http://127.0.0.1:{s.flower_port}   user {s.flower_user}, "
+            f"password in {s.home_dir / 'flower_password'}"
+        )
     console.print(f"  API key  {stack.api_key}   (saved in {s.home_dir / 'api_key'})")
     console.print(f"  logs     {stack.logs}")
     console.print("Ctrl-C stops everything.")
@@ -127,8 +138,10 @@ def worker(
     wanted = [q.strip() for q in queues.split(",") if q.strip()]
     unknown = [q for q in wanted if q not in allowed]
     if unknown:
-        err.print(f"[red]error:[/red] --queues: unknown {unknown}; configured: {allowed} "
-                  "(add custom queues with GENQ_QUEUES)")
+        err.print(
+            f"[red]error:[/red] --queues: unknown {unknown}; configured: {allowed} "
+            "(add custom queues with GENQ_QUEUES)"
+        )
         raise typer.Exit(2)
     start_worker(queues=wanted, gpu=gpu, name=name, loglevel=loglevel)
 
@@ -201,8 +214,13 @@ def keys_list() -> None:
         rows = list_keys(session)
     table = Table("id", "owner", "name", "created", "revoked")
     for r in rows:
-        table.add_row(r.id, r.owner, r.name, f"{r.created_at:%Y-%m-%d %H:%M}",
-                      f"{r.revoked_at:%Y-%m-%d %H:%M}" if r.revoked_at else "")
+        table.add_row(
+            r.id,
+            r.owner,
+            r.name,
+            f"{r.created_at:%Y-%m-%d %H:%M}",
+            f"{r.revoked_at:%Y-%m-%d %H:%M}" if r.revoked_at else "",
+        )
     console.print(table)
 
 
@@ -223,8 +241,14 @@ def train(
     watch_: Annotated[bool, typer.Option("--watch", help="Follow progress")] = False,
 ) -> None:
     """Submit a training job."""
-    spec: dict[str, Any] = {"type": "train", "family": family, "steps": steps,
-                            "batch_size": batch_size, "lr": lr, "queue": queue}
+    spec: dict[str, Any] = {
+        "type": "train",
+        "family": family,
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "queue": queue,
+    }
     if name:
         spec["name"] = name
     if data:
@@ -259,10 +283,19 @@ def generate(
     out: Annotated[Path, typer.Option(help="Folder for images")] = Path("genq-results"),
 ) -> None:
     """Generate from a model and print (or save) the results."""
-    spec: dict[str, Any] = {"type": "generate", "model": model, "max_tokens": max_tokens,
-                            "temperature": temperature}
-    for key, value in (("prompts", prompts), ("n", n), ("labels", label), ("top_k", top_k),
-                       ("seed", seed)):
+    spec: dict[str, Any] = {
+        "type": "generate",
+        "model": model,
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+    }
+    for key, value in (
+        ("prompts", prompts),
+        ("n", n),
+        ("labels", label),
+        ("top_k", top_k),
+        ("seed", seed),
+    ):
         if value:
             spec[key] = value
     c = client()
@@ -275,7 +308,9 @@ def generate(
 @app.command()
 @friendly
 def jobs(
-    status: Annotated[str | None, typer.Option(help="queued|running|succeeded|failed|cancelled")] = None,
+    status: Annotated[
+        str | None, typer.Option(help="queued|running|succeeded|failed|cancelled")
+    ] = None,
     type: Annotated[str | None, typer.Option(help="train|generate|batch")] = None,
     limit: int = 20,
 ) -> None:
@@ -285,9 +320,15 @@ def jobs(
     table.columns[0].no_wrap = True
     for j in page["data"]:
         p = j["progress"]
-        table.add_row(j["id"], j["type"], j["family"] or "", colour(j["status"]),
-                      f"{p['done']}/{p['total']} {p['unit']}s", str(j["attempt"]),
-                      j["created_at"][:19].replace("T", " "))
+        table.add_row(
+            j["id"],
+            j["type"],
+            j["family"] or "",
+            colour(j["status"]),
+            f"{p['done']}/{p['total']} {p['unit']}s",
+            str(j["attempt"]),
+            j["created_at"][:19].replace("T", " "),
+        )
     console.print(table)
 
 
@@ -306,15 +347,27 @@ def watch(job_id: str) -> None:
 
 def follow(c: Client, job_id: str) -> dict[str, Any]:
     job = c.get_job(job_id)
-    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
+    columns = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+    ]
     with Progress(*columns, console=console, transient=False) as bar:
-        task = bar.add_task(f"{job_id} {job['status']}", total=max(job["progress"]["total"], 1), info="")
+        task = bar.add_task(
+            f"{job_id} {job['status']}", total=max(job["progress"]["total"], 1), info=""
+        )
         while True:
             p, m = job["progress"], job["metrics"]
             info = f"loss {m['loss']:.4f}" if "loss" in m else ""
-            bar.update(task, completed=p["done"], total=max(p["total"], 1),
-                       description=f"{job_id} {job['status']}", info=info)
+            bar.update(
+                task,
+                completed=p["done"],
+                total=max(p["total"], 1),
+                description=f"{job_id} {job['status']}",
+                info=info,
+            )
             if job["status"] in FINISHED:
                 break
             time.sleep(0.5)
@@ -339,7 +392,9 @@ def describe_end(job: dict[str, Any]) -> None:
 def cancel(job_id: str) -> None:
     """Cancel a job (a running one stops at its next step)."""
     job = client().cancel(job_id)
-    console.print(f"{job_id}: {job['status']}" + (" (cancel requested)" if job["status"] == "running" else ""))
+    console.print(
+        f"{job_id}: {job['status']}" + (" (cancel requested)" if job["status"] == "running" else "")
+    )
 
 
 @app.command()
@@ -362,7 +417,9 @@ def show_results(c: Client, job: dict[str, Any], out: Path) -> None:
             prompt = item["request"].get("gen", {}).get("prompt", "")
             console.print(f"[bold]{item['custom_id']}[/bold] [dim]{prompt}[/dim]{text}")
         if item.get("error"):
-            console.print(f"[bold]{item['custom_id']}[/bold] [red]{item['error'].get('message')}[/red]")
+            console.print(
+                f"[bold]{item['custom_id']}[/bold] [red]{item['error'].get('message')}[/red]"
+            )
     saved = []
     for art in c.artifacts(job["id"]):
         out.mkdir(parents=True, exist_ok=True)
@@ -385,8 +442,10 @@ def logs(
     while True:
         for line in c.logs(job_id, after=after):
             style = {"ERROR": "red", "WARNING": "yellow"}.get(line["level"], "dim")
-            console.print(f"[dim]{line['at'][11:19]}[/dim] [{style}]{line['level']:<7}[/] "
-                          f"{line['message']}", highlight=False)
+            console.print(
+                f"[dim]{line['at'][11:19]}[/dim] [{style}]{line['level']:<7}[/] {line['message']}",
+                highlight=False,
+            )
             after = line["id"]
         if not follow_ or c.get_job(job_id)["status"] in FINISHED:
             return
@@ -410,8 +469,15 @@ def metrics(
     table = Table("metric", "steps", "first", "last", "min", "max", "curve")
     for key, values in sorted(series.items()):
         ys = [v for _, v in values]
-        table.add_row(key, f"{values[0][0]}–{values[-1][0]}", f"{ys[0]:.4g}", f"{ys[-1]:.4g}",
-                      f"{min(ys):.4g}", f"{max(ys):.4g}", sparkline(ys))
+        table.add_row(
+            key,
+            f"{values[0][0]}–{values[-1][0]}",
+            f"{ys[0]:.4g}",
+            f"{ys[-1]:.4g}",
+            f"{min(ys):.4g}",
+            f"{max(ys):.4g}",
+            sparkline(ys),
+        )
     console.print(table)
 
 
@@ -433,15 +499,21 @@ def workers() -> None:
     for w in client().workers():
         d = w["device"]
         device = d.get("type", "") + (f" {d['name']}" if d.get("name") else "")
-        table.add_row(w["hostname"], ",".join(w["queues"]), device, w["current_job"] or "",
-                      w["heartbeat_at"][11:19])
+        table.add_row(
+            w["hostname"],
+            ",".join(w["queues"]),
+            device,
+            w["current_job"] or "",
+            w["heartbeat_at"][11:19],
+        )
     console.print(table)
 
 
 # ------------------------------------------------------------------ batches (OpenAI Batch API)
 
-batch_app = typer.Typer(help="Bulk generation through the OpenAI-compatible Batch API.",
-                        no_args_is_help=True)
+batch_app = typer.Typer(
+    help="Bulk generation through the OpenAI-compatible Batch API.", no_args_is_help=True
+)
 app.add_typer(batch_app, name="batch")
 
 
@@ -450,18 +522,23 @@ app.add_typer(batch_app, name="batch")
 def batch_submit(
     file: Annotated[Path, typer.Argument(help="JSONL: one {custom_id, method, url, body} a line")],
     model: Annotated[str | None, typer.Option(help="Model for lines whose body has none")] = None,
-    endpoint: Annotated[str, typer.Option(help="/v1/completions | /v1/chat/completions | "
-                                               "/v1/images/generations")] = "/v1/completions",
+    endpoint: Annotated[
+        str, typer.Option(help="/v1/completions | /v1/chat/completions | /v1/images/generations")
+    ] = "/v1/completions",
     wait: Annotated[bool, typer.Option("--wait", help="Wait and download the output")] = False,
-    out: Annotated[Path | None, typer.Option(help="Where --wait saves the output JSONL "
-                                                  "(default FILE.output.jsonl)")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Where --wait saves the output JSONL (default FILE.output.jsonl)"),
+    ] = None,
 ) -> None:
     """Upload FILE and create a batch; with --wait, follow it and save the output file."""
     c = client()
     upload = c.upload_file(file, purpose="batch")
     batch = c.create_batch(upload["id"], endpoint=endpoint, model=model)
-    console.print(f"submitted batch {batch['id']} (input {upload['id']}, "
-                  f"{batch['request_counts']['total']} requests): {batch['status']}")
+    console.print(
+        f"submitted batch {batch['id']} (input {upload['id']}, "
+        f"{batch['request_counts']['total']} requests): {batch['status']}"
+    )
     if batch["status"] == "failed":
         for e in (batch.get("errors") or {}).get("data", [])[:20]:
             err.print(f"  line {e['line']}: {e['code']}: {e['message']}")
@@ -485,16 +562,23 @@ def batch_submit(
 def follow_batch(c: Client, batch: dict[str, Any]) -> dict[str, Any]:
     from api.client import BATCH_FINISHED
 
-    columns = [TextColumn("{task.description}"), BarColumn(),
-               TextColumn("{task.completed}/{task.total}"), TimeRemainingColumn()]
+    columns = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeRemainingColumn(),
+    ]
     with Progress(*columns, console=console) as bar:
         task = bar.add_task(batch["id"], total=max(batch["request_counts"]["total"], 1))
         while batch["status"] not in BATCH_FINISHED:
             time.sleep(0.5)
             batch = c.get_batch(batch["id"])
             counts = batch["request_counts"]
-            bar.update(task, completed=counts["completed"] + counts["failed"],
-                       description=f"{batch['id']} {batch['status']}")
+            bar.update(
+                task,
+                completed=counts["completed"] + counts["failed"],
+                description=f"{batch['id']} {batch['status']}",
+            )
     return batch
 
 

@@ -36,12 +36,14 @@ def default_api_key() -> str:
 class Client:
     """genq API client: `Client().create_job({...})`."""
 
-    def __init__(self, base_url: str | None = None, api_key: str | None = None,
-                 timeout: float = 30.0):
+    def __init__(
+        self, base_url: str | None = None, api_key: str | None = None, timeout: float = 30.0
+    ):
         self.base_url = (base_url or get_settings().api_url).rstrip("/")
         self.api_key = api_key if api_key is not None else default_api_key()
         self.http = httpx.Client(
-            base_url=self.base_url, timeout=timeout,
+            base_url=self.base_url,
+            timeout=timeout,
             headers={"Authorization": f"Bearer {self.api_key}"} if self.api_key else {},
         )
 
@@ -52,8 +54,9 @@ class Client:
                 err = resp.json()["error"]
             except Exception:
                 err = {"code": "http_error", "message": resp.text[:500] or resp.reason_phrase}
-            raise GenqAPIError(resp.status_code, err.get("code", ""), err.get("message", ""),
-                               err.get("param"))
+            raise GenqAPIError(
+                resp.status_code, err.get("code", ""), err.get("message", ""), err.get("param")
+            )
         ctype = resp.headers.get("content-type", "")
         return resp.json() if ctype.startswith("application/json") else resp.content
 
@@ -64,7 +67,9 @@ class Client:
             return False
 
     # jobs
-    def create_job(self, spec: dict[str, Any], idempotency_key: str | None = None) -> dict[str, Any]:
+    def create_job(
+        self, spec: dict[str, Any], idempotency_key: str | None = None
+    ) -> dict[str, Any]:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         return self.request("POST", "/v1/jobs", json=spec, headers=headers)
 
@@ -80,8 +85,11 @@ class Client:
     def items(self, job_id: str) -> Iterator[dict[str, Any]]:
         after = None
         while True:
-            page = self.request("GET", f"/v1/jobs/{job_id}/items",
-                                params={"limit": 1000, **({"after": after} if after is not None else {})})
+            page = self.request(
+                "GET",
+                f"/v1/jobs/{job_id}/items",
+                params={"limit": 1000, **({"after": after} if after is not None else {})},
+            )
             yield from page["data"]
             if not page["has_more"]:
                 return
@@ -142,17 +150,25 @@ class Client:
     # files & batches (OpenAI-compatible; the `openai` SDK works against /v1 too)
     def upload_file(self, path: Path, purpose: str = "batch") -> dict[str, Any]:
         with path.open("rb") as f:
-            return self.request("POST", "/v1/files", data={"purpose": purpose},
-                                files={"file": (path.name, f)})
+            return self.request(
+                "POST", "/v1/files", data={"purpose": purpose}, files={"file": (path.name, f)}
+            )
 
     def file_content(self, file_id: str) -> bytes:
         return self.request("GET", f"/v1/files/{file_id}/content")
 
-    def create_batch(self, input_file_id: str, endpoint: str = "/v1/completions",
-                     model: str | None = None,
-                     metadata: dict[str, str] | None = None) -> dict[str, Any]:
-        body: dict[str, Any] = {"input_file_id": input_file_id, "endpoint": endpoint,
-                                "completion_window": "24h"}
+    def create_batch(
+        self,
+        input_file_id: str,
+        endpoint: str = "/v1/completions",
+        model: str | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "input_file_id": input_file_id,
+            "endpoint": endpoint,
+            "completion_window": "24h",
+        }
         if model:
             body["model"] = model
         if metadata:

@@ -31,9 +31,18 @@ def run_demo(console: Console, *, steps: int = 300) -> None:
         c = Client(api_key=stack.api_key)
     try:
         console.print(f"[bold]1. training[/bold] a character LSTM on Python's docs ({steps} steps)")
-        job = c.create_job({"type": "train", "family": "lstm", "steps": steps, "batch_size": 32,
-                            "lr": 3e-3, "seq_len": 64, "checkpoint_every": 100,
-                            "config": {"hidden": 128, "n_embd": 64, "n_layer": 1}})
+        job = c.create_job(
+            {
+                "type": "train",
+                "family": "lstm",
+                "steps": steps,
+                "batch_size": 32,
+                "lr": 3e-3,
+                "seq_len": 64,
+                "checkpoint_every": 100,
+                "config": {"hidden": 128, "n_embd": 64, "n_layer": 1},
+            }
+        )
         job = follow(c, job["id"])
         if job["status"] != "succeeded":
             raise SystemExit(1)
@@ -50,16 +59,22 @@ def run_demo(console: Console, *, steps: int = 300) -> None:
 
 def generate_texts(c: Client, model: str) -> list[tuple[str, str]]:
     """Bulk-generate through the OpenAI-compatible Batch API: upload JSONL, batch, output file."""
-    lines = [{"custom_id": f"prompt-{i}", "method": "POST", "url": "/v1/completions",
-              "body": {"model": model, "prompt": p, "max_tokens": 60, "temperature": 0.7,
-                       "seed": 1}}
-             for i, p in enumerate(PROMPTS)]
+    lines = [
+        {
+            "custom_id": f"prompt-{i}",
+            "method": "POST",
+            "url": "/v1/completions",
+            "body": {"model": model, "prompt": p, "max_tokens": 60, "temperature": 0.7, "seed": 1},
+        }
+        for i, p in enumerate(PROMPTS)
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "demo-prompts.jsonl"
         path.write_text("".join(json.dumps(line) + "\n" for line in lines))
         upload = c.upload_file(path, purpose="batch")
-    batch = c.wait_batch(c.create_batch(upload["id"], endpoint="/v1/completions")["id"],
-                         timeout=600)
+    batch = c.wait_batch(
+        c.create_batch(upload["id"], endpoint="/v1/completions")["id"], timeout=600
+    )
     texts: dict[str, str] = {}
     if batch.get("output_file_id"):
         for raw in c.file_content(batch["output_file_id"]).decode().splitlines():
@@ -72,9 +87,13 @@ def show_where(console: Console, settings: Any, job_id: str, model: str, tempora
     api = f"http://{settings.api_host}:{settings.api_port}"
     console.print("[bold]3. where to look[/bold]")
     console.print(f"  API      {api}/v1/jobs/{job_id}   (docs at {api}/docs)")
-    console.print(f"  Flower   http://127.0.0.1:{settings.flower_port}   (user {settings.flower_user}, "
-                  f"password in {settings.home_dir / 'flower_password'})")
-    console.print(f"  model    {model!r} is registered in {settings.home_dir}; "
-                  f"`genq generate {model} 'Some prompt'`")
+    console.print(
+        f"  Flower   http://127.0.0.1:{settings.flower_port}   (user {settings.flower_user}, "
+        f"password in {settings.home_dir / 'flower_password'})"
+    )
+    console.print(
+        f"  model    {model!r} is registered in {settings.home_dir}; "
+        f"`genq generate {model} 'Some prompt'`"
+    )
     if temporary:
         console.print("  The demo's stack is stopped now; run [bold]genq up[/bold] to keep it up.")

@@ -14,7 +14,9 @@ from common.config import get_settings
 
 def create_app() -> FastAPI:
     """Build the API application."""
-    logging.basicConfig(level=get_settings().log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=get_settings().log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     app = FastAPI(
         dependencies=[Depends(limit_json_body)],
         title="genq",

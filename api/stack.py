@@ -110,16 +110,31 @@ class Stack:
             "GENQ_API_URL": f"http://{s.api_host}:{s.api_port}",
             "PYTHONUNBUFFERED": "1",
         }
-        os.environ.update({k: self.env[k] for k in ("GENQ_HOME", "GENQ_BROKER_URL", "GENQ_API_URL")})
+        os.environ.update(
+            {k: self.env[k] for k in ("GENQ_HOME", "GENQ_BROKER_URL", "GENQ_API_URL")}
+        )
         from common.config import get_settings
 
         get_settings.cache_clear()
         (s.home_dir / "redis").mkdir(parents=True, exist_ok=True)
-        self._spawn("redis", [
-            redis_binary(), "--port", str(s.redis_port), "--bind", "127.0.0.1",
-            "--dir", str(s.home_dir / "redis"), "--appendonly", "yes", "--save", "",
-            "--protected-mode", "no",
-        ])
+        self._spawn(
+            "redis",
+            [
+                redis_binary(),
+                "--port",
+                str(s.redis_port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(s.home_dir / "redis"),
+                "--appendonly",
+                "yes",
+                "--save",
+                "",
+                "--protected-mode",
+                "no",
+            ],
+        )
         self._wait_redis(s.redis_port)
         from common.migrate import upgrade
 
@@ -129,26 +144,59 @@ class Stack:
             s.home_dir / "flower_password", lambda: secrets.token_urlsafe(12)
         )
         py = sys.executable
-        self._spawn("api", [py, "-m", "uvicorn", "api.main:app", "--host", s.api_host,
-                            "--port", str(s.api_port), "--log-level", "warning"])
+        self._spawn(
+            "api",
+            [
+                py,
+                "-m",
+                "uvicorn",
+                "api.main:app",
+                "--host",
+                s.api_host,
+                "--port",
+                str(s.api_port),
+                "--log-level",
+                "warning",
+            ],
+        )
         self._spawn("worker-cpu", [py, "-m", "api.cli", "worker", "--queues", "cpu"])
         for gpu in range(self.gpus):
-            self._spawn(f"worker-gpu{gpu}", [py, "-m", "api.cli", "worker", "--queues", "gpu",
-                                              "--gpu", str(gpu)])
+            self._spawn(
+                f"worker-gpu{gpu}",
+                [py, "-m", "api.cli", "worker", "--queues", "gpu", "--gpu", str(gpu)],
+            )
         if self.with_flower:
-            self._spawn("flower", [
-                py, "-m", "celery", "-A", "common.celery_app", "--broker", broker, "flower",
-                "--address=127.0.0.1", f"--port={s.flower_port}",
-                f"--basic_auth={s.flower_user}:{self.flower_password}",
-                "--persistent=True", f"--db={s.home_dir / 'flower.db'}",
-                "--purge_offline_workers=60",
-            ])
+            self._spawn(
+                "flower",
+                [
+                    py,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "common.celery_app",
+                    "--broker",
+                    broker,
+                    "flower",
+                    "--address=127.0.0.1",
+                    f"--port={s.flower_port}",
+                    f"--basic_auth={s.flower_user}:{self.flower_password}",
+                    "--persistent=True",
+                    f"--db={s.home_dir / 'flower.db'}",
+                    "--purge_offline_workers=60",
+                ],
+            )
         self._wait_http(f"http://{s.api_host}:{s.api_port}/healthz", "api")
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         out = open(self.logs / f"{name}.log", "ab")
-        proc = subprocess.Popen(argv, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            argv,
+            env=self.env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         self.procs.append((name, proc))
 
     def _check_alive(self) -> None:
@@ -204,9 +252,11 @@ class Stack:
     def stop(self, grace: float = 60) -> None:
         """Workers first (soft shutdown: running jobs checkpoint and re-queue), Redis last."""
         order = sorted(self.procs, key=lambda p: {"redis": 2, "api": 1}.get(p[0], 0))
-        for group in ([p for p in order if p[0].startswith("worker")],
-                      [p for p in order if not p[0].startswith("worker") and p[0] != "redis"],
-                      [p for p in order if p[0] == "redis"]):
+        for group in (
+            [p for p in order if p[0].startswith("worker")],
+            [p for p in order if not p[0].startswith("worker") and p[0] != "redis"],
+            [p for p in order if p[0] == "redis"],
+        ):
             for _, proc in group:
                 if proc.poll() is None:
                     proc.send_signal(signal.SIGTERM)

@@ -42,7 +42,8 @@ class Settings(BaseSettings):
     worker_max_tasks_per_child: int = 0
     worker_max_memory_per_child_kb: int = 0
     pretrained_root: Path | None = Field(
-        None, description="Folder gpt `config.pretrained` paths must be in; default home/pretrained."
+        None,
+        description="Folder gpt `config.pretrained` paths must be in; default home/pretrained.",
     )
     model_cache_bytes: int = Field(2 << 30, description="Per-process model cache bound.")
 

@@ -152,7 +152,10 @@ def generate_requests(spec: GenerateSpec, *, family: str) -> list[dict[str, Any]
 
 
 def insert_items(
-    session: Session, job_id: str, requests: list[dict[str, Any]], custom_ids: list[str] | None = None
+    session: Session,
+    job_id: str,
+    requests: list[dict[str, Any]],
+    custom_ids: list[str] | None = None,
 ) -> None:
     """Bulk-insert pending items (Core executemany)."""
     rows = [
@@ -352,8 +355,9 @@ def heartbeat(
 def read_signals(session: Session, job: Job) -> Signals:
     """The cancel / shutdown flags of the job's current attempt (lost if it is not ours)."""
     row = session.execute(
-        select(Job.cancel_requested, Job.shutdown_requested, Job.attempt, Job.status)
-        .where(Job.id == job.id)
+        select(Job.cancel_requested, Job.shutdown_requested, Job.attempt, Job.status).where(
+            Job.id == job.id
+        )
     ).one()
     session.commit()  # end the read transaction: SQLite must not pin an old snapshot
     if row[2] != job.attempt or row[3] != JobStatus.running:
@@ -534,7 +538,9 @@ def reap(session: Session, *, lease_s: float, now: datetime | None = None) -> li
         select(Job).where(
             Job.status == JobStatus.running,
             Job.type != JobType.batch,
-            and_(Job.heartbeat_at.is_not(None), Job.heartbeat_at < now - timedelta(seconds=lease_s)),
+            and_(
+                Job.heartbeat_at.is_not(None), Job.heartbeat_at < now - timedelta(seconds=lease_s)
+            ),
         )
     ).all()
     reaped = []

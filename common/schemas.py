@@ -77,7 +77,9 @@ class TrainSpec(Strict):
         if self.steps is not None and self.epochs is not None:
             problems.append("give steps or epochs, not both")
         if self.data is None:
-            self.data = DataSpec(builtin="python-docs" if self.family in TEXT_FAMILIES else "digits")
+            self.data = DataSpec(
+                builtin="python-docs" if self.family in TEXT_FAMILIES else "digits"
+            )
         if self.data.builtin and BUILTIN_DATA[self.data.builtin] != family_kind(self.family):
             problems.append(
                 f"data.builtin: {self.data.builtin!r} is {BUILTIN_DATA[self.data.builtin]} data, "

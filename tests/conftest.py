@@ -29,14 +29,16 @@ def _free_port() -> int:
 
 REDIS_PORT = _free_port()
 # Before any genq module reads its settings: this session's broker and home.
-os.environ.update({
-    "GENQ_BROKER_URL": f"redis://127.0.0.1:{REDIS_PORT}/0",
-    "GENQ_HOME": str(_TMP / "home"),
-    "GENQ_HEARTBEAT_S": "0.5",
-    "GENQ_REAPER_INTERVAL_S": "1",
-    "GENQ_RETRY_BACKOFF_S": "0.2",
-    "GENQ_RATE_LIMIT_PER_MINUTE": "0",
-})
+os.environ.update(
+    {
+        "GENQ_BROKER_URL": f"redis://127.0.0.1:{REDIS_PORT}/0",
+        "GENQ_HOME": str(_TMP / "home"),
+        "GENQ_HEARTBEAT_S": "0.5",
+        "GENQ_REAPER_INTERVAL_S": "1",
+        "GENQ_RETRY_BACKOFF_S": "0.2",
+        "GENQ_RATE_LIMIT_PER_MINUTE": "0",
+    }
+)
 
 
 @pytest.fixture(scope="session")
@@ -47,9 +49,21 @@ def redis_server() -> Iterator[str]:
     data = _TMP / "redis"
     data.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
-        [redis_binary(), "--port", str(REDIS_PORT), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--dir", str(data)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            redis_binary(),
+            "--port",
+            str(REDIS_PORT),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(data),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     import redis
 
@@ -69,7 +83,9 @@ def _postgres_database(base_url: str) -> tuple[str, str]:
     import psycopg
 
     name = f"genq_test_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(base_url.replace("postgresql+psycopg", "postgresql"), autocommit=True) as conn:
+    with psycopg.connect(
+        base_url.replace("postgresql+psycopg", "postgresql"), autocommit=True
+    ) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     return base_url.rsplit("/", 1)[0] + "/" + name, name
 
@@ -77,7 +93,9 @@ def _postgres_database(base_url: str) -> tuple[str, str]:
 def _drop_postgres(base_url: str, name: str) -> None:
     import psycopg
 
-    with psycopg.connect(base_url.replace("postgresql+psycopg", "postgresql"), autocommit=True) as conn:
+    with psycopg.connect(
+        base_url.replace("postgresql+psycopg", "postgresql"), autocommit=True
+    ) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
@@ -129,14 +147,21 @@ class Stack:
 
     def spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
         log = open(self.home / f"{name}.log", "ab")
-        proc = subprocess.Popen(argv, env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            argv,
+            env=self.env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         self.procs[name] = proc
         return proc
 
     def start_worker(self, name: str = "w1", queues: str = "cpu,gpu") -> subprocess.Popen[bytes]:
-        proc = self.spawn(name, [sys.executable, "-m", "api.cli", "worker", "--queues", queues,
-                                 "--name", name])
+        proc = self.spawn(
+            name, [sys.executable, "-m", "api.cli", "worker", "--queues", queues, "--name", name]
+        )
         self.wait_worker(name)
         return proc
 
@@ -182,14 +207,33 @@ def start_stack(db_url: str, broker_url: str, env_extra: dict[str, str] | None =
     home = _TMP / f"stack-{uuid.uuid4().hex[:6]}"
     home.mkdir(parents=True)
     port = _free_port()
-    env = {**os.environ, "GENQ_HOME": str(home), "GENQ_DATABASE_URL": db_url,
-           "GENQ_BROKER_URL": broker_url, "PYTHONUNBUFFERED": "1",
-           "GENQ_API_URL": f"http://127.0.0.1:{port}", **(env_extra or {})}
+    env = {
+        **os.environ,
+        "GENQ_HOME": str(home),
+        "GENQ_DATABASE_URL": db_url,
+        "GENQ_BROKER_URL": broker_url,
+        "PYTHONUNBUFFERED": "1",
+        "GENQ_API_URL": f"http://127.0.0.1:{port}",
+        **(env_extra or {}),
+    }
     stack = Stack(home=home, env=env, api_url=f"http://127.0.0.1:{port}")
     with session_factory(engine_for(db_url))() as s:
         _, stack.api_key = create_key(s, owner=f"owner-{uuid.uuid4().hex[:6]}")
-    stack.spawn("api", [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1",
-                        "--port", str(port), "--log-level", "warning"])
+    stack.spawn(
+        "api",
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "api.main:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
@@ -213,9 +257,18 @@ def stack(db_url: str, redis_server: str) -> Iterator[Stack]:
 def trained_lstm(stack: Stack) -> dict:
     """A tiny LSTM trained once through the queue and registered as a model."""
     c = stack.client()
-    job = c.create_job({"type": "train", "family": "lstm", "steps": 30, "batch_size": 8,
-                        "seq_len": 32, "checkpoint_every": 10, "log_every": 5,
-                        "name": f"lstm-{uuid.uuid4().hex[:6]}"})
+    job = c.create_job(
+        {
+            "type": "train",
+            "family": "lstm",
+            "steps": 30,
+            "batch_size": 8,
+            "seq_len": 32,
+            "checkpoint_every": 10,
+            "log_every": 5,
+            "name": f"lstm-{uuid.uuid4().hex[:6]}",
+        }
+    )
     job = c.wait(job["id"], timeout=300)
     assert job["status"] == "succeeded", (job, stack.log("w1")[-3000:])
     return job

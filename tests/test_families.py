@@ -14,15 +14,26 @@ from common.ml.checkpoint import load_model
 TINY = {
     "vae": {"config": {"hidden": 32, "latent": 4, "conditional": True}},
     "gan": {"config": {"hidden": 32, "latent": 8}},
-    "gpt": {"config": {"vocab_size": 300, "n_positions": 64, "n_embd": 32, "n_layer": 1,
-                       "n_head": 2}, "seq_len": 32},
+    "gpt": {
+        "config": {"vocab_size": 300, "n_positions": 64, "n_embd": 32, "n_layer": 1, "n_head": 2},
+        "seq_len": 32,
+    },
 }
 
 
 def train(stack, family: str, steps: int, **extra):
     c = stack.client()
-    spec = {"type": "train", "family": family, "steps": steps, "batch_size": 8,
-            "checkpoint_every": 5, "log_every": 5, "schedule": "constant", **TINY[family], **extra}
+    spec = {
+        "type": "train",
+        "family": family,
+        "steps": steps,
+        "batch_size": 8,
+        "checkpoint_every": 5,
+        "log_every": 5,
+        "schedule": "constant",
+        **TINY[family],
+        **extra,
+    }
     job = c.wait(c.create_job(spec)["id"], timeout=300)
     assert job["status"] == "succeeded", (job, stack.log("w1")[-2000:])
     return job
@@ -65,8 +76,19 @@ def test_gpt_trains_and_generates_with_beams(stack):
     c = stack.client()
     job = train(stack, "gpt", 10)
     model = job["result"]["model"]
-    gen = c.wait(c.create_job({"type": "generate", "model": model, "prompts": ["The ", "def"],
-                               "max_tokens": 6, "temperature": 0, "num_beams": 2})["id"], timeout=120)
+    gen = c.wait(
+        c.create_job(
+            {
+                "type": "generate",
+                "model": model,
+                "prompts": ["The ", "def"],
+                "max_tokens": 6,
+                "temperature": 0,
+                "num_beams": 2,
+            }
+        )["id"],
+        timeout=120,
+    )
     assert gen["status"] == "succeeded", gen
     texts = [i["response"]["texts"][0] for i in c.items(gen["id"])]
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
@@ -97,8 +119,9 @@ def test_gpt_fine_tunes_a_local_pretrained_directory(stack):
     target.mkdir(parents=True)
     tokenizer = train_tokenizer("hello world, tiny corpus for a tokenizer " * 50, 300)
     save_tokenizer(tokenizer, target)
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=1,
-                               n_head=2)).save_pretrained(target)
+    GPT2LMHeadModel(
+        GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=1, n_head=2)
+    ).save_pretrained(target)
     job = train(stack, "gpt", 3, config={"pretrained": "tiny-gpt2"}, seq_len=32)
     assert job["result"]["model"]
 
@@ -106,6 +129,9 @@ def test_gpt_fine_tunes_a_local_pretrained_directory(stack):
 def test_pretrained_outside_the_root_is_refused(stack):
     import httpx
 
-    resp = httpx.post(f"{stack.api_url}/v1/jobs", headers={"Authorization": f"Bearer {stack.api_key}"},
-                      json={"type": "train", "family": "gpt", "config": {"pretrained": "/etc"}})
+    resp = httpx.post(
+        f"{stack.api_url}/v1/jobs",
+        headers={"Authorization": f"Bearer {stack.api_key}"},
+        json={"type": "train", "family": "gpt", "config": {"pretrained": "/etc"}},
+    )
     assert resp.status_code == 422 and "config.pretrained" in resp.json()["error"]["message"]

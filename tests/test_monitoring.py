@@ -63,14 +63,15 @@ def test_metrics_logs_and_artifact_links(stack, trained_lstm):
 
 def test_events_stream_status_and_progress_until_the_end(stack):
     c = stack.client()
-    job = c.create_job(SHORT_TRAIN)
+    # long enough (a few seconds) for the 0.5 s poll to see it running
+    job = c.create_job({**SHORT_TRAIN, "steps": 400, "checkpoint_every": 400})
     events = read_events(stack, job["id"])
     kinds = [k for k, _ in events]
     assert kinds[0] == "status" and events[0][1]["status"] in ("queued", "running")
     assert events[-1] == ("status", events[-1][1]) and events[-1][1]["status"] == "succeeded"
     assert "progress" in kinds
     done = [d["progress"]["done"] for _, d in events]
-    assert done == sorted(done) and done[-1] == 12
+    assert done == sorted(done) and done[-1] == 400
     # a finished job: one event, then the stream ends
     again = read_events(stack, job["id"], timeout=10)
     assert [(k, d["status"]) for k, d in again] == [("status", "succeeded")]

@@ -142,7 +142,16 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tenso
     from common.ml.checkpoint import load_model
     from common.ml.train import TrainHooks, run_training
 
-    out = run_training(dict(SPEC), tmp_path_factory.mktemp("ref"), hooks=TrainHooks())
+    # Workers run with torch's default thread count; other tests may have changed this
+    # process's, and float sums depend on it.
+    probe = "import torch; print(torch.get_num_threads())"
+    default = int(subprocess.check_output([sys.executable, "-c", probe], text=True))
+    before = torch.get_num_threads()
+    torch.set_num_threads(default)
+    try:
+        out = run_training(dict(SPEC), tmp_path_factory.mktemp("ref"), hooks=TrainHooks())
+    finally:
+        torch.set_num_threads(before)
     return load_model(out.checkpoint).model.state_dict()
 
 

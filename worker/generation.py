@@ -72,10 +72,7 @@ def run_group(ctx: JobContext, loaded: Any, requests: list[GenRequest], on_outpu
         return
     except ValueError:
         pass  # one bad request spoils its batch: retry one by one to isolate it
-    done = {
-        str(item.id)
-        for item in results.pending_items(ctx.session, job_id=ctx.job.id)
-    }
+    done = {str(item.id) for item in results.pending_items(ctx.session, job_id=ctx.job.id)}
     for request in requests:
         if request.key not in done or ctx.should_stop():
             continue
@@ -83,7 +80,9 @@ def run_group(ctx: JobContext, loaded: Any, requests: list[GenRequest], on_outpu
             generate(loaded, [request], token_budget=settings.token_budget, on_outputs=on_outputs)
         except ValueError as exc:
             error = {"code": "invalid_request", "message": str(exc)}
-            results.write_items(ctx.session, [{"id": int(request.key), "status": "failed", "error": error}])
+            results.write_items(
+                ctx.session, [{"id": int(request.key), "status": "failed", "error": error}]
+            )
 
 
 def to_request(item: Item) -> GenRequest:
@@ -99,8 +98,13 @@ def item_row(ctx: JobContext, item: Item, out: GenOutput) -> dict[str, Any]:
     if out.images is not None:
         arts = [
             results.add_artifact(
-                ctx.session, ctx.storage, job=ctx.job, kind="image",
-                filename=f"{item.custom_id}-{i}.png", data=png, content_type="image/png",
+                ctx.session,
+                ctx.storage,
+                job=ctx.job,
+                kind="image",
+                filename=f"{item.custom_id}-{i}.png",
+                data=png,
+                content_type="image/png",
             )
             for i, png in enumerate(out.images)
         ]

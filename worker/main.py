@@ -29,17 +29,22 @@ def start_worker(
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
     else:
         os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
-    node = name or ("gpu%d" % gpu if gpu is not None else "-".join(queues))
+    node = name or (f"gpu{gpu}" if gpu is not None else "-".join(queues))
     _state.update(queues=queues, gpu=gpu)
     app = get_celery()
     app.worker_main(
         [
             "worker",
-            "--queues", ",".join(queues),
-            "--concurrency", "1",
-            "--pool", "prefork",
-            "--hostname", f"{node}@{socket.gethostname()}",
-            "--loglevel", loglevel,
+            "--queues",
+            ",".join(queues),
+            "--concurrency",
+            "1",
+            "--pool",
+            "prefork",
+            "--hostname",
+            f"{node}@{socket.gethostname()}",
+            "--loglevel",
+            loglevel,
             "--task-events",
             "--without-gossip",
             "--without-mingle",
@@ -55,8 +60,12 @@ def _on_ready(sender: Any = None, **_: Any) -> None:
 
     with session_factory()() as session:
         fleet.register_worker(
-            session, hostname=hostname, queues=_state.get("queues", []),
-            device=describe_device(_state.get("gpu")), pid=os.getpid(), version=VERSION,
+            session,
+            hostname=hostname,
+            queues=_state.get("queues", []),
+            device=describe_device(_state.get("gpu")),
+            pid=os.getpid(),
+            version=VERSION,
         )
     thread = threading.Thread(target=_housekeeping, args=(hostname,), daemon=True)
     thread.start()
@@ -88,7 +97,9 @@ def _on_shutting_down(sig: str = "", how: str = "", **_: Any) -> None:
     try:
         with session_factory()() as session:
             n = jobs.request_shutdown(session, worker=hostname)
-        log.info("shutdown (%s %s): asked %d running job(s) to checkpoint and re-queue", sig, how, n)
+        log.info(
+            "shutdown (%s %s): asked %d running job(s) to checkpoint and re-queue", sig, how, n
+        )
     except Exception as exc:
         log.warning("could not flag running jobs for shutdown: %s", exc)
 

@@ -26,13 +26,20 @@ def execute_training(ctx: JobContext) -> dict[str, Any]:
     resume = resume_point(ctx)
     if resume is not None:
         ctx.log(f"resuming from checkpoint {resume.id} at step {resume.step}")
-    resume_dir = ctx.storage.local_dir(ctx.storage.key_of(resume.uri), ctx.cache_dir) if resume else None
+    resume_dir = (
+        ctx.storage.local_dir(ctx.storage.key_of(resume.uri), ctx.cache_dir) if resume else None
+    )
 
     last: dict[str, Checkpoint] = {}
 
     def on_checkpoint(step: int, local: Path, metrics: dict[str, float]) -> None:
         last["ckpt"] = results.save_checkpoint(
-            ctx.session, ctx.storage, job=job, step=step, local=local, metrics=metrics,
+            ctx.session,
+            ctx.storage,
+            job=job,
+            step=step,
+            local=local,
+            metrics=metrics,
             keep_last=int(spec.get("keep_last", 2)),
         )
         ctx.log(f"checkpoint {last['ckpt'].id} at step {step}")
@@ -58,8 +65,13 @@ def execute_training(ctx: JobContext) -> dict[str, Any]:
         return {"lost": True, **partial}
     pictures = [
         results.add_artifact(
-            ctx.session, ctx.storage, job=job, kind=art.kind, filename=art.path.name,
-            data=art.path.read_bytes(), content_type=art.content_type,
+            ctx.session,
+            ctx.storage,
+            job=job,
+            kind=art.kind,
+            filename=art.path.name,
+            data=art.path.read_bytes(),
+            content_type=art.content_type,
         )
         for art in outcome.artifacts
     ]
@@ -67,9 +79,16 @@ def execute_training(ctx: JobContext) -> dict[str, Any]:
     name = spec.get("name") or f"{job.family}-{job.id[4:12]}"
     model = results.register_model(ctx.session, job=job, name=name, checkpoint=ckpt)
     ctx.log(f"registered model {name!r} from step {ckpt.step}")
-    return {**partial, "model": model.name, "model_id": model.id, "metrics": outcome.metrics,
-            "artifacts": [{"id": a.id, "kind": a.kind, "filename": a.filename,
-                           "url": f"/v1/artifacts/{a.id}"} for a in pictures]}
+    return {
+        **partial,
+        "model": model.name,
+        "model_id": model.id,
+        "metrics": outcome.metrics,
+        "artifacts": [
+            {"id": a.id, "kind": a.kind, "filename": a.filename, "url": f"/v1/artifacts/{a.id}"}
+            for a in pictures
+        ],
+    }
 
 
 def resolve_data(ctx: JobContext, data: dict[str, Any]) -> dict[str, Any]:

@@ -30,9 +30,7 @@ def create_job(
 ) -> JobOut:
     """Submit a training or generation job."""
     require_broker()
-    job, created = jobs.create_job(
-        session, owner=owner, spec=spec, idempotency_key=idempotency_key
-    )
+    job, created = jobs.create_job(session, owner=owner, spec=spec, idempotency_key=idempotency_key)
     if created:
         jobs.dispatch(session, job)
     else:
@@ -61,7 +59,9 @@ def list_jobs(
             (Job.created_at < cursor.created_at)
             | ((Job.created_at == cursor.created_at) & (Job.id < cursor.id))
         )
-    rows = list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
+    rows = list(
+        session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1))
+    )
     page = rows[:limit]
     return JobList(
         data=[job_out(j) for j in page],

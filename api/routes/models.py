@@ -40,7 +40,9 @@ def get_checkpoint(checkpoint_id: str, session: SessionDep, owner: OwnerDep) -> 
 def list_artifacts(job_id: str, session: SessionDep, owner: OwnerDep) -> list[ArtifactOut]:
     """A job's artifacts (loss curve, sample grids, images)."""
     job = jobs.get_job(session, owner=owner, job_id=job_id)
-    rows = session.scalars(select(Artifact).where(Artifact.job_id == job.id).order_by(Artifact.created_at))
+    rows = session.scalars(
+        select(Artifact).where(Artifact.job_id == job.id).order_by(Artifact.created_at)
+    )
     return [ArtifactOut.model_validate(a) for a in rows]
 
 
