@@ -64,7 +64,7 @@ def generate_texts(c: Client, model: str) -> list[tuple[str, str]]:
             "custom_id": f"prompt-{i}",
             "method": "POST",
             "url": "/v1/completions",
-            "body": {"model": model, "prompt": p, "max_tokens": 60, "temperature": 0.7, "seed": 1},
+            "body": {"model": model, "prompt": p, "max_tokens": 60, "temperature": 0.7, "seed": i},
         }
         for i, p in enumerate(PROMPTS)
     ]
