@@ -130,6 +130,26 @@ def session(db_url: str, redis_server: str) -> Iterator[object]:
         yield s
 
 
+_LIVE_STACKS: list[Stack] = []
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    """A failed test shows the tail of every live stack process's log (CI has nothing else)."""
+    outcome = yield
+    report = outcome.get_result()
+    if not report.failed:
+        return
+    for stack in _LIVE_STACKS:
+        for name, proc in stack.procs.items():
+            state = "running" if proc.poll() is None else f"exited {proc.returncode}"
+            try:
+                tail = stack.log(name)[-4000:]
+            except OSError:
+                continue
+            report.sections.append((f"{stack.home.name}/{name}.log ({state})", tail))
+
+
 @dataclass
 class Stack:
     """An API server and worker processes sharing one database, storage and Redis."""
@@ -139,6 +159,9 @@ class Stack:
     api_url: str = ""
     api_key: str = ""
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _LIVE_STACKS.append(self)
 
     def client(self, key: str | None = None):  # type: ignore[no-untyped-def]
         from api.client import Client
@@ -197,6 +220,8 @@ class Stack:
     def stop_all(self) -> None:
         for name in list(self.procs):
             self.stop(name, timeout=20)
+        if self in _LIVE_STACKS:
+            _LIVE_STACKS.remove(self)
 
 
 def start_stack(db_url: str, broker_url: str, env_extra: dict[str, str] | None = None) -> Stack:

@@ -66,10 +66,16 @@ class JobContext:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.stop_heartbeat()
+        self.session.close()
+
+    def stop_heartbeat(self) -> None:
+        """Stop the side thread and write the last progress while the attempt still owns the row."""
+        if self._stop.is_set():
+            return
         self._stop.set()
         self._thread.join(timeout=10)
         self._beat_once()
-        self.session.close()
 
     # -- heartbeat side thread: its own session, so the job's session is never shared
     def _beat(self) -> None:

@@ -6,9 +6,12 @@ import logging
 import os
 import socket
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from celery import signals
+from sqlalchemy.orm import Session
 
 from common import batches, fleet, jobs
 from common.celery_app import get_celery
@@ -19,6 +22,31 @@ log = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
 _state: dict[str, Any] = {"stop": threading.Event()}
+
+# The main process forks pool children while its housekeeping thread may be inside SQLite
+# (or libpq); a child forked then inherits a locked mutex and hangs at its first query
+# (observed: pthread_mutex_lock in sqlite3Malloc after a kill -9 of the child). So the
+# main process's SQL work holds this lock, a fork waits for it, and no connection stays open.
+_SQL_GUARD = threading.Lock()
+
+
+@contextmanager
+def main_session() -> Iterator[Session]:
+    """A session for the worker's main process that no fork can interrupt."""
+    with _SQL_GUARD:
+        try:
+            with session_factory()() as session:
+                yield session
+        finally:
+            get_engine().dispose()  # a forked child must not inherit open database files
+
+
+def _guard_forks() -> None:
+    os.register_at_fork(
+        before=_SQL_GUARD.acquire,
+        after_in_parent=_SQL_GUARD.release,
+        after_in_child=_SQL_GUARD.release,
+    )
 
 
 def start_worker(
@@ -31,6 +59,7 @@ def start_worker(
         os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
     node = name or (f"gpu{gpu}" if gpu is not None else "-".join(queues))
     _state.update(queues=queues, gpu=gpu)
+    _guard_forks()
     app = get_celery()
     app.worker_main(
         [
@@ -58,7 +87,7 @@ def _on_ready(sender: Any = None, **_: Any) -> None:
     _state["hostname"] = hostname
     from worker.device import describe_device
 
-    with session_factory()() as session:
+    with main_session() as session:
         fleet.register_worker(
             session,
             hostname=hostname,
@@ -78,7 +107,7 @@ def _housekeeping(hostname: str) -> None:
     stop: threading.Event = _state["stop"]
     while not stop.wait(settings.reaper_interval_s):
         try:
-            with session_factory()() as session:
+            with main_session() as session:
                 fleet.worker_heartbeat(session, hostname=hostname)
                 if jobs.take_lease(session, "reaper", hostname, settings.reaper_interval_s * 3):
                     jobs.reap(session, lease_s=settings.lease_s)
@@ -95,7 +124,7 @@ def _on_shutting_down(sig: str = "", how: str = "", **_: Any) -> None:
     if not hostname:
         return
     try:
-        with session_factory()() as session:
+        with main_session() as session:
             n = jobs.request_shutdown(session, worker=hostname)
         log.info(
             "shutdown (%s %s): asked %d running job(s) to checkpoint and re-queue", sig, how, n
@@ -110,7 +139,7 @@ def _on_shutdown(**_: Any) -> None:
     hostname = _state.get("hostname")
     if hostname:
         try:
-            with session_factory()() as session:
+            with main_session() as session:
                 fleet.unregister_worker(session, hostname=hostname)
         except Exception as exc:
             log.warning("could not unregister worker: %s", exc)

@@ -8,6 +8,8 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from common import fleet, jobs
 from common.celery_app import get_celery
 from common.db import session_factory
@@ -20,6 +22,7 @@ from worker.outcome import ShutdownRequested, StopForTimeout
 
 log = logging.getLogger(__name__)
 app = get_celery()
+CLAIM_RETRY_S = 5
 
 Body = Callable[[JobContext], dict[str, Any]]
 
@@ -28,11 +31,18 @@ def run_job(task: Any, job_id: str, attempt: int, body: Body) -> str:
     """Claim (job_id, attempt) or drop the message; run body; map its ending to a transition."""
     session = session_factory()()
     try:
-        claim = jobs.claim_job(
-            session, job_id, attempt,
-            worker=task.request.hostname or jobs.this_worker(), pid=os.getpid(),
-            task_id=task.request.id,
-        )
+        try:
+            claim = jobs.claim_job(
+                session, job_id, attempt,
+                worker=task.request.hostname or jobs.this_worker(), pid=os.getpid(),
+                task_id=task.request.id,
+            )
+        except SQLAlchemyError as exc:
+            # The database is unreachable or locked: acking this message would strand the
+            # job in `queued`, so send it again later (claims are idempotent).
+            log.warning("job %s attempt %s: claim failed (%s); retrying in %ss",
+                        job_id, attempt, exc.__class__.__name__, CLAIM_RETRY_S)
+            raise task.retry(countdown=CLAIM_RETRY_S, max_retries=None) from exc
         if claim.job is None:
             log.info("job %s attempt %s: message dropped (%s)", job_id, attempt, claim.reason)
             return f"dropped: {claim.reason}"
@@ -52,7 +62,10 @@ def run_job(task: Any, job_id: str, attempt: int, body: Body) -> str:
 def record(session: Any, ctx: JobContext, body: Body) -> str:
     job = ctx.job
     try:
-        result = body(ctx)
+        try:
+            result = body(ctx)
+        finally:
+            ctx.stop_heartbeat()  # final progress lands before the status changes
     except Cancelled as stop:
         jobs.finish_job(session, job, status=JobStatus.cancelled, result=_partial(stop))
         return "cancelled"
