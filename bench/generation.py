@@ -1,9 +1,10 @@
-"""Bulk generation through the Batch API vs the same batched generation in-process, and
-vs a batch-size-1 loop."""
+"""Bulk generation through the Batch API (driven by the official `openai` SDK) vs the same
+batched generation in-process, and vs a batch-size-1 loop."""
 
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -11,15 +12,18 @@ from typing import Any
 
 from bench.harness import Figure, Report
 
-N_REQUESTS, MAX_TOKENS, N_B1 = 600, 16, 60
+N_REQUESTS, N_WARMUP, MAX_TOKENS, N_B1 = 10_000, 200, 16, 60
+ROUNDS = 2
+POLL_S = 0.5  # how often the client asks for the batch's status, as a user's script would
+TERMINAL = {"completed", "failed", "cancelled", "expired"}
 
 
 def prompts(n: int) -> list[str]:
-    """Prompts of varied length cut from the built-in docs text."""
+    """Prompts of varied length (2 to 25 words) cut from the built-in docs text."""
     from pydoc_data.topics import topics
 
     words = " ".join(topics.values()).split()
-    return [" ".join(words[i * 7 : i * 7 + 2 + i % 24]) for i in range(n)]
+    return [" ".join(words[(i * 7) % 50_000 :][: 2 + i % 24])[:100] for i in range(n)]
 
 
 def requests(n: int) -> list[Any]:
@@ -58,36 +62,57 @@ def in_process(model_name: str, reqs: list[Any]) -> tuple[float, int]:
     return time.perf_counter() - start, tokens[0]
 
 
-def through_queue(client: Any, model_name: str, n: int) -> tuple[float, int, int]:
-    """(seconds, output lines, tokens out) of a Batch API run, upload to completed."""
-    path = Path(tempfile.mkdtemp()) / "batch.jsonl"
+def batch_file(model_name: str, n: int) -> Path:
+    path = Path(tempfile.mkdtemp(prefix="genq-bench-")) / f"batch-{n}.jsonl"
     with path.open("w") as f:
         for i, p in enumerate(prompts(n)):
             body = {"model": model_name, "prompt": p, "max_tokens": MAX_TOKENS, "temperature": 0}
             f.write(json.dumps({"custom_id": f"r{i}", "method": "POST",
                                 "url": "/v1/completions", "body": body}) + "\n")
+    return path
+
+
+def through_sdk(sdk: Any, model_name: str, n: int) -> tuple[float, int]:
+    """(seconds, tokens out) of upload → create → poll → download with the openai SDK.
+
+    Checks the output holds every custom_id exactly once.
+    """
+    path = batch_file(model_name, n)
     start = time.perf_counter()
-    file = client.upload_file(path)
-    batch = client.wait_batch(client.create_batch(file["id"])["id"], poll=0.2)
+    with path.open("rb") as f:
+        upload = sdk.files.create(file=f, purpose="batch")
+    batch = sdk.batches.create(input_file_id=upload.id, endpoint="/v1/completions",
+                               completion_window="24h")
+    while batch.status not in TERMINAL:
+        time.sleep(POLL_S)
+        batch = sdk.batches.retrieve(batch.id)
+    assert batch.status == "completed" and batch.output_file_id, batch
+    lines = sdk.files.content(batch.output_file_id).text.splitlines()
     seconds = time.perf_counter() - start
-    assert batch["status"] == "completed", batch
-    lines = client.file_content(batch["output_file_id"]).decode().splitlines()
-    tokens = sum(json.loads(line)["response"]["body"]["usage"]["completion_tokens"]
-                 for line in lines)
-    return seconds, len(lines), tokens
+    rows = [json.loads(line) for line in lines]
+    ids = [row["custom_id"] for row in rows]
+    assert len(ids) == n and set(ids) == {f"r{i}" for i in range(n)}, (len(ids), len(set(ids)))
+    assert batch.request_counts.completed == n, batch.request_counts
+    tokens = sum(row["response"]["body"]["usage"]["completion_tokens"] for row in rows)
+    return seconds, tokens
 
 
-def bench_generation(report: Report, client: Any, model_name: str) -> None:
+def bench_generation(report: Report, sdk: Any, model_name: str) -> None:
     reqs = requests(N_REQUESTS)
-    in_process(model_name, reqs[:20])  # warm-up: first-call allocations
-    local_s, local_tokens = in_process(model_name, reqs)
-    queue_s, lines, queue_tokens = through_queue(client, model_name, N_REQUESTS)
-    assert lines == N_REQUESTS, lines
-    report.add(Figure(f"bulk generation through the Batch API ({N_REQUESTS} requests, "
-                      f"{MAX_TOKENS} tokens, tiny gpt)", N_REQUESTS / queue_s, "req/s",
+    in_process(model_name, reqs[:N_WARMUP])  # warm-up: first-call allocations
+    through_sdk(sdk, model_name, N_WARMUP)  # warm-up: the worker's model cache
+    local_s, queue_s, queue_tokens = math.inf, math.inf, 0
+    for _ in range(ROUNDS):  # interleaved, best of each: this machine's noise hits both alike
+        local_s = min(local_s, in_process(model_name, reqs)[0])
+        seconds, queue_tokens = through_sdk(sdk, model_name, N_REQUESTS)
+        queue_s = min(queue_s, seconds)
+    report.add(Figure(f"bulk generation through the Batch API ({N_REQUESTS:,} requests, "
+                      f"{MAX_TOKENS} tokens, tiny gpt, openai SDK)", N_REQUESTS / queue_s, "req/s",
                       baseline=N_REQUESTS / local_s, target=0.90,
-                      note="in-process common.ml.generate, same requests and batching; "
-                           "queue time includes upload, validation, SQL item writes, output file"))
+                      note="in-process common.ml.generate, same requests and batching; the "
+                           "queue's time runs from upload to the downloaded output file, "
+                           f"which held all {N_REQUESTS:,} custom_ids once each; best of "
+                           f"{ROUNDS} interleaved runs each"))
     b1_s, b1_tokens = 0.0, 0
     for r in reqs[:N_B1]:
         s, t = in_process_one(model_name, r)

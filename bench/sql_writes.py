@@ -29,7 +29,7 @@ def bench_one(url: str) -> tuple[float, float, float]:
     from common import results
     from common.db import engine_for, normalize_url, session_factory
     from common.migrate import upgrade
-    from common.models import Item, Job, new_id
+    from common.models import Item, Job, new_id, utcnow
 
     upgrade(url)
     engine = engine_for(normalize_url(url))
@@ -53,13 +53,16 @@ def bench_one(url: str) -> tuple[float, float, float]:
                 for k in range(0, len(rows), size):
                     results.write_items(session, rows[k : k + size])
             else:
-                table = Item.__table__
+                table = Item.__table__  # the same columns write_items sets
                 stmt = update(table).where(table.c.id == bindparam("b_id")).values(
                     status=bindparam("b_status"), response=bindparam("b_response"),
-                    tokens_in=bindparam("b_in"), tokens_out=bindparam("b_out"))
+                    error=bindparam("b_error"), tokens_in=bindparam("b_in"),
+                    tokens_out=bindparam("b_out"), finished_at=bindparam("b_at"))
+                now = utcnow()
                 session.connection().execute(stmt, [
                     {"b_id": r["id"], "b_status": r["status"], "b_response": r["response"],
-                     "b_in": r["tokens_in"], "b_out": r["tokens_out"]} for r in rows])
+                     "b_error": None, "b_in": r["tokens_in"], "b_out": r["tokens_out"],
+                     "b_at": now} for r in rows])
                 session.commit()
             rates.append(N_ITEMS / (time.perf_counter() - start))
         session.execute(delete(Item).where(Item.job_id == job_id))
@@ -75,7 +78,7 @@ def bench_sql_writes(report: Report) -> None:
         chunked, genq, raw = bench_one(url)
         report.add(Figure(f"item writes into {name} (write_items, one call)", genq, "items/s",
                           baseline=raw, target=0.8,
-                          note="raw: one Core executemany of the same rows, one commit"))
+                          note="raw: one Core executemany setting the same columns, one commit"))
         report.add(Figure(f"item writes into {name} ({CHUNK}-item commits)", chunked, "items/s",
                           baseline=raw,
                           note="as a shard writes: a commit per generation batch (per-item "

@@ -259,29 +259,36 @@ def create_batch(
     parent.model_id = first.id if len(models) == 1 else None
     parent.progress_total = len(parsed.requests)
     size = max(1, get_settings().shard_size)
-    starts = range(0, len(parsed.requests), size)
+    # Shards of similar requests (model, then prompt length) pad least inside their
+    # generation batches; each item keeps its input line as `index` for the output order.
+    order = sorted(range(len(parsed.requests)), key=lambda i: _shard_key(parsed.requests[i]))
+    starts = range(0, len(order), size)
     parent.shards_total = len(starts)
     session.add(parent)
     session.flush()
     shards = []
+    from common.jobs import insert_items
+
     for number, start in enumerate(starts):
-        requests = parsed.requests[start:start + size]
+        lines = order[start:start + size]
+        requests = [parsed.requests[i] for i in lines]
         model = models[requests[0]["model_id"]]
         shard = Job(
             id=new_id("job_"), owner=owner, type=JobType.shard, parent_id=parent.id,
             family=model.family, model_id=model.id, queue=parent.queue, progress_unit="item",
-            spec={"batch_id": parent.id, "shard": number, "first_request": start,
-                  "endpoint": spec.endpoint},
+            spec={"batch_id": parent.id, "shard": number, "endpoint": spec.endpoint},
             max_attempts=get_settings().max_attempts, created_at=now,
         )
         session.add(shard)
         session.flush()
-        from common.jobs import insert_items
-
-        insert_items(session, shard.id, requests, parsed.custom_ids[start:start + size])
+        insert_items(session, shard.id, requests, [parsed.custom_ids[i] for i in lines], lines)
         shards.append(shard)
     session.commit()
     return parent, shards
+
+
+def _shard_key(request: dict[str, Any]) -> tuple[str, int]:
+    return request["model_id"], len(request["gen"].get("prompt") or "")
 
 
 # ------------------------------------------------------------------ finish
@@ -387,29 +394,30 @@ def _write_lines(
     """One output line per finished item, one error line per failed or unfinished one."""
     api_url = get_settings().api_url.rstrip("/")
     completed = failed = 0
+    by_id = {shard.id: shard for shard in shards}
     with out_path.open("w") as out, err_path.open("w") as errors:
-        for shard in shards:
-            items = session.scalars(
-                select(Item).where(Item.job_id == shard.id).order_by(Item.index)
-                .execution_options(yield_per=500)
-            )
-            for item in items:
-                line_id = "batch_req_" + hashlib.sha256(
-                    f"{parent.id}:{item.custom_id}".encode()).hexdigest()[:32]
-                if item.status == "succeeded":
-                    completed += 1
-                    body = response_body(item, line_id, api_url)
-                    row = {"id": line_id, "custom_id": item.custom_id,
-                           "response": {"status_code": 200, "request_id": "req_" + line_id[10:],
-                                        "body": body}, "error": None}
-                    out.write(json.dumps(row) + "\n")
-                    continue
-                failed += 1
-                error = item.error or _unfinished_error(parent, shard)
-                row = {"id": line_id, "custom_id": item.custom_id, "response": None,
-                       "error": {"code": error.get("code", "error"),
-                                 "message": error.get("message", "")}}
-                errors.write(json.dumps(row) + "\n")
+        items = session.execute(  # every item of the batch in input-line order, as plain rows
+            select(*OUTPUT_COLUMNS).where(Item.job_id.in_(list(by_id))).order_by(Item.index)
+            .execution_options(yield_per=1000)
+        )
+        for item in items:
+            shard = by_id[item.job_id]
+            line_id = "batch_req_" + hashlib.sha256(
+                f"{parent.id}:{item.custom_id}".encode()).hexdigest()[:32]
+            if item.status == "succeeded":
+                completed += 1
+                body = response_body(item, line_id, api_url)
+                row = {"id": line_id, "custom_id": item.custom_id,
+                       "response": {"status_code": 200, "request_id": "req_" + line_id[10:],
+                                    "body": body}, "error": None}
+                out.write(json.dumps(row) + "\n")
+                continue
+            failed += 1
+            error = item.error or _unfinished_error(parent, shard)
+            row = {"id": line_id, "custom_id": item.custom_id, "response": None,
+                   "error": {"code": error.get("code", "error"),
+                             "message": error.get("message", "")}}
+            errors.write(json.dumps(row) + "\n")
     return completed, failed
 
 
@@ -422,18 +430,27 @@ def _unfinished_error(parent: Job, shard: Job) -> dict[str, Any]:
             "message": f"its shard {shard.id} failed: {e.get('message', '')}".strip()}
 
 
-def response_body(item: Item, line_id: str, api_url: str) -> dict[str, Any]:
-    """A completion, chat.completion or images response body for a finished item."""
-    req, resp = item.request, item.response or {}
+# What an output line needs of an item: no ORM objects, and only two fields of its request.
+OUTPUT_COLUMNS = (
+    Item.job_id, Item.custom_id, Item.status, Item.response, Item.error, Item.tokens_in,
+    Item.tokens_out, Item.finished_at,
+    Item.request["url"].as_string().label("url"),
+    Item.request["model"].as_string().label("model"),
+)
+
+
+def response_body(item: Any, line_id: str, api_url: str) -> dict[str, Any]:
+    """A completion, chat.completion or images response body for a finished item row."""
+    resp = item.response or {}
     created = int((item.finished_at or utcnow()).timestamp())
-    if req.get("url") == IMAGE_ENDPOINT:
+    if item.url == IMAGE_ENDPOINT:
         urls = [f"{api_url}/v1/artifacts/{a}" for a in resp.get("artifact_ids", [])]
         return {"created": created, "data": [{"url": u} for u in urls]}
     texts = resp.get("texts") or []
     reasons = resp.get("finish_reasons") or []
     usage = {"prompt_tokens": item.tokens_in, "completion_tokens": item.tokens_out,
              "total_tokens": item.tokens_in + item.tokens_out}
-    chat = req.get("url") == "/v1/chat/completions"
+    chat = item.url == "/v1/chat/completions"
     choices: list[dict[str, Any]] = []
     for i, text in enumerate(texts):
         reason = reasons[i] if i < len(reasons) else "stop"
@@ -444,7 +461,7 @@ def response_body(item: Item, line_id: str, api_url: str) -> dict[str, Any]:
             choices.append({"index": i, "text": text, "finish_reason": reason, "logprobs": None})
     return {"id": ("chatcmpl-" if chat else "cmpl-") + line_id[10:], "created": created,
             "object": "chat.completion" if chat else "text_completion",
-            "model": req.get("model", ""), "choices": choices, "usage": usage}
+            "model": item.model or "", "choices": choices, "usage": usage}
 
 
 # ------------------------------------------------------------------ read

@@ -48,7 +48,9 @@ class Settings(BaseSettings):
     model_cache_bytes: int = Field(2 << 30, description="Per-process model cache bound.")
 
     shard_size: int = Field(1000, description="Requests per batch shard.")
-    item_chunk: int = Field(64, description="Generated items committed per chunk.")
+    item_chunk: int = Field(
+        256, description="Generated items committed together (at least once a second)."
+    )
     token_budget: int = Field(8192, description="Tokens per dynamic generation batch.")
     max_json_bytes: int = Field(32 << 20, description="Largest accepted JSON request body.")
     max_upload_bytes: int = Field(200 << 20, description="Largest accepted upload.")

@@ -156,12 +156,13 @@ def insert_items(
     job_id: str,
     requests: list[dict[str, Any]],
     custom_ids: list[str] | None = None,
+    indexes: list[int] | None = None,
 ) -> None:
-    """Bulk-insert pending items (Core executemany)."""
+    """Bulk-insert pending items (Core executemany); index defaults to the list position."""
     rows = [
         {
             "job_id": job_id,
-            "index": i,
+            "index": indexes[i] if indexes else i,
             "custom_id": custom_ids[i] if custom_ids else str(i),
             "status": "pending",
             "request": req,

@@ -167,6 +167,7 @@ def shard_stack(stack, trained_lstm, redis_server):  # type: ignore[no-untyped-d
         "GENQ_SHARD_SIZE": "4",
         "GENQ_STORAGE_URL": f"file://{(stack.home / 'storage').resolve()}",
         "GENQ_TOKEN_BUDGET": "64",
+        "GENQ_ITEM_CHUNK": "1",
     })
     s.api_key = stack.api_key  # same owner: the trained model is visible
     s.start_worker("b1")

@@ -19,7 +19,7 @@ from common.models import Job, JobLog, Metric, utcnow
 from common.storage import Storage, get_storage
 
 log = logging.getLogger(__name__)
-STOP_POLL_S = 0.05  # flag reads by the running step: cheap primary-key selects
+FLAG_POLL_S = 0.2  # how stale a cancel / shutdown flag may be when a step reads it
 
 
 @dataclass
@@ -37,7 +37,6 @@ class JobContext:
     _stop: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _last_event: float = 0.0
-    _last_poll: float = 0.0
     _started: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
@@ -45,7 +44,7 @@ class JobContext:
         self.storage = get_storage()
         self._total = self.job.progress_total
         self._done = self.job.progress_done
-        self._thread = threading.Thread(target=self._beat, name=f"hb-{self.job.id}", daemon=True)
+        self._thread = threading.Thread(target=self._watch, name=f"hb-{self.job.id}", daemon=True)
 
     @property
     def settings(self):  # type: ignore[no-untyped-def]
@@ -77,16 +76,22 @@ class JobContext:
         self._thread.join(timeout=10)
         self._beat_once()
 
-    # -- heartbeat side thread: its own session, so the job's session is never shared
-    def _beat(self) -> None:
-        interval = get_settings().heartbeat_s
+    # -- side thread, with its own session: flags every FLAG_POLL_S, heartbeat every heartbeat_s.
+    # The step itself only reads a variable, so watching costs the training loop nothing.
+    def _watch(self) -> None:
+        beat_every = get_settings().heartbeat_s
+        next_beat = time.monotonic() + beat_every
         with session_factory()() as session:
-            self._hb_session = session
-            while not self._stop.wait(interval):
-                self._beat_once()
+            self._side_session = session
+            while not self._stop.wait(min(FLAG_POLL_S, beat_every)):
+                if time.monotonic() >= next_beat:
+                    next_beat = time.monotonic() + beat_every
+                    self._beat_once()
+                else:
+                    self._poll_flags()
 
     def _beat_once(self) -> None:
-        session = getattr(self, "_hb_session", None) or self.session
+        session = getattr(self, "_side_session", None) or self.session
         with self._lock:
             done, total, metrics = self._done, self._total, dict(self._metrics)
         try:
@@ -97,27 +102,20 @@ class JobContext:
             return
         self._signals = signals
 
+    def _poll_flags(self) -> None:
+        session = self._side_session
+        try:
+            self._signals = jobs.read_signals(session, self.job)
+        except Exception as exc:  # a database blip: the last flags still stand
+            session.rollback()
+            log.debug("job %s: flag poll failed: %s", self.job.id, exc)
+
     def should_stop(self) -> str | None:
         """Why the job must stop now: cancel, shutdown, timeout, lost; None to go on.
 
-        Called every step / batch: the flags are read from SQL here too (at most every
-        STOP_POLL_S), so a cancel lands within about one step, not one heartbeat.
+        Called every step / batch; the flags it reads are at most FLAG_POLL_S old, so a
+        cancel lands within that plus one step.
         """
-        now = time.monotonic()
-        if now - self._last_poll >= STOP_POLL_S:
-            self._last_poll = now
-            try:
-                polled = jobs.read_signals(self.session, self.job)
-            except Exception as exc:  # a database blip: the heartbeat's flags still stand
-                self.session.rollback()
-                log.debug("job %s: flag poll failed: %s", self.job.id, exc)
-            else:
-                signals = self._signals
-                self._signals = jobs.Signals(
-                    cancel=polled.cancel or signals.cancel,
-                    shutdown=polled.shutdown or signals.shutdown,
-                    lost=polled.lost or signals.lost,
-                )
         s = self._signals
         if s.lost:
             return "lost"

@@ -18,37 +18,63 @@ from worker.outcome import ShutdownRequested, StopForTimeout
 GEN_KEYS = set(GenRequest.__dataclass_fields__) - {"key"}
 
 
+class ItemWriter:
+    """Finished items, committed every `item_chunk` items or FLUSH_S seconds (per-item resume)."""
+
+    FLUSH_S = 1.0
+
+    def __init__(self, ctx: JobContext, *, done: int, total: int):
+        self.ctx, self.done, self.total = ctx, done, total
+        self.rows: list[dict[str, Any]] = []
+        self.chunk = max(1, ctx.settings.item_chunk)
+        self.started = self.flushed = time.monotonic()
+        self.produced = self.tokens_out = 0
+
+    def add(self, items: list[Item], outputs: list[GenOutput]) -> None:
+        self.rows += [item_row(self.ctx, item, o) for item, o in zip(items, outputs, strict=True)]
+        self.produced += len(outputs)
+        self.tokens_out += sum(o.tokens_out for o in outputs)
+        if len(self.rows) >= self.chunk or time.monotonic() - self.flushed >= self.FLUSH_S:
+            self.flush()
+
+    def add_failed(self, item_id: int, error: dict[str, Any]) -> None:
+        self.rows.append({"id": item_id, "status": "failed", "error": error})
+
+    def flush(self) -> None:
+        if self.rows:
+            results.write_items(self.ctx.session, self.rows)
+            self.done += len(self.rows)
+            self.rows = []
+        self.flushed = time.monotonic()
+        rate = self.produced / max(self.flushed - self.started, 1e-6)
+        self.ctx.progress(self.done, self.total,
+                          {"items_per_s": rate, "tokens_out": self.tokens_out})
+
+
 def execute_items(ctx: JobContext) -> dict[str, Any]:
     """Generate every pending item of the job; finished items are kept across restarts."""
     job = ctx.job
     items = results.pending_items(ctx.session, job_id=job.id)
     total = job.progress_total
-    done = total - len(items)
+    writer = ItemWriter(ctx, done=total - len(items), total=total)
     by_id = {str(item.id): item for item in items}
     groups: dict[str, list[Item]] = defaultdict(list)
     for item in items:
         groups[item.request.get("model_id") or job.model_id or ""].append(item)
-    started, produced, tokens_out = time.monotonic(), 0, 0
 
     def on_outputs(outputs: list[GenOutput]) -> None:
-        nonlocal done, produced, tokens_out
-        rows = [item_row(ctx, by_id[o.key], o) for o in outputs]
-        results.write_items(ctx.session, rows)
-        done += len(rows)
-        produced += len(rows)
-        tokens_out += sum(o.tokens_out for o in outputs)
-        rate = produced / max(time.monotonic() - started, 1e-6)
-        ctx.progress(done, total, {"items_per_s": rate, "tokens_out": tokens_out})
+        writer.add([by_id[o.key] for o in outputs], outputs)
 
     for model_id, group in groups.items():
         if ctx.should_stop():
             break
         loaded = get_model(ctx.session, model_id, current_device())
         requests = [to_request(item) for item in group]
-        run_group(ctx, loaded, requests, on_outputs)
+        run_group(ctx, loaded, requests, on_outputs, writer)
+    writer.flush()
 
     reason = ctx.should_stop()
-    summary = {"items_done": done, "items_total": total, "tokens_out": tokens_out}
+    summary = {"items_done": writer.done, "items_total": total, "tokens_out": writer.tokens_out}
     if reason == "cancel":
         raise Cancelled(summary)
     if reason == "shutdown":
@@ -58,7 +84,9 @@ def execute_items(ctx: JobContext) -> dict[str, Any]:
     return summary
 
 
-def run_group(ctx: JobContext, loaded: Any, requests: list[GenRequest], on_outputs: Any) -> None:
+def run_group(
+    ctx: JobContext, loaded: Any, requests: list[GenRequest], on_outputs: Any, writer: ItemWriter
+) -> None:
     """Generate in dynamic batches; a request the model rejects fails alone, not the job."""
     settings = ctx.settings
     try:
@@ -72,6 +100,7 @@ def run_group(ctx: JobContext, loaded: Any, requests: list[GenRequest], on_outpu
         return
     except ValueError:
         pass  # one bad request spoils its batch: retry one by one to isolate it
+    writer.flush()
     done = {str(item.id) for item in results.pending_items(ctx.session, job_id=ctx.job.id)}
     for request in requests:
         if request.key not in done or ctx.should_stop():
@@ -79,10 +108,8 @@ def run_group(ctx: JobContext, loaded: Any, requests: list[GenRequest], on_outpu
         try:
             generate(loaded, [request], token_budget=settings.token_budget, on_outputs=on_outputs)
         except ValueError as exc:
-            error = {"code": "invalid_request", "message": str(exc)}
-            results.write_items(
-                ctx.session, [{"id": int(request.key), "status": "failed", "error": error}]
-            )
+            writer.add_failed(int(request.key), {"code": "invalid_request", "message": str(exc)})
+    writer.flush()
 
 
 def to_request(item: Item) -> GenRequest:

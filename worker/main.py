@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import socket
@@ -149,3 +150,6 @@ def _on_shutdown(**_: Any) -> None:
 def _on_child_start(**_: Any) -> None:
     """A forked pool child must not reuse the parent's database connections."""
     get_engine().dispose(close=False)
+    # Everything imported so far (Celery, torch, transformers) lives as long as the child:
+    # keep it out of the cyclic collector, whose full passes otherwise walk it all.
+    gc.freeze()
