@@ -38,6 +38,7 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from api.demo import DemoFailed
         from api.stack import StackError
 
         try:
@@ -51,7 +52,7 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
             )
         except httpx.HTTPError as exc:
             err.print(f"[red]error:[/red] talking to {get_settings().api_url}: {exc}")
-        except StackError as exc:
+        except (StackError, DemoFailed) as exc:
             err.print(f"[red]error:[/red] {exc}")
         except FileNotFoundError as exc:
             err.print(f"[red]error:[/red] {exc.strerror}: {exc.filename}")
@@ -86,7 +87,8 @@ def up(
     from api.stack import Stack
 
     stack = Stack(get_settings(), gpus=count_gpus() if gpus is None else gpus, with_flower=flower)
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # systemd stop, a closed terminal: as Ctrl-C
+        signal.signal(sig, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         stack.start()
         print_stack(stack)

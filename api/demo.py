@@ -23,13 +23,13 @@ def run_demo(console: Console, *, steps: int = 300) -> None:
     settings = get_settings()
     stack = None
     c = Client()
-    if not (c.healthy() and c.api_key):
-        console.print("starting a local stack in .genq/ for the demo…")
-        stack = Stack(settings, with_flower=True)
-        stack.start()
-        stack.wait_for_worker()
-        c = Client(api_key=stack.api_key)
     try:
+        if not (c.healthy() and c.api_key):
+            console.print("starting a local stack in .genq/ for the demo…")
+            stack = Stack(settings, with_flower=True)
+            stack.start()
+            stack.wait_for_worker()
+            c = Client(api_key=stack.api_key)
         console.print(f"[bold]1. training[/bold] a character LSTM on Python's docs ({steps} steps)")
         job = c.create_job(
             {
@@ -45,16 +45,20 @@ def run_demo(console: Console, *, steps: int = 300) -> None:
         )
         job = follow(c, job["id"])
         if job["status"] != "succeeded":
-            raise SystemExit(1)
+            raise DemoFailed(f"training job {job['id']} ended {job['status']}: {job.get('error')}")
         model = job["result"]["model"]
-        console.print(f"[bold]2. generating[/bold] from model {model!r}")
+        console.print(f"[bold]2. generating[/bold] from model {model!r} through the Batch API")
         text = generate_texts(c, model)
         for prompt, completion in text:
             console.print(f"  [dim]{prompt}[/dim]{completion!r}")
         show_where(console, settings, job["id"], model, stack is not None)
     finally:
-        if stack is not None:
+        if stack is not None and stack.procs:
             stack.stop()
+
+
+class DemoFailed(RuntimeError):
+    """The demo could not show what it promises; the message says which step failed."""
 
 
 def generate_texts(c: Client, model: str) -> list[tuple[str, str]]:
@@ -75,12 +79,16 @@ def generate_texts(c: Client, model: str) -> list[tuple[str, str]]:
     batch = c.wait_batch(
         c.create_batch(upload["id"], endpoint="/v1/completions")["id"], timeout=600
     )
+    if batch["status"] != "completed" or not batch.get("output_file_id"):
+        raise DemoFailed(f"batch {batch['id']} ended {batch['status']}")
     texts: dict[str, str] = {}
-    if batch.get("output_file_id"):
-        for raw in c.file_content(batch["output_file_id"]).decode().splitlines():
-            row: dict[str, Any] = json.loads(raw)
-            texts[row["custom_id"]] = row["response"]["body"]["choices"][0]["text"]
-    return [(p, texts.get(f"prompt-{i}", "")) for i, p in enumerate(PROMPTS)]
+    for raw in c.file_content(batch["output_file_id"]).decode().splitlines():
+        row: dict[str, Any] = json.loads(raw)
+        texts[row["custom_id"]] = row["response"]["body"]["choices"][0]["text"]
+    missing = [p for i, p in enumerate(PROMPTS) if not texts.get(f"prompt-{i}")]
+    if missing:
+        raise DemoFailed(f"no text came back for prompts {missing}")
+    return [(p, texts[f"prompt-{i}"]) for i, p in enumerate(PROMPTS)]
 
 
 def show_where(console: Console, settings: Any, job_id: str, model: str, temporary: bool) -> None:

@@ -62,6 +62,17 @@ def test_generate_prints_texts(stack, trained_lstm, cli_env, tmp_path):
     assert "0 The " in done.stdout and "1 def " in done.stdout
 
 
+def test_watch_follows_a_running_job_to_the_end(stack, cli_env):
+    c = stack.client()
+    job = c.create_job({**TINY_LSTM, "steps": 300, "checkpoint_every": 300, "log_every": 10})
+    watched = genq("watch", job["id"], env=cli_env, timeout=120)
+    assert watched.returncode == 0, watched.stderr
+    lines = watched.stdout.strip().splitlines()
+    assert lines[-1].startswith("succeeded") and "300/300" in watched.stdout
+    assert "loss " in watched.stdout
+    assert c.get_job(job["id"])["progress"]["done"] == 300
+
+
 def test_workers_and_cancel(stack, cli_env):
     shown = genq("workers", env=cli_env)
     assert shown.returncode == 0 and "w1@" in shown.stdout and "cpu,gpu" in shown.stdout
@@ -192,3 +203,25 @@ def test_genq_up_busy_port_is_one_line(tmp_path):
     assert f"port {port} for the API is busy" in r.stderr
     assert "Traceback" not in r.stderr + r.stdout
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_genq_demo_on_a_fresh_folder(tmp_path):
+    """`make demo`'s command: trains, bulk-generates, prints texts, stops its own stack."""
+    ports = {"api": _free_port(), "redis": _free_port(), "flower": _free_port()}
+    env = up_env(**ports)
+    done = genq("demo", "--steps", "40", env=env, cwd=tmp_path, timeout=240)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert "Traceback" not in output
+    shown = [line for line in done.stdout.splitlines() if line.startswith("  ") and "'" in line]
+    assert len(shown) >= 5 and all(not line.rstrip().endswith("''") for line in shown[:5])
+    assert "Flower" in done.stdout and "genq up" in done.stdout
+    from api.stack import port_free
+
+    assert all(port_free(port) for port in ports.values())  # its stack is stopped
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / ".genq" / "genq.db") as db:
+        (uri,) = db.execute("SELECT c.uri FROM models m JOIN checkpoints c "
+                            "ON c.id = m.checkpoint_id").fetchone()
+    assert (Path(uri.removeprefix("file://")) / "model.safetensors").is_file()
