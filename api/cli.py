@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -102,13 +103,19 @@ def up(
 
 
 def count_gpus() -> int:
+    """CUDA devices on this machine, through NVML (never CUDA itself), else nvidia-smi."""
     try:
         import pynvml
 
         pynvml.nvmlInit()
         return int(pynvml.nvmlDeviceGetCount())
     except Exception:
+        pass
+    try:
+        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
         return 0
+    return sum(line.startswith("GPU ") for line in listed.stdout.splitlines())
 
 
 def print_stack(stack: Any) -> None:

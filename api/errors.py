@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -47,6 +48,23 @@ def validation_message(err: dict[str, Any]) -> str:
     return msg.removeprefix("Value error, ")
 
 
+NAMED_PROBLEM = re.compile(r"^([A-Za-z_][\w.\[\]]*): (.+)$", re.S)
+
+
+def validation_problems(err: dict[str, Any]) -> list[dict[str, Any]]:
+    """One {param, message} per problem; a whole-spec check lists its problems as
+    "field: message; field: message", and each names its own field."""
+    param, message = error_param(err), validation_message(err)
+    if param is not None or err.get("type") != "value_error":
+        return [{"param": param, "message": message}]
+    problems = []
+    for part in message.split("; "):
+        named = NAMED_PROBLEM.match(part)
+        problems.append({"param": named.group(1), "message": named.group(2)} if named
+                        else {"param": None, "message": part})
+    return problems
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(GenqError)
     async def _genq(_: Request, exc: GenqError) -> JSONResponse:
@@ -54,9 +72,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [
-            {"param": error_param(e), "message": validation_message(e)} for e in exc.errors()
-        ]
+        errors = [problem for e in exc.errors() for problem in validation_problems(e)]
         first = errors[0] if errors else {"param": None, "message": "invalid request"}
         message = "; ".join(
             f"{e['param']}: {e['message']}" if e["param"] else e["message"] for e in errors

@@ -179,19 +179,20 @@ class Stack:
                     "flower",
                     "--address=127.0.0.1",
                     f"--port={s.flower_port}",
-                    f"--basic_auth={s.flower_user}:{self.flower_password}",
                     "--persistent=True",
                     f"--db={s.home_dir / 'flower.db'}",
                     "--purge_offline_workers=60",
                 ],
+                # in the environment, not argv: `ps` shows every user the command line
+                env={"FLOWER_BASIC_AUTH": f"{s.flower_user}:{self.flower_password}"},
             )
         self._wait_http(f"http://{s.api_host}:{s.api_port}/healthz", "api")
 
-    def _spawn(self, name: str, argv: list[str]) -> None:
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
         out = open(self.logs / f"{name}.log", "ab")
         proc = subprocess.Popen(
             argv,
-            env=self.env,
+            env={**self.env, **(env or {})},
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

@@ -75,7 +75,7 @@ class TrainSpec(Strict):
         if self.steps is None and self.epochs is None:
             self.steps = 200
         if self.steps is not None and self.epochs is not None:
-            problems.append("give steps or epochs, not both")
+            problems.append("epochs: give steps or epochs, not both")
         if self.data is None:
             self.data = DataSpec(
                 builtin="python-docs" if self.family in TEXT_FAMILIES else "digits"
@@ -136,7 +136,7 @@ class GenerateSpec(SamplingParams):
     def _what_to_generate(self) -> GenerateSpec:
         problems: list[str] = []
         if self.prompts is None and self.n is None and self.labels is None:
-            problems.append("give prompts (text models) or n / labels (image models)")
+            problems.append("prompts: give prompts (text models) or n / labels (image models)")
         check_queue(self.queue, problems)
         if problems:
             raise ValueError("; ".join(problems))

@@ -46,6 +46,10 @@ def test_generate_writes_items(stack, trained_lstm):
         ({"type": "generate", "model": "x", "prompts": ["a"], "max_tokens": 0}, "max_tokens"),
         ({"type": "generate", "model": "x", "prompts": ["a"], "temperature": 9}, "temperature"),
         ({"type": "wat"}, "type"),
+        ({"type": "train", "family": "vae", "data": {"builtin": "python-docs"}}, "data.builtin"),
+        ({"type": "train", "family": "lstm", "steps": 3, "epochs": 2}, "epochs"),
+        ({"type": "train", "family": "lstm", "queue": "nope"}, "queue"),
+        ({"type": "generate", "model": "x"}, "prompts"),
     ],
 )
 def test_invalid_spec_names_the_field(stack, spec, param):
@@ -62,8 +66,9 @@ def test_invalid_model_config_lists_every_field(stack):
                       json={"type": "train", "family": "lstm", "config": {"hidden": 0, "bogus": 1}},
                       headers={"Authorization": f"Bearer {stack.api_key}"})
     assert resp.status_code == 422
-    message = resp.json()["error"]["message"]
-    assert "config.hidden" in message and "config.bogus" in message
+    error = resp.json()["error"]
+    assert "config.hidden" in error["message"] and "config.bogus" in error["message"]
+    assert {e["param"] for e in error["errors"]} == {"config.hidden", "config.bogus"}
 
 
 def test_data_kind_mismatch_is_422(stack):
