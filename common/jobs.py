@@ -70,6 +70,8 @@ def create_job(
 ) -> tuple[Job, bool]:
     """Write a queued job (and its items) and commit; returns (job, created)."""
     spec_json = spec.model_dump(mode="json", exclude_none=True)
+    # An explicit null means something ("clip": null is no clipping): keep it.
+    spec_json.update({k: None for k in spec.model_fields_set if getattr(spec, k) is None})
     if idempotency_key:
         existing = session.scalar(
             select(Job).where(Job.owner == owner, Job.idempotency_key == idempotency_key)

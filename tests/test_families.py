@@ -135,3 +135,17 @@ def test_pretrained_outside_the_root_is_refused(stack):
         json={"type": "train", "family": "gpt", "config": {"pretrained": "/etc"}},
     )
     assert resp.status_code == 422 and "config.pretrained" in resp.json()["error"]["message"]
+
+
+def test_nan_loss_fails_at_once_with_the_step(stack):
+    """A diverging run is a deterministic failure: no retry, the step named, a checkpoint kept."""
+    c = stack.client()
+    spec = {"type": "train", "family": "vae", "steps": 40, "batch_size": 8, "lr": 10,
+            "optimizer": "sgd", "clip": None, "checkpoint_every": 1, "max_attempts": 3,
+            **TINY["vae"]}
+    job = c.wait(c.create_job(spec)["id"], timeout=120)
+    assert job["status"] == "failed" and job["attempt"] == 1, job
+    error = job["error"]
+    assert error["code"] == "nan_loss" and error["retryable"] is False
+    assert error["step"] >= 2 and f"at step {error['step']}" in error["message"]
+    assert [a["error"]["code"] for a in job["attempts"]] == ["nan_loss"]

@@ -362,6 +362,7 @@ def test_deterministic_error_fails_at_once(rstack):
                         "max_attempts": 3})
     done = c.wait(job["id"], timeout=60)
     assert done["status"] == "failed" and done["error"]["retryable"] is False, done
+    assert done["error"]["code"] == "checkpoint_unreadable"
     assert done["attempt"] == 1 and row(rstack, job["id"]).failures == 1
     assert [a["error"]["code"] for a in done["attempts"]] == [done["error"]["code"]]
 

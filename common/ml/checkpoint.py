@@ -31,6 +31,8 @@ FORMAT = 1
 class CheckpointError(Exception):
     """A checkpoint directory is missing files or holds corrupt ones."""
 
+    code = "checkpoint_unreadable"
+
 
 @dataclass
 class LoadedModel:
