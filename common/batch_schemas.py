@@ -11,7 +11,7 @@ from common.schemas import SamplingParams
 TEXT_ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
 IMAGE_ENDPOINT = "/v1/images/generations"
 Endpoint = Literal["/v1/completions", "/v1/chat/completions", "/v1/images/generations"]
-UPLOAD_PURPOSES = {"batch": (".jsonl",), "dataset": (".txt", ".jsonl", ".npz")}
+UPLOAD_PURPOSES = {"batch": (".jsonl",), "dataset": (".txt", ".jsonl", ".npz", ".zip")}
 
 
 class FileOut(BaseModel):

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import zipfile
 from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -97,3 +101,68 @@ def delete_file(session: Session, storage: Storage, *, owner: str, file_id: str)
 def file_out(row: File) -> FileOut:
     return FileOut(id=row.id, bytes=row.bytes, created_at=int(row.created_at.timestamp()),
                    filename=row.filename, purpose=row.purpose)
+
+
+def dataset_path(storage: Storage, file: File, cache: Path) -> Path:
+    """A local path the data loader can open for an uploaded dataset.
+
+    The name keeps the upload's suffix (the loader picks the format by it); a .zip of PNGs
+    becomes the folder it holds, extracted once per machine.
+    """
+    local = storage.local_file(storage.key_of(file.uri), cache)
+    suffix = PurePosixPath(file.filename).suffix.lower()
+    folder = cache / "datasets"
+    folder.mkdir(parents=True, exist_ok=True)
+    if suffix == ".zip":
+        return _extract_pngs(local, folder / file.id)
+    named = folder / f"{file.id}{suffix}"
+    try:
+        named.symlink_to(local.resolve())
+    except FileExistsError:  # another job on this machine named it first
+        pass
+    return named
+
+
+def _extract_pngs(archive: Path, target: Path) -> Path:
+    """Unpack the .png members of a zip (flat, or in integer-named label folders) safely."""
+    if (target / ".complete").exists():
+        return target
+    tmp = target.with_name(f"{target.name}.part-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    budget = 4 * get_settings().max_upload_bytes  # a zip bomb stops here
+    try:
+        with zipfile.ZipFile(archive) as z:
+            for info in z.infolist():
+                name = PurePosixPath(info.filename)
+                if info.is_dir() or name.suffix.lower() != ".png" or name.name.startswith("."):
+                    continue
+                parts = [p for p in name.parts if p not in ("", ".")]
+                if name.is_absolute() or ".." in parts or len(parts) > 3:
+                    continue
+                budget -= info.file_size
+                if budget < 0:
+                    raise InvalidSpec("the zip unpacks to too many bytes", param="data.file_id")
+                # a label folder (integer name, as in label/x.png) is kept; any other is not
+                label = parts[-2] if len(parts) > 1 and parts[-2].isdigit() else ""
+                dest = tmp / label / parts[-1]
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                n = 1
+                while dest.exists():  # the same name in two folders
+                    dest = dest.with_name(f"{name.stem}-{n}.png")
+                    n += 1
+                with z.open(info) as src, open(dest, "wb") as out:
+                    shutil.copyfileobj(src, out)
+    except zipfile.BadZipFile as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise InvalidSpec(f"the dataset is not a readable zip file ({exc})",
+                          param="data.file_id") from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / ".complete").touch()
+    try:
+        tmp.replace(target)
+    except OSError:  # another process of this machine finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

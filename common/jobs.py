@@ -110,9 +110,7 @@ def _prepare_train(session: Session, job: Job, spec: TrainSpec) -> None:
     job.progress_unit = "step"
     job.progress_total = spec.steps or 0
     if spec.data and spec.data.file_id:
-        file = session.get(File, spec.data.file_id)
-        if file is None or file.owner != job.owner:
-            raise NotFound(f"no file {spec.data.file_id!r}", param="data.file_id")
+        check_dataset(session, owner=job.owner, file_id=spec.data.file_id, family=spec.family)
     if spec.resume_from:
         ckpt = session.get(Checkpoint, spec.resume_from)
         parent = session.get(Job, ckpt.job_id) if ckpt else None
@@ -129,6 +127,26 @@ def _prepare_train(session: Session, job: Job, spec: TrainSpec) -> None:
         )
         if taken:
             raise Conflict(f"a model named {spec.name!r} exists", param="name")
+
+
+def check_dataset(session: Session, *, owner: str, file_id: str, family: str) -> None:
+    """Load an uploaded dataset as the worker will: a bad one is a 422 before anything runs."""
+    from common.files import dataset_path
+    from common.ml.data import validate_data
+    from common.storage import get_storage
+
+    file = session.get(File, file_id)
+    if file is None or file.owner != owner:
+        raise NotFound(f"no file {file_id!r}", param="data.file_id")
+    if file.purpose != "dataset":
+        raise InvalidSpec(f"file {file_id} has purpose {file.purpose!r}, not 'dataset'",
+                          param="data.file_id")
+    local = dataset_path(get_storage(), file, get_settings().home_dir / "cache")
+    problems = validate_data({"path": str(local)}, family_kind(family))
+    if problems:
+        message = "; ".join(p.replace(str(local), file.filename).replace(local.name, file.filename)
+                            .removeprefix("data.path: ") for p in problems)
+        raise InvalidSpec(f"dataset {file_id}: {message}", param="data.file_id")
 
 
 def _prepare_generate(session: Session, job: Job, spec: GenerateSpec) -> None:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from api.client import GenqAPIError
 from common.ml.checkpoint import load_model
 
 TINY = {
@@ -149,3 +150,82 @@ def test_nan_loss_fails_at_once_with_the_step(stack):
     assert error["code"] == "nan_loss" and error["retryable"] is False
     assert error["step"] >= 2 and f"at step {error['step']}" in error["message"]
     assert [a["error"]["code"] for a in job["attempts"]] == ["nan_loss"]
+
+
+def _upload(stack, tmp_path: Path, name: str, data: bytes) -> str:
+    path = tmp_path / name
+    path.write_bytes(data)
+    return stack.client().upload_file(path, purpose="dataset")["id"]
+
+
+def _npz(images, labels=None) -> bytes:  # type: ignore[no-untyped-def]
+    import numpy as np
+
+    buf = io.BytesIO()
+    arrays = {"images": np.asarray(images)}
+    if labels is not None:
+        arrays["labels"] = np.asarray(labels)
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def test_uploaded_datasets_train(stack, tmp_path):
+    """An .npz of images and a .zip of label-folder PNGs train image models by file id."""
+    import zipfile
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    npz = _upload(stack, tmp_path, "faces.npz",
+                  _npz(rng.integers(0, 256, (40, 8, 8), dtype=np.uint8), np.arange(40) % 4))
+    job = train(stack, "vae", 6, data={"file_id": npz})
+    assert job["result"]["model"]
+
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as z:
+        for i in range(24):
+            png = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(png, "PNG")
+            z.writestr(f"shapes/{i % 3}/img{i}.png", png.getvalue())
+    zipped = _upload(stack, tmp_path, "shapes.zip", archive.getvalue())
+    job = train(stack, "gan", 4, data={"file_id": zipped})
+    assert job["result"]["model"]
+
+
+def _zip_without_pngs() -> bytes:
+    import zipfile
+
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("readme.txt", "no pictures here")
+    return archive.getvalue()
+
+
+BAD_DATASETS = {
+    "notes.txt": (lambda: b"plain text, not pictures", "vae", "text data"),
+    "broken.npz": (lambda: b"PK\x03\x04 not really a zip", "vae", "not a readable .npz"),
+    "labels-only.npz": (lambda: _npz_labels_only(), "vae", "no 'images' array"),
+    "nothing.zip": (_zip_without_pngs, "gan", "no .png files"),
+}
+
+
+def _npz_labels_only() -> bytes:
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.savez(buf, labels=np.arange(3))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("name", sorted(BAD_DATASETS))
+def test_bad_dataset_is_422_before_anything_is_queued(stack, tmp_path, name):
+    make, family, says = BAD_DATASETS[name]
+    c = stack.client()
+    file_id = _upload(stack, tmp_path, name, make())
+    before = c.list_jobs(limit=100)["data"]
+    with pytest.raises(GenqAPIError) as info:
+        c.create_job({"type": "train", "family": family, "steps": 2,
+                      "data": {"file_id": file_id}})
+    assert info.value.status == 422 and info.value.param == "data.file_id", info.value
+    assert says in info.value.message, info.value.message
+    assert c.list_jobs(limit=100)["data"] == before

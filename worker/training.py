@@ -7,6 +7,7 @@ from typing import Any
 
 from common import results
 from common.errors import Cancelled, InvalidSpec
+from common.files import dataset_path
 from common.ml.data import validate_data
 from common.ml.train import TrainHooks, run_training
 from common.models import Checkpoint, File
@@ -98,11 +99,7 @@ def resolve_data(ctx: JobContext, data: dict[str, Any]) -> dict[str, Any]:
     file = ctx.session.get(File, data["file_id"])
     if file is None:
         raise InvalidSpec(f"file {data['file_id']!r} is gone", param="data.file_id")
-    path = ctx.storage.local_file(ctx.storage.key_of(file.uri), ctx.cache_dir)
-    suffixed = ctx.workdir / f"dataset-{file.id}{Path(file.filename).suffix}"
-    if not suffixed.exists():
-        suffixed.symlink_to(path.resolve())
-    return {"path": str(suffixed)}
+    return {"path": str(dataset_path(ctx.storage, file, ctx.cache_dir))}
 
 
 def resume_point(ctx: JobContext) -> Checkpoint | None:
