@@ -10,7 +10,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
-from common.auth import owner_of
+from common.auth import hash_key, owner_of
 from common.config import get_settings
 from common.db import session_factory
 from common.errors import RateLimited, TooLarge, Unauthorized
@@ -57,7 +57,7 @@ def get_owner(request: Request, session: SessionDep) -> str:
         raise Unauthorized("missing API key: send Authorization: Bearer <key>")
     owner = owner_of(session, key.strip())
     per_minute = get_settings().rate_limit_per_minute
-    if per_minute and not limiter.take(owner, per_minute):
+    if per_minute and not limiter.take(hash_key(key.strip()), per_minute):
         raise RateLimited(f"more than {per_minute} requests a minute for this key")
     return owner
 

@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DataError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException
 
@@ -85,6 +85,16 @@ def install_error_handlers(app: FastAPI) -> None:
         code = HTTP_CODES.get(exc.status_code, "error")
         return JSONResponse(
             error_body(code, str(exc.detail)), status_code=exc.status_code, headers=exc.headers
+        )
+
+    @app.exception_handler(DataError)
+    async def _unstorable(_: Request, exc: DataError) -> JSONResponse:
+        # e.g. a NUL byte, which PostgreSQL text cannot hold: the input is bad, not the server
+        log.info("rejected a value the database cannot store: %s", exc.orig)
+        return JSONResponse(
+            error_body("invalid_request", "the request holds a value the database cannot store "
+                       "(such as a NUL character)"),
+            status_code=422,
         )
 
     @app.exception_handler(OperationalError)

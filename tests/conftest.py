@@ -11,6 +11,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -102,12 +103,12 @@ def _drop_postgres(base_url: str, name: str) -> None:
 BACKENDS = ["sqlite"] + (["postgresql"] if os.environ.get("GENQ_TEST_POSTGRES_URL") else [])
 
 
-@pytest.fixture(scope="session", params=BACKENDS)
-def db_url(request: pytest.FixtureRequest) -> Iterator[str]:
-    """A migrated, empty database: SQLite always, PostgreSQL where GENQ_TEST_POSTGRES_URL is set."""
+@contextmanager
+def fresh_database(backend: str) -> Iterator[str]:
+    """A migrated, empty database on `backend` ("sqlite" or "postgresql"), dropped after."""
     from common.migrate import upgrade
 
-    if request.param == "sqlite":
+    if backend == "sqlite":
         url = f"sqlite:///{_TMP / f'db-{uuid.uuid4().hex[:6]}.db'}"
         upgrade(url)
         yield url
@@ -120,6 +121,13 @@ def db_url(request: pytest.FixtureRequest) -> Iterator[str]:
 
     engine_for(normalize_url(url)).dispose()
     _drop_postgres(base, name)
+
+
+@pytest.fixture(scope="session", params=BACKENDS)
+def db_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A migrated, empty database: SQLite always, PostgreSQL where GENQ_TEST_POSTGRES_URL is set."""
+    with fresh_database(request.param) as url:
+        yield url
 
 
 @pytest.fixture

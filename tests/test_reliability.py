@@ -21,10 +21,20 @@ import pytest
 import torch
 from sqlalchemy import select
 
-from tests.conftest import _TMP, ROOT, Stack, _free_port, start_stack, wait_for
+from tests.conftest import (
+    _TMP,
+    BACKENDS,
+    ROOT,
+    Stack,
+    _free_port,
+    fresh_database,
+    start_stack,
+    wait_for,
+)
 
-SPEC = {"type": "train", "family": "lstm", "steps": 120, "batch_size": 8, "seq_len": 32,
-        "checkpoint_every": 5, "log_every": 5, "seed": 7, "data": {"builtin": "python-docs"}}
+# Long enough (a few seconds) that a test sees it running before it ends, on any machine.
+SPEC = {"type": "train", "family": "lstm", "steps": 300, "batch_size": 8, "seq_len": 32,
+        "checkpoint_every": 10, "log_every": 10, "seed": 7, "data": {"builtin": "python-docs"}}
 
 
 class RedisServer:
@@ -71,15 +81,17 @@ def aof_redis() -> Iterator[RedisServer]:
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def rstack(aof_redis: RedisServer) -> Iterator[Stack]:
+@pytest.fixture(scope="module", params=BACKENDS)
+def rstack(request: pytest.FixtureRequest, aof_redis: RedisServer) -> Iterator[Stack]:
     """API + workers a and b on their own Redis and database, with a short lease."""
-    from common.migrate import upgrade
+    with fresh_database(request.param) as db:
+        yield from _reliability_stack(db, aof_redis)
 
-    db = f"sqlite:///{_TMP / f'rel-{uuid.uuid4().hex[:6]}.db'}"
-    upgrade(db)
+
+def _reliability_stack(db: str, aof_redis: RedisServer) -> Iterator[Stack]:
     stack = start_stack(db, aof_redis.url, env_extra={
         "GENQ_LEASE_S": "4", "GENQ_ITEM_CHUNK": "4", "GENQ_CANCEL_GRACE_S": "1",
+        "GENQ_TOKEN_BUDGET": "256",  # small generation batches: a kill lands mid-job
     })
     for name in ("a", "b"):
         spawn_worker(stack, name)
@@ -221,9 +233,10 @@ def test_kill9_mid_generation_every_item_exactly_once(rstack, model_name):
     c = rstack.client()
     prompts = [f"line {i}: " for i in range(120)]
     job = c.create_job({"type": "generate", "model": model_name, "prompts": prompts,
-                        "max_tokens": 24, "seed": 1})
+                        "max_tokens": 160, "seed": 1})  # seconds of work
     first = running_at(rstack, job["id"], 8)
     os.kill(first.worker_pid, signal.SIGKILL)
+    before_kill = finished_items(rstack, job["id"])
     done = c.wait(job["id"], timeout=120)
     assert done["status"] == "succeeded", done
     assert done["attempt"] >= 2
@@ -231,13 +244,21 @@ def test_kill9_mid_generation_every_item_exactly_once(rstack, model_name):
     ids = [i["custom_id"] for i in items]
     assert sorted(ids, key=int) == [str(i) for i in range(120)] and len(set(ids)) == 120
     assert all(i["status"] == "succeeded" and len(i["response"]["texts"]) == 1 for i in items)
-    # items finished before the kill were not generated again (their finish time predates it)
+    # items finished before the kill were kept, not generated again
+    after = finished_items(rstack, job["id"])
+    assert len(after) == 120 and len(before_kill) >= 8
+    assert all(after[i] == before_kill[i] for i in before_kill)
+
+
+def finished_items(stack: Stack, job_id: str) -> dict[int, tuple]:
+    """id -> (finished_at, response) of the job's finished items."""
     from common.db import engine_for, session_factory
     from common.models import Item
 
-    with session_factory(engine_for(rstack.env["GENQ_DATABASE_URL"]))() as s:
-        stamps = s.scalars(select(Item.finished_at).where(Item.job_id == job["id"])).all()
-    assert len(stamps) == 120 and all(stamps)
+    with session_factory(engine_for(stack.env["GENQ_DATABASE_URL"]))() as s:
+        rows = s.execute(select(Item.id, Item.finished_at, Item.response).where(
+            Item.job_id == job_id, Item.status != "pending")).all()
+    return {r.id: (r.finished_at, r.response) for r in rows}
 
 
 # ---------------------------------------------------------------- soft shutdown
@@ -418,6 +439,23 @@ def test_redis_restart_loses_nothing(rstack, aof_redis):
     for job in parked:
         assert c.wait(job["id"], timeout=90)["status"] == "succeeded"
     rstack.stop("g1")
+
+
+def test_redis_restart_mid_training_loses_nothing(rstack, aof_redis, reference):
+    """A job running while Redis goes away and comes back finishes with the same weights,
+    and the workers take new jobs afterwards."""
+    ensure_two_workers(rstack)
+    c = rstack.client()
+    job = c.create_job(SPEC)
+    running_at(rstack, job["id"], 8)
+    aof_redis.stop()
+    time.sleep(2)
+    aof_redis.start()
+    done = c.wait(job["id"], timeout=120)
+    assert done["status"] == "succeeded", done
+    assert_same_weights(final_weights(rstack, done["result"]["checkpoint_id"]), reference)
+    after = c.create_job({**SPEC, "steps": 3})
+    assert c.wait(after["id"], timeout=90)["status"] == "succeeded"
 
 
 def spawn_worker_on(stack: Stack, name: str, queues: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -14,7 +15,8 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from tests.conftest import _TMP, ROOT, Stack, _free_port, start_stack
+from api.client import GenqAPIError
+from tests.conftest import _TMP, BACKENDS, ROOT, Stack, _free_port, fresh_database, start_stack
 from tests.test_reliability import RedisServer
 
 
@@ -22,22 +24,19 @@ def auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-@pytest.fixture(scope="module")
-def quiet_stack() -> Iterator[Stack]:
+@pytest.fixture(scope="module", params=BACKENDS)
+def quiet_stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
     """An API with no workers on its own Redis and database: fuzzed jobs just stay queued."""
-    from common.migrate import upgrade
-
     redis = RedisServer()
     redis.start()
-    db = f"sqlite:///{_TMP / f'sec-{uuid.uuid4().hex[:6]}.db'}"
-    upgrade(db)
-    stack = start_stack(db, redis.url)
-    yield stack
-    stack.stop_all()
+    with fresh_database(request.param) as db:
+        stack = start_stack(db, redis.url)
+        yield stack
+        stack.stop_all()
     redis.stop()
 
 
-def test_stranger_sees_nothing(stack, trained_lstm):
+def test_stranger_sees_nothing(stack, trained_lstm, tmp_path):
     from common.auth import create_key
     from common.db import engine_for, session_factory
 
@@ -47,15 +46,31 @@ def test_stranger_sees_nothing(stack, trained_lstm):
     result = trained_lstm["result"]
     arts = httpx.get(f"{stack.api_url}/v1/jobs/{job_id}/artifacts", headers=auth(stack.api_key))
     assert arts.status_code == 200 and arts.json(), arts.text
+    c = stack.client()
+    lines = "".join(json.dumps({"custom_id": str(i), "method": "POST", "url": "/v1/completions",
+                                "body": {"model": result["model"], "prompt": "a",
+                                         "max_tokens": 2}}) + "\n" for i in range(2))
+    upload = tmp_path / "mine.jsonl"
+    upload.write_text(lines)
+    file_id = c.upload_file(upload)["id"]
+    batch_id = c.create_batch(file_id)["id"]
     paths = [f"/v1/jobs/{job_id}", f"/v1/jobs/{job_id}/items", f"/v1/jobs/{job_id}/artifacts",
-             f"/v1/checkpoints/{result['checkpoint_id']}", f"/v1/models/{result['model']}",
-             f"/v1/artifacts/{arts.json()[0]['id']}"]
+             f"/v1/jobs/{job_id}/metrics", f"/v1/jobs/{job_id}/logs",
+             f"/v1/jobs/{job_id}/events", f"/v1/checkpoints/{result['checkpoint_id']}",
+             f"/v1/models/{result['model']}", f"/v1/artifacts/{arts.json()[0]['id']}",
+             f"/v1/files/{file_id}", f"/v1/files/{file_id}/content", f"/v1/batches/{batch_id}"]
     for path in paths:
         assert httpx.get(stack.api_url + path, headers=auth(stack.api_key)).status_code == 200, path
         resp = httpx.get(stack.api_url + path, headers=auth(other))
         assert resp.status_code == 404, (path, resp.text)
-    cancel = httpx.post(f"{stack.api_url}/v1/jobs/{job_id}/cancel", headers=auth(other))
-    assert cancel.status_code == 404
+    for method, path in [("POST", f"/v1/jobs/{job_id}/cancel"),
+                         ("POST", f"/v1/batches/{batch_id}/cancel"),
+                         ("DELETE", f"/v1/files/{file_id}")]:
+        resp = httpx.request(method, stack.api_url + path, headers=auth(other))
+        assert resp.status_code == 404, (path, resp.text)
+    assert httpx.get(f"{stack.api_url}/v1/files", headers=auth(other)).json()["data"] == []
+    assert httpx.get(f"{stack.api_url}/v1/batches", headers=auth(other)).json()["data"] == []
+    assert c.get_batch(batch_id)["status"] != "cancelled"
     listed = httpx.get(f"{stack.api_url}/v1/jobs", headers=auth(other)).json()
     assert listed["data"] == []
     assert httpx.get(f"{stack.api_url}/v1/models", headers=auth(other)).json()["data"] == []
@@ -120,6 +135,32 @@ def test_oversized_input_names_the_field(stack, body, status, param):
     resp = httpx.post(f"{stack.api_url}/v1/jobs", json=body, headers=auth(stack.api_key))
     assert resp.status_code == status, resp.text
     assert resp.json()["error"]["param"] == param
+
+
+def test_upload_and_batch_line_caps(stack, trained_lstm, tmp_path):
+    """An upload past GENQ_MAX_UPLOAD_BYTES is 413 naming the file; a batch past
+    GENQ_MAX_BATCH_LINES fails validation with a per-line error, and nothing runs."""
+    capped = spawn_api(stack, GENQ_MAX_UPLOAD_BYTES="2000", GENQ_MAX_BATCH_LINES="3")
+    try:
+        c = capped.client()
+        line = json.dumps({"custom_id": "x", "method": "POST", "url": "/v1/completions",
+                           "body": {"model": trained_lstm["result"]["model"], "prompt": "a"}})
+        big = tmp_path / "big.jsonl"
+        big.write_text((line + "\n") * 40)
+        before = c.request("GET", "/v1/files", params={"limit": 100})["data"]
+        with pytest.raises(GenqAPIError) as info:
+            c.upload_file(big)
+        assert info.value.status == 413 and info.value.param == "file"
+        assert c.request("GET", "/v1/files", params={"limit": 100})["data"] == before
+
+        four = tmp_path / "four.jsonl"
+        four.write_text("".join(line.replace('"x"', f'"{i}"') + "\n" for i in range(4)))
+        batch = c.create_batch(c.upload_file(four)["id"])
+        assert batch["status"] == "failed"
+        assert [e["code"] for e in batch["errors"]["data"]] == ["too_many_requests"]
+        assert batch["request_counts"]["total"] == 0
+    finally:
+        capped.stop_all()
 
 
 def test_oversized_json_body_is_413(stack):

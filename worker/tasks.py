@@ -96,6 +96,8 @@ def record(session: Any, ctx: JobContext, body: Body) -> str:
 
 
 def _fail(ctx: JobContext, session: Any, error: dict[str, Any]) -> str:
+    for s in (session, ctx.session):  # the error may have left a transaction half-done
+        s.rollback()
     ctx.log(f"{error['code']}: {error['message']}", level="ERROR")
     return f"{jobs.fail_job(session, ctx.job, error)}: {error['code']}"
 

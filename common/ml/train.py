@@ -422,7 +422,9 @@ class Run:
                 checkpoint = self.save({**logged, "loss": sum(recent) / len(recent)})
                 saved_at = self.step
         if saved_at != self.step or checkpoint is None:
-            loss = sum(recent) / len(recent) if recent else logged.get("loss", math.nan)
+            # no step ran (a resume at the end, or a stop before the first): the last known loss
+            last = self.history["loss"][-1] if self.history["loss"] else math.nan
+            loss = sum(recent) / len(recent) if recent else logged.get("loss", last)
             checkpoint = self.save({**logged, "loss": loss})
         final = {**logged, "step": float(self.step)}
         if recent:

@@ -174,3 +174,18 @@ def test_pretrained_gpt_directory(tmp_path: Path, text_file: Path) -> None:
     generate(loaded, [GenRequest("a", prompt="The", max_tokens=4, temperature=0)],
              on_outputs=out.extend)
     assert out[0].texts is not None and len(out[0].texts) == 1
+
+
+def test_resume_at_the_last_step_keeps_a_finite_loss(tiny_spec: Callable[..., dict],
+                                                     tmp_path: Path) -> None:
+    """A job re-run after its final checkpoint (a crash before it was recorded) trains no
+    step, and its checkpoint's loss is the last one known, not NaN."""
+    import json
+    import math
+
+    spec = tiny_spec("lstm", steps=6, checkpoint_every=3, log_every=3)
+    first = run_training(spec, tmp_path / "a", hooks=TrainHooks())
+    again = run_training(spec, tmp_path / "b", hooks=TrainHooks(), resume_from=first.checkpoint)
+    assert again.step == 6
+    loss = json.loads((again.checkpoint / "metrics.json").read_text())["loss"]
+    assert math.isfinite(loss)
