@@ -34,6 +34,7 @@ from common.ml.families import get_family, validate_model_config
 log = logging.getLogger(__name__)
 
 SEED_MIX = 1_000_003
+EVAL_BATCHES = 4  # held-out batches per evaluation, the same ones every time
 
 
 class NanLoss(Exception):
@@ -100,12 +101,13 @@ class Settings:
     checkpoint_every: int = 50
     keep_last: int = 2
     log_every: int = 10
+    eval_every: int | None = None  # held-out loss every N steps (a tenth of the data is held out)
     seq_len: int = 64
 
     @classmethod
     def from_spec(cls, spec: dict) -> Settings:
         known = set(cls.__dataclass_fields__)
-        nullable = {"clip", "optimizer", "steps", "epochs"}  # an explicit null means something
+        nullable = {"clip", "optimizer", "steps", "epochs", "eval_every"}  # null means something
         values = {k: v for k, v in spec.items()
                   if k in known and (v is not None or k in nullable)}
         values.setdefault("config", {})
@@ -131,6 +133,7 @@ class Settings:
             ("checkpoint_every", s.checkpoint_every >= 1, "must be >= 1"),
             ("keep_last", s.keep_last >= 1, "must be >= 1"),
             ("log_every", s.log_every >= 1, "must be >= 1"),
+            ("eval_every", s.eval_every is None or s.eval_every >= 1, "must be >= 1 or null"),
             ("seq_len", s.seq_len >= 1, "must be >= 1"),
         ]
         problems = [f"{name}: {msg}" for name, ok, msg in checks if not ok]
@@ -288,7 +291,7 @@ class Run:
             torch.manual_seed(s.seed)
             model = module.build_model(cfg, tokenizer)
         self.cfg, self.tokenizer, self.model = cfg, tokenizer, model.to(self.device)
-        self.batches = self._batches(data)
+        self.batches, self.held_out = self._batches(data)
         total = s.steps or (s.epochs or 1) * self.batches.steps_per_epoch(s.grad_accum)
         self.total: int = total
         opt_name = s.optimizer or module.OPTIMIZER["optimizer"]
@@ -319,7 +322,8 @@ class Run:
         elif s.precision != "fp32":
             log.info("precision %s ignored on %s; training in fp32", s.precision, self.device)
 
-    def _batches(self, data: TextData | ImageData) -> Batches:
+    def _batches(self, data: TextData | ImageData) -> tuple[Batches, Batches | None]:
+        """Training batches, and held-out ones when eval_every is set (the data's last tenth)."""
         s = self.s
         tokens = None
         seq_len = s.seq_len
@@ -334,7 +338,37 @@ class Run:
             if limit is not None and seq_len > limit:
                 raise InvalidTrainSpec(f"seq_len: must be <= the model's context ({limit}), "
                                        f"got {seq_len}")
-        return Batches(data, tokens, s.batch_size, seq_len, s.seed, self.device)
+        if not s.eval_every:
+            return Batches(data, tokens, s.batch_size, seq_len, s.seed, self.device), None
+        if tokens is not None:
+            cut = len(tokens) - max(seq_len + 1, len(tokens) // 10)
+            if cut < seq_len + 1:
+                raise InvalidTrainSpec("eval_every: the text is too short to hold out a tenth")
+            return (Batches(data, tokens[:cut], s.batch_size, seq_len, s.seed, self.device),
+                    Batches(data, tokens[cut:], s.batch_size, seq_len, s.seed + 1, self.device))
+        assert isinstance(data, ImageData)
+        cut = len(data.images) - max(1, len(data.images) // 10)
+        if cut < 1:
+            raise InvalidTrainSpec("eval_every: too few images to hold out a tenth")
+        parts = [ImageData(data.images[a:b], None if data.labels is None else data.labels[a:b],
+                           data.source) for a, b in ((0, cut), (cut, len(data.images)))]
+        return (Batches(parts[0], None, s.batch_size, seq_len, s.seed, self.device),
+                Batches(parts[1], None, s.batch_size, seq_len, s.seed + 1, self.device))
+
+    def evaluate(self) -> float:
+        """Mean loss on the held-out batches; the training RNG streams are left as they were."""
+        assert self.held_out is not None
+        phase = self.module.PHASES[0]
+        self.model.eval()
+        total = 0.0
+        with torch.random.fork_rng(devices=_devices(self.device)), torch.no_grad():
+            torch.manual_seed(self.s.seed)
+            for i in range(EVAL_BATCHES):
+                with self.autocast():
+                    loss, _ = self.module.loss(self.model, self.held_out(i), phase)
+                total += loss.item()
+        self.model.train()
+        return total / EVAL_BATCHES
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step per phase over grad_accum micro-batches; returns its metrics."""
@@ -395,6 +429,7 @@ class Run:
         window: dict[str, float] = {}
         window_steps, window_start = 0, time.perf_counter()
         logged: dict[str, float] = {}
+        last_eval: dict[str, float] = {}
         stopped, saved_at, checkpoint = None, -1, None
         log.info("training %s for %d steps from step %d", s.family, self.total, self.step)
         while self.step < self.total:
@@ -418,15 +453,20 @@ class Run:
                 hooks.on_metrics(self.step, logged)
                 log.info("step %d/%d loss %.4f", self.step, self.total, logged["loss"])
                 window, window_steps, window_start = {}, 0, time.perf_counter()
+            if s.eval_every and self.step % s.eval_every == 0:
+                last_eval = {"eval_loss": self.evaluate()}
+                hooks.on_metrics(self.step, last_eval)
+                log.info("step %d/%d eval loss %.4f", self.step, self.total,
+                         last_eval["eval_loss"])
             if self.step % s.checkpoint_every == 0 and self.step < self.total:
-                checkpoint = self.save({**logged, "loss": sum(recent) / len(recent)})
+                checkpoint = self.save({**logged, **last_eval, "loss": sum(recent) / len(recent)})
                 saved_at = self.step
         if saved_at != self.step or checkpoint is None:
             # no step ran (a resume at the end, or a stop before the first): the last known loss
             last = self.history["loss"][-1] if self.history["loss"] else math.nan
             loss = sum(recent) / len(recent) if recent else logged.get("loss", last)
-            checkpoint = self.save({**logged, "loss": loss})
-        final = {**logged, "step": float(self.step)}
+            checkpoint = self.save({**logged, **last_eval, "loss": loss})
+        final = {**logged, **last_eval, "step": float(self.step)}
         if recent:
             final["loss"] = sum(recent) / len(recent)
         artifacts = [] if stopped else self.artifacts()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -53,10 +54,11 @@ def test_gan_learns_the_data_mean(tiny_spec: Callable[..., dict], tmp_path: Path
 
 @pytest.mark.parametrize("family", ["vae", "gan", "lstm", "gpt"])
 def test_exact_resume(family: str, tiny_spec: Callable[..., dict], tmp_path: Path) -> None:
-    """Stopping at step k and resuming gives bitwise the weights of an uninterrupted run."""
+    """Stopping at step k and resuming gives bitwise the weights of an uninterrupted run
+    (with held-out evaluation on, which must not disturb the training RNG)."""
     dropout = {"lstm": {"dropout": 0.2, "n_layer": 2}, "gpt": {"dropout": 0.1}}.get(family, {})
     spec = tiny_spec(family, steps=8, grad_accum=2, warmup_steps=2, batch_size=8,
-                     checkpoint_every=3, weight_decay=0.1)
+                     checkpoint_every=3, weight_decay=0.1, eval_every=2)
     spec["config"].update(dropout)
     straight = run_training(spec, tmp_path / "straight", hooks=TrainHooks())
 
@@ -189,3 +191,19 @@ def test_resume_at_the_last_step_keeps_a_finite_loss(tiny_spec: Callable[..., di
     assert again.step == 6
     loss = json.loads((again.checkpoint / "metrics.json").read_text())["loss"]
     assert math.isfinite(loss)
+
+
+@pytest.mark.parametrize("family", ["vae", "gan", "lstm", "gpt"])
+def test_eval_every_reports_held_out_loss(family: str, tiny_spec: Callable[..., dict],
+                                          tmp_path: Path) -> None:
+    seen: list[tuple[int, dict[str, float]]] = []
+    hooks = TrainHooks(on_metrics=lambda step, m: seen.append((step, m)))
+    outcome = run_training(tiny_spec(family, steps=9, eval_every=3, log_every=100), tmp_path,
+                           hooks=hooks)
+    evals = [(step, m["eval_loss"]) for step, m in seen if "eval_loss" in m]
+    assert [step for step, _ in evals] == [3, 6, 9]
+    assert all(math.isfinite(v) and v > 0 for _, v in evals)
+    assert outcome.metrics["eval_loss"] == evals[-1][1]
+    without = run_training(tiny_spec(family, steps=9, log_every=100), tmp_path / "plain",
+                           hooks=TrainHooks())
+    assert "eval_loss" not in without.metrics
