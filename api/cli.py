@@ -88,7 +88,9 @@ def up(
     from api.stack import Stack
 
     stack = Stack(get_settings(), gpus=count_gpus() if gpus is None else gpus, with_flower=flower)
-    for sig in (signal.SIGTERM, signal.SIGHUP):  # systemd stop, a closed terminal: as Ctrl-C
+    # Ctrl-C, systemd's stop and a closed terminal all stop the stack cleanly; SIGINT too,
+    # since a shell that starts us in the background without job control ignores it.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         stack.start()
@@ -98,7 +100,11 @@ def up(
         console.print("\nstopping (running jobs checkpoint and re-queue)…")
     finally:
         if stack.procs:
-            stack.stop()
+            try:
+                stack.stop()
+            except KeyboardInterrupt:  # a second Ctrl-C: no more waiting
+                console.print("stopping at once…")
+                stack.kill()
             console.print("stopped.")
 
 

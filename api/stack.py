@@ -250,6 +250,14 @@ class Stack:
             self._check_alive()
             time.sleep(1)
 
+    def kill(self) -> None:
+        """SIGKILL every process group of the stack (jobs are recovered by their lease)."""
+        for _, proc in self.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        self.procs.clear()
+
     def stop(self, grace: float = 60) -> None:
         """Workers first (soft shutdown: running jobs checkpoint and re-queue), Redis last."""
         order = sorted(self.procs, key=lambda p: {"redis": 2, "api": 1}.get(p[0], 0))

@@ -49,6 +49,7 @@ def test_metrics_logs_and_artifact_links(stack, trained_lstm):
 
     lines = c.logs(job_id)
     assert any("registered model" in line["message"] for line in lines)
+    assert any(line["message"].startswith("step 30: loss ") for line in lines), lines
     assert c.logs(job_id, after=lines[-1]["id"]) == []
 
     links = c.get_job(job_id)["result"]["artifacts"]

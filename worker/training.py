@@ -16,6 +16,8 @@ from worker.context import JobContext
 from worker.device import current_device
 from worker.outcome import ShutdownRequested, StopForTimeout
 
+LOGGED = ("loss", "eval_loss", "lr", "samples_per_s")  # what each interval's log line shows
+
 
 def execute_training(ctx: JobContext) -> dict[str, Any]:
     """Train (resuming from this job's last checkpoint after a restart) and register a model."""
@@ -45,10 +47,15 @@ def execute_training(ctx: JobContext) -> dict[str, Any]:
         )
         ctx.log(f"checkpoint {last['ckpt'].id} at step {step}")
 
+    def on_metrics(step: int, values: dict[str, float]) -> None:
+        ctx.write_metrics(step, values)
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in values.items() if k in LOGGED)
+        ctx.log(f"step {step}: {shown}")
+
     hooks = TrainHooks(
         should_stop=ctx.should_stop,
         on_progress=ctx.progress,
-        on_metrics=ctx.write_metrics,
+        on_metrics=on_metrics,
         on_checkpoint=on_checkpoint,
     )
     outcome = run_training(
