@@ -12,7 +12,8 @@ from sqlalchemy import bindparam, delete, insert, update
 
 from bench.harness import Figure, Report
 
-N_ITEMS, CHUNK = 5000, 64
+N_ITEMS, ROUNDS = 5000, 3
+CHUNK = 256  # GENQ_ITEM_CHUNK's default: what a shard commits at once
 
 
 def postgres_url() -> str | None:
@@ -34,17 +35,19 @@ def bench_one(url: str) -> tuple[float, float, float]:
     upgrade(url)
     engine = engine_for(normalize_url(url))
     job_id = new_id("job_bench_")[:40]
-    rates = []
+    rates = {"chunked": 0.0, "genq": 0.0, "raw": 0.0}
     with session_factory(engine)() as session:
         session.add(Job(id=job_id, owner="bench", type="generate", spec={}))
         session.commit()
-        for mode in ("chunked", "genq", "raw"):
+        # interleaved rounds, best of each: a WAL checkpoint or autovacuum hits one run only
+        for mode, rnd in [(m, r) for r in range(ROUNDS) for m in rates]:
+            tag = f"{mode}{rnd}"
             session.execute(insert(Item), [
-                {"job_id": job_id, "index": i, "custom_id": f"{mode}-{i}", "status": "pending",
+                {"job_id": job_id, "index": i, "custom_id": f"{tag}-{i}", "status": "pending",
                  "request": {"gen": {"prompt": "x" * 40}}} for i in range(N_ITEMS)])
             session.commit()
             ids = [row.id for row in session.query(Item.id).filter(
-                Item.job_id == job_id, Item.custom_id.like(f"{mode}-%")).order_by(Item.id)]
+                Item.job_id == job_id, Item.custom_id.like(f"{tag}-%")).order_by(Item.id)]
             rows = [{"id": i, "status": "succeeded", "response": {"texts": ["y" * 60]},
                      "tokens_in": 10, "tokens_out": 16} for i in ids]
             start = time.perf_counter()
@@ -64,11 +67,11 @@ def bench_one(url: str) -> tuple[float, float, float]:
                      "b_error": None, "b_in": r["tokens_in"], "b_out": r["tokens_out"],
                      "b_at": now} for r in rows])
                 session.commit()
-            rates.append(N_ITEMS / (time.perf_counter() - start))
+            rates[mode] = max(rates[mode], N_ITEMS / (time.perf_counter() - start))
         session.execute(delete(Item).where(Item.job_id == job_id))
         session.execute(delete(Job).where(Job.id == job_id))
         session.commit()
-    return rates[0], rates[1], rates[2]
+    return rates["chunked"], rates["genq"], rates["raw"]
 
 
 def bench_sql_writes(report: Report) -> None:
@@ -81,5 +84,5 @@ def bench_sql_writes(report: Report) -> None:
                           note="raw: one Core executemany setting the same columns, one commit"))
         report.add(Figure(f"item writes into {name} ({CHUNK}-item commits)", chunked, "items/s",
                           baseline=raw,
-                          note="as a shard writes: a commit per generation batch (per-item "
-                               "resume)"))
+                          note="as a shard writes: a commit per GENQ_ITEM_CHUNK items "
+                               "(per-item resume)"))
