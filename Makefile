@@ -27,6 +27,7 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/mypy common worker api bench
 
 clean:
 	rm -rf $(VENV) .genq genq.egg-info

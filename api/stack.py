@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,7 +48,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def secret_file(path: Path, make: callable) -> str:  # type: ignore[valid-type]
+def secret_file(path: Path, make: Callable[[], str]) -> str:
     """Read a secret, or create it with mode 600."""
     if path.exists():
         return path.read_text().strip()

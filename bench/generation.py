@@ -41,7 +41,10 @@ def checkpoint_dir(model_name: str) -> Path:
 
     with session_scope() as session:
         model = session.scalar(select(Model).where(Model.name == model_name))
-        uri = session.get(Checkpoint, model.checkpoint_id).uri
+        assert model is not None, model_name
+        checkpoint = session.get(Checkpoint, model.checkpoint_id)
+        assert checkpoint is not None
+        uri = checkpoint.uri
     return Path(uri.removeprefix("file://"))
 
 

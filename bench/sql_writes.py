@@ -30,7 +30,7 @@ def bench_one(url: str) -> tuple[float, float, float]:
     from common import results
     from common.db import engine_for, normalize_url, session_factory
     from common.migrate import upgrade
-    from common.models import Item, Job, new_id, utcnow
+    from common.models import ITEMS, Item, Job, new_id, utcnow
 
     upgrade(url)
     engine = engine_for(normalize_url(url))
@@ -56,7 +56,7 @@ def bench_one(url: str) -> tuple[float, float, float]:
                 for k in range(0, len(rows), size):
                     results.write_items(session, rows[k : k + size])
             else:
-                table = Item.__table__  # the same columns write_items sets
+                table = ITEMS  # the same columns write_items sets
                 stmt = update(table).where(table.c.id == bindparam("b_id")).values(
                     status=bindparam("b_status"), response=bindparam("b_response"),
                     error=bindparam("b_error"), tokens_in=bindparam("b_in"),

@@ -33,12 +33,13 @@ def queue_steps_per_s(client: Any, job_id: str) -> float:
 
 def bare_steps_per_s() -> float:
     """The same model, data and batch in a plain loop: forward, backward, clip, AdamW."""
-    from common.ml.data import load_data
+    from common.ml.data import TextData, load_data
     from common.ml.families import get_family
     from common.ml.train import Batches
 
     module = get_family("gpt")
     data = load_data({"builtin": "python-docs"}, "text")
+    assert isinstance(data, TextData)
     cfg, tok = module.prepare(module.Config(**GPT), data)
     torch.manual_seed(0)
     model = module.build_model(cfg, tok)

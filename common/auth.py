@@ -8,6 +8,7 @@ import secrets
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from common.db import rows_changed
 from common.errors import NotFound, Unauthorized
 from common.models import ApiKey, new_id, utcnow
 
@@ -36,11 +37,12 @@ def owner_of(session: Session, key: str) -> str:
 
 
 def revoke_key(session: Session, *, key_id: str) -> None:
-    n = session.execute(
+    n = rows_changed(
+        session,
         update(ApiKey).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None)).values(
             revoked_at=utcnow()
-        )
-    ).rowcount
+        ),
+    )
     session.commit()
     if n == 0:
         raise NotFound(f"no live key {key_id!r}", param="key_id")

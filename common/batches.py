@@ -37,6 +37,7 @@ from common.batch_schemas import (
     chat_prompt,
 )
 from common.config import get_settings
+from common.db import rows_changed
 from common.errors import Conflict, InvalidSpec, NotFound
 from common.models import FINISHED, File, Item, Job, JobStatus, JobType, Model, new_id, utcnow
 from common.schemas import family_kind
@@ -332,13 +333,14 @@ def finalize_batch(session: Session, batch_id: str) -> bool:
 
     now = utcnow()
     lease = timedelta(seconds=get_settings().lease_s)
-    won = session.execute(
+    won = rows_changed(
+        session,
         update(Job)
         .where(Job.id == batch_id, Job.type == JobType.batch, Job.status == JobStatus.running,
                (Job.heartbeat_at.is_(None)) | (Job.heartbeat_at < now - lease))
         .values(worker=f"finalizer {this_worker()} pid {os.getpid()}", heartbeat_at=now)
         .execution_options(synchronize_session=False)
-    ).rowcount
+    )
     session.commit()
     if won != 1:
         return False
@@ -364,13 +366,14 @@ def finalize_batch(session: Session, batch_id: str) -> bool:
               "failed": failed, "total": parent.progress_total,
               "finalizing_at": int(now.timestamp())}
     session.add_all(files)
-    done = session.execute(
+    done = rows_changed(
+        session,
         update(Job)
         .where(Job.id == batch_id, Job.status == JobStatus.running)
         .values(status=status, result=result, finished_at=utcnow(), heartbeat_at=utcnow(),
                 worker=None, progress_done=completed + failed)
         .execution_options(synchronize_session=False)
-    ).rowcount
+    )
     if done != 1:
         session.rollback()
         for f in files:

@@ -19,12 +19,13 @@ from sqlalchemy.orm import Session
 from common import fleet
 from common.celery_app import get_celery, send_job
 from common.config import get_settings
+from common.db import rows_changed
 from common.errors import Conflict, InvalidSpec, NotFound
 from common.models import (
     FINISHED,
+    ITEMS,
     Checkpoint,
     File,
-    Item,
     Job,
     JobStatus,
     JobType,
@@ -190,7 +191,7 @@ def insert_items(
         for i, req in enumerate(requests)
     ]
     if rows:
-        session.execute(Item.__table__.insert(), rows)
+        session.execute(ITEMS.insert(), rows)
     session.execute(update(Job).where(Job.id == job_id).values(progress_total=len(rows)))
 
 
@@ -272,7 +273,8 @@ def claim_job(
 ) -> Claim:
     """Move (job_id, attempt) from queued to running for this process, or say why not."""
     now = utcnow()
-    claimed = session.execute(
+    claimed = rows_changed(
+        session,
         update(Job)
         .where(
             Job.id == job_id,
@@ -290,7 +292,7 @@ def claim_job(
             shutdown_requested=False,
         )
         .execution_options(synchronize_session=False)
-    ).rowcount
+    )
     session.commit()
     job = session.get(Job, job_id)
     if job is not None:
@@ -319,7 +321,8 @@ def _take_over(session: Session, job: Job, *, worker: str, pid: int, task_id: st
     if job.failures + 1 >= job.max_attempts:
         fail_job(session, job, error, final=True)
         return Claim(None, "attempts exhausted")
-    taken = session.execute(
+    taken = rows_changed(
+        session,
         update(Job)
         .where(Job.id == job.id, Job.attempt == job.attempt, Job.worker_pid == job.worker_pid)
         .values(
@@ -332,7 +335,7 @@ def _take_over(session: Session, job: Job, *, worker: str, pid: int, task_id: st
             heartbeat_at=utcnow(),
         )
         .execution_options(synchronize_session=False)
-    ).rowcount
+    )
     session.commit()
     session.refresh(job)
     return Claim(job, "taken_over") if taken == 1 else Claim(None, "lost the takeover race")
@@ -361,12 +364,13 @@ def heartbeat(
         values["progress_total"] = total
     if metrics is not None:
         values["metrics"] = metrics
-    updated = session.execute(
+    updated = rows_changed(
+        session,
         update(Job)
         .where(Job.id == job.id, Job.attempt == job.attempt, Job.status == JobStatus.running)
         .values(**values)
         .execution_options(synchronize_session=False)
-    ).rowcount
+    )
     session.commit()
     if updated != 1:
         return Signals(lost=True)
@@ -401,19 +405,12 @@ def finish_job(
         values["result"] = {**(job.result or {}), **result}
     if error is not None:
         values["error"] = error
-    done = session.execute(
-        update(Job)
-        .where(Job.id == job.id, Job.attempt == job.attempt, Job.status == from_status)
-        .values(**values)
-        .execution_options(synchronize_session=False)
-    ).rowcount
-    session.commit()
-    session.refresh(job)
-    if done == 1 and job.parent_id:
+    done = _move_attempt(session, job, from_status, values)
+    if done and job.parent_id:
         from common.batches import shard_finished
 
         shard_finished(session, job)
-    return done == 1
+    return done
 
 
 def fail_job(session: Session, job: Job, error: dict[str, Any], *, final: bool = False) -> str:
@@ -457,16 +454,25 @@ def requeue_job(
     }
     if spend:
         values["failures"] = job.failures + 1
-    moved = session.execute(
+    moved = _move_attempt(session, job, from_status, values)
+    if moved and not delay_s:
+        dispatch(session, job)
+    return moved
+
+
+def _move_attempt(
+    session: Session, job: Job, from_status: JobStatus, values: dict[str, Any]
+) -> bool:
+    """One conditional UPDATE of the job's current attempt in from_status; False if not ours."""
+    moved = rows_changed(
+        session,
         update(Job)
         .where(Job.id == job.id, Job.attempt == job.attempt, Job.status == from_status)
         .values(**values)
-        .execution_options(synchronize_session=False)
-    ).rowcount
+        .execution_options(synchronize_session=False),
+    )
     session.commit()
     session.refresh(job)
-    if moved == 1 and not delay_s:
-        dispatch(session, job)
     return moved == 1
 
 
@@ -486,11 +492,12 @@ def cancel_job(session: Session, *, owner: str, job_id: str) -> Job:
             .where(Job.id == target.id, Job.status.in_([JobStatus.queued, JobStatus.running]))
             .values(cancel_requested=True)
         )
-        moved = session.execute(
+        moved = rows_changed(
+            session,
             update(Job)
             .where(Job.id == target.id, Job.status == JobStatus.queued, Job.type != JobType.batch)
             .values(status=JobStatus.cancelled, finished_at=utcnow())
-        ).rowcount
+        )
         if moved and target.parent_id:
             stopped.append(target)
     session.commit()
@@ -519,11 +526,12 @@ def force_cancel(session: Session, *, job_id: str, attempt: int) -> bool:
 
 def request_shutdown(session: Session, *, worker: str) -> int:
     """Flag this worker's running jobs: checkpoint and re-queue at the next step."""
-    n = session.execute(
+    n = rows_changed(
+        session,
         update(Job)
         .where(Job.worker == worker, Job.status == JobStatus.running)
         .values(shutdown_requested=True)
-    ).rowcount
+    )
     session.commit()
     return n
 
@@ -535,11 +543,12 @@ def take_lease(session: Session, name: str, holder: str, ttl_s: float) -> bool:
     """Hold the named lock for ttl_s: one conditional UPDATE (or the first INSERT) wins."""
     now = utcnow()
     expires = now + timedelta(seconds=ttl_s)
-    won = session.execute(
+    won = rows_changed(
+        session,
         update(Lock)
         .where(Lock.name == name, or_(Lock.holder == holder, Lock.expires_at < now))
         .values(holder=holder, expires_at=expires)
-    ).rowcount
+    )
     if won == 0 and session.get(Lock, name) is None:
         try:
             session.add(Lock(name=name, holder=holder, expires_at=expires))

@@ -11,7 +11,7 @@ from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
 from common.errors import Conflict, NotFound
-from common.models import Artifact, Checkpoint, Item, Job, Model, new_id, utcnow
+from common.models import ITEMS, Artifact, Checkpoint, Item, Job, Model, new_id, utcnow
 from common.storage import Storage
 
 
@@ -157,9 +157,9 @@ def write_items(session: Session, rows: list[dict[str, Any]]) -> None:
         for r in rows
     ]
     stmt = (
-        update(Item.__table__)
-        .where(Item.__table__.c.id == bindparam("b_id"))
-        .where(Item.__table__.c.status == "pending")
+        update(ITEMS)
+        .where(ITEMS.c.id == bindparam("b_id"))
+        .where(ITEMS.c.status == "pending")
         .values(
             status=bindparam("b_status"),
             response=bindparam("b_response"),
