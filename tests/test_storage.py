@@ -195,3 +195,53 @@ def test_checkpoint_through_results_on_s3(s3_endpoint: str, tmp_path: Path) -> N
 
     for name, tensor in model.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[name], tensor), name
+
+
+def test_whole_stack_on_s3(s3_endpoint, db_url, redis_server, tmp_path):
+    """API + worker with GENQ_STORAGE_URL=s3://…: train from an uploaded dataset, resume from
+    a checkpoint, generate, download artifacts and batch output, all through the bucket."""
+    import boto3
+    import httpx
+
+    from tests.conftest import start_stack
+
+    bucket = f"genq-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
+    stack = start_stack(db_url, redis_server.rsplit("/", 1)[0] + "/7", env_extra={
+        "GENQ_STORAGE_URL": f"s3://{bucket}/genq", "GENQ_S3_ENDPOINT_URL": s3_endpoint})
+    try:
+        stack.start_worker("s3w", queues="cpu")
+        c = stack.client()
+        text = tmp_path / "corpus.txt"
+        text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+        dataset = c.upload_file(text, purpose="dataset")["id"]
+        spec = {"type": "train", "family": "lstm", "steps": 10, "batch_size": 4, "seq_len": 16,
+                "checkpoint_every": 5, "data": {"file_id": dataset},
+                "config": {"hidden": 16, "n_embd": 8, "n_layer": 1}}
+        first = c.wait(c.create_job(spec)["id"], timeout=120)
+        assert first["status"] == "succeeded", (first, stack.log("s3w")[-2000:])
+        resumed = c.wait(c.create_job({**spec, "steps": 14, "name": "s3-lstm",
+                                       "resume_from": first["result"]["checkpoint_id"]})["id"],
+                         timeout=120)
+        assert resumed["status"] == "succeeded", resumed
+        keys = [o["Key"] for o in boto3.client("s3", endpoint_url=s3_endpoint)
+                .list_objects_v2(Bucket=bucket)["Contents"]]
+        assert any(k.endswith("/model.safetensors") for k in keys)
+        assert not (stack.home / "storage").exists()  # nothing went to the local default
+
+        plot = next(a for a in resumed["result"]["artifacts"] if a["kind"] == "loss_plot")
+        assert c.request("GET", plot["url"])[:4] == b"\x89PNG"
+        gen = c.wait(c.create_job({"type": "generate", "model": "s3-lstm", "prompts": ["the "],
+                                   "max_tokens": 8})["id"], timeout=60)
+        assert gen["status"] == "succeeded"
+        lines = tmp_path / "batch.jsonl"
+        lines.write_text('{"custom_id": "a", "method": "POST", "url": "/v1/completions", '
+                         '"body": {"model": "s3-lstm", "prompt": "the ", "max_tokens": 4}}\n')
+        batch = c.wait_batch(c.create_batch(c.upload_file(lines)["id"])["id"], timeout=60,
+                             poll=0.2)
+        assert batch["status"] == "completed", batch
+        out = httpx.get(f"{stack.api_url}/v1/files/{batch['output_file_id']}/content",
+                        headers={"Authorization": f"Bearer {stack.api_key}"})
+        assert out.status_code == 200 and '"custom_id": "a"' in out.text
+    finally:
+        stack.stop_all()
