@@ -557,3 +557,23 @@ def test_retry_backoff_doubles(session):
         session.commit()
         session.refresh(job)
     assert [round(d / base) for d in delays] == [1, 2, 4], delays
+
+
+def test_pool_child_forked_during_housekeeping_is_not_stuck(redis_server):
+    """The worker's main process does its SQL (reaper, heartbeats) while it forks new pool
+    children; a child forked mid-query once inherited a locked SQLite mutex and hung forever.
+    With housekeeping nearly always in SQL, every replaced child must still take jobs."""
+    with fresh_database("sqlite") as db:
+        stack = start_stack(db, redis_server.rsplit("/", 1)[0] + "/8",
+                            env_extra={"GENQ_REAPER_INTERVAL_S": "0.02", "GENQ_LEASE_S": "4"})
+        try:
+            stack.start_worker("f1", queues="cpu")
+            c = stack.client()
+            spec = {**SPEC, "steps": 200, "checkpoint_every": 20}
+            for _ in range(8):
+                job = c.create_job(spec)
+                os.kill(running_at(stack, job["id"], 3).worker_pid, signal.SIGKILL)
+                done = c.wait(job["id"], timeout=40)
+                assert done["status"] == "succeeded", (done, stack.log("f1")[-2000:])
+        finally:
+            stack.stop_all()
