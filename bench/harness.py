@@ -25,9 +25,13 @@ NOTES = """## Reading the figures
   `common.ml.generate` call over the same 4,000 requests, run inside a Celery worker by a
   throwaway task, took 3.4-3.9 s and 40% more CPU time than in a plain Python process
   (2.6-2.8 s), with the same thread count, page faults and context switches, and also
-  with `--pool solo` (so not the fork). Imports, the garbage collector, torch's thread
-  settings, CPU affinity, trace/profile hooks and genq's side thread were each ruled
-  out; the cause is still open. The rest is fixed cost per batch: validating and
+  with `--pool solo` (so not the fork). Inside the worker one torch thread ran it faster
+  (3.2-3.4 s) than two, the reverse of a plain process (3.0 s with one thread, 2.5 s with
+  two), and cProfile there charges the extra time to thin Python wrappers between torch
+  ops: the two threads get in each other's way only in the worker. Imports, the garbage
+  collector, CPU affinity, trace/profile hooks, genq's side thread,
+  `OMP_WAIT_POLICY=PASSIVE` (twice as slow everywhere) and `TOKENIZERS_PARALLELISM=false`
+  were each ruled out; the cause is still open. The rest is fixed cost per batch: validating and
   inserting the 10,000 lines (about 0.35 s), writing the output file (about 0.3 s) and
   the client's 0.5 s polling. Checkpoints of this model take milliseconds.
 - Minimal-job throughput counts a whole generate job per message (claim, items, progress,
