@@ -28,7 +28,7 @@ _state: dict[str, Any] = {"stop": threading.Event()}
 # (or libpq); a child forked then inherits a locked mutex and hangs at its first query
 # (observed: pthread_mutex_lock in sqlite3Malloc after a kill -9 of the child). So the
 # main process's SQL work holds this lock, a fork waits for it, and no connection stays open.
-_SQL_GUARD = threading.Lock()
+_SQL_GUARD = threading.RLock()  # reentrant: a signal handler may run inside a session
 
 
 @contextmanager
