@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import zipfile
@@ -16,7 +15,7 @@ from common.batch_schemas import UPLOAD_PURPOSES, FileOut
 from common.config import get_settings
 from common.errors import InvalidSpec, NotFound, TooLarge
 from common.models import File, new_id, utcnow
-from common.storage import Storage
+from common.storage import Storage, complete_folder
 
 
 def safe_filename(name: str) -> str:
@@ -125,44 +124,34 @@ def dataset_path(storage: Storage, file: File, cache: Path) -> Path:
 
 def _extract_pngs(archive: Path, target: Path) -> Path:
     """Unpack the .png members of a zip (flat, or in integer-named label folders) safely."""
-    if (target / ".complete").exists():
-        return target
-    tmp = target.with_name(f"{target.name}.part-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    budget = 4 * get_settings().max_upload_bytes  # a zip bomb stops here
-    try:
-        with zipfile.ZipFile(archive) as z:
-            for info in z.infolist():
-                name = PurePosixPath(info.filename)
-                if info.is_dir() or name.suffix.lower() != ".png" or name.name.startswith("."):
-                    continue
-                parts = [p for p in name.parts if p not in ("", ".")]
-                if name.is_absolute() or ".." in parts or len(parts) > 3:
-                    continue
-                budget -= info.file_size
-                if budget < 0:
-                    raise InvalidSpec("the zip unpacks to too many bytes", param="data.file_id")
-                # a label folder (integer name, as in label/x.png) is kept; any other is not
-                label = parts[-2] if len(parts) > 1 and parts[-2].isdigit() else ""
-                dest = tmp / label / parts[-1]
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                n = 1
-                while dest.exists():  # the same name in two folders
-                    dest = dest.with_name(f"{name.stem}-{n}.png")
-                    n += 1
-                with z.open(info) as src, open(dest, "wb") as out:
-                    shutil.copyfileobj(src, out)
-    except zipfile.BadZipFile as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise InvalidSpec(f"the dataset is not a readable zip file ({exc})",
-                          param="data.file_id") from exc
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    tmp.mkdir(parents=True, exist_ok=True)
-    (tmp / ".complete").touch()
-    try:
-        tmp.replace(target)
-    except OSError:  # another process of this machine finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    def unpack(tmp: Path) -> None:
+        budget = 4 * get_settings().max_upload_bytes  # a zip bomb stops here
+        try:
+            with zipfile.ZipFile(archive) as z:
+                for info in z.infolist():
+                    name = PurePosixPath(info.filename)
+                    if info.is_dir() or name.suffix.lower() != ".png" or name.name.startswith("."):
+                        continue
+                    parts = [p for p in name.parts if p not in ("", ".")]
+                    if name.is_absolute() or ".." in parts or len(parts) > 3:
+                        continue
+                    budget -= info.file_size
+                    if budget < 0:
+                        raise InvalidSpec("the zip unpacks to too many bytes",
+                                          param="data.file_id")
+                    # a label folder (integer name, as in label/x.png) is kept; any other is not
+                    label = parts[-2] if len(parts) > 1 and parts[-2].isdigit() else ""
+                    dest = tmp / label / parts[-1]
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    n = 1
+                    while dest.exists():  # the same name in two folders
+                        dest = dest.with_name(f"{name.stem}-{n}.png")
+                        n += 1
+                    with z.open(info) as src, open(dest, "wb") as out:
+                        shutil.copyfileobj(src, out)
+        except zipfile.BadZipFile as exc:
+            raise InvalidSpec(f"the dataset is not a readable zip file ({exc})",
+                              param="data.file_id") from exc
+
+    return complete_folder(target, unpack)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import lru_cache
 from pathlib import Path
 from typing import IO, Any
@@ -112,26 +112,16 @@ class Storage:
             if not Path(path).is_dir():
                 raise FileNotFoundError(self.uri(prefix))
             return Path(path)
-        target = cache / prefix
-        if not (target / ".complete").exists():
+        def download(tmp: Path) -> None:
             files = self.fs.find(path)
             if not files:
                 raise FileNotFoundError(self.uri(prefix))
-            tmp = target.with_name(f"{target.name}.part-{os.getpid()}")
-            shutil.rmtree(tmp, ignore_errors=True)
             for remote in files:
                 local = tmp / remote[len(path) + 1 :]
                 local.parent.mkdir(parents=True, exist_ok=True)
                 self.fs.get_file(remote, str(local))
-            (tmp / ".complete").touch()
-            shutil.rmtree(target, ignore_errors=True)
-            try:
-                tmp.replace(target)
-            except OSError:  # another process of this machine finished the same copy first
-                shutil.rmtree(tmp, ignore_errors=True)
-                if not (target / ".complete").exists():
-                    raise
-        return target
+
+        return complete_folder(cache / prefix, download)
 
     def local_file(self, key: str, cache: Path) -> Path:
         if self.is_local:
@@ -151,6 +141,30 @@ class Storage:
         path = self._path(key)
         if self.fs.exists(path):
             self.fs.rm(path, recursive=True)
+
+
+def complete_folder(target: Path, fill: Callable[[Path], None]) -> Path:
+    """target, built once per machine: fill(tmp) writes a private temp folder, which is
+    marked ".complete" and renamed into place; an unmarked folder is built again."""
+    if (target / ".complete").exists():
+        return target
+    tmp = target.with_name(f"{target.name}.part-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        fill(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / ".complete").touch()
+    shutil.rmtree(target, ignore_errors=True)
+    try:
+        tmp.replace(target)
+    except OSError:  # another process of this machine finished the same folder first
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / ".complete").exists():
+            raise
+    return target
 
 
 @lru_cache(maxsize=4)
