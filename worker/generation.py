@@ -23,15 +23,17 @@ class ItemWriter:
 
     FLUSH_S = 1.0
 
-    def __init__(self, ctx: JobContext, *, done: int, total: int):
-        self.ctx, self.done, self.total = ctx, done, total
+    def __init__(self, ctx: JobContext, items: list[Item], *, total: int):
+        self.ctx, self.total = ctx, total
+        self.by_key = {str(item.id): item for item in items}
+        self.done = total - len(items)
         self.rows: list[dict[str, Any]] = []
         self.chunk = max(1, ctx.settings.item_chunk)
         self.started = self.flushed = time.monotonic()
         self.produced = self.tokens_out = 0
 
-    def add(self, items: list[Item], outputs: list[GenOutput]) -> None:
-        self.rows += [item_row(self.ctx, item, o) for item, o in zip(items, outputs, strict=True)]
+    def add(self, outputs: list[GenOutput]) -> None:
+        self.rows += [item_row(self.ctx, self.by_key[o.key], o) for o in outputs]
         self.produced += len(outputs)
         self.tokens_out += sum(o.tokens_out for o in outputs)
         if len(self.rows) >= self.chunk or time.monotonic() - self.flushed >= self.FLUSH_S:
@@ -56,21 +58,17 @@ def execute_items(ctx: JobContext) -> dict[str, Any]:
     job = ctx.job
     items = results.pending_items(ctx.session, job_id=job.id)
     total = job.progress_total
-    writer = ItemWriter(ctx, done=total - len(items), total=total)
-    by_id = {str(item.id): item for item in items}
+    writer = ItemWriter(ctx, items, total=total)
     groups: dict[str, list[Item]] = defaultdict(list)
     for item in items:
         groups[item.request.get("model_id") or job.model_id or ""].append(item)
-
-    def on_outputs(outputs: list[GenOutput]) -> None:
-        writer.add([by_id[o.key] for o in outputs], outputs)
 
     for model_id, group in groups.items():
         if ctx.should_stop():
             break
         loaded = get_model(ctx.session, model_id, current_device())
         requests = [to_request(item) for item in group]
-        run_group(ctx, loaded, requests, on_outputs, writer)
+        run_group(ctx, loaded, requests, writer)
     writer.flush()
 
     reason = ctx.should_stop()
@@ -84,9 +82,7 @@ def execute_items(ctx: JobContext) -> dict[str, Any]:
     return summary
 
 
-def run_group(
-    ctx: JobContext, loaded: Any, requests: list[GenRequest], on_outputs: Any, writer: ItemWriter
-) -> None:
+def run_group(ctx: JobContext, loaded: Any, requests: list[GenRequest], writer: ItemWriter) -> None:
     """Generate in dynamic batches; a request the model rejects fails alone, not the job."""
     settings = ctx.settings
     try:
@@ -95,7 +91,7 @@ def run_group(
             requests,
             token_budget=settings.token_budget,
             should_stop=lambda: ctx.should_stop() is not None,
-            on_outputs=on_outputs,
+            on_outputs=writer.add,
         )
         return
     except ValueError:
@@ -106,7 +102,7 @@ def run_group(
         if request.key not in done or ctx.should_stop():
             continue
         try:
-            generate(loaded, [request], token_budget=settings.token_budget, on_outputs=on_outputs)
+            generate(loaded, [request], token_budget=settings.token_budget, on_outputs=writer.add)
         except ValueError as exc:
             writer.add_failed(int(request.key), {"code": "invalid_request", "message": str(exc)})
     writer.flush()
