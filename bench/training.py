@@ -15,6 +15,7 @@ from bench.harness import Figure, Report
 
 GPT = {"vocab_size": 512, "n_positions": 128, "n_embd": 64, "n_layer": 2, "n_head": 2}
 STEPS, BATCH, SEQ, LOG_EVERY = 400, 16, 64, 10
+ROUNDS = 2
 
 
 def train_spec(name: str) -> dict[str, Any]:
@@ -61,14 +62,19 @@ def bare_steps_per_s() -> float:
 
 def bench_training(report: Report, client: Any) -> dict[str, Any]:
     """Train the tiny GPT through the queue (it also serves the generation benches)."""
-    job = client.wait(client.create_job(train_spec(f"bench-gpt-{int(time.time())}"))["id"])
-    assert job["status"] == "succeeded", job
-    queue = queue_steps_per_s(client, job["id"])
-    bare = bare_steps_per_s()
+    first: dict[str, Any] = {}
+    queue = bare = 0.0
+    for n in range(ROUNDS):  # interleaved, best of each: this machine's noise hits both alike
+        job = client.wait(client.create_job(train_spec(f"bench-gpt-{int(time.time())}-{n}"))["id"])
+        assert job["status"] == "succeeded", job
+        first = first or job
+        queue = max(queue, queue_steps_per_s(client, job["id"]))
+        bare = max(bare, bare_steps_per_s())
     report.add(Figure("training steps/s through the queue (tiny gpt, B=16, T=64)", queue,
                       "steps/s", baseline=bare, target=0.95,
-                      note="bare PyTorch loop, same model/batch; checkpoints every 50 steps"))
-    return job
+                      note="bare PyTorch loop, same model/batch; checkpoints every 50 steps; "
+                           f"best of {ROUNDS} interleaved runs each"))
+    return first
 
 
 def bench_checkpoints(report: Report) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
@@ -128,15 +128,22 @@ def register_model(
     return model
 
 
-def pending_items(session: Session, *, job_id: str) -> list[Item]:
+class PendingItem(NamedTuple):
+    """What a worker needs of an item to generate it (a plain row: no ORM object per item)."""
+
+    id: int
+    custom_id: str
+    request: dict[str, Any]
+
+
+def pending_items(session: Session, *, job_id: str) -> list[PendingItem]:
     """Items of a job not yet finished, in index order (a restarted shard skips the rest)."""
-    return list(
-        session.scalars(
-            select(Item)
-            .where(Item.job_id == job_id, Item.status == "pending")
-            .order_by(Item.index)
-        )
+    rows = session.execute(
+        select(Item.id, Item.custom_id, Item.request)
+        .where(Item.job_id == job_id, Item.status == "pending")
+        .order_by(Item.index)
     )
+    return [PendingItem(*row) for row in rows]
 
 
 def write_items(session: Session, rows: list[dict[str, Any]]) -> None:

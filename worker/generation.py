@@ -9,7 +9,7 @@ from typing import Any
 from common import results
 from common.errors import Cancelled
 from common.ml.generate import GenOutput, GenRequest, generate
-from common.models import Item
+from common.results import PendingItem
 from worker.context import JobContext
 from worker.device import current_device
 from worker.model_cache import get_model
@@ -23,7 +23,7 @@ class ItemWriter:
 
     FLUSH_S = 1.0
 
-    def __init__(self, ctx: JobContext, items: list[Item], *, total: int):
+    def __init__(self, ctx: JobContext, items: list[PendingItem], *, total: int):
         self.ctx, self.total = ctx, total
         self.by_key = {str(item.id): item for item in items}
         self.done = total - len(items)
@@ -59,7 +59,7 @@ def execute_items(ctx: JobContext) -> dict[str, Any]:
     items = results.pending_items(ctx.session, job_id=job.id)
     total = job.progress_total
     writer = ItemWriter(ctx, items, total=total)
-    groups: dict[str, list[Item]] = defaultdict(list)
+    groups: dict[str, list[PendingItem]] = defaultdict(list)
     for item in items:
         groups[item.request.get("model_id") or job.model_id or ""].append(item)
 
@@ -108,12 +108,12 @@ def run_group(ctx: JobContext, loaded: Any, requests: list[GenRequest], writer: 
     writer.flush()
 
 
-def to_request(item: Item) -> GenRequest:
+def to_request(item: PendingItem) -> GenRequest:
     gen = {k: v for k, v in item.request.get("gen", {}).items() if k in GEN_KEYS}
     return GenRequest(key=str(item.id), **gen)
 
 
-def item_row(ctx: JobContext, item: Item, out: GenOutput) -> dict[str, Any]:
+def item_row(ctx: JobContext, item: PendingItem, out: GenOutput) -> dict[str, Any]:
     """The finished item: texts, or PNGs stored as artifacts and named by id."""
     response: dict[str, Any] = {"finish_reasons": out.finish_reasons}
     if out.texts is not None:

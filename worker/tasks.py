@@ -18,6 +18,7 @@ from common.ml.checkpoint import CheckpointError
 from common.ml.train import NanLoss
 from common.models import JobStatus
 from worker.context import JobContext
+from worker.frame_stack import call_on_fresh_chunk
 from worker.outcome import ShutdownRequested, StopForTimeout
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,8 @@ def record(session: Any, ctx: JobContext, body: Body) -> str:
     job = ctx.job
     try:
         try:
-            result = body(ctx)
+            # Celery calls this some 40 frames deep; see worker/frame_stack.py
+            result = call_on_fresh_chunk(body, ctx)
         finally:
             ctx.stop_heartbeat()  # final progress lands before the status changes
     except Cancelled as stop:
