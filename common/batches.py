@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import exists, func, select, update
+from sqlalchemy import Text, cast, exists, func, select, update
 from sqlalchemy.orm import Session, aliased
 
 from common.batch_schemas import (
@@ -404,7 +404,6 @@ def _write_lines(
             .execution_options(yield_per=1000)
         )
         for item in items:
-            shard = by_id[item.job_id]
             line_id = "batch_req_" + hashlib.sha256(
                 f"{parent.id}:{item.custom_id}".encode()).hexdigest()[:32]
             if item.status == "succeeded":
@@ -416,7 +415,8 @@ def _write_lines(
                 out.write(json.dumps(row) + "\n")
                 continue
             failed += 1
-            error = item.error or _unfinished_error(parent, shard)
+            error = json.loads(item.error_json or "null") or _unfinished_error(
+                parent, by_id[item.job_id])
             row = {"id": line_id, "custom_id": item.custom_id, "response": None,
                    "error": {"code": error.get("code", "error"),
                              "message": error.get("message", "")}}
@@ -433,10 +433,12 @@ def _unfinished_error(parent: Job, shard: Job) -> dict[str, Any]:
             "message": f"its shard {shard.id} failed: {e.get('message', '')}".strip()}
 
 
-# What an output line needs of an item: no ORM objects, and only two fields of its request.
+# What an output line needs of an item: no ORM objects, only two fields of its request, and
+# the error as text (decoded only for the few lines that have one).
 OUTPUT_COLUMNS = (
-    Item.job_id, Item.custom_id, Item.status, Item.response, Item.error, Item.tokens_in,
-    Item.tokens_out, Item.finished_at,
+    Item.job_id, Item.custom_id, Item.status, Item.response,
+    cast(Item.error, Text).label("error_json"), Item.tokens_in, Item.tokens_out,
+    Item.finished_at,
     Item.request["url"].as_string().label("url"),
     Item.request["model"].as_string().label("model"),
 )

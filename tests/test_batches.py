@@ -252,3 +252,48 @@ def test_killed_shard_resumes_without_losing_or_doubling(shard_stack, trained_ls
 def test_unknown_batch_is_404(stack):
     with pytest.raises(openai.NotFoundError):
         sdk(stack).batches.retrieve("job_nope")
+
+
+# ---------------------------------------------------------------- output lines (SQL level)
+
+
+def test_output_and_error_lines_on_every_backend(session, tmp_path):  # type: ignore[no-untyped-def]
+    """A finished line, a failed one with its error, and one its failed shard never ran."""
+    import uuid
+    from pathlib import Path
+
+    from common.batches import _write_lines
+    from common.jobs import insert_items
+    from common.models import utcnow
+    from common.results import write_items
+
+    parent = Job(id=f"job_{uuid.uuid4().hex}", owner="lines-test", type="batch", spec={},
+                 queue="cpu", status="running")
+    shard = Job(id=f"job_{uuid.uuid4().hex}", owner="lines-test", type="shard", spec={},
+                queue="cpu", status="failed", parent_id=parent.id,
+                error={"code": "worker_lost", "message": "gone"})
+    session.add_all([parent, shard])
+    session.flush()
+    request = {"model_id": "m", "model": "tiny", "url": "/v1/completions", "body": {}}
+    insert_items(session, shard.id, [request] * 3, ["ok", "bad", "never"], [0, 1, 2])
+    rows = session.execute(select(Item.custom_id, Item.id).where(Item.job_id == shard.id))
+    ids = dict(rows.all())
+    write_items(session, [
+        {"id": ids["ok"], "status": "succeeded", "tokens_in": 2, "tokens_out": 3,
+         "response": {"texts": ["hi"], "finish_reasons": ["length"]}},
+        {"id": ids["bad"], "status": "failed",
+         "error": {"code": "invalid_request", "message": "prompt too long"}},
+    ])
+    session.commit()
+    out, err = Path(tmp_path) / "out.jsonl", Path(tmp_path) / "err.jsonl"
+    assert _write_lines(session, parent, [shard], out, err) == (1, 2)
+    [line] = [json.loads(x) for x in out.read_text().splitlines()]
+    assert line["custom_id"] == "ok" and line["error"] is None
+    body = line["response"]["body"]
+    assert body["choices"][0]["text"] == "hi" and body["model"] == "tiny"
+    assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
+    assert body["created"] <= int(utcnow().timestamp())
+    errors = {row["custom_id"]: row["error"]
+              for row in map(json.loads, err.read_text().splitlines())}
+    assert errors["bad"] == {"code": "invalid_request", "message": "prompt too long"}
+    assert errors["never"]["code"] == "worker_lost" and shard.id in errors["never"]["message"]
