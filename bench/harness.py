@@ -19,21 +19,28 @@ NOTES = """## Reading the figures
 
 - Every run here shares two CPU cores between torch's two threads in the worker and the
   stack around it (API, Redis, the Celery main process, the client), so the queue ratios
-  are lower bounds for a machine where the worker has its cores to itself.
-- Bulk generation falls short of 0.90, and training wobbles around 0.95 (0.86-0.99 over
-  this session's runs). Most of the gap is not the queue's own work: the same
-  `common.ml.generate` call over the same 4,000 requests, run inside a Celery worker by a
-  throwaway task, took 3.4-3.9 s and 40% more CPU time than in a plain Python process
-  (2.6-2.8 s), with the same thread count, page faults and context switches, and also
-  with `--pool solo` (so not the fork). Inside the worker one torch thread ran it faster
-  (3.2-3.4 s) than two, the reverse of a plain process (3.0 s with one thread, 2.5 s with
-  two), and cProfile there charges the extra time to thin Python wrappers between torch
-  ops: the two threads get in each other's way only in the worker. Imports, the garbage
-  collector, CPU affinity, trace/profile hooks, genq's side thread,
-  `OMP_WAIT_POLICY=PASSIVE` (twice as slow everywhere) and `TOKENIZERS_PARALLELISM=false`
-  were each ruled out; the cause is still open. The rest is fixed cost per batch: validating and
-  inserting the 10,000 lines (about 0.35 s), writing the output file (about 0.3 s) and
-  the client's 0.5 s polling. Checkpoints of this model take milliseconds.
+  are lower bounds for a machine where the worker has its cores to itself. This machine's
+  speed also drifts, by as much as half, from minute to minute, so queue and baseline runs are
+  interleaved and the best of each is kept.
+- Why the worker used to be slower than in-process (bulk generation at 0.60-0.70 of it):
+  CPython 3.11 keeps Python frames in 16 KiB chunks and frees a chunk when the frame at its
+  base returns (CPython gh-142183, fixed in 3.13.x). A Celery task runs some 40 frames deep,
+  and at that depth the generation loop's calls into the model's modules straddled a chunk
+  boundary: strace counted ~2,800 mmap/munmap pairs a second in the worker and none in a
+  plain process, and every munmap's TLB shootdown stalled torch's second thread (which is
+  why one thread beat two only in the worker). Job bodies now start on a fresh chunk of
+  their own (`worker/frame_stack.py`); the same `generate()` call in the worker went from
+  25-40% slower than a plain process to level with it, and the training ratio rose too.
+- What is left of the generation gap: the queue's own bookkeeping on the same two cores
+  (validating and inserting the 10,000 lines, about 0.3-0.5 s; writing the output file,
+  about 0.3 s; the client's 0.5 s status polling; each shard loading its items and
+  committing results), and a part not yet explained. In interleaved A/B runs of 1,000
+  requests (6-8 rounds) a generate job, a one-shard batch and the in-process call took the
+  same median time; inside a 10,000-line batch the ten shards' `generate()` calls summed to
+  0-25% more than the same ten calls in-process. This session's machine was noisy (the
+  in-process baseline alone ranged 8.3-15 s between runs), so the end-to-end ratio moved
+  between 0.69 and 0.88 from one `make bench` to the next, and training between 0.82 and
+  1.03.
 - Minimal-job throughput counts a whole generate job per message (claim, items, progress,
   finish: about a dozen SQL statements) against Celery's no-op; it has no target.
 - No GPU was lent to the session that wrote this file, so there are no GPU figures yet.
