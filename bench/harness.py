@@ -37,7 +37,8 @@ NOTES = """## Reading the figures
   committing results), and a part not yet explained. In interleaved A/B runs of 1,000
   requests (6-8 rounds) a generate job, a one-shard batch and the in-process call took the
   same median time; inside a 10,000-line batch the ten shards' `generate()` calls summed to
-  0-25% more than the same ten calls in-process. This session's machine was noisy (the
+  8% less to 49% more (median 12% more, over eight batches) than the same ten calls
+  in-process. This session's machine was noisy (the
   in-process baseline alone ranged 8.3-15 s between runs), so the end-to-end ratio moved
   between 0.69 and 0.88 from one `make bench` to the next, and training between 0.82 and
   1.03.

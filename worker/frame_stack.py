@@ -6,7 +6,7 @@ boundary therefore maps and unmaps a chunk on every call (CPython gh-142183, fix
 3.13.x by caching one chunk). A Celery task runs some 40 frames deep, and there a
 generation loop's calls into the model's modules crossed a boundary: thousands of
 mmap/munmap pairs a second, each a TLB shootdown that stalls torch's other thread. The
-same `generate()` call ran 30-40% slower in a worker than in a plain script.
+same `generate()` call ran 25-40% slower in a worker than in a plain script.
 
 `call_on_fresh_chunk` calls the body from a frame too big for any ordinary chunk, so
 CPython gives it a chunk of its own with tens of KiB to spare, and the body's frames start
