@@ -11,7 +11,6 @@ heartbeat_at), so a crash mid-way is retried by the reaper's `finalize_stalled`.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import tempfile
@@ -21,6 +20,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import orjson
 from pydantic import ValidationError
 from sqlalchemy import Text, cast, exists, func, select, update
 from sqlalchemy.orm import Session, aliased
@@ -86,8 +86,8 @@ def parse_input(
                          f"a batch holds at most {settings.max_batch_lines} requests")
             break
         try:
-            row = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            row = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:  # invalid UTF-8 lands here too
             parsed.error(n, "invalid_json", f"line is not valid JSON: {exc}")
             continue
         if not isinstance(row, dict):
@@ -398,7 +398,7 @@ def _write_lines(
     api_url = get_settings().api_url.rstrip("/")
     completed = failed = 0
     by_id = {shard.id: shard for shard in shards}
-    with out_path.open("w") as out, err_path.open("w") as errors:
+    with out_path.open("wb") as out, err_path.open("wb") as errors:
         items = session.execute(  # every item of the batch in input-line order, as plain rows
             select(*OUTPUT_COLUMNS).where(Item.job_id.in_(list(by_id))).order_by(Item.index)
             .execution_options(yield_per=1000)
@@ -412,15 +412,15 @@ def _write_lines(
                 row = {"id": line_id, "custom_id": item.custom_id,
                        "response": {"status_code": 200, "request_id": "req_" + line_id[10:],
                                     "body": body}, "error": None}
-                out.write(json.dumps(row) + "\n")
+                out.write(orjson.dumps(row) + b"\n")
                 continue
             failed += 1
-            error = json.loads(item.error_json or "null") or _unfinished_error(
+            error = orjson.loads(item.error_json or "null") or _unfinished_error(
                 parent, by_id[item.job_id])
             row = {"id": line_id, "custom_id": item.custom_id, "response": None,
                    "error": {"code": error.get("code", "error"),
                              "message": error.get("message", "")}}
-            errors.write(json.dumps(row) + "\n")
+            errors.write(orjson.dumps(row) + b"\n")
     return completed, failed
 
 
@@ -434,9 +434,9 @@ def _unfinished_error(parent: Job, shard: Job) -> dict[str, Any]:
 
 
 # What an output line needs of an item: no ORM objects, only two fields of its request, and
-# the error as text (decoded only for the few lines that have one).
+# the response and error as text (decoded by orjson, the error only for lines that have one).
 OUTPUT_COLUMNS = (
-    Item.job_id, Item.custom_id, Item.status, Item.response,
+    Item.job_id, Item.custom_id, Item.status, cast(Item.response, Text).label("response_json"),
     cast(Item.error, Text).label("error_json"), Item.tokens_in, Item.tokens_out,
     Item.finished_at,
     Item.request["url"].as_string().label("url"),
@@ -446,7 +446,7 @@ OUTPUT_COLUMNS = (
 
 def response_body(item: Any, line_id: str, api_url: str) -> dict[str, Any]:
     """A completion, chat.completion or images response body for a finished item row."""
-    resp = item.response or {}
+    resp = orjson.loads(item.response_json or "null") or {}
     created = int((item.finished_at or utcnow()).timestamp())
     if item.url == IMAGE_ENDPOINT:
         urls = [f"{api_url}/v1/artifacts/{a}" for a in resp.get("artifact_ids", [])]

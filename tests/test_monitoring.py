@@ -65,14 +65,14 @@ def test_metrics_logs_and_artifact_links(stack, trained_lstm):
 def test_events_stream_status_and_progress_until_the_end(stack):
     c = stack.client()
     # long enough (a few seconds) for the 0.5 s poll to see it running
-    job = c.create_job({**SHORT_TRAIN, "steps": 400, "checkpoint_every": 400})
+    job = c.create_job({**SHORT_TRAIN, "steps": 2000, "checkpoint_every": 2000})
     events = read_events(stack, job["id"])
     kinds = [k for k, _ in events]
     assert kinds[0] == "status" and events[0][1]["status"] in ("queued", "running")
     assert events[-1] == ("status", events[-1][1]) and events[-1][1]["status"] == "succeeded"
     assert "progress" in kinds
     done = [d["progress"]["done"] for _, d in events]
-    assert done == sorted(done) and done[-1] == 400, done  # one attempt: never backwards
+    assert done == sorted(done) and done[-1] == 2000, done  # one attempt: never backwards
     statuses = [d["status"] for k, d in events if k == "status"]
     order = ["queued", "running", "succeeded"]
     assert statuses == sorted(statuses, key=order.index) and len(set(statuses)) == len(statuses)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import socket
 import uuid
@@ -242,6 +243,7 @@ def test_whole_stack_on_s3(s3_endpoint, db_url, redis_server, tmp_path):
         assert batch["status"] == "completed", batch
         out = httpx.get(f"{stack.api_url}/v1/files/{batch['output_file_id']}/content",
                         headers={"Authorization": f"Bearer {stack.api_key}"})
-        assert out.status_code == 200 and '"custom_id": "a"' in out.text
+        assert out.status_code == 200
+        assert [json.loads(line)["custom_id"] for line in out.text.splitlines()] == ["a"]
     finally:
         stack.stop_all()

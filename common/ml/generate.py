@@ -12,7 +12,7 @@ import torch
 from common.ml.artifacts import png_bytes
 from common.ml.checkpoint import LoadedModel
 from common.ml.families import get_family
-from common.ml.sampling import Completion, SamplingParams
+from common.ml.sampling import Completion, SamplingParams, seed_torch
 
 log = logging.getLogger(__name__)
 
@@ -149,10 +149,10 @@ def _batches(loaded: LoadedModel, units: list[Unit], token_budget: int,
 def _compute(loaded: LoadedModel, module: Any, batch: list[Unit]) -> list[GenOutput]:
     """Run one batch; isolated units under their own seed."""
     head = batch[0].head
-    if _isolated(loaded, head):
+    if _isolated(loaded, head) and head.seed is not None:
         devices = [torch.device(loaded.device).index or 0] if "cuda" in loaded.device else []
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(head.seed)
+            seed_torch(head.seed, loaded.device)
             return _forward(loaded, module, batch)
     return _forward(loaded, module, batch)
 

@@ -32,6 +32,18 @@ class Completion:
     finish_reason: str  # "stop" | "length"
 
 
+def seed_torch(seed: int, device: str) -> None:
+    """torch.manual_seed for the device in use.
+
+    On CPU, torch.manual_seed also queues a lazy CUDA seeding that formats the whole call
+    stack (with linecache lookups) every time: a millisecond per call at a worker's depth,
+    paid on every training step. This seeds CUDA only where it computes.
+    """
+    torch.default_generator.manual_seed(seed)
+    if str(device).startswith("cuda"):
+        torch.cuda.manual_seed_all(seed)
+
+
 def pick_next(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Choose the next token ids from logits (B, V) -> (B,) with temperature/top-k/top-p."""
     if not params.sampling:  # greedy; a family without beam search treats beams as greedy

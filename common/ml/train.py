@@ -30,6 +30,7 @@ from common.ml.checkpoint import (
 )
 from common.ml.data import DataError, ImageData, TextData, load_data
 from common.ml.families import get_family, validate_model_config
+from common.ml.sampling import seed_torch
 
 log = logging.getLogger(__name__)
 
@@ -362,7 +363,7 @@ class Run:
         self.model.eval()
         total = 0.0
         with torch.random.fork_rng(devices=_devices(self.device)), torch.no_grad():
-            torch.manual_seed(self.s.seed)
+            seed_torch(self.s.seed, self.device)
             for i in range(EVAL_BATCHES):
                 with self.autocast():
                     loss, _ = self.module.loss(self.model, self.held_out(i), phase)
@@ -373,7 +374,7 @@ class Run:
     def train_step(self) -> dict[str, float]:
         """One optimizer step per phase over grad_accum micro-batches; returns its metrics."""
         s, accum = self.s, self.s.grad_accum
-        torch.manual_seed(_mix(s.seed, self.step))  # dropout/noise depend only on the step
+        seed_torch(_mix(s.seed, self.step), self.device)  # dropout/noise: the step alone
         metrics: dict[str, float] = {"loss": 0.0}
         norms = []
         for phase, params, opt, sched, scaler in self.phases:

@@ -207,3 +207,24 @@ def test_eval_every_reports_held_out_loss(family: str, tiny_spec: Callable[..., 
     without = run_training(tiny_spec(family, steps=9, log_every=100), tmp_path / "plain",
                            hooks=TrainHooks())
     assert "eval_loss" not in without.metrics
+
+
+def test_seed_torch_seeds_like_manual_seed_without_formatting_the_stack(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Training seeds every step: on CPU that must not cost torch's lazy-CUDA stack capture."""
+    import traceback
+
+    from common.ml.sampling import seed_torch
+
+    torch.manual_seed(7)
+    expected = torch.rand(5)
+    captured: list[int] = []
+    real = traceback.format_stack
+    monkeypatch.setattr(traceback, "format_stack",
+                        lambda *a, **k: captured.append(1) or real(*a, **k))
+    seed_torch(7, "cpu")
+    assert torch.equal(torch.rand(5), expected)
+    assert captured == []
+    if not torch.cuda.is_initialized():  # the control: torch.manual_seed queues a CUDA seed
+        torch.manual_seed(7)
+        assert captured

@@ -134,7 +134,8 @@ def loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor],
          phase: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Next-token cross-entropy."""
     x, y = batch  # (B, T) each
-    logits = model(input_ids=x, attention_mask=torch.ones_like(x)).logits  # (B, T, V)
+    # use_cache=False: a training forward would otherwise fill a KV cache it never reads
+    logits = model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False).logits
     return F.cross_entropy(logits.float().flatten(0, 1), y.flatten()), {}
 
 
