@@ -20,28 +20,37 @@ NOTES = """## Reading the figures
 - Every run here shares two CPU cores between torch's two threads in the worker and the
   stack around it (API, Redis, the Celery main process, the client), so the queue ratios
   are lower bounds for a machine where the worker has its cores to itself. This machine's
-  speed also drifts, by as much as half, from minute to minute, so queue and baseline runs are
-  interleaved and the best of each is kept.
-- Why the worker used to be slower than in-process (bulk generation at 0.60-0.70 of it):
-  CPython 3.11 keeps Python frames in 16 KiB chunks and frees a chunk when the frame at its
-  base returns (CPython gh-142183, fixed in 3.13.x). A Celery task runs some 40 frames deep,
-  and at that depth the generation loop's calls into the model's modules straddled a chunk
-  boundary: strace counted ~2,800 mmap/munmap pairs a second in the worker and none in a
-  plain process, and every munmap's TLB shootdown stalled torch's second thread (which is
-  why one thread beat two only in the worker). Job bodies now start on a fresh chunk of
-  their own (`worker/frame_stack.py`); the same `generate()` call in the worker went from
-  25-40% slower than a plain process to level with it, and the training ratio rose too.
-- What is left of the generation gap: the queue's own bookkeeping on the same two cores
-  (validating and inserting the 10,000 lines, about 0.3-0.5 s; writing the output file,
-  about 0.3 s; the client's 0.5 s status polling; each shard loading its items and
-  committing results), and a part not yet explained. In interleaved A/B runs of 1,000
-  requests (6-8 rounds) a generate job, a one-shard batch and the in-process call took the
-  same median time; inside a 10,000-line batch the ten shards' `generate()` calls summed to
-  8% less to 49% more (median 12% more, over eight batches) than the same ten calls
-  in-process. This session's machine was noisy (the
-  in-process baseline alone ranged 8.3-15 s between runs), so the end-to-end ratio moved
-  between 0.69 and 0.88 from one `make bench` to the next, and training between 0.82 and
-  1.03.
+  speed also drifts from minute to minute (the in-process generation baseline alone moved
+  between 5.8 and 8.1 s in one hour), so queue and baseline runs are interleaved and the
+  best of each is kept.
+- Why the worker used to be slower than in-process: CPython 3.11 keeps Python frames in
+  16 KiB chunks and frees a chunk when the frame at its base returns (CPython gh-142183,
+  fixed in 3.13.x). A Celery task runs some 40 frames deep, and there the generation
+  loop's calls straddled a chunk boundary: thousands of mmap/munmap pairs a second, each a
+  TLB shootdown that stalled torch's second thread. Job bodies now start on a fresh chunk
+  of their own (`worker/frame_stack.py`); the same `generate()` call in the worker went
+  from 25-40% slower than a plain process to level with it.
+- Training: py-spy on the worker found two per-step costs, now gone. `torch.manual_seed`
+  (called every step so dropout depends only on the step) also queues a lazy CUDA seeding
+  on CPU, which formats the whole call stack with linecache lookups: 0.45 ms per call 60
+  frames deep, 3% of this tiny GPT's step and 40% of a 1.2 ms tiny-LSTM step. GPT-2's
+  training forward also filled a KV cache it never read (`use_cache=False` now). The
+  queue's own per-step work
+  (progress, metrics rows, checkpoints every 50 steps) is about 2% of the samples.
+- Generation: where a 10,000-line batch's extra time goes (timeline of one batch on a quiet
+  machine, in-process ~6.5 s): create 0.3 s (parsing 0.07 s with orjson, inserting 0.17 s),
+  each of the ten shards ~20 ms of claim/load/finish plus ~10 ms between shards, the output
+  file 0.17 s (0.27 s before orjson), and the client's polling up to 0.5 s. The rest is
+  sharding: shards are cut by prompt length in characters (the API holds no tokenizer), and
+  in this data 40% of the prompts are exactly 100 characters long with 11 to 83 tokens, so
+  ten 1,000-line shards pack into 65 generation batches with 4.6% more padded positions
+  than the 63 batches of one in-process call. In-process, the same ten char-length shards
+  took 2-8% longer (CPU time too) than one call, while ten shards cut by token count took
+  no longer: token-aware sharding (the API tokenizing with the model's tokenizer and the
+  worker reusing the ids) is the next step. With one 10,000-line shard
+  (`GENQ_SHARD_SIZE=10000`) the same timeline gave ratios of 0.88-0.98 over three rounds.
+  Model loads in the worker now also freeze what is alive out of the cyclic collector: a
+  full collection walked ~250,000 objects (0.11 s) about once per 10,000 items before.
 - Minimal-job throughput counts a whole generate job per message (claim, items, progress,
   finish: about a dozen SQL statements) against Celery's no-op; it has no target.
 - No GPU was lent to the session that wrote this file, so there are no GPU figures yet.
