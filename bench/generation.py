@@ -23,7 +23,8 @@ def prompts(n: int) -> list[str]:
     from pydoc_data.topics import topics
 
     words = " ".join(topics.values()).split()
-    return [" ".join(words[(i * 7) % 50_000 :][: 2 + i % 24])[:100] for i in range(n)]
+    return [" ".join(words[(i * 7) % 50_000 : (i * 7) % 50_000 + 2 + i % 24])[:100]
+            for i in range(n)]
 
 
 def requests(n: int) -> list[Any]:

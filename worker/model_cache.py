@@ -52,6 +52,8 @@ def get_model(session: Session, model_id: str, device: str) -> LoadedModel:
 def keep_out_of_gc() -> None:
     """Move what is alive now (cached models, the modules their loading imported) out of
     the cyclic collector, as worker/main.py does at child start: a full collection would
-    otherwise walk these hundreds of thousands of objects, about 0.1 s each time."""
+    otherwise walk these hundreds of thousands of objects, about 0.1 s each time. The running
+    job's own objects are frozen too; refcounting still frees them, and the few in reference
+    cycles wait for the next eviction's unfreeze (loads are rare, so this stays small)."""
     gc.collect()
     gc.freeze()
