@@ -37,20 +37,20 @@ NOTES = """## Reading the figures
   training forward also filled a KV cache it never read (`use_cache=False` now). The
   queue's own per-step work
   (progress, metrics rows, checkpoints every 50 steps) is about 2% of the samples.
-- Generation: where a 10,000-line batch's extra time goes (timeline of one batch on a quiet
-  machine, in-process ~6.5 s): create 0.3 s (parsing 0.07 s with orjson, inserting 0.17 s),
-  each of the ten shards ~20 ms of claim/load/finish plus ~10 ms between shards, the output
-  file 0.17 s (0.27 s before orjson), and the client's polling up to 0.5 s. The rest is
-  sharding: shards are cut by prompt length in characters (the API holds no tokenizer), and
-  in this data 40% of the prompts are exactly 100 characters long with 11 to 83 tokens, so
-  ten 1,000-line shards pack into 65 generation batches with 4.6% more padded positions
-  than the 63 batches of one in-process call. In-process, the same ten char-length shards
-  took 2-8% longer (CPU time too) than one call, while ten shards cut by token count took
-  no longer: token-aware sharding (the API tokenizing with the model's tokenizer and the
-  worker reusing the ids) is the next step. With one 10,000-line shard
-  (`GENQ_SHARD_SIZE=10000`) the same timeline gave ratios of 0.88-0.98 over three rounds.
-  Model loads in the worker now also freeze what is alive out of the cyclic collector: a
-  full collection walked ~250,000 objects (0.11 s) about once per 10,000 items before.
+- Generation: shards used to be cut by prompt length in characters (the API held no
+  tokenizer). In this data 40% of the prompts are exactly 100 characters long with 11 to 83
+  tokens, so ten 1,000-line shards packed into 65 generation batches with 4.6% more padded
+  positions than the 63 batches of one in-process call, and took 2-8% longer in-process
+  (wall and CPU time). The API now tokenizes a batch's prompts with the checkpoint's
+  `tokenizer.json` (tokenizers only, ~0.17 s per 10,000), cuts shards by token count and
+  stores the ids, which the worker reuses instead of encoding again (~0.4 s per 10,000
+  through transformers' wrapper): the ten shards' `generate()` calls now sum to 3-7% less
+  than the one in-process call, which still tokenizes. What is left of the gap (timeline of
+  one batch, in-process ~6.3 s): create 0.45 s (parse 0.07 s with orjson, tokenize 0.17 s,
+  insert 0.21 s), each of the ten shards ~20 ms of claim/load/finish plus ~10 ms between
+  shards, the output file 0.16 s (0.27 s before orjson), and the client's polling, up to
+  0.5 s. Model loads in the worker also freeze what is alive out of the cyclic collector:
+  a full collection used to walk ~250,000 objects (0.11 s) about once per 10,000 items.
 - Minimal-job throughput counts a whole generate job per message (claim, items, progress,
   finish: about a dozen SQL statements) against Celery's no-op; it has no target.
 - No GPU was lent to the session that wrote this file, so there are no GPU figures yet.

@@ -39,7 +39,19 @@ from common.batch_schemas import (
 from common.config import get_settings
 from common.db import rows_changed
 from common.errors import Conflict, InvalidSpec, NotFound
-from common.models import FINISHED, File, Item, Job, JobStatus, JobType, Model, new_id, utcnow
+from common.ml.prompt_ids import encode_prompts, load_prompt_tokenizer
+from common.models import (
+    FINISHED,
+    Checkpoint,
+    File,
+    Item,
+    Job,
+    JobStatus,
+    JobType,
+    Model,
+    new_id,
+    utcnow,
+)
 from common.schemas import family_kind
 from common.storage import Storage
 
@@ -260,8 +272,10 @@ def create_batch(
     parent.model_id = first.id if len(models) == 1 else None
     parent.progress_total = len(parsed.requests)
     size = max(1, get_settings().shard_size)
-    # Shards of similar requests (model, then prompt length) pad least inside their
-    # generation batches; each item keeps its input line as `index` for the output order.
+    if spec.endpoint != IMAGE_ENDPOINT:
+        _add_prompt_ids(session, storage, parsed.requests, models)
+    # Shards of similar requests (model, then prompt length in tokens) pad least inside
+    # their generation batches; each item keeps its input line as `index` for the output order.
     order = sorted(range(len(parsed.requests)), key=lambda i: _shard_key(parsed.requests[i]))
     starts = range(0, len(order), size)
     parent.shards_total = len(starts)
@@ -289,7 +303,25 @@ def create_batch(
 
 
 def _shard_key(request: dict[str, Any]) -> tuple[str, int]:
-    return request["model_id"], len(request["gen"].get("prompt") or "")
+    gen = request["gen"]
+    ids = gen.get("prompt_ids")
+    return request["model_id"], len(ids) if ids is not None else len(gen.get("prompt") or "")
+
+
+def _add_prompt_ids(session: Session, storage: Storage, requests: list[dict[str, Any]],
+                    models: dict[str, Model]) -> None:
+    """Token ids of every prompt whose model has a fast tokenizer (common/ml/prompt_ids.py)."""
+    by_model: dict[str, list[dict[str, Any]]] = {}
+    for request in requests:
+        by_model.setdefault(request["model_id"], []).append(request)
+    for model_id, group in by_model.items():
+        checkpoint = session.get(Checkpoint, models[model_id].checkpoint_id)
+        tokenizer = load_prompt_tokenizer(storage, checkpoint.uri) if checkpoint else None
+        if tokenizer is None:
+            continue
+        ids = encode_prompts(tokenizer, [r["gen"]["prompt"] for r in group])
+        for request, prompt_ids in zip(group, ids, strict=True):
+            request["gen"]["prompt_ids"] = prompt_ids
 
 
 # ------------------------------------------------------------------ finish

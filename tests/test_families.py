@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
+from sqlalchemy import select
 
 from api.client import GenqAPIError
+from common.db import engine_for, session_factory
 from common.ml.checkpoint import load_model
+from common.ml.families import get_family
+from common.models import Checkpoint, Item, Job, Model
 
 TINY = {
     "vae": {"config": {"hidden": 32, "latent": 4, "conditional": True}},
@@ -93,6 +98,41 @@ def test_gpt_trains_and_generates_with_beams(stack):
     assert gen["status"] == "succeeded", gen
     texts = [i["response"]["texts"][0] for i in c.items(gen["id"])]
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+
+
+def test_gpt_batch_reuses_the_apis_token_ids_and_matches_a_generate_job(stack, tmp_path):
+    """The API tokenizes a batch's prompts (to cut shards by token count); the worker
+    generates from those ids exactly what a generate job gives for the same prompts."""
+    c = stack.client()
+    model = train(stack, "gpt", 10)["result"]["model"]
+    prompts = ["The ", "def f(x):\n    return x", "", "é 漢字 🙂", "text<|endoftext|>more"]
+    job = c.wait(c.create_job({"type": "generate", "model": model, "prompts": prompts,
+                               "max_tokens": 5, "temperature": 0})["id"], timeout=120)
+    assert job["status"] == "succeeded", job
+    expected = {i["request"]["gen"]["prompt"]: i["response"]["texts"] for i in c.items(job["id"])}
+
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps({
+        "custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
+        "body": {"model": model, "prompt": p, "max_tokens": 5, "temperature": 0}}) + "\n"
+        for i, p in enumerate(prompts)))
+    batch = c.wait_batch(c.create_batch(c.upload_file(path)["id"])["id"], timeout=120, poll=0.2)
+    assert batch["status"] == "completed", batch
+    with session_factory(engine_for(stack.env["GENQ_DATABASE_URL"]))() as s:
+        requests = s.scalars(select(Item.request).join(Job, Item.job_id == Job.id)
+                             .where(Job.parent_id == batch["id"])).all()
+        uri = s.get(Checkpoint, s.scalar(select(Model.checkpoint_id)
+                                          .where(Model.name == model))).uri
+    tokenizer = load_model(Path(uri.removeprefix("file://"))).tokenizer
+    encode = get_family("gpt").encode
+    assert len(requests) == len(prompts)
+    for request in requests:
+        gen = request["gen"]
+        assert gen["prompt_ids"] == encode(tokenizer, gen["prompt"])
+    rows = [json.loads(line) for line in c.file_content(batch["output_file_id"]).splitlines()]
+    got = {prompts[int(r["custom_id"][1:])]: [ch["text"] for ch in r["response"]["body"]["choices"]]
+           for r in rows}
+    assert got == expected
 
 
 @pytest.mark.parametrize("family", ["lstm", "vae", "gan", "gpt"])

@@ -341,6 +341,34 @@ def test_force_cancel_revokes_a_stuck_task(rstack):
     assert c.get_job(job["id"])["status"] == "cancelled"
 
 
+def test_an_error_while_a_sigterm_unwinds_the_body_still_exits_the_child(monkeypatch):
+    """A cleanup that raises while billiard's SIGTERM SystemExit unwinds a job must not be
+    recorded as the job's failure: the child has to exit, as the revoke asked."""
+    from billiard import common
+
+    from worker.tasks import run_body
+
+    class Context:
+        stopped = 0
+
+        def stop_heartbeat(self) -> None:
+            self.stopped += 1
+
+    def body(ctx):  # type: ignore[no-untyped-def]
+        try:
+            raise SystemExit(-241)  # what billiard's SIGTERM handler raises
+        finally:
+            raise RuntimeError("can't change 'autocommit' now")  # the cleanup's own error
+
+    ctx = Context()
+    with pytest.raises(RuntimeError):  # no SIGTERM handled: the error is the job's own
+        run_body(ctx, body)  # type: ignore[arg-type]
+    monkeypatch.setattr(common, "_should_have_exited", [True])  # billiard's handler fired
+    with pytest.raises(SystemExit):
+        run_body(ctx, body)  # type: ignore[arg-type]
+    assert ctx.stopped == 2  # the heartbeat is stopped either way
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

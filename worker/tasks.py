@@ -8,6 +8,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from billiard.common import terminate_handler_fired
 from sqlalchemy.exc import SQLAlchemyError
 
 from common import fleet, jobs
@@ -30,6 +31,14 @@ Body = Callable[[JobContext], dict[str, Any]]
 
 def run_job(task: Any, job_id: str, attempt: int, body: Body) -> str:
     """Claim (job_id, attempt) or drop the message; run body; map its ending to a transition."""
+    try:
+        return _run_job(task, job_id, attempt, body)
+    except Exception as exc:  # e.g. a cleanup's database error while a SIGTERM unwinds
+        exit_if_terminated(exc)
+        raise
+
+
+def _run_job(task: Any, job_id: str, attempt: int, body: Body) -> str:
     session = session_factory()()
     try:
         try:
@@ -63,11 +72,7 @@ def run_job(task: Any, job_id: str, attempt: int, body: Body) -> str:
 def record(session: Any, ctx: JobContext, body: Body) -> str:
     job = ctx.job
     try:
-        try:
-            # Celery calls this some 40 frames deep; see worker/frame_stack.py
-            result = call_on_fresh_chunk(body, ctx)
-        finally:
-            ctx.stop_heartbeat()  # final progress lands before the status changes
+        result = run_body(ctx, body)
     except Cancelled as stop:
         jobs.finish_job(session, job, status=JobStatus.cancelled, result=_partial(stop))
         return "cancelled"
@@ -95,6 +100,33 @@ def record(session: Any, ctx: JobContext, body: Body) -> str:
         return "lost the lease; another attempt owns the job"
     jobs.finish_job(session, job, status=JobStatus.succeeded, result=result)
     return f"succeeded: {summary(result)}"
+
+
+def run_body(ctx: JobContext, body: Body) -> dict[str, Any]:
+    """The job body's result, or its exception; SystemExit if a SIGTERM is unwinding it."""
+    try:
+        try:
+            # Celery calls this some 40 frames deep; see worker/frame_stack.py
+            return call_on_fresh_chunk(body, ctx)
+        finally:
+            ctx.stop_heartbeat()  # final progress lands before the status changes
+    except Exception as exc:
+        exit_if_terminated(exc)
+        raise
+
+
+def exit_if_terminated(exc: BaseException) -> None:
+    """Turn any error into SystemExit once this pool child's SIGTERM handler has fired.
+
+    A forced cancel revokes the task with terminate=True: the worker SIGTERMs the child and
+    billiard's handler raises SystemExit wherever the task is. Landing inside a database
+    call, the cleanup can raise another error in its place (psycopg: "can't change
+    'autocommit' now"). Recorded as the job's failure, that error would end the task
+    normally and leave the child running; as SystemExit it passes Celery's tracer and
+    billiard lets the child go, as the revoke asked.
+    """
+    if terminate_handler_fired():
+        raise SystemExit(1) from exc
 
 
 def _fail(ctx: JobContext, session: Any, error: dict[str, Any]) -> str:

@@ -29,6 +29,7 @@ class GenRequest:
     num_beams: int = 1
     seed: int | None = None
     n: int = 1
+    prompt_ids: list[int] | None = None  # text families: the prompt already tokenized (batches)
 
     @property
     def params(self) -> SamplingParams:
@@ -98,7 +99,8 @@ def _units(loaded: LoadedModel, module: Any, requests: list[GenRequest]) -> list
         params = r.params
         ids: list[int] = []
         if loaded.kind == "text":
-            ids = module.encode(loaded.tokenizer, r.prompt or "")
+            ids = (list(r.prompt_ids) if r.prompt_ids is not None
+                   else module.encode(loaded.tokenizer, r.prompt or ""))
             if limit is not None and len(ids) + params.max_tokens > limit:
                 keep = max(1, limit - params.max_tokens)
                 ids = ids[-keep:]

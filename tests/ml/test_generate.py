@@ -118,3 +118,34 @@ def test_should_stop_between_batches(models: dict[str, LoadedModel]) -> None:
 def test_bad_label_is_rejected(models: dict[str, LoadedModel]) -> None:
     with pytest.raises(ValueError, match=r"requests\[x\]\.label"):
         generate(models["vae"], [GenRequest("x", label=42)], on_outputs=lambda o: None)
+
+
+def test_prompt_ids_from_the_api_match_the_workers_encoding(
+        models: dict[str, LoadedModel], trained: dict[str, TrainOutcome]) -> None:
+    """Batches are tokenized in the API (tokenizers only); the worker reuses those ids, so they
+    must be what the family's own encode gives, and generation from them the same."""
+    from common.ml.families import get_family
+    from common.ml.prompt_ids import encode_prompts, load_prompt_tokenizer
+    from common.storage import Storage
+
+    loaded = models["gpt"]
+    checkpoint = trained["gpt"].checkpoint
+    storage = Storage(str(checkpoint.parent))
+    tokenizer = load_prompt_tokenizer(storage, storage.uri(checkpoint.name))
+    assert tokenizer is not None
+    prompts = ["The ", "", "def f(x):\n    return x  # é, 漢字, 🙂", "  two  spaces ",
+               "text<|endoftext|>more", "\t\n", "x" * 300]
+    encode = get_family("gpt").encode
+    assert encode_prompts(tokenizer, prompts) == [encode(loaded.tokenizer, p) for p in prompts]
+
+    plain = [GenRequest(str(i), prompt=p, max_tokens=5, temperature=0)
+             for i, p in enumerate(prompts[:5])]
+    with_ids = [GenRequest(r.key, prompt=r.prompt, max_tokens=5, temperature=0, prompt_ids=ids)
+                for r, ids in zip(plain, encode_prompts(tokenizer, prompts[:5]), strict=True)]
+    a, b = _run(loaded, plain), _run(loaded, with_ids)
+    assert {k: (_texts(o), o.tokens_in) for k, o in a.items()} == \
+        {k: (_texts(o), o.tokens_in) for k, o in b.items()}
+
+    lstm = trained["lstm"].checkpoint  # character-level: no tokenizer.json, so none to use
+    lstm_storage = Storage(str(lstm.parent))
+    assert load_prompt_tokenizer(lstm_storage, lstm_storage.uri(lstm.name)) is None
