@@ -36,8 +36,8 @@ def seed_torch(seed: int, device: str) -> None:
     """torch.manual_seed for the device in use.
 
     On CPU, torch.manual_seed also queues a lazy CUDA seeding that formats the whole call
-    stack (with linecache lookups) every time: a millisecond per call at a worker's depth,
-    paid on every training step. This seeds CUDA only where it computes.
+    stack (with linecache lookups) every time: about 0.45 ms per call 60 frames deep, as in
+    a worker, paid on every training step. This seeds CUDA only where it computes.
     """
     torch.default_generator.manual_seed(seed)
     if str(device).startswith("cuda"):
