@@ -37,15 +37,16 @@ def load_prompt_tokenizer(storage: Storage, checkpoint_uri: str) -> Any | None:
 
     key = f"{storage.key_of(checkpoint_uri)}/{TOKENIZER_FILE}"
     tokenizer = None
-    if storage.exists(key):
-        try:
-            tokenizer = Tokenizer.from_str(storage.get_bytes(key).decode())
-        except Exception as exc:  # unreadable: the worker's own load reports it properly
-            log.warning("%s: tokenizer not usable for sharding (%s)", checkpoint_uri, exc)
-    if tokenizer is not None:
+    try:
+        tokenizer = Tokenizer.from_str(storage.get_bytes(key).decode())
         # as transformers encodes: no truncation or padding unless asked for
         tokenizer.no_truncation()
         tokenizer.no_padding()
+    except FileNotFoundError:
+        pass  # no fast tokenizer (the char-level LSTM): shards keep the character order
+    except Exception as exc:  # unreadable: the worker's own load reports it properly
+        tokenizer = None
+        log.warning("%s: tokenizer not usable for sharding (%s)", checkpoint_uri, exc)
     with _lock:
         _cache[checkpoint_uri] = tokenizer
         while len(_cache) > CACHED:
