@@ -188,6 +188,11 @@ class Stack:
                 env={"FLOWER_BASIC_AUTH": f"{s.flower_user}:{self.flower_password}"},
             )
         self._wait_http(f"http://{s.api_host}:{s.api_port}/healthz", "api")
+        if self.with_flower:
+            # Flower answers HTTP only after its event receiver has started: a job that
+            # finished before that would never show in Flower, so `up` is not ready until then.
+            self._wait_http(f"http://127.0.0.1:{s.flower_port}/healthcheck", "flower",
+                            auth=(s.flower_user, self.flower_password))
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
         out = open(self.logs / f"{name}.log", "ab")
@@ -220,12 +225,13 @@ class Stack:
                 time.sleep(0.1)
         raise StackError(f"redis did not answer on port {port}")
 
-    def _wait_http(self, url: str, name: str, timeout: float = 60) -> None:
+    def _wait_http(self, url: str, name: str, timeout: float = 60,
+                   auth: tuple[str, str] | None = None) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self._check_alive()
             try:
-                if httpx.get(url, timeout=1).status_code == 200:
+                if httpx.get(url, timeout=1, auth=auth).status_code == 200:
                     return
             except httpx.HTTPError:
                 time.sleep(0.2)
