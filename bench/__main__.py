@@ -12,10 +12,15 @@ from bench.harness import Report, bench_stack
 from bench.overhead import bench_overhead
 from bench.sql_writes import bench_sql_writes
 from bench.training import bench_checkpoints, bench_training
+from worker.malloc import tune_malloc
 
 
 def main() -> int:
     start = time.perf_counter()
+    # The in-process baselines get the worker's malloc thresholds (worker/malloc.py), as glibc
+    # would set them itself once a large block is freed: the strongest baseline, and one that
+    # does not depend on which benchmark ran first in this process.
+    tune_malloc()
     report = Report()
     bench_sql_writes(report)
     bench_checkpoints(report)

@@ -7,7 +7,7 @@ import platform
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -20,9 +20,18 @@ NOTES = """## Reading the figures
 - Every run here shares two CPU cores between torch's two threads in the worker and the
   stack around it (API, Redis, the Celery main process, the client), so the queue ratios
   are lower bounds for a machine where the worker has its cores to itself. This machine's
-  speed also drifts from minute to minute (the in-process generation baseline alone moved
-  between 5.8 and 8.1 s in one hour), so queue and baseline runs are interleaved and the
-  best of each is kept.
+  speed also drifts by 20-40% over minutes (the in-process generation of 10,000 requests
+  took 3.6 s in one run and 5.8 s twenty minutes later). The queue-vs-in-process ratios
+  are therefore the median of paired rounds, each running genq and its baseline back to
+  back in alternating order, and every round's ratio is listed. The best of each side,
+  the method before, could pair a fast minute of one side with slow ones of the other.
+- glibc malloc: a process that never freed a large block serves every tensor of 128 KiB
+  or more with its own mmap and munmap; glibc raises that threshold only after such a
+  free, which training does. In-process generation of 4,000 requests took 2.2-2.6 s in a
+  fresh process, 1.7-2.1 s after training in that process, and 1.5-1.9 s with the
+  thresholds set at start. The worker's pool child now sets them where glibc would raise
+  them (`worker/malloc.py`), and this bench sets the same in its own process, so neither
+  side depends on what ran before it.
 - Why the worker used to be slower than in-process: CPython 3.11 keeps Python frames in
   16 KiB chunks and frees a chunk when the frame at its base returns (CPython gh-142183,
   fixed in 3.13.x). A Celery task runs some 40 frames deep, and there the generation
@@ -39,18 +48,26 @@ NOTES = """## Reading the figures
   (progress, metrics rows, checkpoints every 50 steps) is about 2% of the samples.
 - Generation: shards used to be cut by prompt length in characters (the API held no
   tokenizer). In this data 40% of the prompts are exactly 100 characters long with 11 to 83
-  tokens, so ten 1,000-line shards packed into 65 generation batches with 4.6% more padded
-  positions than the 63 batches of one in-process call, and took 2-8% longer in-process
-  (wall and CPU time). The API now tokenizes a batch's prompts with the checkpoint's
-  `tokenizer.json` (tokenizers only, ~0.17 s per 10,000), cuts shards by token count and
-  stores the ids, which the worker reuses instead of encoding again (~0.4 s per 10,000
-  through transformers' wrapper): the ten shards' `generate()` calls now sum to 3-7% less
-  than the one in-process call, which still tokenizes. What is left of the gap (timeline of
-  one batch, in-process ~6.3 s): create 0.45 s (parse 0.07 s with orjson, tokenize 0.17 s,
-  insert 0.21 s), each of the ten shards ~20 ms of claim/load/finish plus ~10 ms between
-  shards, the output file 0.16 s (0.27 s before orjson), and the client's polling, up to
-  0.5 s. Model loads in the worker also freeze what is alive out of the cyclic collector:
-  a full collection used to walk ~250,000 objects (0.11 s) about once per 10,000 items.
+  tokens, so ten 1,000-line shards packed worse than one in-process call. The API now
+  tokenizes a batch's prompts with the checkpoint's `tokenizer.json` (tokenizers only,
+  ~0.08 s per 10,000), cuts shards by token count and stores the ids, which the worker
+  reuses instead of encoding again: in one process, the ten shards' `generate()` calls on
+  those ids take 10-15% less time than the one in-process call, which still tokenizes.
+- Where the queue's time goes (one 10,000-request batch, in-process 3.6-4.4 s): upload
+  0.1 s; create 0.25 s to the first shard's start (parse and validate 0.1 s, tokenize
+  0.08 s, insert 0.09 s; it was 0.45-0.58 s before JSON columns went through orjson and
+  the cyclic collector was held off during a create, whose full passes over the API
+  process took 0.1-0.25 s); the ten shards' `generate()` calls, which took as long in
+  the worker as the same calls in a plain process when the two ran back to back (3.63 and
+  3.60 s; in other rounds the worker was 2-19% slower, which we could not tell apart from
+  this machine's drift), plus ~0.13 s of writing their items; ~22 ms per shard of claim,
+  item loading and finishing; the output file 0.13 s; and then the client's next poll
+  (every 0.5 s, ~10 ms of API time each) and the download. That leaves the queue 0.8-1.3 s
+  behind on a 4 s job, short of the 0.90 target on this machine. The upload, the first
+  shard's start and the poll do not grow with the batch; the create, the per-shard work
+  and the output file do.
+- Model loads in the worker also freeze what is alive out of the cyclic collector: a full
+  collection used to walk ~250,000 objects (0.11 s) about once per 10,000 items.
 - Minimal-job throughput counts a whole generate job per message (claim, items, progress,
   finish: about a dozen SQL statements) against Celery's no-op; it has no target.
 - No GPU was lent to the session that wrote this file, so there are no GPU figures yet.
@@ -65,9 +82,12 @@ class Figure:
     baseline: float | None = None  # the in-process figure it is divided by
     target: float | None = None  # the ratio it should reach
     note: str = ""
+    rounds: list[float] | None = None  # per-round ratios of a paired() run: its median is the ratio
 
     @property
     def ratio(self) -> float | None:
+        if self.rounds:
+            return median(self.rounds)
         return self.value / self.baseline if self.baseline else None
 
     def row(self) -> str:
@@ -76,8 +96,13 @@ class Figure:
         ok = "" if self.ratio is None or self.target is None else (
             "yes" if self.ratio >= self.target else "**no**")
         base = f"{self.baseline:.4g}" if self.baseline is not None else ""
+        note = self.note
+        if self.rounds:
+            note += (f"; median of {len(self.rounds)} rounds, each genq and baseline back to "
+                     f"back (order alternating), per-round ratios "
+                     f"{', '.join(f'{r:.2f}' for r in sorted(self.rounds))}")
         return (f"| {self.name} | {self.value:.4g} {self.unit} | {base} | {ratio} | {target} | "
-                f"{ok} | {self.note} |")
+                f"{ok} | {note} |")
 
 
 @dataclass
@@ -112,6 +137,30 @@ class Report:
             NOTES,
         ]
         RESULTS.write_text("\n".join(lines))
+
+
+def paired(rounds: int, genq: Callable[[], float], baseline: Callable[[], float],
+           ) -> tuple[float, float, list[float]]:
+    """Run genq and its baseline back to back `rounds` times, alternating which goes first.
+
+    Both return a rate (higher is better). Returns the median of each and the per-round
+    ratios. This machine's speed drifts by 20-40% over minutes: the best of each side can
+    pair a fast minute on one side with slow ones on the other, while a round's two runs
+    share their minute and the alternating order cancels a steady drift within it.
+    """
+    ours: list[float] = []
+    theirs: list[float] = []
+    for n in range(rounds):
+        if n % 2:
+            theirs.append(baseline())
+            ours.append(genq())
+        else:
+            ours.append(genq())
+            theirs.append(baseline())
+        print(f"  round {n + 1}: genq {ours[-1]:.4g} baseline {theirs[-1]:.4g} "
+              f"ratio {ours[-1] / theirs[-1]:.3f}", flush=True)
+    return (median(ours), median(theirs),
+            [a / b for a, b in zip(ours, theirs, strict=True)])
 
 
 @contextmanager

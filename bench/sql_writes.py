@@ -12,7 +12,7 @@ from sqlalchemy import bindparam, delete, insert, update
 
 from bench.harness import Figure, Report
 
-N_ITEMS, ROUNDS = 5000, 3
+N_ITEMS, ROUNDS = 10_000, 5
 CHUNK = 256  # GENQ_ITEM_CHUNK's default: what a shard commits at once
 
 

@@ -11,11 +11,11 @@ from typing import Any
 
 import torch
 
-from bench.harness import Figure, Report
+from bench.harness import Figure, Report, paired
 
 GPT = {"vocab_size": 512, "n_positions": 128, "n_embd": 64, "n_layer": 2, "n_head": 2}
 STEPS, BATCH, SEQ, LOG_EVERY = 400, 16, 64, 10
-ROUNDS = 3
+ROUNDS = 4
 
 
 def train_spec(name: str) -> dict[str, Any]:
@@ -62,19 +62,20 @@ def bare_steps_per_s() -> float:
 
 def bench_training(report: Report, client: Any) -> dict[str, Any]:
     """Train the tiny GPT through the queue (it also serves the generation benches)."""
-    first: dict[str, Any] = {}
-    queue = bare = 0.0
-    for n in range(ROUNDS):  # interleaved, best of each: this machine's noise hits both alike
-        job = client.wait(client.create_job(train_spec(f"bench-gpt-{int(time.time())}-{n}"))["id"])
+    jobs: list[dict[str, Any]] = []
+
+    def queue_rate() -> float:
+        name = f"bench-gpt-{int(time.time())}-{len(jobs)}"
+        job = client.wait(client.create_job(train_spec(name))["id"])
         assert job["status"] == "succeeded", job
-        first = first or job
-        queue = max(queue, queue_steps_per_s(client, job["id"]))
-        bare = max(bare, bare_steps_per_s())
+        jobs.append(job)
+        return queue_steps_per_s(client, job["id"])
+
+    queue, bare, rounds = paired(ROUNDS, queue_rate, bare_steps_per_s)
     report.add(Figure("training steps/s through the queue (tiny gpt, B=16, T=64)", queue,
-                      "steps/s", baseline=bare, target=0.95,
-                      note="bare PyTorch loop, same model/batch; checkpoints every 50 steps; "
-                           f"best of {ROUNDS} interleaved runs each"))
-    return first
+                      "steps/s", baseline=bare, target=0.95, rounds=rounds,
+                      note="bare PyTorch loop, same model/batch; checkpoints every 50 steps"))
+    return jobs[0]
 
 
 def bench_checkpoints(report: Report) -> None:

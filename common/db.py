@@ -10,6 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, cast
 
+import orjson
 from sqlalchemy import CursorResult, Engine, Executable, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
@@ -36,7 +37,15 @@ def _finite(value: Any) -> Any:
 
 def json_dumps(value: Any) -> str:
     """JSON columns hold standard JSON: a NaN or infinite metric is stored as null
-    (PostgreSQL rejects NaN; SQLite would keep a value no JSON reader accepts)."""
+    (PostgreSQL rejects NaN; SQLite would keep a value no JSON reader accepts).
+
+    orjson writes NaN as null itself and is ~6x faster than json (a 10,000-line batch
+    stores 10,000 item requests); what it refuses (integers past 64 bits, lone
+    surrogates) goes through json as before."""
+    try:
+        return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+    except orjson.JSONEncodeError:
+        pass
     try:
         return json.dumps(value, allow_nan=False)
     except ValueError:

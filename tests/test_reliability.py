@@ -33,7 +33,8 @@ from tests.conftest import (
 )
 
 # Long enough (a few seconds) that a test sees it running before it ends, on any machine.
-SPEC = {"type": "train", "family": "lstm", "steps": 300, "batch_size": 8, "seq_len": 32,
+# Long enough (~2 s on two cores) that a signal sent once it runs lands before it finishes.
+SPEC = {"type": "train", "family": "lstm", "steps": 800, "batch_size": 8, "seq_len": 32,
         "checkpoint_every": 10, "log_every": 10, "seed": 7, "data": {"builtin": "python-docs"}}
 
 
@@ -597,7 +598,7 @@ def test_pool_child_forked_during_housekeeping_is_not_stuck(redis_server):
         try:
             stack.start_worker("f1", queues="cpu")
             c = stack.client()
-            spec = {**SPEC, "steps": 200, "checkpoint_every": 20}
+            spec = {**SPEC, "checkpoint_every": 20}
             for _ in range(8):
                 job = c.create_job(spec)
                 os.kill(running_at(stack, job["id"], 3).worker_pid, signal.SIGKILL)

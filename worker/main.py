@@ -18,6 +18,7 @@ from common import batches, fleet, jobs
 from common.celery_app import get_celery
 from common.config import get_settings
 from common.db import get_engine, session_factory
+from worker.malloc import tune_malloc
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +151,7 @@ def _on_shutdown(**_: Any) -> None:
 def _on_child_start(**_: Any) -> None:
     """A forked pool child must not reuse the parent's database connections."""
     get_engine().dispose(close=False)
+    tune_malloc()  # the child runs the models: their tensors stay in the heap (worker/malloc.py)
     # Everything imported so far (Celery, torch, transformers) lives as long as the child:
     # keep it out of the cyclic collector, whose full passes otherwise walk it all.
     gc.freeze()
