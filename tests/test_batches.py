@@ -196,7 +196,7 @@ def test_two_workers_share_the_shards(shard_stack, trained_lstm):
 
 def test_cancel_keeps_finished_items_once(shard_stack, trained_lstm):
     client = sdk(shard_stack)
-    rows = lines_for(trained_lstm["result"]["model"], 24, max_tokens=60)
+    rows = lines_for(trained_lstm["result"]["model"], 24, max_tokens=300)  # seconds of work
     upload = client.files.create(file=("in.jsonl", io.BytesIO(jsonl(rows))), purpose="batch")
     batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/completions",
                                   completion_window="24h")
@@ -222,7 +222,9 @@ def test_cancel_keeps_finished_items_once(shard_stack, trained_lstm):
 
 def test_killed_shard_resumes_without_losing_or_doubling(shard_stack, trained_lstm):
     client = sdk(shard_stack)
-    rows = lines_for(trained_lstm["result"]["model"], 8, max_tokens=80)
+    # Seeded lines run one by one and GENQ_ITEM_CHUNK=1 commits each: ~0.3 s per line keeps
+    # a shard half done for a second or more, even on a loaded 2-core machine.
+    rows = lines_for(trained_lstm["result"]["model"], 8, max_tokens=600)
     upload = client.files.create(file=("in.jsonl", io.BytesIO(jsonl(rows))), purpose="batch")
     batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/completions",
                                   completion_window="24h")
@@ -297,3 +299,20 @@ def test_output_and_error_lines_on_every_backend(session, tmp_path):  # type: ig
               for row in map(json.loads, err.read_text().splitlines())}
     assert errors["bad"] == {"code": "invalid_request", "message": "prompt too long"}
     assert errors["never"]["code"] == "worker_lost" and shard.id in errors["never"]["message"]
+
+
+def test_json_columns_store_what_json_can_hold(session):  # type: ignore[no-untyped-def]
+    """Item requests go through orjson; what it refuses still goes through json: NaN and
+    infinity become null, int keys become strings, integers past 64 bits stay exact."""
+    import uuid
+
+    spec = {"nan": float("nan"), "inf": [float("-inf")], 7: "int key", "text": "ünï 🙂"}
+    big = {"seed": 2**70, "nan": float("nan")}
+    jobs = [Job(id=f"job_{uuid.uuid4().hex}", owner="json-test", type="generate", spec=s,
+                queue="cpu") for s in (spec, big)]
+    session.add_all(jobs)
+    session.commit()
+    session.expire_all()
+    stored = [session.get(Job, job.id).spec for job in jobs]
+    assert stored[0] == {"nan": None, "inf": [None], "7": "int key", "text": "ünï 🙂"}
+    assert stored[1] == {"seed": 2**70, "nan": None}
