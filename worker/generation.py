@@ -61,7 +61,7 @@ def execute_items(ctx: JobContext) -> dict[str, Any]:
     writer = ItemWriter(ctx, items, total=total)
     groups: dict[str, list[PendingItem]] = defaultdict(list)
     for item in items:
-        groups[item.request.get("model_id") or job.model_id or ""].append(item)
+        groups[item.model_id or job.model_id or ""].append(item)
 
     for model_id, group in groups.items():
         if ctx.should_stop():
@@ -109,7 +109,7 @@ def run_group(ctx: JobContext, loaded: Any, requests: list[GenRequest], writer: 
 
 
 def to_request(item: PendingItem) -> GenRequest:
-    gen = {k: v for k, v in item.request.get("gen", {}).items() if k in GEN_KEYS}
+    gen = {k: v for k, v in item.gen.items() if k in GEN_KEYS}
     return GenRequest(key=str(item.id), **gen)
 
 
