@@ -346,7 +346,17 @@ def _add_prompt_ids(session: Session, storage: Storage, requests: list[dict[str,
 
 
 def shard_finished(session: Session, shard: Job) -> None:
-    """Count a finished shard on its parent (atomic counter); the last one finalizes."""
+    """Count a finished shard on its parent (atomic counter); the last one finalizes.
+
+    The shard's own item counts go into its result in the same transaction, so a poll of a
+    running batch counts items live only in shards still under way (see item_counts).
+    """
+    succeeded, failed = _count_items(session, [shard.id])
+    result = session.scalar(select(Job.result).where(Job.id == shard.id)) or {}
+    session.execute(
+        update(Job).where(Job.id == shard.id)
+        .values(result={**result, "item_counts": {"succeeded": succeeded, "failed": failed}})
+    )
     session.execute(
         update(Job).where(Job.id == shard.parent_id).values(shards_done=Job.shards_done + 1)
     )
@@ -523,11 +533,32 @@ def response_body(item: Any, line_id: str, api_url: str) -> dict[str, Any]:
 
 
 def item_counts(session: Session, *, batch_id: str) -> tuple[int, int]:
-    """(succeeded, failed) items across the batch's shards, counted live."""
+    """(succeeded, failed) items across the batch's shards, as they stand now.
+
+    A finished shard holds its counts (shard_finished) and a shard never started has none
+    done, so items are counted row by row only in the shards under way: a poll costs about
+    the same for 1,000 lines as for 100,000.
+    """
+    succeeded = failed = 0
+    live = []
+    shards = session.execute(
+        select(Job.id, Job.started_at, Job.result).where(Job.parent_id == batch_id)
+    )
+    for shard_id, started_at, result in shards:
+        counts = (result or {}).get("item_counts")
+        if counts is not None:
+            succeeded, failed = succeeded + counts["succeeded"], failed + counts["failed"]
+        elif started_at is not None:
+            live.append(shard_id)
+    live_succeeded, live_failed = _count_items(session, live) if live else (0, 0)
+    return succeeded + live_succeeded, failed + live_failed
+
+
+def _count_items(session: Session, job_ids: list[str]) -> tuple[int, int]:
+    """(succeeded, failed) items of these jobs, counted row by row."""
     rows = session.execute(
         select(Item.status, func.count())
-        .join(Job, Item.job_id == Job.id)
-        .where(Job.parent_id == batch_id, Item.status != "pending")
+        .where(Item.job_id.in_(job_ids), Item.status != "pending")
         .group_by(Item.status)
     ).all()
     counts = {status: n for status, n in rows}

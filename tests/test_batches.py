@@ -316,3 +316,42 @@ def test_json_columns_store_what_json_can_hold(session):  # type: ignore[no-unty
     stored = [session.get(Job, job.id).spec for job in jobs]
     assert stored[0] == {"nan": None, "inf": [None], "7": "int key", "text": "ünï 🙂"}
     assert stored[1] == {"seed": 2**70, "nan": None}
+
+
+def test_request_counts_read_finished_shards_from_their_result(session):  # type: ignore[no-untyped-def]
+    """A finished shard keeps its item counts; only shards under way are counted row by row,
+    and a shard never started counts nothing. Together they match a live count of every row."""
+    import uuid
+
+    from common.batches import _count_items, item_counts, shard_finished
+    from common.jobs import insert_items
+    from common.models import utcnow
+    from common.results import write_items
+
+    parent = Job(id=f"job_{uuid.uuid4().hex}", owner="counts-test", type="batch", spec={},
+                 queue="cpu", status="running", shards_total=3)
+    shards = [Job(id=f"job_{uuid.uuid4().hex}", owner="counts-test", type="shard", spec={},
+                  queue="cpu", status=status, parent_id=parent.id, started_at=started)
+              for status, started in [("succeeded", utcnow()), ("running", utcnow()),
+                                      ("queued", None)]]
+    session.add_all([parent, *shards])
+    session.flush()
+    request = {"model_id": "m", "model": "tiny", "url": "/v1/completions", "body": {}}
+    for shard in shards:
+        insert_items(session, shard.id, [request] * 3, ["a", "b", "c"], [0, 1, 2])
+    rows = session.execute(select(Item.job_id, Item.custom_id, Item.id)
+                           .where(Item.job_id.in_([s.id for s in shards])))
+    ids = {(job_id, cid): item_id for job_id, cid, item_id in rows}
+    done, running, _ = shards
+    ok = {"status": "succeeded", "response": {"texts": ["x"]}, "tokens_out": 1}
+    write_items(session, [{**ok, "id": ids[done.id, "a"]}, {**ok, "id": ids[done.id, "b"]},
+                          {"id": ids[done.id, "c"], "status": "failed",
+                           "error": {"code": "invalid_request", "message": "too long"}},
+                          {**ok, "id": ids[running.id, "a"]}])
+    shard_finished(session, done)
+
+    session.refresh(done)
+    assert done.result["item_counts"] == {"succeeded": 2, "failed": 1}
+    assert session.get(Job, parent.id).shards_done == 1
+    assert item_counts(session, batch_id=parent.id) == (3, 1)
+    assert _count_items(session, [s.id for s in shards]) == (3, 1)
