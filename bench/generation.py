@@ -4,6 +4,7 @@ batched generation in-process, and vs a batch-size-1 loop."""
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -84,6 +85,7 @@ def through_sdk(sdk: Any, model_name: str, n: int) -> tuple[float, int]:
     start = time.perf_counter()
     with path.open("rb") as f:
         upload = sdk.files.create(file=f, purpose="batch")
+    shutil.rmtree(path.parent)
     batch = sdk.batches.create(input_file_id=upload.id, endpoint="/v1/completions",
                                completion_window="24h")
     while batch.status not in TERMINAL:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import statistics
 import tempfile
 import time
@@ -181,23 +182,33 @@ def median(values: list[float]) -> float:
 
 
 @contextmanager
+def scratch_dir(prefix: str) -> Iterator[Path]:
+    """A temp folder for one benchmark, removed after it (a stack's home holds ~100 MB)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@contextmanager
 def bench_stack() -> Iterator[object]:
     """A fresh embedded stack (Redis, SQLite, API, one CPU worker) in a temp folder."""
     from api.stack import Stack, free_port
     from common.config import Settings, get_settings
 
-    home = Path(tempfile.mkdtemp(prefix="genq-bench-"))
-    os.environ.update({
-        "GENQ_HOME": str(home), "GENQ_API_PORT": str(free_port()),
-        "GENQ_REDIS_PORT": str(free_port()), "GENQ_RATE_LIMIT_PER_MINUTE": "0",
-        "GENQ_LOG_LEVEL": "WARNING",
-    })
-    os.environ.pop("GENQ_DATABASE_URL", None)
-    get_settings.cache_clear()
-    stack = Stack(Settings(), with_flower=False)
-    try:
-        stack.start()
-        stack.wait_for_worker()
-        yield stack
-    finally:
-        stack.stop()
+    with scratch_dir("genq-bench-") as home:
+        os.environ.update({
+            "GENQ_HOME": str(home), "GENQ_API_PORT": str(free_port()),
+            "GENQ_REDIS_PORT": str(free_port()), "GENQ_RATE_LIMIT_PER_MINUTE": "0",
+            "GENQ_LOG_LEVEL": "WARNING",
+        })
+        os.environ.pop("GENQ_DATABASE_URL", None)
+        get_settings.cache_clear()
+        stack = Stack(Settings(), with_flower=False)
+        try:
+            stack.start()
+            stack.wait_for_worker()
+            yield stack
+        finally:
+            stack.stop()

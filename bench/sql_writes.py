@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import os
 import socket
-import tempfile
 import time
 import uuid
 
 from sqlalchemy import bindparam, delete, insert, update
 
-from bench.harness import Figure, Report
+from bench.harness import Figure, Report, scratch_dir
 
 N_ITEMS, ROUNDS = 10_000, 5
 CHUNK = 256  # GENQ_ITEM_CHUNK's default: what a shard commits at once
@@ -39,8 +38,13 @@ def bench_one(url: str) -> tuple[float, float, float]:
     with session_factory(engine)() as session:
         session.add(Job(id=job_id, owner="bench", type="generate", spec={}))
         session.commit()
-        # interleaved rounds, best of each: a WAL checkpoint or autovacuum hits one run only
-        for mode, rnd in [(m, r) for r in range(ROUNDS) for m in rates]:
+        # Interleaved rounds, best of each: a WAL checkpoint or autovacuum hits one run only.
+        # The order rotates each round: autovacuum wakes after the first updates of a round
+        # and slowed whichever mode always came last (PostgreSQL raw once ran at half speed).
+        modes = list(rates)
+        order = [(modes[(r + k) % len(modes)], r) for r in range(ROUNDS)
+                 for k in range(len(modes))]
+        for mode, rnd in order:
             tag = f"{mode}{rnd}"
             session.execute(insert(Item), [
                 {"job_id": job_id, "index": i, "custom_id": f"{tag}-{i}", "status": "pending",
@@ -75,7 +79,11 @@ def bench_one(url: str) -> tuple[float, float, float]:
 
 
 def bench_sql_writes(report: Report) -> None:
-    sqlite = f"sqlite:///{tempfile.mkdtemp()}/bench-{uuid.uuid4().hex[:6]}.db"
+    with scratch_dir("genq-bench-sql-") as folder:
+        _bench_sql_writes(report, f"sqlite:///{folder}/bench-{uuid.uuid4().hex[:6]}.db")
+
+
+def _bench_sql_writes(report: Report, sqlite: str) -> None:
     targets = [("SQLite", sqlite)] + ([("PostgreSQL", pg)] if (pg := postgres_url()) else [])
     for name, url in targets:
         chunked, genq, raw = bench_one(url)
