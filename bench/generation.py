@@ -13,7 +13,7 @@ from typing import Any
 from bench.harness import Figure, Report, median, paired
 
 N_REQUESTS, N_WARMUP, MAX_TOKENS, N_B1 = 10_000, 200, 16, 60
-ROUNDS = 6
+ROUNDS = 10
 POLL_S = 0.5  # how often the client asks for the batch's status, as a user's script would
 TERMINAL = {"completed", "failed", "cancelled", "expired"}
 

@@ -51,22 +51,26 @@ NOTES = """## Reading the figures
   tokenizer). In this data 40% of the prompts are exactly 100 characters long with 11 to 83
   tokens, so ten 1,000-line shards packed worse than one in-process call. The API now
   tokenizes a batch's prompts with the checkpoint's `tokenizer.json` (tokenizers only,
-  ~0.08 s per 10,000), cuts shards by token count and stores the ids, which the worker
+  0.08-0.2 s per 10,000), cuts shards by token count and stores the ids, which the worker
   reuses instead of encoding again: in one process, the ten shards' `generate()` calls on
   those ids take 10-15% less time than the one in-process call, which still tokenizes.
-- Where the queue's time goes (one 10,000-request batch, in-process 3.6-4.4 s): upload
-  0.1 s; create 0.25 s to the first shard's start (parse and validate 0.1 s, tokenize
-  0.08 s, insert 0.09 s; it was 0.45-0.58 s before JSON columns went through orjson and
-  the cyclic collector was held off during a create, whose full passes over the API
-  process took 0.1-0.25 s); the ten shards' `generate()` calls, which took as long in
-  the worker as the same calls in a plain process when the two ran back to back (3.63 and
-  3.60 s; in other rounds the worker was 2-19% slower, which we could not tell apart from
-  this machine's drift), plus ~0.13 s of writing their items; ~22 ms per shard of claim,
-  item loading and finishing; the output file 0.13 s; and then the client's next poll
-  (every 0.5 s, ~10 ms of API time each) and the download. That leaves the queue 0.8-1.3 s
-  behind on a 4 s job, short of the 0.90 target on this machine. The upload, the first
-  shard's start and the poll do not grow with the batch; the create, the per-shard work
-  and the output file do.
+- Where the queue's time goes (one 10,000-request batch; on a slow afternoon the same
+  work took 6-7 s in-process, and these parts grow with it): upload 0.02 s; create
+  0.34-0.46 s to the first shard's start (parse and validate 0.07 s, tokenize 0.13-0.22 s
+  in `tokenizers`' own batch encoder, insert ~0.12 s; it was 0.45-0.58 s on a fast morning
+  before JSON columns went through orjson and the cyclic collector was held off during a
+  create); in the worker's pool child, py-spy put 93% of the samples in the model's
+  forward, ~2% in item writes, ~1.3% in finishing shards, ~1% in the output file and
+  ~0.6% in loading items; then the client's next poll (every 0.5 s: 0.25 s on average)
+  and the download. Gaps between shards are ~5 ms. Both sides run torch's two threads
+  flat out (the worker's pool child used 1.76 cores over the queue's whole run, the
+  in-process call 1.92 over its own), so whatever else runs, the API's 0.5-0.7 s of CPU
+  per batch above all, takes a core from them. That leaves the queue 10-15% behind,
+  short of the 0.90 target on this machine. The upload and the poll do not grow with the
+  batch; the create, the per-shard work and the output file do.
+- Polls: a running batch's request counts used to be counted row by row over all its
+  items (13 ms a retrieve for 20,000 lines while the worker ran). A finished shard now
+  keeps its counts, so a poll counts rows only in shards under way (4 ms).
 - Model loads in the worker also freeze what is alive out of the cyclic collector: a full
   collection used to walk ~250,000 objects (0.11 s) about once per 10,000 items.
 - Minimal-job throughput counts a whole generate job per message (claim, items, progress,

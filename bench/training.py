@@ -14,7 +14,7 @@ from bench.harness import Figure, Report, paired, scratch_dir
 
 GPT = {"vocab_size": 512, "n_positions": 128, "n_embd": 64, "n_layer": 2, "n_head": 2}
 STEPS, BATCH, SEQ, LOG_EVERY = 400, 16, 64, 10
-ROUNDS = 4
+ROUNDS = 8
 
 
 def train_spec(name: str) -> dict[str, Any]:
