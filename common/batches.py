@@ -2,7 +2,7 @@
 last shard to finish write the output and error files and complete the parent job.
 
 A batch is a parent job (type `batch`, never claimed by a worker) plus shard jobs (type
-`shard`, parent_id set) of settings.shard_size items each. Shards count themselves on the
+`shard`, parent_id set) of about settings.shard_size items each. Shards count themselves on the
 parent with one UPDATE (shards_done + 1) read back in the same transaction; whoever brings
 it to shards_total finalizes. Finalizing takes a lease on the parent row (worker,
 heartbeat_at), so a crash mid-way is retried by the reaper's `finalize_stalled`.
@@ -41,6 +41,7 @@ from common.batch_schemas import (
 from common.config import get_settings
 from common.db import rows_changed
 from common.errors import Conflict, InvalidSpec, NotFound
+from common.ml.packing import batch_starts, spans_at_batch_starts, unit_cost, unit_rows
 from common.ml.prompt_ids import encode_prompts, load_prompt_tokenizer
 from common.models import (
     FINISHED,
@@ -295,15 +296,15 @@ def create_batch(
     # Shards of similar requests (model, then prompt length in tokens) pad least inside
     # their generation batches; each item keeps its input line as `index` for the output order.
     order = sorted(range(len(parsed.requests)), key=lambda i: _shard_key(parsed.requests[i]))
-    starts = range(0, len(order), size)
-    parent.shards_total = len(starts)
+    spans = _shard_spans([parsed.requests[i] for i in order], size)
+    parent.shards_total = len(spans)
     session.add(parent)
     session.flush()
     shards = []
     from common.jobs import insert_items
 
-    for number, start in enumerate(starts):
-        lines = order[start:start + size]
+    for number, (begin, end) in enumerate(spans):
+        lines = order[begin:end]
         requests = [parsed.requests[i] for i in lines]
         model = models[requests[0]["model_id"]]
         shard = Job(
@@ -324,6 +325,32 @@ def _shard_key(request: dict[str, Any]) -> tuple[str, int]:
     gen = request["gen"]
     ids = gen.get("prompt_ids")
     return request["model_id"], len(ids) if ids is not None else len(gen.get("prompt") or "")
+
+
+PACKING_KEYS = ("max_tokens", "temperature", "top_k", "top_p", "num_beams", "n")
+
+
+def _shard_spans(requests: list[dict[str, Any]], size: int) -> list[tuple[int, int]]:
+    """[begin, end) shards of about `size` requests, given in shard order.
+
+    Where the worker will pack every request alike (one model, one set of generation
+    parameters, token ids known, no seeded sampling, which runs alone), a shard ends where
+    a generation batch ends (common/ml/packing.py), so no shard ends on a part-full batch.
+    """
+    def packing(request: dict[str, Any]) -> tuple:
+        return (request["model_id"], *(request["gen"].get(k) for k in PACKING_KEYS))
+
+    gens = [r["gen"] for r in requests]
+    first = packing(requests[0])
+    alike = all(g.get("prompt_ids") is not None and packing(r) == first
+                for r, g in zip(requests, gens, strict=True))
+    seeded_sampling = gens[0].get("seed") is not None and (gens[0].get("temperature") or 0) > 0
+    starts: list[int] = []
+    if alike and not seeded_sampling:
+        rows = unit_rows(gens[0].get("n") or 1, gens[0].get("num_beams") or 1)
+        costs = [(unit_cost(rows, len(g["prompt_ids"]), g["max_tokens"]), rows) for g in gens]
+        starts = batch_starts(costs, token_budget=get_settings().token_budget)
+    return spans_at_batch_starts(len(requests), size, starts)
 
 
 def _add_prompt_ids(session: Session, storage: Storage, requests: list[dict[str, Any]],

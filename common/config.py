@@ -47,7 +47,8 @@ class Settings(BaseSettings):
     )
     model_cache_bytes: int = Field(2 << 30, description="Per-process model cache bound.")
 
-    shard_size: int = Field(1000, description="Requests per batch shard.")
+    shard_size: int = Field(1000, description="Requests per batch shard (about: a shard ends "
+                                              "where a generation batch ends).")
     item_chunk: int = Field(
         256, description="Generated items committed together (at least once a second)."
     )

@@ -12,6 +12,7 @@ import torch
 from common.ml.artifacts import png_bytes
 from common.ml.checkpoint import LoadedModel
 from common.ml.families import get_family
+from common.ml.packing import MAX_BATCH, starts_new_batch, unit_cost, unit_rows
 from common.ml.sampling import Completion, SamplingParams, seed_torch
 
 log = logging.getLogger(__name__)
@@ -59,10 +60,12 @@ class Unit:
     def head(self) -> GenRequest:
         return self.requests[0]
 
+    def rows(self) -> int:
+        return unit_rows(self.head.n, self.params.num_beams)
+
     def cost(self) -> int:
         """Tokens this unit holds in a batch: rows x (prompt + new tokens)."""
-        rows = self.head.n * max(1, self.params.num_beams)
-        return rows * (len(self.ids) + self.params.max_tokens)
+        return unit_cost(self.rows(), len(self.ids), self.params.max_tokens)
 
 
 def validate_requests(loaded: LoadedModel, requests: list[GenRequest]) -> list[str]:
@@ -138,12 +141,13 @@ def _batches(loaded: LoadedModel, units: list[Unit], token_budget: int,
         batch: list[Unit] = []
         cost = rows = 0
         for u in group:
-            u_rows = u.head.n * max(1, u.params.num_beams)
-            if batch and (cost + u.cost() > token_budget or rows + u_rows > max_batch):
+            u_cost, u_rows = u.cost(), u.rows()
+            if starts_new_batch(cost, rows, u_cost, u_rows, token_budget=token_budget,
+                                max_batch=max_batch):
                 yield batch
                 batch, cost, rows = [], 0, 0
             batch.append(u)
-            cost, rows = cost + u.cost(), rows + u_rows
+            cost, rows = cost + u_cost, rows + u_rows
         if batch:
             yield batch
 
@@ -201,7 +205,7 @@ def _with_oom_retry(loaded: LoadedModel, module: Any, batch: list[Unit]) -> list
 
 
 def generate(loaded: LoadedModel, requests: list[GenRequest], *, token_budget: int = 4096,
-             max_batch: int = 64, should_stop: Callable[[], bool] = lambda: False,
+             max_batch: int = MAX_BATCH, should_stop: Callable[[], bool] = lambda: False,
              on_outputs: Callable[[list[GenOutput]], None]) -> None:
     """Generate for every request, reporting each finished batch; stop early if asked."""
     problems = validate_requests(loaded, requests)

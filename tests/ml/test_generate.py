@@ -149,3 +149,41 @@ def test_prompt_ids_from_the_api_match_the_workers_encoding(
     lstm = trained["lstm"].checkpoint  # character-level: no tokenizer.json, so none to use
     lstm_storage = Storage(str(lstm.parent))
     assert load_prompt_tokenizer(lstm_storage, lstm_storage.uri(lstm.name)) is None
+
+
+def test_api_predicts_the_batches_generate_packs(models: dict[str, LoadedModel]) -> None:
+    """The API cuts shards where generate() will end a batch (common/ml/packing.py): its
+    prediction from token ids alone must match the batches generate() reports."""
+    from common.ml.packing import batch_starts, unit_cost
+
+    loaded = models["gpt"]
+    tokenizer = loaded.tokenizer
+    prompts = [("def f(x): return x" * (1 + i % 5))[: 5 + 7 * (i % 9)] for i in range(50)]
+    ids = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+    requests = sorted((GenRequest(str(i), prompt=p, prompt_ids=t, max_tokens=3, temperature=0)
+                       for i, (p, t) in enumerate(zip(prompts, ids, strict=True))),
+                      key=lambda r: len(r.prompt_ids or []))
+    for budget, max_batch in [(60, 64), (400, 8), (10_000, 64)]:
+        batches: list[list[GenOutput]] = []
+        generate(loaded, requests, token_budget=budget, max_batch=max_batch,
+                 on_outputs=batches.append)
+        sizes = [len(b) for b in batches]
+        starts = batch_starts([(unit_cost(1, len(r.prompt_ids or []), 3), 1) for r in requests],
+                              token_budget=budget, max_batch=max_batch)
+        ends = [*starts[1:], len(requests)]
+        assert [end - start for start, end in zip(starts, ends, strict=True)] == sizes
+        assert len(sizes) > 1 or budget == 10_000, sizes  # the budget or max_batch binds
+
+
+def test_shards_end_at_batch_starts() -> None:
+    from common.ml.packing import spans_at_batch_starts
+
+    every_64 = list(range(0, 10_000, 64))
+    spans = spans_at_batch_starts(10_000, 1000, every_64)
+    assert spans[0] == (0, 1024)
+    assert all(end == begin for (_, end), (begin, _) in zip(spans, spans[1:], strict=False))
+    assert spans[-1][1] == 10_000 and all(end % 64 == 0 for _, end in spans[:-1])
+    # far from any batch start (or none known): plain cuts of the size
+    assert spans_at_batch_starts(10, 4, every_64) == [(0, 4), (4, 8), (8, 10)]
+    assert spans_at_batch_starts(10, 4, []) == [(0, 4), (4, 8), (8, 10)]
+    assert spans_at_batch_starts(3, 4, every_64) == [(0, 3)]
