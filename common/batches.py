@@ -18,13 +18,13 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import orjson
 from pydantic import ValidationError
-from sqlalchemy import Text, cast, exists, func, select, update
+from sqlalchemy import String, Text, cast, exists, func, select, type_coerce, update
 from sqlalchemy.orm import Session, aliased
 
 from common.batch_schemas import (
@@ -490,12 +490,16 @@ def _write_lines(
             select(*OUTPUT_COLUMNS).where(Item.job_id.in_(list(by_id))).order_by(Item.index)
             .execution_options(yield_per=1000)
         )
+        created_at: dict[Any, int] = {}  # finished_at as stored: one per committed chunk
         for item in items:
             line_id = "batch_req_" + hashlib.sha256(
                 f"{parent.id}:{item.custom_id}".encode()).hexdigest()[:32]
             if item.status == "succeeded":
                 completed += 1
-                body = response_body(item, line_id, api_url)
+                created = created_at.get(item.finished_at)
+                if created is None:
+                    created = created_at[item.finished_at] = _epoch(item.finished_at)
+                body = response_body(item, line_id, api_url, created)
                 row = {"id": line_id, "custom_id": item.custom_id,
                        "response": {"status_code": 200, "request_id": "req_" + line_id[10:],
                                     "body": body}, "error": None}
@@ -509,6 +513,14 @@ def _write_lines(
                              "message": error.get("message", "")}}
             errors.write(orjson.dumps(row) + b"\n")
     return completed, failed
+
+
+def _epoch(stored: Any) -> int:
+    """Unix seconds of a UTC timestamp as the driver returns it: SQLite's text, or a datetime."""
+    if stored is None:
+        return int(utcnow().timestamp())
+    when = datetime.fromisoformat(stored) if isinstance(stored, str) else stored
+    return int((when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp())
 
 
 def _unfinished_error(parent: Job, shard: Job) -> dict[str, Any]:
@@ -525,16 +537,15 @@ def _unfinished_error(parent: Job, shard: Job) -> dict[str, Any]:
 OUTPUT_COLUMNS = (
     Item.job_id, Item.custom_id, Item.status, cast(Item.response, Text).label("response_json"),
     cast(Item.error, Text).label("error_json"), Item.tokens_in, Item.tokens_out,
-    Item.finished_at,
+    type_coerce(Item.finished_at, String).label("finished_at"),  # parsed once per chunk
     Item.request["url"].as_string().label("url"),
     Item.request["model"].as_string().label("model"),
 )
 
 
-def response_body(item: Any, line_id: str, api_url: str) -> dict[str, Any]:
+def response_body(item: Any, line_id: str, api_url: str, created: int) -> dict[str, Any]:
     """A completion, chat.completion or images response body for a finished item row."""
     resp = orjson.loads(item.response_json or "null") or {}
-    created = int((item.finished_at or utcnow()).timestamp())
     if item.url == IMAGE_ENDPOINT:
         urls = [f"{api_url}/v1/artifacts/{a}" for a in resp.get("artifact_ids", [])]
         return {"created": created, "data": [{"url": u} for u in urls]}
