@@ -26,6 +26,10 @@ NOTES = """## Reading the figures
   are therefore the median of paired rounds, each running genq and its baseline back to
   back in alternating order, and every round's ratio is listed. The best of each side,
   the method before, could pair a fast minute of one side with slow ones of the other.
+  Even so, whole runs differ: five `make bench` runs within an hour, with unchanged
+  training code, gave training medians of 0.96, 0.94, 1.00, 0.97 and 0.88 (single rounds
+  from 0.75 to 1.29); bulk generation's ranged from 0.85 to 0.895 (with small changes to
+  the queue between runs). Read one run's medians to about ±0.05.
 - glibc malloc: a process that never freed a large block serves every tensor of 128 KiB
   or more with its own mmap and munmap; glibc raises that threshold only after such a
   free, which training does. In-process generation of 4,000 requests took 2.2-2.6 s in a
