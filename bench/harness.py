@@ -99,8 +99,17 @@ class Figure:
             return median(self.rounds)
         return self.value / self.baseline if self.baseline else None
 
+    def ratio_text(self) -> str:
+        """Two decimals, or three where two would round across the target (0.895 of 0.9)."""
+        if self.ratio is None:
+            return ""
+        text = f"{self.ratio:.2f}"
+        if self.target is not None and (float(text) >= self.target) != (self.ratio >= self.target):
+            text = f"{self.ratio:.3f}"
+        return text
+
     def row(self) -> str:
-        ratio = f"{self.ratio:.2f}" if self.ratio is not None else ""
+        ratio = self.ratio_text()
         target = f"≥ {self.target:g}" if self.target is not None else ""
         ok = "" if self.ratio is None or self.target is None else (
             "yes" if self.ratio >= self.target else "**no**")
@@ -120,7 +129,7 @@ class Report:
 
     def add(self, figure: Figure) -> None:
         self.figures.append(figure)
-        ratio = f"  ratio {figure.ratio:.2f}" if figure.ratio is not None else ""
+        ratio = f"  ratio {figure.ratio_text()}" if figure.ratio is not None else ""
         target = f" (target ≥ {figure.target:g})" if figure.target is not None else ""
         base = f" vs {figure.baseline:.4g}" if figure.baseline is not None else ""
         print(f"{figure.name}: {figure.value:.4g} {figure.unit}{base}{ratio}{target}", flush=True)
