@@ -78,12 +78,12 @@ def bench_training(report: Report, client: Any) -> dict[str, Any]:
 
 
 def bench_checkpoints(report: Report) -> None:
+    """Save/load of a safetensors checkpoint and time from resume to the first step."""
     with scratch_dir("genq-bench-ckpt-") as work:
         _bench_checkpoints(report, work)
 
 
 def _bench_checkpoints(report: Report, work: Path) -> None:
-    """Save/load of a safetensors checkpoint and time from resume to the first step."""
     from common.ml.checkpoint import load_model, load_train_state, save_checkpoint
     from common.ml.train import TrainHooks, run_training
 

@@ -32,8 +32,7 @@ from tests.conftest import (
     wait_for,
 )
 
-# Long enough (a few seconds) that a test sees it running before it ends, on any machine.
-# Long enough (~2 s on two cores) that a signal sent once it runs lands before it finishes.
+# Long enough (2-4 s on two cores) that a signal sent once it runs lands before it finishes.
 SPEC = {"type": "train", "family": "lstm", "steps": 800, "batch_size": 8, "seq_len": 32,
         "checkpoint_every": 10, "log_every": 10, "seed": 7, "data": {"builtin": "python-docs"}}
 
