@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
-
-import redis
-
-from common.config import get_settings
 from common.errors import Unavailable
-
-
-@lru_cache
-def _client() -> redis.Redis:
-    return redis.Redis.from_url(
-        get_settings().broker_url, socket_timeout=2, socket_connect_timeout=2
-    )
+from common.notices import redis_client
 
 
 def broker_ok() -> bool:
     try:
-        return bool(_client().ping())
+        return bool(redis_client().ping())
     except Exception:
         return False
 

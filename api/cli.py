@@ -384,8 +384,7 @@ def follow(c: Client, job_id: str) -> dict[str, Any]:
             )
             if job["status"] in FINISHED:
                 break
-            time.sleep(0.5)
-            job = c.get_job(job_id)
+            job = c.get_job(job_id, wait=0.5)  # at once when it finishes
     describe_end(job)
     return job
 
@@ -585,8 +584,7 @@ def follow_batch(c: Client, batch: dict[str, Any]) -> dict[str, Any]:
     with Progress(*columns, console=console) as bar:
         task = bar.add_task(batch["id"], total=max(batch["request_counts"]["total"], 1))
         while batch["status"] not in BATCH_FINISHED:
-            time.sleep(0.5)
-            batch = c.get_batch(batch["id"])
+            batch = c.get_batch(batch["id"], wait=0.5)  # at once when it finishes
             counts = batch["request_counts"]
             bar.update(
                 task,

@@ -10,10 +10,11 @@ from typing import Any
 
 import httpx
 
+from common.batch_schemas import BATCH_FINISHED
 from common.config import get_settings
 
 FINISHED = ("succeeded", "failed", "cancelled")
-BATCH_FINISHED = ("completed", "failed", "cancelled", "expired")
+LONG_POLL_S = 30.0  # how long one held read may wait (the API allows up to 60 s)
 
 
 class GenqAPIError(Exception):
@@ -73,8 +74,26 @@ class Client:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         return self.request("POST", "/v1/jobs", json=spec, headers=headers)
 
-    def get_job(self, job_id: str) -> dict[str, Any]:
-        return self.request("GET", f"/v1/jobs/{job_id}")
+    def get_job(self, job_id: str, wait: float = 0) -> dict[str, Any]:
+        """A job; with `wait`, the API answers once it has finished or `wait` seconds passed."""
+        return self._held_get(f"/v1/jobs/{job_id}", wait)
+
+    def _held_get(self, path: str, wait: float) -> Any:
+        if wait <= 0:
+            return self.request("GET", path)
+        return self.request("GET", path, params={"wait": round(wait, 3)}, timeout=wait + 30)
+
+    def _wait_for(self, get: Any, finished: tuple[str, ...], timeout: float) -> dict[str, Any]:
+        """Held reads until the status is final or timeout seconds have passed."""
+        deadline = time.monotonic() + timeout
+        while True:
+            asked = time.monotonic()
+            wait = min(LONG_POLL_S, max(deadline - asked, 0.0))
+            state: dict[str, Any] = get(wait)
+            if state["status"] in finished or time.monotonic() >= deadline:
+                return state
+            if time.monotonic() - asked < wait / 2:  # an API that does not hold reads
+                time.sleep(0.5)
 
     def list_jobs(self, **params: Any) -> dict[str, Any]:
         return self.request("GET", "/v1/jobs", params={k: v for k, v in params.items() if v})
@@ -131,14 +150,9 @@ class Client:
                 elif line.startswith("data:"):
                     yield kind, json.loads(line[5:])
 
-    def wait(self, job_id: str, timeout: float = 3600, poll: float = 0.5) -> dict[str, Any]:
-        """Poll until the job is finished; returns its last state."""
-        deadline = time.monotonic() + timeout
-        while True:
-            job = self.get_job(job_id)
-            if job["status"] in FINISHED or time.monotonic() > deadline:
-                return job
-            time.sleep(poll)
+    def wait(self, job_id: str, timeout: float = 3600) -> dict[str, Any]:
+        """Until the job has finished (or timeout seconds); returns its last state."""
+        return self._wait_for(lambda wait: self.get_job(job_id, wait), FINISHED, timeout)
 
     # models & workers
     def models(self) -> list[dict[str, Any]]:
@@ -175,17 +189,14 @@ class Client:
             body["metadata"] = metadata
         return self.request("POST", "/v1/batches", json=body)
 
-    def get_batch(self, batch_id: str) -> dict[str, Any]:
-        return self.request("GET", f"/v1/batches/{batch_id}")
+    def get_batch(self, batch_id: str, wait: float = 0) -> dict[str, Any]:
+        """A batch; with `wait`, the API answers once it has finished or `wait` seconds passed."""
+        return self._held_get(f"/v1/batches/{batch_id}", wait)
 
     def cancel_batch(self, batch_id: str) -> dict[str, Any]:
         return self.request("POST", f"/v1/batches/{batch_id}/cancel")
 
-    def wait_batch(self, batch_id: str, timeout: float = 3600, poll: float = 0.5) -> dict[str, Any]:
-        """Poll until the batch is completed, failed, cancelled or expired."""
-        deadline = time.monotonic() + timeout
-        while True:
-            batch = self.get_batch(batch_id)
-            if batch["status"] in BATCH_FINISHED or time.monotonic() > deadline:
-                return batch
-            time.sleep(poll)
+    def wait_batch(self, batch_id: str, timeout: float = 3600) -> dict[str, Any]:
+        """Until the batch is completed, failed, cancelled or expired (or timeout seconds)."""
+        return self._wait_for(lambda wait: self.get_batch(batch_id, wait), BATCH_FINISHED,
+                              timeout)

@@ -19,11 +19,11 @@ from prometheus_client.core import (
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from api.broker import _client as broker_client
 from common.config import get_settings
 from common.db import session_factory
 from common.fleet import live_workers
 from common.models import FINISHED, Item, Job, JobStatus, JobType
+from common.notices import redis_client as broker_client
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from bench.harness import Figure, Report, median, paired
 
 N_REQUESTS, N_WARMUP, MAX_TOKENS, N_B1 = 10_000, 200, 16, 60
 ROUNDS = 10
-POLL_S = 0.5  # how often the client asks for the batch's status, as a user's script would
+HOLD_S = 60  # a held retrieve (?wait=): the API answers as soon as the batch has finished
 TERMINAL = {"completed", "failed", "cancelled", "expired"}
 
 
@@ -77,7 +77,7 @@ def batch_file(model_name: str, n: int) -> Path:
 
 
 def through_sdk(sdk: Any, model_name: str, n: int) -> tuple[float, int]:
-    """(seconds, tokens out) of upload → create → poll → download with the openai SDK.
+    """(seconds, tokens out) of upload → create → held retrieve → download with the openai SDK.
 
     Checks the output holds every custom_id exactly once.
     """
@@ -89,8 +89,7 @@ def through_sdk(sdk: Any, model_name: str, n: int) -> tuple[float, int]:
     batch = sdk.batches.create(input_file_id=upload.id, endpoint="/v1/completions",
                                completion_window="24h")
     while batch.status not in TERMINAL:
-        time.sleep(POLL_S)
-        batch = sdk.batches.retrieve(batch.id)
+        batch = sdk.batches.retrieve(batch.id, extra_query={"wait": HOLD_S}, timeout=HOLD_S + 30)
     assert batch.status == "completed" and batch.output_file_id, batch
     lines = sdk.files.content(batch.output_file_id).text.splitlines()
     seconds = time.perf_counter() - start
@@ -120,8 +119,8 @@ def bench_generation(report: Report, sdk: Any, model_name: str) -> None:
                       baseline=local, target=0.90, rounds=rounds,
                       note="in-process common.ml.generate, same requests and batching; the "
                            "queue's time runs from upload to the downloaded output file "
-                           f"(polled every {POLL_S} s), which held all {N_REQUESTS:,} "
-                           "custom_ids once each"))
+                           f"(a retrieve held with ?wait={HOLD_S} answers when the batch "
+                           f"completes), which held all {N_REQUESTS:,} custom_ids once each"))
     b1_s, b1_tokens = 0.0, 0
     for r in reqs[:N_B1]:
         s, t = in_process_one(model_name, r)

@@ -41,7 +41,7 @@ def raw_celery_rate(n: int) -> float:
 def bench_overhead(report: Report, client: Any, model: str) -> None:
     latencies = []
     for _ in range(N_LATENCY):
-        job = client.wait(client.create_job(minimal_job(model))["id"], poll=0.02)
+        job = client.wait(client.create_job(minimal_job(model))["id"])
         latencies.append(start_latency(job))
     report.add(Figure("submit→start latency p50 (idle worker)", percentile(latencies, 0.5) * 1000,
                       "ms"))
@@ -50,7 +50,7 @@ def bench_overhead(report: Report, client: Any, model: str) -> None:
     start = time.perf_counter()
     ids = [client.create_job(minimal_job(model))["id"] for _ in range(N_THROUGHPUT)]
     for job_id in ids:
-        client.wait(job_id, poll=0.05)
+        client.wait(job_id)
     genq_rate = N_THROUGHPUT / (time.perf_counter() - start)
     raw = raw_celery_rate(N_THROUGHPUT)
     report.add(Figure("minimal-job throughput through the API", genq_rate, "jobs/s", baseline=raw,

@@ -73,6 +73,9 @@ class RequestCounts(BaseModel):
     failed: int
 
 
+BATCH_FINISHED = ("completed", "failed", "cancelled", "expired")  # OpenAI's final statuses
+
+
 class BatchOut(BaseModel):
     """OpenAI's batch object; the id is the parent job's id (also GET /v1/jobs/{id})."""
 

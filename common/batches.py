@@ -55,6 +55,7 @@ from common.models import (
     new_id,
     utcnow,
 )
+from common.notices import announce_finished
 from common.schemas import family_kind
 from common.storage import Storage
 
@@ -467,6 +468,7 @@ def finalize_batch(session: Session, batch_id: str) -> bool:
             storage.delete(storage.key_of(f.uri))
         return False
     session.commit()
+    announce_finished(batch_id)
     log.info("batch %s %s: %d completed, %d failed", batch_id, status, completed, failed)
     return True
 

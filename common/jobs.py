@@ -34,6 +34,7 @@ from common.models import (
     new_id,
     utcnow,
 )
+from common.notices import announce_finished
 from common.schemas import GenerateSpec, TrainSpec, family_kind
 
 log = logging.getLogger(__name__)
@@ -406,6 +407,8 @@ def finish_job(
     if error is not None:
         values["error"] = error
     done = _move_attempt(session, job, from_status, values)
+    if done:
+        announce_finished(job.id)
     if done and job.parent_id:
         from common.batches import shard_finished
 
@@ -486,6 +489,7 @@ def cancel_job(session: Session, *, owner: str, job_id: str) -> Job:
         return job
     children = session.scalars(select(Job).where(Job.parent_id == job.id)).all()
     stopped = []  # shards this call moved to cancelled: each is counted on the parent once
+    cancelled = []  # other jobs it moved to cancelled
     for target in [job, *children]:
         session.execute(
             update(Job)
@@ -500,7 +504,11 @@ def cancel_job(session: Session, *, owner: str, job_id: str) -> Job:
         )
         if moved and target.parent_id:
             stopped.append(target)
+        elif moved:
+            cancelled.append(target.id)
     session.commit()
+    for job_id in cancelled:
+        announce_finished(job_id)
     for child in stopped:
         from common.batches import shard_finished
 

@@ -116,7 +116,7 @@ def test_gpt_batch_reuses_the_apis_token_ids_and_matches_a_generate_job(stack, t
         "custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
         "body": {"model": model, "prompt": p, "max_tokens": 5, "temperature": 0}}) + "\n"
         for i, p in enumerate(prompts)))
-    batch = c.wait_batch(c.create_batch(c.upload_file(path)["id"])["id"], timeout=120, poll=0.2)
+    batch = c.wait_batch(c.create_batch(c.upload_file(path)["id"])["id"], timeout=120)
     assert batch["status"] == "completed", batch
     with session_factory(engine_for(stack.env["GENQ_DATABASE_URL"]))() as s:
         requests = s.scalars(select(Item.request).join(Job, Item.job_id == Job.id)

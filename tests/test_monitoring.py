@@ -118,19 +118,20 @@ def test_metrics_can_be_public(db_url, redis_server):
 
 
 def test_queue_depth_tolerates_redis_down(monkeypatch):
-    from api import broker, prometheus
+    from api import prometheus
+    from common import notices
     from common.config import get_settings
 
     monkeypatch.setenv("GENQ_BROKER_URL", f"redis://127.0.0.1:{_free_port()}/0")
     get_settings.cache_clear()
-    broker._client.cache_clear()
+    notices.redis_client.cache_clear()
     try:
         names = [m.name for m in prometheus.queue_depths()]
         up = next(m for m in prometheus.queue_depths() if m.name == "genq_broker_up")
     finally:
         monkeypatch.undo()
         get_settings.cache_clear()
-        broker._client.cache_clear()
+        notices.redis_client.cache_clear()
     assert names == ["genq_broker_up"] and up.samples[0].value == 0
 
 

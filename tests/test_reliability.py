@@ -307,7 +307,7 @@ def test_cancel_running_training_within_a_step(rstack):
     at = running_at(rstack, job["id"], 8).progress_done
     t0 = time.monotonic()
     c.cancel(job["id"])
-    done = c.wait(job["id"], timeout=30, poll=0.1)
+    done = c.wait(job["id"], timeout=30)
     assert done["status"] == "cancelled", done
     assert time.monotonic() - t0 < 5
     ckpt = c.request("GET", f"/v1/checkpoints/{done['result']['checkpoint_id']}")
@@ -331,7 +331,7 @@ def test_force_cancel_revokes_a_stuck_task(rstack):
     try:
         resp = c.request("POST", f"/v1/jobs/{job['id']}/cancel", params={"force": "true"})
         assert resp["status"] == "running"  # cooperative first
-        done = c.wait(job["id"], timeout=20, poll=0.2)
+        done = c.wait(job["id"], timeout=20)
     finally:
         os.kill(running.worker_pid, signal.SIGCONT)
     assert done["status"] == "cancelled" and done["result"]["forced"] is True

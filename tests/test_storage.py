@@ -238,8 +238,7 @@ def test_whole_stack_on_s3(s3_endpoint, db_url, redis_server, tmp_path):
         lines = tmp_path / "batch.jsonl"
         lines.write_text('{"custom_id": "a", "method": "POST", "url": "/v1/completions", '
                          '"body": {"model": "s3-lstm", "prompt": "the ", "max_tokens": 4}}\n')
-        batch = c.wait_batch(c.create_batch(c.upload_file(lines)["id"])["id"], timeout=60,
-                             poll=0.2)
+        batch = c.wait_batch(c.create_batch(c.upload_file(lines)["id"])["id"], timeout=60)
         assert batch["status"] == "completed", batch
         out = httpx.get(f"{stack.api_url}/v1/files/{batch['output_file_id']}/content",
                         headers={"Authorization": f"Bearer {stack.api_key}"})

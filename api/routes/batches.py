@@ -8,8 +8,9 @@ from fastapi import APIRouter, Body, Header, Query
 
 from api.broker import require_broker
 from api.deps import OwnerDep, SessionDep
+from api.waiting import WaitSeconds, read_when_finished
 from common import batches, jobs
-from common.batch_schemas import BatchCreate, BatchList, BatchOut
+from common.batch_schemas import BATCH_FINISHED, BatchCreate, BatchList, BatchOut
 from common.storage import get_storage
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
@@ -46,9 +47,19 @@ def list_batches(
 
 
 @router.get("/{batch_id}", response_model=BatchOut)
-def get_batch(batch_id: str, session: SessionDep, owner: OwnerDep) -> BatchOut:
+async def get_batch(
+    batch_id: str, session: SessionDep, owner: OwnerDep, wait: WaitSeconds = 0
+) -> BatchOut:
     """One batch: status, request counts, output and error file ids."""
-    return batches.batch_out(session, batches.get_batch(session, owner=owner, batch_id=batch_id))
+
+    def read() -> BatchOut:
+        try:
+            return batches.batch_out(session,
+                                     batches.get_batch(session, owner=owner, batch_id=batch_id))
+        finally:
+            session.close()  # no connection held while a long-poll waits
+
+    return await read_when_finished(batch_id, read, lambda b: b.status in BATCH_FINISHED, wait)
 
 
 @router.post("/{batch_id}/cancel", response_model=BatchOut)

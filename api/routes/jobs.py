@@ -11,10 +11,11 @@ from sqlalchemy import select
 from api.broker import require_broker
 from api.deps import OwnerDep, SessionDep
 from api.views import job_out
+from api.waiting import WaitSeconds, read_when_finished
 from common import batches, jobs
 from common.config import get_settings
 from common.db import session_factory
-from common.models import Item, Job, JobStatus, JobType
+from common.models import FINISHED, Item, Job, JobStatus, JobType
 from common.schemas import ItemList, ItemOut, JobList, JobOut, JobSpec
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -71,13 +72,22 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobOut)
-def get_job(job_id: str, session: SessionDep, owner: OwnerDep) -> JobOut:
+async def get_job(
+    job_id: str, session: SessionDep, owner: OwnerDep, wait: WaitSeconds = 0
+) -> JobOut:
     """One job: status, progress, metrics, attempts, result."""
-    job = jobs.get_job(session, owner=owner, job_id=job_id)
-    out = job_out(job)
-    if job.type == JobType.batch and job.status == JobStatus.running:
-        out.progress.done = sum(batches.item_counts(session, batch_id=job.id))
-    return out
+
+    def read() -> JobOut:
+        try:
+            job = jobs.get_job(session, owner=owner, job_id=job_id)
+            out = job_out(job)
+            if job.type == JobType.batch and job.status == JobStatus.running:
+                out.progress.done = sum(batches.item_counts(session, batch_id=job.id))
+            return out
+        finally:
+            session.close()  # no connection held while a long-poll waits
+
+    return await read_when_finished(job_id, read, lambda j: j.status in FINISHED, wait)
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)

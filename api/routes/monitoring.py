@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 from datetime import datetime
@@ -19,6 +18,7 @@ from starlette.responses import Response
 from api.deps import OwnerDep, SessionDep, get_owner
 from api.prometheus import render_metrics
 from api.views import progress_of
+from api.waiting import until_event, waiters
 from common import jobs
 from common.config import get_settings
 from common.db import session_factory
@@ -129,19 +129,20 @@ def _snapshot(owner: str, job_id: str) -> dict[str, Any]:
 async def _stream(request: Request, owner: str, job_id: str) -> AsyncIterator[str]:
     last: dict[str, Any] | None = None
     quiet = 0.0
-    while not await request.is_disconnected():
-        snap = await run_in_threadpool(_snapshot, owner, job_id)
-        kind = _change(last, snap)
-        if kind:
-            yield f"event: {kind}\ndata: {json.dumps(snap, default=str)}\n\n"
-            last, quiet = snap, 0.0
-        elif quiet >= KEEPALIVE_S:
-            yield ": keep-alive\n\n"
-            quiet = 0.0
-        if snap["status"] in FINISHED:
-            return
-        await asyncio.sleep(POLL_S)
-        quiet += POLL_S
+    with waiters.watch(job_id) as finish_notice:  # the last event comes at once, not at a poll
+        while not await request.is_disconnected():
+            snap = await run_in_threadpool(_snapshot, owner, job_id)
+            kind = _change(last, snap)
+            if kind:
+                yield f"event: {kind}\ndata: {json.dumps(snap, default=str)}\n\n"
+                last, quiet = snap, 0.0
+            elif quiet >= KEEPALIVE_S:
+                yield ": keep-alive\n\n"
+                quiet = 0.0
+            if snap["status"] in FINISHED:
+                return
+            await until_event(finish_notice, POLL_S)
+            quiet += POLL_S
 
 
 def _change(last: dict[str, Any] | None, snap: dict[str, Any]) -> str | None:
