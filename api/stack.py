@@ -237,16 +237,17 @@ class Stack:
                 time.sleep(0.2)
         raise StackError(f"{name} did not answer at {url}")
 
-    def wait_for_worker(self, timeout: float = 90) -> None:
-        """Block until a worker has registered (Celery start-up imports torch: seconds)."""
+    def wait_for_worker(self, timeout: float = 90, gpu: bool = False) -> None:
+        """Block until a worker (with gpu: a GPU worker) has registered (Celery start-up
+        imports torch: seconds)."""
         from common.db import session_scope
-        from common.fleet import live_workers
+        from common.fleet import live_gpu_worker, live_workers
 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self._check_alive()
             with session_scope() as session:
-                if live_workers(session):
+                if live_gpu_worker(session) if gpu else live_workers(session):
                     return
             time.sleep(0.5)
         raise StackError("no worker registered in time; see .genq/logs/worker-cpu.log")

@@ -2,39 +2,79 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
+from typing import Any
 
 import openai
 
 from bench.generation import bench_generation
-from bench.harness import Report, bench_stack
+from bench.harness import Report, bench_stack, write_results
 from bench.overhead import bench_overhead
 from bench.sql_writes import bench_sql_writes
 from bench.training import bench_checkpoints, bench_training
 from worker.malloc import tune_malloc
 
 
-def main() -> int:
-    start = time.perf_counter()
-    # The in-process baselines get the worker's malloc thresholds (worker/malloc.py), as glibc
-    # would set them itself once a large block is freed: the strongest baseline, and one that
-    # does not depend on which benchmark ran first in this process.
-    tune_malloc()
-    report = Report()
+def clients(stack: Any) -> tuple[Any, openai.OpenAI]:
+    """genq's SDK client and the official openai one, both on the stack's API."""
+    from api.client import Client
+
+    client = Client(api_key=stack.api_key)
+    sdk = openai.OpenAI(base_url=f"{client.base_url}/v1", api_key=client.api_key, max_retries=0)
+    return client, sdk
+
+
+def cpu_section() -> Report:
+    report = Report("cpu")
     bench_sql_writes(report)
     bench_checkpoints(report)
     with bench_stack() as stack:
-        from api.client import Client
-
-        client = Client(api_key=stack.api_key)  # type: ignore[attr-defined]
-        sdk = openai.OpenAI(base_url=f"{client.base_url}/v1", api_key=client.api_key,
-                            max_retries=0)
+        client, sdk = clients(stack)
         job = bench_training(report, client)
         model = job["result"]["model"]
         bench_generation(report, sdk, model)
         bench_overhead(report, client, model)
-    report.write("make bench", time.perf_counter() - start)
+    return report
+
+
+def gpu_section() -> Report:
+    import torch
+
+    from bench.gpu import bench_gpu
+
+    report = Report("gpu")
+    with bench_stack(gpus=torch.cuda.device_count()) as stack:
+        client, sdk = clients(stack)
+        bench_gpu(report, client, sdk)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--only", choices=["cpu", "gpu"],
+                        help="measure one section; RESULTS.md keeps the other as it was")
+    args = parser.parse_args(argv)
+    import torch
+
+    # The in-process baselines get the worker's malloc thresholds (worker/malloc.py), as glibc
+    # would set them itself once a large block is freed: the strongest baseline, and one that
+    # does not depend on which benchmark ran first in this process.
+    tune_malloc()
+    start = time.perf_counter()
+    reports = []
+    for name, run in (("cpu", cpu_section), ("gpu", gpu_section)):
+        if args.only not in (None, name):
+            continue
+        if name == "gpu" and not torch.cuda.is_available():
+            print("no CUDA device: the GPU section is skipped", flush=True)
+            continue
+        began = time.perf_counter()
+        reports.append(run())
+        reports[-1].seconds = time.perf_counter() - began
+    command = "make bench" if args.only is None else f"python -m bench --only {args.only}"
+    write_results(reports, command)
     print(f"wrote bench/RESULTS.md in {time.perf_counter() - start:.0f} s")
     return 0
 

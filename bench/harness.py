@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import shutil
 import statistics
 import tempfile
@@ -125,7 +126,11 @@ class Figure:
 
 @dataclass
 class Report:
+    """The figures of one section of RESULTS.md (cpu or gpu), as one run measured them."""
+
+    section: str = "cpu"
     figures: list[Figure] = field(default_factory=list)
+    seconds: float = 0.0
 
     def add(self, figure: Figure) -> None:
         self.figures.append(figure)
@@ -134,32 +139,55 @@ class Report:
         base = f" vs {figure.baseline:.4g}" if figure.baseline is not None else ""
         print(f"{figure.name}: {figure.value:.4g} {figure.unit}{base}{ratio}{target}", flush=True)
 
-    def write(self, command: str, seconds: float) -> None:
+    def text(self, command: str) -> str:
         import torch
 
-        device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
-        lines = [
-            "# genq benchmarks",
+        gpu = self.section == "gpu" and torch.cuda.is_available()
+        device = torch.cuda.get_device_name(0) if gpu else "CPU"
+        return "\n".join([
+            f"## {self.section.upper()}",
             "",
             f"- date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
             f"- machine: {platform.machine()}, {os.cpu_count()} cores, {device}, "
             f"Python {platform.python_version()}, torch {torch.__version__}",
-            f"- command: `{command}` ({seconds:.0f} s)",
-            "",
-            "Each ratio divides genq's figure by its baseline measured in the same run.",
+            f"- command: `{command}` ({self.seconds:.0f} s for this section)",
             "",
             "| figure | genq | baseline | ratio | target | met | note |",
             "|---|---|---|---|---|---|---|",
             *[f.row() for f in self.figures],
-            "",
-            NOTES,
-        ]
-        RESULTS.write_text("\n".join(lines))
+        ])
 
 
-def paired(rounds: int, genq: Callable[[], float], baseline: Callable[[], float],
+NO_GPU = ("## GPU\n\nNo GPU was lent to the runs that wrote this file. `make bench` adds this "
+          "section where CUDA is present (`python -m bench --only gpu` runs it alone).")
+
+
+def write_results(reports: list[Report], command: str) -> None:
+    """Rewrite the sections these reports measured; keep the other section as it was."""
+    old = RESULTS.read_text() if RESULTS.exists() else ""
+    blocks = {}
+    for name in ("cpu", "gpu"):
+        found = re.search(f"<!-- {name} -->\n(.*?)\n<!-- /{name} -->", old, re.S)
+        blocks[name] = found.group(1) if found else (NO_GPU if name == "gpu" else "")
+    for report in reports:
+        blocks[report.section] = report.text(command)
+    RESULTS.write_text("\n".join([
+        "# genq benchmarks",
+        "",
+        "Each ratio divides genq's figure by its baseline measured in the same run. "
+        "`make bench` measures the CPU section, and the GPU section where CUDA is present; "
+        "`python -m bench --only cpu|gpu` measures one and keeps the other as it was.",
+        "",
+        *[f"<!-- {name} -->\n{blocks[name]}\n<!-- /{name} -->\n" for name in ("cpu", "gpu")],
+        NOTES,
+    ]))
+
+
+def paired(rounds: int, genq: Callable[[], float], baseline: Callable[[], float], *,
+           budget_s: float | None = None, min_rounds: int = 4,
            ) -> tuple[float, float, list[float]]:
-    """Run genq and its baseline back to back `rounds` times, alternating which goes first.
+    """Run genq and its baseline back to back up to `rounds` times, alternating which goes
+    first; past `budget_s` seconds, stop after the next even round (at least min_rounds).
 
     Both return a rate (higher is better). Returns the median of each and the per-round
     ratios. This machine's speed drifts by 20-40% over minutes: the best of each side can
@@ -168,7 +196,12 @@ def paired(rounds: int, genq: Callable[[], float], baseline: Callable[[], float]
     """
     ours: list[float] = []
     theirs: list[float] = []
+    start = time.perf_counter()
     for n in range(rounds):
+        over = budget_s is not None and time.perf_counter() - start > budget_s
+        if over and n >= min_rounds and n % 2 == 0:
+            print(f"  stopped after {n} rounds: past the {budget_s:.0f} s budget", flush=True)
+            break
         if n % 2:
             theirs.append(baseline())
             ours.append(genq())
@@ -209,8 +242,9 @@ def scratch_dir(prefix: str) -> Iterator[Path]:
 
 
 @contextmanager
-def bench_stack() -> Iterator[object]:
-    """A fresh embedded stack (Redis, SQLite, API, one CPU worker) in a temp folder."""
+def bench_stack(gpus: int = 0) -> Iterator[object]:
+    """A fresh embedded stack (Redis, SQLite, API, one CPU worker and `gpus` GPU workers) in
+    a temp folder."""
     from api.stack import Stack, free_port
     from common.config import Settings, get_settings
 
@@ -222,10 +256,10 @@ def bench_stack() -> Iterator[object]:
         })
         os.environ.pop("GENQ_DATABASE_URL", None)
         get_settings.cache_clear()
-        stack = Stack(Settings(), with_flower=False)
+        stack = Stack(Settings(), gpus=gpus, with_flower=False)
         try:
             stack.start()
-            stack.wait_for_worker()
+            stack.wait_for_worker(gpu=gpus > 0)
             yield stack
         finally:
             stack.stop()

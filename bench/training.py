@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -14,12 +16,28 @@ from bench.harness import Figure, Report, paired, scratch_dir
 
 GPT = {"vocab_size": 512, "n_positions": 128, "n_embd": 64, "n_layer": 2, "n_head": 2}
 STEPS, BATCH, SEQ, LOG_EVERY = 400, 16, 64, 10
-ROUNDS = 8
+ROUNDS, BUDGET_S = 8, 150  # rounds stop early past the budget (a slow machine)
 
 
-def train_spec(name: str) -> dict[str, Any]:
-    return {"type": "train", "family": "gpt", "name": name, "config": GPT, "steps": STEPS,
-            "batch_size": BATCH, "seq_len": SEQ, "log_every": LOG_EVERY, "lr": 3e-3}
+@dataclass(frozen=True)
+class TrainRun:
+    """One model and batch, trained the same way through the queue and in the bare loop."""
+
+    config: dict[str, Any] = field(default_factory=lambda: dict(GPT))
+    steps: int = STEPS
+    batch: int = BATCH
+    seq: int = SEQ
+    lr: float = 3e-3
+    precision: str = "fp32"  # bf16 / fp16 autocast on CUDA, as common/ml/train.py does
+    device: str = "cpu"
+    queue: str = "cpu"
+
+
+def train_spec(name: str, run: TrainRun = TrainRun()) -> dict[str, Any]:
+    return {"type": "train", "family": "gpt", "name": name, "config": run.config,
+            "steps": run.steps, "batch_size": run.batch, "seq_len": run.seq,
+            "log_every": LOG_EVERY, "lr": run.lr, "precision": run.precision,
+            "queue": run.queue}
 
 
 def queue_steps_per_s(client: Any, job_id: str) -> float:
@@ -31,7 +49,7 @@ def queue_steps_per_s(client: Any, job_id: str) -> float:
     return (last["step"] - first["step"]) / seconds
 
 
-def bare_steps_per_s() -> float:
+def bare_steps_per_s(run: TrainRun = TrainRun()) -> float:
     """The same model, data and batch in a plain loop: forward, backward, clip, AdamW."""
     from common.ml.data import TextData, load_data
     from common.ml.families import get_family
@@ -40,23 +58,33 @@ def bare_steps_per_s() -> float:
     module = get_family("gpt")
     data = load_data({"builtin": "python-docs"}, "text")
     assert isinstance(data, TextData)
-    cfg, tok = module.prepare(module.Config(**GPT), data)
+    cfg, tok = module.prepare(module.Config(**run.config), data)
     torch.manual_seed(0)
-    model = module.build_model(cfg, tok)
+    model = module.build_model(cfg, tok).to(run.device)
     tokens = torch.tensor(module.encode(tok, data.text), dtype=torch.long)
-    batches = Batches(data, tokens, BATCH, SEQ, 0, "cpu")
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    batches = Batches(data, tokens, run.batch, run.seq, 0, run.device)
+    opt = torch.optim.AdamW(model.parameters(), lr=run.lr)
     phase = module.PHASES[0]
+    cuda = run.device.startswith("cuda")
+    autocast: Any = contextlib.nullcontext
+    if cuda and run.precision in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if run.precision == "bf16" else torch.float16
+        autocast = lambda: torch.autocast("cuda", dtype=dtype)  # noqa: E731
     start = 0.0
-    for step in range(STEPS):
+    for step in range(run.steps):
         if step == LOG_EVERY:
+            if cuda:
+                torch.cuda.synchronize()
             start = time.perf_counter()
-        loss, _ = module.loss(model, batches(step), phase)
+        with autocast():
+            loss, _ = module.loss(model, batches(step), phase)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-    return (STEPS - LOG_EVERY) / (time.perf_counter() - start)
+    if cuda:
+        torch.cuda.synchronize()
+    return (run.steps - LOG_EVERY) / (time.perf_counter() - start)
 
 
 def bench_training(report: Report, client: Any) -> dict[str, Any]:
@@ -70,7 +98,7 @@ def bench_training(report: Report, client: Any) -> dict[str, Any]:
         jobs.append(job)
         return queue_steps_per_s(client, job["id"])
 
-    queue, bare, rounds = paired(ROUNDS, queue_rate, bare_steps_per_s)
+    queue, bare, rounds = paired(ROUNDS, queue_rate, bare_steps_per_s, budget_s=BUDGET_S)
     report.add(Figure("training steps/s through the queue (tiny gpt, B=16, T=64)", queue,
                       "steps/s", baseline=bare, target=0.95, rounds=rounds,
                       note="bare PyTorch loop, same model/batch; checkpoints every 50 steps"))

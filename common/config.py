@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -53,6 +54,8 @@ class Settings(BaseSettings):
         256, description="Generated items committed together (at least once a second)."
     )
     token_budget: int = Field(8192, description="Tokens per dynamic generation batch.")
+    gpu_dtype: Literal["bf16", "fp16", "fp32"] = Field(
+        "bf16", description="Weights of text models generating on a GPU (CPU: always fp32).")
     max_json_bytes: int = Field(32 << 20, description="Largest accepted JSON request body.")
     max_upload_bytes: int = Field(200 << 20, description="Largest accepted upload.")
     max_batch_lines: int = Field(100_000, description="Most requests in one batch file.")

@@ -78,7 +78,7 @@ def test_finished_jobs_and_batches_announce_themselves(stack, trained_lstm, redi
         path.write_bytes(jsonl(lines_for(trained_lstm["result"]["model"], 3)))
         batch = c.create_batch(c.upload_file(path)["id"])
         assert c.wait_batch(batch["id"], timeout=90)["status"] == "completed"
-        deadline = time.monotonic() + 10  # a notice follows its commit, which a reader may see first
+        deadline = time.monotonic() + 10  # a notice follows its commit: a reader may see it first
         while not {job["id"], batch["id"]} <= set(heard) and time.monotonic() < deadline:
             time.sleep(0.1)
     finally:

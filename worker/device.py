@@ -17,6 +17,21 @@ def current_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def inference_dtype(device: str) -> Any:
+    """The torch dtype text models generate in on this device: GENQ_GPU_DTYPE on a GPU
+    (bf16 falls back to fp16 where the GPU lacks it), else None (keep fp32)."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    from common.config import get_settings
+
+    wanted = get_settings().gpu_dtype
+    if wanted == "bf16" and not torch.cuda.is_bf16_supported():
+        wanted = "fp16"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[wanted]
+
+
 def describe_device(gpu: int | None) -> dict[str, Any]:
     """Device facts for the workers table, read through NVML so the parent never inits CUDA."""
     if gpu is None:

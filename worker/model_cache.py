@@ -13,6 +13,7 @@ from common.errors import NotFound
 from common.ml.checkpoint import LoadedModel, load_model
 from common.models import Checkpoint, Model
 from common.storage import get_storage
+from worker.device import inference_dtype
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,8 @@ def get_model(session: Session, model_id: str, device: str) -> LoadedModel:
     storage = get_storage()
     local = storage.local_dir(storage.key_of(ckpt.uri), settings.home_dir / "cache")
     loaded = load_model(local, device=device)
-    loaded.model.eval()
+    dtype = inference_dtype(device) if loaded.kind == "text" else None  # images stay fp32
+    loaded.model.to(dtype=dtype).eval()
     size = model_bytes(loaded)
     _cache[key] = (loaded, size)
     while len(_cache) > 1 and sum(s for _, s in _cache.values()) > settings.model_cache_bytes:

@@ -99,8 +99,9 @@ def read_meta(path: Path) -> dict:
     return meta
 
 
-def load_model(path: Path, device: str = "cpu") -> LoadedModel:
-    """Rebuild the model (safetensors weights only) and its tokenizer from a checkpoint."""
+def load_model(path: Path, device: str = "cpu", dtype: torch.dtype | None = None) -> LoadedModel:
+    """Rebuild the model (safetensors weights only) and its tokenizer from a checkpoint;
+    `dtype` casts its floating-point weights (bf16 for generation on a GPU)."""
     path = Path(path)
     meta = read_meta(path)
     try:
@@ -111,7 +112,7 @@ def load_model(path: Path, device: str = "cpu") -> LoadedModel:
     tokenizer = load_tokenizer(module, path)
     model = module.build_model(config, tokenizer, arch=meta.get("arch"))
     load_weights_into(model, path)
-    model.to(device).eval()
+    model.to(device=device, dtype=dtype).eval()
     return LoadedModel(family=meta["family"], kind=module.KIND, config=config, model=model,
                        tokenizer=tokenizer, device=str(device))
 

@@ -187,3 +187,22 @@ def test_shards_end_at_batch_starts() -> None:
     assert spans_at_batch_starts(10, 4, every_64) == [(0, 4), (4, 8), (8, 10)]
     assert spans_at_batch_starts(10, 4, []) == [(0, 4), (4, 8), (8, 10)]
     assert spans_at_batch_starts(3, 4, every_64) == [(0, 3)]
+
+
+@pytest.mark.parametrize("family", ["lstm", "gpt"])
+def test_text_models_generate_with_bf16_weights(trained: dict[str, TrainOutcome],
+                                                family: str) -> None:
+    """What a GPU worker does by default (GENQ_GPU_DTYPE=bf16), here on the CPU."""
+    import torch
+
+    loaded = load_model(trained[family].checkpoint, dtype=torch.bfloat16)
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}
+    out = _run(loaded, [GenRequest("a", prompt="The ", max_tokens=5, temperature=0),
+                        GenRequest("b", prompt="def f(x):", max_tokens=4, n=2, top_k=5)])
+    assert out["a"].tokens_out >= 1 and len(_texts(out["b"])) == 2
+
+
+def test_workers_keep_fp32_on_the_cpu() -> None:
+    from worker.device import inference_dtype
+
+    assert inference_dtype("cpu") is None

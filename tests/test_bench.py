@@ -1,0 +1,73 @@
+"""The benchmark code itself: the GPU section at a tiny size on CPU (so a lent GPU's minutes
+are not spent finding its bugs) and RESULTS.md's sections. No timing is asserted."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from bench import harness
+from bench.gpu import GpuSizes, bench_gpu, peak_flops, train_flops_per_token
+from bench.harness import Figure, Report, write_results
+from bench.training import TrainRun
+
+TINY = {"vocab_size": 300, "n_positions": 64, "n_embd": 16, "n_layer": 1, "n_head": 2}
+
+
+@pytest.fixture
+def stack_settings(stack, monkeypatch):  # type: ignore[no-untyped-def]
+    """This process reads the stack's database, as the bench reads its own stack's."""
+    from common.config import get_settings
+
+    monkeypatch.setenv("GENQ_DATABASE_URL", stack.env["GENQ_DATABASE_URL"])
+    get_settings.cache_clear()
+    yield stack
+    monkeypatch.undo()
+    get_settings.cache_clear()
+
+
+def test_gpu_section_runs_end_to_end_at_a_tiny_size_on_cpu(stack_settings):
+    stack = stack_settings
+    sdk = openai.OpenAI(base_url=f"{stack.api_url}/v1", api_key=stack.api_key, max_retries=0)
+    sizes = GpuSizes(
+        train=TrainRun(config=TINY, steps=30, batch=4, seq=16, precision="bf16", device="cpu",
+                       queue="cpu"),
+        train_rounds=1, gen_requests=12, gen_tokens=3, gen_rounds=1, b1_requests=2)
+    report = Report("gpu")
+    bench_gpu(report, stack.client(), sdk, sizes)
+    names = [f.name for f in report.figures]
+    assert [n.split(" (")[0] for n in names] == [
+        "GPU training steps/s through the queue",
+        "GPU training model FLOPs utilisation, through the queue",
+        "GPU training model FLOPs utilisation, bare loop",
+        "GPU bulk generation through the Batch API",
+        "GPU generated tokens/s through the queue vs a B=1 loop",
+    ], names
+    assert all(f.value > 0 for f in report.figures)
+    train, _, _, gen, gain = report.figures
+    assert train.rounds and len(train.rounds) == 1 and train.ratio and train.ratio > 0
+    assert gen.rounds and gen.ratio and gen.ratio > 0 and gain.baseline and gain.baseline > 0
+    assert "no peak known" in report.figures[1].note  # a CPU has no entry in the table
+    assert "|" in report.text("test")
+
+
+def test_mfu_arithmetic():
+    assert peak_flops("NVIDIA H200") == peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_flops("cpu") is None
+    config = {"n_layer": 12, "n_embd": 768}
+    assert train_flops_per_token(124_000_000, config, 1024) == 6 * 124e6 + 12 * 12 * 768 * 1024
+
+
+def test_results_keep_the_section_a_run_did_not_measure(tmp_path, monkeypatch):
+    monkeypatch.setattr(harness, "RESULTS", tmp_path / "RESULTS.md")
+    cpu = Report("cpu", [Figure("cpu figure one", 1.0, "x")])
+    write_results([cpu], "make bench")
+    text = harness.RESULTS.read_text()
+    assert "cpu figure one" in text and harness.NO_GPU in text
+    gpu = Report("gpu", [Figure("gpu figure", 2.0, "y")])
+    write_results([gpu], "python -m bench --only gpu")
+    text = harness.RESULTS.read_text()
+    assert "cpu figure one" in text and "gpu figure" in text and harness.NO_GPU not in text
+    write_results([Report("cpu", [Figure("cpu figure two", 1.0, "x")])], "make bench")
+    text = harness.RESULTS.read_text()
+    assert "cpu figure one" not in text and "cpu figure two" in text and "gpu figure" in text
