@@ -19,68 +19,61 @@ RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 NOTES = """## Reading the figures
 
-- Every run here shares two CPU cores between torch's two threads in the worker and the
+- Every CPU run here shares two cores between torch's two threads in the worker and the
   stack around it (API, Redis, the Celery main process, the client), so the queue ratios
   are lower bounds for a machine where the worker has its cores to itself. This machine's
-  speed also drifts by 20-40% over minutes (the in-process generation of 10,000 requests
-  took 3.6 s in one run and 5.8 s twenty minutes later). The queue-vs-in-process ratios
-  are therefore the median of paired rounds, each running genq and its baseline back to
-  back in alternating order, and every round's ratio is listed. The best of each side,
-  the method before, could pair a fast minute of one side with slow ones of the other.
-  Even so, whole runs differ: five `make bench` runs within an hour, with unchanged
-  training code, gave training medians of 0.96, 0.94, 1.00, 0.97 and 0.88 (single rounds
-  from 0.75 to 1.29); bulk generation's ranged from 0.85 to 0.895 (with small changes to
-  the queue between runs). Read one run's medians to about ±0.05.
+  speed also drifts by a factor of two over minutes (the same in-process generation of
+  10,000 requests took 7.4 s and 16.7 s on one day). The queue-vs-in-process ratios are
+  therefore the median of paired rounds, each running genq and its baseline back to back
+  in alternating order, and every round's ratio is listed. Even so, whole runs differ:
+  read one run's medians to about ±0.05.
+- The client waits for a batch with a held retrieve (`GET /v1/batches/{id}?wait=60`,
+  through the SDK's `extra_query`): the API answers when the last shard's finish notice
+  arrives (Redis pub/sub), within about 10 ms of the batch completing. The bench used to
+  poll every 0.5 s, which added 0.25 s on average to the queue's side.
+- Where the queue's time goes (one 10,000-request batch on a calm hour, in-process
+  7.4-7.9 s): upload 0.08 s; create 0.55-0.65 s to the first shard's start (measured on
+  one create: parse and validate ~0.19 s, tokenize 0.17-0.2 s in `tokenizers`' batch
+  encoder on both cores, shard cut ~0.07 s, insert ~0.2 s, commit ~0.05 s); the ten shards
+  7.7-8.4 s back to back (gaps ~7 ms); the output file ~0.2 s; the held retrieve ~0.01 s;
+  the download 0.03 s. The shards skip tokenizing (the API did it; ~10% of the in-process
+  call's samples encode prompts), so they would be ahead if they computed as fast.
+- They don't: the same `generate()` calls on the same token ids (16 batches per 1,000
+  requests on both sides) compute 5-15% slower in the worker's prefork pool child than in
+  the bench process, consistently over 20 alternating rounds (median 1.07-1.08 on a calm
+  hour, 1.15 on a busy one), and 0.98-1.02 in the same worker run with `--pool solo`.
+  Ruled out by A/B runs: the heartbeat thread's flag polls (in-process, and switched off
+  in the worker), SQL item writes between batches (in-process), the Celery main process
+  (stopped with SIGSTOP during the shard), torch loaded before the fork (imported in the
+  child instead), libgomp's throttled spinning (its thread count and spin count read from
+  the child's memory: 2 threads on 2 CPUs, 300,000 spins, as in the bench process), the
+  weights' memory layout (four loads within 1%) and malloc thresholds set at start (mixed
+  results). py-spy puts the extra time in `layer_norm` and the embedding, small ops that
+  each open an OpenMP parallel region, so the pool child's second thread is less often
+  ready when one opens. The cause is still open; it is most of what separates the queue
+  from in-process on this machine, and likely part of the training gap too.
 - glibc malloc: a process that never freed a large block serves every tensor of 128 KiB
   or more with its own mmap and munmap; glibc raises that threshold only after such a
-  free, which training does. In-process generation of 4,000 requests took 2.2-2.6 s in a
-  fresh process, 1.7-2.1 s after training in that process, and 1.5-1.9 s with the
-  thresholds set at start. The worker's pool child now sets them where glibc would raise
-  them (`worker/malloc.py`), and this bench sets the same in its own process, so neither
-  side depends on what ran before it.
-- Why the worker used to be slower than in-process: CPython 3.11 keeps Python frames in
-  16 KiB chunks and frees a chunk when the frame at its base returns (CPython gh-142183,
-  fixed in 3.13.x). A Celery task runs some 40 frames deep, and there the generation
-  loop's calls straddled a chunk boundary: thousands of mmap/munmap pairs a second, each a
-  TLB shootdown that stalled torch's second thread. Job bodies now start on a fresh chunk
-  of their own (`worker/frame_stack.py`); the same `generate()` call in the worker went
-  from 25-40% slower than a plain process to level with it.
-- Training: py-spy on the worker found two per-step costs, now gone. `torch.manual_seed`
-  (called every step so dropout depends only on the step) also queues a lazy CUDA seeding
-  on CPU, which formats the whole call stack with linecache lookups: 0.45 ms per call 60
-  frames deep, 3% of this tiny GPT's step and 40% of a 1.2 ms tiny-LSTM step. GPT-2's
-  training forward also filled a KV cache it never read (`use_cache=False` now). The
-  queue's own per-step work
-  (progress, metrics rows, checkpoints every 50 steps) is about 2% of the samples.
-- Generation: shards used to be cut by prompt length in characters (the API held no
-  tokenizer). In this data 40% of the prompts are exactly 100 characters long with 11 to 83
-  tokens, so ten 1,000-line shards packed worse than one in-process call. The API now
-  tokenizes a batch's prompts with the checkpoint's `tokenizer.json` (tokenizers only,
-  0.08-0.2 s per 10,000), cuts shards by token count and stores the ids, which the worker
-  reuses instead of encoding again: in one process, the ten shards' `generate()` calls on
-  those ids take 10-15% less time than the one in-process call, which still tokenizes.
-- Where the queue's time goes (one 10,000-request batch; on a slow afternoon the same
-  work took 6-7 s in-process, and these parts grow with it): upload 0.02 s; create
-  0.34-0.46 s to the first shard's start (parse and validate 0.07 s, tokenize 0.13-0.22 s
-  in `tokenizers`' own batch encoder, insert ~0.12 s; it was 0.45-0.58 s on a fast morning
-  before JSON columns went through orjson and the cyclic collector was held off during a
-  create); in the worker's pool child, py-spy put 93% of the samples in the model's
-  forward, ~2% in item writes, ~1.3% in finishing shards, ~1% in the output file and
-  ~0.6% in loading items; then the client's next poll (every 0.5 s: 0.25 s on average)
-  and the download. Gaps between shards are ~5 ms. Both sides run torch's two threads
-  flat out (the worker's pool child used 1.76 cores over the queue's whole run, the
-  in-process call 1.92 over its own), so whatever else runs, the API's 0.5-0.7 s of CPU
-  per batch above all, takes a core from them. That leaves the queue 10-15% behind,
-  short of the 0.90 target on this machine. The upload and the poll do not grow with the
-  batch; the create, the per-shard work and the output file do.
-- Polls: a running batch's request counts used to be counted row by row over all its
-  items (13 ms a retrieve for 20,000 lines while the worker ran). A finished shard now
-  keeps its counts, so a poll counts rows only in shards under way (4 ms).
-- Model loads in the worker also freeze what is alive out of the cyclic collector: a full
-  collection used to walk ~250,000 objects (0.11 s) about once per 10,000 items.
+  free, which training does. The worker's pool child sets the thresholds where glibc would
+  raise them (`worker/malloc.py`), and this bench sets the same in its own process, so
+  neither side depends on what ran before it (in-process generation of 4,000 requests:
+  2.2-2.6 s in a fresh process, 1.5-1.9 s with the thresholds set).
+- CPython 3.11 keeps Python frames in 16 KiB chunks and frees a chunk when the frame at
+  its base returns (CPython gh-142183, fixed in 3.13.x). A Celery task runs some 40 frames
+  deep, and there the generation loop's calls used to straddle a chunk boundary: thousands
+  of mmap/munmap pairs a second, each a TLB shootdown that stalled torch's second thread.
+  Job bodies start on a fresh chunk of their own (`worker/frame_stack.py`); strace shows
+  no mmap/munmap in the pool child while a shard generates.
+- Training: `torch.manual_seed` (called every step so dropout depends only on the step)
+  also queues a lazy CUDA seeding on CPU that formats the whole call stack; genq seeds
+  CUDA only where a job computes. GPT-2's training forward skips the KV cache. The
+  queue's own per-step work (progress, metrics rows, checkpoints every 50 steps) is about
+  2% of the samples.
+- Polls of a running batch count items only in shards under way (a finished shard keeps
+  its counts): 4 ms for a 20,000-line batch. Model loads in the worker freeze what is
+  alive out of the cyclic collector.
 - Minimal-job throughput counts a whole generate job per message (claim, items, progress,
   finish: about a dozen SQL statements) against Celery's no-op; it has no target.
-- No GPU was lent to the session that wrote this file, so there are no GPU figures yet.
 """
 
 
