@@ -61,8 +61,8 @@ class FinishWaiters:
 
     def _listen(self) -> None:
         while True:
+            pubsub = redis_client().pubsub(ignore_subscribe_messages=True)
             try:
-                pubsub = redis_client().pubsub(ignore_subscribe_messages=True)
                 pubsub.subscribe(CHANNEL)
                 while True:
                     message = pubsub.get_message(timeout=RECHECK_S)
@@ -71,6 +71,8 @@ class FinishWaiters:
             except Exception as exc:  # Redis away: waiters re-read SQL meanwhile
                 log.debug("finish notices: %s; subscribing again", exc)
                 time.sleep(RECHECK_S)
+            finally:
+                pubsub.close()
 
     def _wake(self, job_id: str) -> None:
         with self._lock:
