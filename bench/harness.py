@@ -37,21 +37,21 @@ NOTES = """## Reading the figures
   encoder on both cores, shard cut ~0.07 s, insert ~0.2 s, commit ~0.05 s); the ten shards
   7.7-8.4 s back to back (gaps ~7 ms); the output file ~0.2 s; the held retrieve ~0.01 s;
   the download 0.03 s. The shards skip tokenizing (the API did it; ~10% of the in-process
-  call's samples encode prompts), so they would be ahead if they computed as fast.
-- They don't: the same `generate()` calls on the same token ids (16 batches per 1,000
-  requests on both sides) compute 5-15% slower in the worker's prefork pool child than in
-  the bench process, consistently over 20 alternating rounds (median 1.07-1.08 on a calm
-  hour, 1.15 on a busy one), and 0.98-1.02 in the same worker run with `--pool solo`.
-  Ruled out by A/B runs: the heartbeat thread's flag polls (in-process, and switched off
-  in the worker), SQL item writes between batches (in-process), the Celery main process
-  (stopped with SIGSTOP during the shard), torch loaded before the fork (imported in the
-  child instead), libgomp's throttled spinning (its thread count and spin count read from
-  the child's memory: 2 threads on 2 CPUs, 300,000 spins, as in the bench process), the
-  weights' memory layout (four loads within 1%) and malloc thresholds set at start (mixed
-  results). py-spy puts the extra time in `layer_norm` and the embedding, small ops that
-  each open an OpenMP parallel region, so the pool child's second thread is less often
-  ready when one opens. The cause is still open; it is most of what separates the queue
-  from in-process on this machine, and likely part of the training gap too.
+  call's samples encode prompts).
+- Inside the worker, py-spy puts 90% of a shard's active samples in the model's forward
+  passes; the rest is the queue's per-item work: item writes 2.4%, reading the shard's
+  pending items 1.3%, the output file ~3% (in the last shard's task), the job's side
+  thread and the pool's pipe ~2%. On two cores that work runs on the cores torch's two
+  threads use, and a slice taken from one thread stalls both at the next OpenMP barrier.
+- Not the prefork pool: an earlier note here put 5-15% of the gap in the pool child's
+  compute. Measured again with the same `generate()` of 2,000 requests in a Celery
+  prefork child (concurrency 1, with genq's child set-up, frame-stack chunk and frozen
+  collector) against a long-lived in-process loop, one call each in turn over 14 rounds:
+  median ratio 1.01 (0.87-1.36 per round). Comparing against a fresh process per round
+  had given 0.90, from the noise of process start-up and this machine's drift, not from
+  the pool. Ruled out as well by earlier A/B runs: the heartbeat thread's flag polls, the
+  Celery main process (stopped with SIGSTOP during the shard), torch loaded before the
+  fork, libgomp's spinning settings, the weights' memory layout.
 - glibc malloc: a process that never freed a large block serves every tensor of 128 KiB
   or more with its own mmap and munmap; glibc raises that threshold only after such a
   free, which training does. The worker's pool child sets the thresholds where glibc would
