@@ -47,11 +47,12 @@ NOTES = """## Reading the figures
   compute. Measured again with the same `generate()` of 2,000 requests in a Celery
   prefork child (concurrency 1, with genq's child set-up, frame-stack chunk and frozen
   collector) against a long-lived in-process loop, one call each in turn over 14 rounds:
-  median ratio 1.01 (0.87-1.36 per round). Comparing against a fresh process per round
-  had given 0.90, from the noise of process start-up and this machine's drift, not from
-  the pool. Ruled out as well by earlier A/B runs: the heartbeat thread's flag polls, the
-  Celery main process (stopped with SIGSTOP during the shard), torch loaded before the
-  fork, libgomp's spinning settings, the weights' memory layout.
+  median ratio 1.01 (0.87-1.36 per round). That earlier figure was taken inside genq's
+  whole worker (a job's SQL session, side thread and item writes around the same calls),
+  so what it saw is the per-item work and sharing of cores above, not the pool itself.
+  Ruled out as well by earlier A/B runs: the heartbeat thread's flag polls, the Celery
+  main process (stopped with SIGSTOP during the shard), torch loaded before the fork,
+  libgomp's spinning settings, the weights' memory layout.
 - glibc malloc: a process that never freed a large block serves every tensor of 128 KiB
   or more with its own mmap and munmap; glibc raises that threshold only after such a
   free, which training does. The worker's pool child sets the thresholds where glibc would
