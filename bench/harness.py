@@ -38,39 +38,28 @@ NOTES = """## Reading the figures
   7.7-8.4 s back to back (gaps ~7 ms); the output file ~0.2 s; the held retrieve ~0.01 s;
   the download 0.03 s. The shards skip tokenizing (the API did it; ~10% of the in-process
   call's samples encode prompts).
-- Where the rest goes (2026-12-02, a faster hour, in-process 5.3-5.4 s, 0.82-0.87 per
-  round): upload and request 0.11 s, create to the first shard's start 0.25-0.37 s, the
-  ten shards 5.7-6.05 s, gaps between them 0.06 s, the output file 0.13 s. The same ten
-  shards' requests (read back from SQL, already tokenized) through `generate()` in the
-  bench process take 4.8-5.1 s: the shards themselves are the largest part of the gap.
-  Timed inside the tasks, the queue's per-item work (results handed to the item writer,
-  SQL writes, progress) is 0.2 s over the ten shards; the rest is `generate()` itself.
-- Where that compute goes slower: in genq's pool child. With a probe in a generate task
-  (the same ten shards, the same weights), the child took 5.3-5.6 s, and a fresh Python it
-  started as a subprocess between two of its runs took 4.9 s: the child runs the same call
-  8-14% slower, every time. cProfile shows every function slower, model code's own Python
-  most (`Embedding.forward` 2.6x); perf puts +50% on the main thread's interpreter samples
-  and +20-30% on torch kernels, the OpenMP worker thread's included. Plain loops, calls
-  and attribute reads time the same in both; a small torch op is 3-6% slower and a
-  two-thread matmul 8%. Not the cause, each tried inside the child: the heartbeat thread
-  (stopped), the cyclic collector (unfrozen, or off), `malloc_trim`, freshly loaded
-  weights, the frame-stack chunk (15 page faults a run), transparent huge pages (none on
-  either side), denormals (`set_flush_denormal`), environment, thread count and affinity,
-  logging; earlier A/B runs also ruled out the Celery main process (stopped with SIGSTOP
-  during a shard) and libgomp's spin settings. A child that trained first holds 8,000 free
-  chunks in glibc's main heap (200-300 in a fresh process) and `_int_malloc` grows from
-  0.5% to 3% of samples, but a pool child replaced after training is just as slow, so that
-  is at most part of it. A plain Celery prefork child (its own app, torch imported before
-  the fork, the same malloc thresholds and frozen collector at child start) is not slower
-  (4.85-5.1 s against 4.85-4.95 s); nor is it with genq's CLI, worker and task modules
-  imported in its parent (4.85-5.2 s), and a process that imports them and builds genq's
-  Celery app, then forks, is at most 3-4% slower. genq's worker main process runs no
-  OpenMP before it forks (no libgomp threads in it). So the slowness comes with genq's own
-  worker process: its start-up, its child set-up or the task path (a probe at child start,
-  before any task, was as slow, though the stack was still starting around it); which part
-  is still open. jemalloc (`LD_PRELOAD`, every process) leaves the worker as it is and
-  slows the in-process side by 10%: not a fix. An earlier note here said the pool child
-  was not slower; that measured a plain Celery child, not genq's.
+- Training left the worker slow to generate (found 2026-12-02). The bench trains before it
+  generates, in the same pool child, and the ten shards then ran 5.7-6.05 s where their
+  requests (read back from SQL, already tokenized) took 4.8-5.1 s through `generate()` in
+  the bench process. Probed inside the child at a task's start, before any of genq's own
+  task code, the same ten shards took 5.7-5.9 s in a child that had trained and 5.2-5.3 s
+  in a fresh child of the same worker, against 4.9-5.2 s in a fresh Python started beside
+  it. The same happens in one plain process: after `run_training`, generation is 7-12%
+  slower, not with jemalloc preloaded, and the step that does it is tokenizing the
+  training text in one `encode` call: its hundreds of thousands of small allocations and
+  frees leave glibc's main heap in some 12,000 free pieces (about 1,000 before), and the
+  tensors a process allocates afterwards come from that heap (see the malloc note below),
+  slower by that much; perf showed `_int_malloc` at 3% of samples, and cProfile every
+  function a little slower. Training now tokenizes on a short-lived helper thread
+  (`common/ml/train.py`, `on_helper_thread`), whose malloc arena takes the pieces: a child
+  that trained then generates as fast as a fresh one (5.05-5.1 s against 4.95-5.1 s). The
+  bench's bare training loop tokenizes the same way, so its in-process baselines start
+  from the same heap. Ruled out on the way, each inside the child: the heartbeat thread,
+  the cyclic collector, `malloc_trim`, freshly loaded weights, the frame-stack chunk,
+  transparent huge pages, denormals, environment, thread count and affinity, logging, the
+  GIL's switch interval; a plain Celery prefork child computes as fast as a fresh process.
+  (An earlier note here said the pool child was not slower: it had measured a child that
+  never trained.)
 - glibc malloc: a process that never freed a large block serves every tensor of 128 KiB
   or more with its own mmap and munmap; glibc raises that threshold only after such a
   free, which training does. The worker's pool child sets the thresholds where glibc would

@@ -53,7 +53,7 @@ def bare_steps_per_s(run: TrainRun = TrainRun()) -> float:
     """The same model, data and batch in a plain loop: forward, backward, clip, AdamW."""
     from common.ml.data import TextData, load_data
     from common.ml.families import get_family
-    from common.ml.train import Batches
+    from common.ml.train import Batches, on_helper_thread
 
     module = get_family("gpt")
     data = load_data({"builtin": "python-docs"}, "text")
@@ -61,7 +61,9 @@ def bare_steps_per_s(run: TrainRun = TrainRun()) -> float:
     cfg, tok = module.prepare(module.Config(**run.config), data)
     torch.manual_seed(0)
     model = module.build_model(cfg, tok).to(run.device)
-    tokens = torch.tensor(module.encode(tok, data.text), dtype=torch.long)
+    # tokenized as genq's training does it (off the main thread's malloc arena), so this
+    # process's later in-process baselines start from the same heap as the worker's
+    tokens = torch.tensor(on_helper_thread(module.encode, tok, data.text), dtype=torch.long)
     batches = Batches(data, tokens, run.batch, run.seq, 0, run.device)
     opt = torch.optim.AdamW(model.parameters(), lr=run.lr)
     phase = module.PHASES[0]

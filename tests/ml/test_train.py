@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from PIL import Image
 
 from common.ml.checkpoint import load_model, load_train_state
 from common.ml.families import get_family
-from common.ml.train import InvalidTrainSpec, NanLoss, TrainHooks, run_training
+from common.ml.train import InvalidTrainSpec, NanLoss, TrainHooks, on_helper_thread, run_training
 
 
 def _mean(xs: list[float]) -> float:
@@ -228,3 +229,27 @@ def test_seed_torch_seeds_like_manual_seed_without_formatting_the_stack(
     if not torch.cuda.is_initialized():  # the control: torch.manual_seed queues a CUDA seed
         torch.manual_seed(7)
         assert captured
+
+
+def test_text_is_tokenized_off_the_main_thread(tiny_spec: Callable[..., dict], tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The training text's tokenizing churn stays out of the main thread's malloc arena,
+    where the model's tensors live (common/ml/train.py, on_helper_thread)."""
+    module = get_family("gpt")
+    threads: list[str] = []
+    encode = module.encode
+
+    def spying_encode(tokenizer: object, text: str) -> list[int]:
+        threads.append(threading.current_thread().name)
+        return encode(tokenizer, text)
+
+    monkeypatch.setattr(module, "encode", spying_encode)
+    run_training(tiny_spec("gpt", steps=2), tmp_path, hooks=TrainHooks())
+    assert threads and all(name.startswith("genq-tokenize") for name in threads), threads
+
+
+def test_helper_thread_returns_and_raises() -> None:
+    assert on_helper_thread(sorted, [3, 1, 2]) == [1, 2, 3]
+    assert on_helper_thread(lambda: threading.current_thread()) is not threading.main_thread()
+    with pytest.raises(ZeroDivisionError):
+        on_helper_thread(lambda: 1 / 0)
