@@ -53,13 +53,14 @@ NOTES = """## Reading the figures
   function a little slower. Training now tokenizes on a short-lived helper thread
   (`common/ml/train.py`, `on_helper_thread`), whose malloc arena takes the pieces: a child
   that trained then generates as fast as a fresh one (5.05-5.1 s against 4.95-5.1 s). The
-  bench's bare training loop tokenizes the same way, so its in-process baselines start
-  from the same heap. Ruled out on the way, each inside the child: the heartbeat thread,
-  the cyclic collector, `malloc_trim`, freshly loaded weights, the frame-stack chunk,
-  transparent huge pages, denormals, environment, thread count and affinity, logging, the
-  GIL's switch interval; a plain Celery prefork child computes as fast as a fresh process.
-  (An earlier note here said the pool child was not slower: it had measured a child that
-  never trained.)
+  `make bench` run after the change put bulk generation at 0.93 (0.89-0.96 per round; 0.86
+  the day before). The bench's bare training loop tokenizes the same way, so its
+  in-process baselines start from the same heap. Ruled out on the way, each inside the
+  child: the heartbeat thread, the cyclic collector, `malloc_trim`, freshly loaded
+  weights, the frame-stack chunk, transparent huge pages, denormals, environment, thread
+  count and affinity, logging, the GIL's switch interval; a plain Celery prefork child
+  computes as fast as a fresh process. (An earlier note here said the pool child was not
+  slower: it had measured a child that never trained.)
 - glibc malloc: a process that never freed a large block serves every tensor of 128 KiB
   or more with its own mmap and munmap; glibc raises that threshold only after such a
   free, which training does. The worker's pool child sets the thresholds where glibc would
