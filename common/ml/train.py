@@ -332,7 +332,6 @@ class Run:
         if isinstance(data, TextData):
             ids = on_helper_thread(self.module.encode, self.tokenizer, data.text)
             tokens = torch.tensor(ids, dtype=torch.long)
-            del ids
             if len(tokens) < 2:
                 raise InvalidTrainSpec("data: the text encodes to fewer than 2 tokens")
             if seq_len >= len(tokens):

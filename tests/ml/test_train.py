@@ -250,6 +250,6 @@ def test_text_is_tokenized_off_the_main_thread(tiny_spec: Callable[..., dict], t
 
 def test_helper_thread_returns_and_raises() -> None:
     assert on_helper_thread(sorted, [3, 1, 2]) == [1, 2, 3]
-    assert on_helper_thread(lambda: threading.current_thread()) is not threading.main_thread()
+    assert on_helper_thread(threading.current_thread) is not threading.main_thread()
     with pytest.raises(ZeroDivisionError):
         on_helper_thread(lambda: 1 / 0)
