@@ -7,6 +7,7 @@ import json
 import signal
 import subprocess
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -297,6 +298,10 @@ def generate(
     out: Annotated[Path, typer.Option(help="Folder for images")] = Path("genq-results"),
 ) -> None:
     """Generate from a model and print (or save) the results."""
+    if label and n is not None and len(label) not in (1, n):
+        err.print(f"[red]error:[/red] --label: give one label for all {n} images or exactly "
+                  f"{n} labels (got {len(label)})")
+        raise typer.Exit(2)
     spec: dict[str, Any] = {
         "type": "generate",
         "model": model,
@@ -310,7 +315,7 @@ def generate(
         ("top_k", top_k),
         ("seed", seed),
     ):
-        if value:
+        if value is not None and value != []:  # seed 0 and top_k 0 are values, not absences
             spec[key] = value
     c = client()
     job = c.create_job(spec)
@@ -424,15 +429,21 @@ def results(
 def show_results(c: Client, job: dict[str, Any], out: Path) -> None:
     if job["status"] == "failed":
         describe_end(job)
+    reasons: Counter[str] = Counter()
+    items = 0
     for item in c.items(job["id"]):
+        items += 1
         resp = item.get("response") or {}
         for text in resp.get("texts", []):
             prompt = item["request"].get("gen", {}).get("prompt", "")
             console.print(f"[bold]{item['custom_id']}[/bold] [dim]{prompt}[/dim]{text}")
         if item.get("error"):
-            console.print(
-                f"[bold]{item['custom_id']}[/bold] [red]{item['error'].get('message')}[/red]"
-            )
+            reasons[str(item["error"].get("message"))] += 1
+    if reasons:  # one line per distinct reason, not one per item
+        failed = sum(reasons.values())
+        err.print(f"[red]{failed} of {items} item(s) failed:[/red]")
+        for message, count in reasons.most_common():
+            err.print(f"  {count} × {message}")
     saved = []
     for art in c.artifacts(job["id"]):
         out.mkdir(parents=True, exist_ok=True)

@@ -65,13 +65,27 @@ def validation_problems(err: dict[str, Any]) -> list[dict[str, Any]]:
     return problems
 
 
+def json_type(content_type: str) -> bool:
+    """application/json, application/*+json, any case and parameters."""
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/")
+                                             and media.endswith("+json"))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(GenqError)
     async def _genq(_: Request, exc: GenqError) -> JSONResponse:
         return JSONResponse(error_body(exc.code, exc.message, exc.param), status_code=exc.status)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        sent = request.headers.get("content-type", "")
+        if request.method in ("POST", "PUT", "PATCH") and not json_type(sent) and any(
+            tuple(e.get("loc", ())) == ("body",) for e in exc.errors()
+        ):  # e.g. curl -d without a header sends a form: say what to change
+            message = (f"send the body as JSON with the header 'Content-Type: application/json' "
+                       f"(got {sent or 'no content type'!r})")
+            return JSONResponse(error_body("invalid_request", message, "body"), status_code=422)
         errors = [problem for e in exc.errors() for problem in validation_problems(e)]
         first = errors[0] if errors else {"param": None, "message": "invalid request"}
         message = "; ".join(

@@ -58,12 +58,14 @@ def jobs_by_status(session: Session) -> Iterator[Metric]:
         g.add_metric([status, jtype], n)
     yield g
     q = GaugeMetricFamily("genq_jobs_queued", "Queued jobs per queue (SQL).", labels=["queue"])
-    for queue in get_settings().queue_names:
-        q.add_metric([queue], 0)
+    # One sample per queue: a declared queue with nothing queued reads 0, never 0 and then n.
+    per_queue = dict.fromkeys(get_settings().queue_names, 0)
     rows = session.execute(select(Job.queue, func.count()).where(Job.status == JobStatus.queued)
                            .group_by(Job.queue))
     for queue, n in rows:
-        q.add_metric([queue], int(n))
+        per_queue[str(queue)] = int(n)
+    for queue, n in per_queue.items():
+        q.add_metric([queue], n)
     yield q
 
 

@@ -40,7 +40,8 @@ from common.batch_schemas import (
 )
 from common.config import get_settings
 from common.db import rows_changed
-from common.errors import Conflict, InvalidSpec, NotFound
+from common.errors import InvalidSpec, NotFound
+from common.idempotency import create_once
 from common.ml.packing import batch_starts, spans_at_batch_starts, unit_cost, unit_rows
 from common.ml.prompt_ids import encode_prompts, load_prompt_tokenizer
 from common.models import (
@@ -246,18 +247,19 @@ def create_batch(
     A bad file gives a `failed` parent with per-line errors and no shards. Returns the
     parent and the shards still to dispatch (none when the key was seen before).
     """
+    spec_json = spec.model_dump(mode="json", exclude_none=True)
+    return create_once(
+        session, owner=owner, key=idempotency_key, spec=spec_json,
+        create=lambda: _write_batch(session, storage, owner=owner, spec=spec,
+                                    spec_json=spec_json, idempotency_key=idempotency_key),
+        replay=lambda existing: (existing, []),
+    )
+
+
+def _write_batch(session: Session, storage: Storage, *, owner: str, spec: BatchCreate,
+                 spec_json: dict[str, Any], idempotency_key: str | None) -> tuple[Job, list[Job]]:
     from common.jobs import resolve_queue
 
-    spec_json = spec.model_dump(mode="json", exclude_none=True)
-    if idempotency_key:
-        existing = session.scalar(
-            select(Job).where(Job.owner == owner, Job.idempotency_key == idempotency_key)
-        )
-        if existing is not None:
-            if existing.spec != spec_json:
-                raise Conflict("Idempotency-Key was used with a different request",
-                               code="idempotency_conflict")
-            return existing, []
     source = session.get(File, spec.input_file_id)
     if source is None or source.owner != owner:
         raise NotFound(f"no file {spec.input_file_id!r}", param="input_file_id")
@@ -505,7 +507,7 @@ def _write_lines(
                 row = {"id": line_id, "custom_id": item.custom_id,
                        "response": {"status_code": 200, "request_id": "req_" + line_id[10:],
                                     "body": body}, "error": None}
-                out.write(orjson.dumps(row) + b"\n")
+                out.write(jsonl_line(row))
                 continue
             failed += 1
             error = orjson.loads(item.error_json or "null") or _unfinished_error(
@@ -513,8 +515,21 @@ def _write_lines(
             row = {"id": line_id, "custom_id": item.custom_id, "response": None,
                    "error": {"code": error.get("code", "error"),
                              "message": error.get("message", "")}}
-            errors.write(orjson.dumps(row) + b"\n")
+            errors.write(jsonl_line(row))
     return completed, failed
+
+
+# U+2028 / U+2029 are valid raw in JSON, but str.splitlines() in a client splits there.
+_LINE_SEPARATORS = (("\u2028".encode(), b"\\u2028"), ("\u2029".encode(), b"\\u2029"))
+
+
+def jsonl_line(row: dict[str, Any]) -> bytes:
+    """One JSONL line whose only line break is its last byte, for any reader's line split."""
+    line = orjson.dumps(row)
+    for raw, escaped in _LINE_SEPARATORS:
+        if raw in line:
+            line = line.replace(raw, escaped)
+    return line + b"\n"
 
 
 def _epoch(stored: Any) -> int:

@@ -21,6 +21,7 @@ from common.celery_app import get_celery, send_job
 from common.config import get_settings
 from common.db import rows_changed
 from common.errors import Conflict, InvalidSpec, NotFound
+from common.idempotency import create_once
 from common.models import (
     FINISHED,
     ITEMS,
@@ -74,16 +75,16 @@ def create_job(
     spec_json = spec.model_dump(mode="json", exclude_none=True)
     # An explicit null means something ("clip": null is no clipping): keep it.
     spec_json.update({k: None for k in spec.model_fields_set if getattr(spec, k) is None})
-    if idempotency_key:
-        existing = session.scalar(
-            select(Job).where(Job.owner == owner, Job.idempotency_key == idempotency_key)
-        )
-        if existing is not None:
-            if existing.spec != spec_json:
-                raise Conflict(
-                    "Idempotency-Key was used with a different request", code="idempotency_conflict"
-                )
-            return existing, False
+    return create_once(
+        session, owner=owner, key=idempotency_key, spec=spec_json,
+        create=lambda: (_write_job(session, owner=owner, spec=spec, spec_json=spec_json,
+                                   idempotency_key=idempotency_key), True),
+        replay=lambda existing: (existing, False),
+    )
+
+
+def _write_job(session: Session, *, owner: str, spec: TrainSpec | GenerateSpec,
+               spec_json: dict[str, Any], idempotency_key: str | None) -> Job:
     settings = get_settings()
     job = Job(
         id=new_id("job_"),
@@ -104,7 +105,7 @@ def create_job(
     if isinstance(spec, GenerateSpec):
         insert_items(session, job.id, generate_requests(spec, family=job.family or ""))
     session.commit()
-    return job, True
+    return job
 
 
 def _prepare_train(session: Session, job: Job, spec: TrainSpec) -> None:
@@ -168,8 +169,9 @@ def generate_requests(spec: GenerateSpec, *, family: str) -> list[dict[str, Any]
     params = {k: getattr(spec, k) for k in GEN_FIELDS}
     if spec.prompts:
         return [{"gen": {"prompt": p, **params}} for p in spec.prompts]
-    labels: list[int | None] = list(spec.labels or [])
-    labels += [None] * max(0, (spec.n or 0) - len(labels))
+    labels: list[int | None] = [*spec.labels] if spec.labels else [None]
+    if spec.n is not None and len(labels) == 1:
+        labels *= spec.n  # one label (or none) applies to every image
     return [{"gen": {"label": label, **params}} for label in labels]
 
 

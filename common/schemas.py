@@ -137,6 +137,9 @@ class GenerateSpec(SamplingParams):
         problems: list[str] = []
         if self.prompts is None and self.n is None and self.labels is None:
             problems.append("prompts: give prompts (text models) or n / labels (image models)")
+        if self.labels is not None and self.n is not None and len(self.labels) not in (1, self.n):
+            problems.append(f"labels: give one label for all {self.n} images or exactly n "
+                            f"labels, got {len(self.labels)}")
         check_queue(self.queue, problems)
         if problems:
             raise ValueError("; ".join(problems))

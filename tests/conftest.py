@@ -131,11 +131,13 @@ def db_url(request: pytest.FixtureRequest) -> Iterator[str]:
         yield url
 
 
-@pytest.fixture
-def session(db_url: str, redis_server: str) -> Iterator[object]:
+@pytest.fixture(params=BACKENDS)
+def session(request: pytest.FixtureRequest) -> Iterator[object]:
+    """A session on a database of its own, which no live worker's reaper or claim touches:
+    tests that write SQL-level state directly must not race the session stack's workers."""
     from common.db import engine_for, session_factory
 
-    with session_factory(engine_for(db_url))() as s:
+    with fresh_database(request.param) as url, session_factory(engine_for(url))() as s:
         yield s
 
 

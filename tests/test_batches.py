@@ -281,17 +281,18 @@ def test_output_and_error_lines_on_every_backend(session, tmp_path):  # type: ig
     ids = dict(rows.all())
     write_items(session, [
         {"id": ids["ok"], "status": "succeeded", "tokens_in": 2, "tokens_out": 3,
-         "response": {"texts": ["hi"], "finish_reasons": ["length"]}},
+         "response": {"texts": ["hi\u2028there"], "finish_reasons": ["length"]}},
         {"id": ids["bad"], "status": "failed",
          "error": {"code": "invalid_request", "message": "prompt too long"}},
     ])
     session.commit()
     out, err = Path(tmp_path) / "out.jsonl", Path(tmp_path) / "err.jsonl"
     assert _write_lines(session, parent, [shard], out, err) == (1, 2)
+    # str.splitlines() splits at a raw U+2028 too: the line separator in the text is escaped
     [line] = [json.loads(x) for x in out.read_text().splitlines()]
     assert line["custom_id"] == "ok" and line["error"] is None
     body = line["response"]["body"]
-    assert body["choices"][0]["text"] == "hi" and body["model"] == "tiny"
+    assert body["choices"][0]["text"] == "hi\u2028there" and body["model"] == "tiny"
     assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
     finished_at = session.scalar(select(Item.finished_at).where(Item.id == ids["ok"]))
     assert body["created"] == int(finished_at.timestamp())  # UTC, whatever the driver returns

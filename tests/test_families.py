@@ -70,12 +70,27 @@ def test_image_family_trains_generates_pngs_and_artifacts(stack, family):
     assert gen["status"] == "succeeded", gen
     items = list(c.items(gen["id"]))
     assert len(items) == 2
-    if family == "vae":
-        assert items[0]["request"]["gen"]["label"] == 7
+    if family == "vae":  # one label conditions every image, not just the first
+        assert [item["request"]["gen"]["label"] for item in items] == [7, 7]
     for item in items:
         (art_id,) = item["response"]["artifact_ids"]
         image = Image.open(io.BytesIO(c.request("GET", f"/v1/artifacts/{art_id}")))
         assert image.format == "PNG" and min(image.size) >= 64
+    with pytest.raises(GenqAPIError) as bad:  # labels must be one, or one per image
+        c.create_job({**spec, "n": 3, "labels": [1, 2]})
+    assert bad.value.status == 422 and "labels" in bad.value.message
+
+
+def test_label_for_an_unconditional_model_fails_each_item_by_its_own_name(stack):
+    c = stack.client()
+    model = train(stack, "gan", 5)["result"]["model"]
+    gen = c.wait(c.create_job({"type": "generate", "model": model, "n": 2,
+                               "labels": [3]})["id"], timeout=120)
+    items = list(c.items(gen["id"]))
+    assert [item["status"] for item in items] == ["failed", "failed"]
+    for item in items:  # the item's error is its own, naming the field and no other item
+        assert item["error"]["code"] == "invalid_request"
+        assert item["error"]["message"].startswith("label: the model is unconditional")
 
 
 def test_gpt_trains_and_generates_with_beams(stack):

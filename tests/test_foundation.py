@@ -130,6 +130,31 @@ def test_idempotency_key_returns_same_job(stack):
     assert c.wait(first["id"], timeout=120)["status"] == "succeeded"
 
 
+def test_idempotency_key_holds_under_a_race_and_refuses_an_empty_key(stack, trained_lstm):
+    from concurrent.futures import ThreadPoolExecutor
+
+    headers = {"Authorization": f"Bearer {stack.api_key}"}
+    spec = {"type": "generate", "model": trained_lstm["result"]["model"], "prompts": ["a"],
+            "max_tokens": 2}
+    empty = httpx.post(f"{stack.api_url}/v1/jobs", json=spec,
+                       headers={**headers, "Idempotency-Key": ""})
+    assert empty.status_code == 422 and empty.json()["error"]["param"] == "idempotency-key"
+
+    def create(_: int) -> httpx.Response:
+        return httpx.post(f"{stack.api_url}/v1/jobs", json=spec, timeout=60,
+                          headers={**headers, "Idempotency-Key": "raced-1"})
+
+    with ThreadPoolExecutor(10) as pool:
+        answers = list(pool.map(create, range(10)))
+    assert [r.status_code for r in answers if r.status_code >= 500] == []
+    assert len({r.json()["id"] for r in answers}) == 1  # every racer got the one job
+    batch = {"input_file_id": "file-nope", "endpoint": "/v1/completions",
+             "completion_window": "24h"}
+    again = httpx.post(f"{stack.api_url}/v1/batches", json=batch,
+                       headers={**headers, "Idempotency-Key": "raced-1"})
+    assert again.status_code == 409  # the key belongs to the job: never a 500
+
+
 def test_list_jobs_filters_and_pages(stack, trained_lstm):
     c = stack.client()
     page = c.list_jobs(type="train", status="succeeded", limit=1)

@@ -94,7 +94,9 @@ def test_prometheus_metrics_from_sql_and_redis(stack, trained_lstm):
     samples = {}
     for family in text_string_to_metric_families(r.text):
         for s in family.samples:
-            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+            key = (s.name, tuple(sorted(s.labels.items())))
+            assert key not in samples, f"{key} twice in the exposition"  # Prometheus keeps one
+            samples[key] = s.value
     assert samples[("genq_jobs", (("status", "succeeded"), ("type", "train")))] >= 1
     assert ("genq_queue_depth", (("queue", "cpu"),)) in samples
     assert samples[("genq_broker_up", ())] == 1
@@ -103,6 +105,31 @@ def test_prometheus_metrics_from_sql_and_redis(stack, trained_lstm):
                                                         ("type", "train")))] >= 1
     assert samples[("genq_items_generated_total", ())] >= 2
     assert samples[("genq_tokens_total", (("direction", "out"),))] >= 2
+
+
+def test_queued_jobs_are_one_sample_per_queue(session):
+    """A queue with jobs waiting reads its count once, not a 0 and then the count."""
+    import uuid
+
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from api import prometheus
+    from common.models import Job
+
+    session.add_all(Job(id=f"job_{uuid.uuid4().hex}", owner="metrics-test", type="train",
+                        family="lstm", spec={}, queue="gpu", status="queued") for _ in range(2))
+    session.commit()
+
+    class Jobs:
+        def collect(self):  # type: ignore[no-untyped-def]
+            return prometheus.jobs_by_status(session)
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Jobs())  # type: ignore[arg-type]
+    text = generate_latest(registry).decode()
+    [queued] = [f for f in text_string_to_metric_families(text) if f.name == "genq_jobs_queued"]
+    by_queue = [(s.labels["queue"], s.value) for s in queued.samples]
+    assert sorted(by_queue) == [("cpu", 0.0), ("gpu", 2.0)]
 
 
 def test_metrics_can_be_public(db_url, redis_server):

@@ -8,7 +8,7 @@ from typing import Any
 
 from common import results
 from common.errors import Cancelled
-from common.ml.generate import GenOutput, GenRequest, generate
+from common.ml.generate import GenOutput, GenRequest, InvalidRequests, generate
 from common.results import PendingItem
 from worker.context import JobContext
 from worker.device import current_device
@@ -85,17 +85,23 @@ def execute_items(ctx: JobContext) -> dict[str, Any]:
 def run_group(ctx: JobContext, loaded: Any, requests: list[GenRequest], writer: ItemWriter) -> None:
     """Generate in dynamic batches; a request the model rejects fails alone, not the job."""
     settings = ctx.settings
+
+    def batched(todo: list[GenRequest]) -> None:
+        generate(loaded, todo, token_budget=settings.token_budget,
+                 should_stop=lambda: ctx.should_stop() is not None, on_outputs=writer.add)
+
     try:
-        generate(
-            loaded,
-            requests,
-            token_budget=settings.token_budget,
-            should_stop=lambda: ctx.should_stop() is not None,
-            on_outputs=writer.add,
-        )
+        try:
+            batched(requests)
+        except InvalidRequests as exc:  # found before anything ran: fail those, batch the rest
+            for key, problems in exc.problems.items():
+                writer.add_failed(int(key), {"code": "invalid_request",
+                                             "message": "; ".join(problems)})
+            requests = [r for r in requests if r.key not in exc.problems]
+            batched(requests)
         return
     except ValueError:
-        pass  # one bad request spoils its batch: retry one by one to isolate it
+        pass  # a request the model rejects while running spoils its batch: isolate it
     writer.flush()
     done = {str(item.id) for item in results.pending_items(ctx.session, job_id=ctx.job.id)}
     for request in requests:

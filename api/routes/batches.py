@@ -21,7 +21,7 @@ def create_batch(
     spec: Annotated[BatchCreate, Body()],
     session: SessionDep,
     owner: OwnerDep,
-    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+    idempotency_key: Annotated[str | None, Header(min_length=1, max_length=255)] = None,
 ) -> BatchOut:
     """Validate an uploaded JSONL file and queue its requests as shards (a bad file: failed)."""
     require_broker()

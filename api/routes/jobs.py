@@ -27,7 +27,7 @@ def create_job(
     session: SessionDep,
     owner: OwnerDep,
     response: Response,
-    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+    idempotency_key: Annotated[str | None, Header(min_length=1, max_length=255)] = None,
 ) -> JobOut:
     """Submit a training or generation job."""
     require_broker()

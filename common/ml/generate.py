@@ -68,28 +68,39 @@ class Unit:
         return unit_cost(self.rows(), len(self.ids), self.params.max_tokens)
 
 
-def validate_requests(loaded: LoadedModel, requests: list[GenRequest]) -> list[str]:
-    """Every problem with the requests for this model, each naming the request key."""
-    problems = []
+class InvalidRequests(ValueError):
+    """Requests this model cannot serve: each key's problems, each naming its field."""
+
+    def __init__(self, problems: dict[str, list[str]]):
+        self.problems = problems
+        super().__init__("; ".join(f"requests[{key}].{p}" for key, found in problems.items()
+                                   for p in found))
+
+
+def validate_requests(loaded: LoadedModel, requests: list[GenRequest]) -> dict[str, list[str]]:
+    """Every problem with the requests for this model, by request key; {} when all are fine."""
+    problems: dict[str, list[str]] = {}
     n_classes = getattr(loaded.config, "n_classes", 0)
     for r in requests:
-        where = f"requests[{r.key}]"
+        found = []
         if r.n < 1:
-            problems.append(f"{where}.n: must be >= 1")
+            found.append("n: must be >= 1")
         if loaded.kind == "text":
             if r.max_tokens < 0:
-                problems.append(f"{where}.max_tokens: must be >= 0")
+                found.append("max_tokens: must be >= 0")
             if r.temperature < 0:
-                problems.append(f"{where}.temperature: must be >= 0")
+                found.append("temperature: must be >= 0")
             if r.top_k is not None and r.top_k < 0:
-                problems.append(f"{where}.top_k: must be >= 0")
+                found.append("top_k: must be >= 0")
             if r.top_p is not None and not 0 < r.top_p <= 1:
-                problems.append(f"{where}.top_p: must be in (0, 1]")
+                found.append("top_p: must be in (0, 1]")
             if r.num_beams < 1:
-                problems.append(f"{where}.num_beams: must be >= 1")
+                found.append("num_beams: must be >= 1")
         elif r.label is not None and not 0 <= r.label < n_classes:
-            problems.append(f"{where}.label: the model is unconditional" if not n_classes
-                            else f"{where}.label: must be in [0, {n_classes - 1}]")
+            found.append("label: the model is unconditional (trained without labels)"
+                         if not n_classes else f"label: must be in [0, {n_classes - 1}]")
+        if found:
+            problems[r.key] = found
     return problems
 
 
@@ -210,7 +221,7 @@ def generate(loaded: LoadedModel, requests: list[GenRequest], *, token_budget: i
     """Generate for every request, reporting each finished batch; stop early if asked."""
     problems = validate_requests(loaded, requests)
     if problems:
-        raise ValueError("; ".join(problems))
+        raise InvalidRequests(problems)
     module = get_family(loaded.family)
     loaded.model.eval()
     units = _units(loaded, module, requests)

@@ -1,0 +1,68 @@
+"""The README's curl examples, run exactly as written (but for host and ids) with real curl."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+
+import httpx
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="needs the curl command")
+
+
+def readme_curl_commands() -> list[str]:
+    """Every `curl` command in the README's bash blocks, continuation lines joined."""
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    commands = []
+    for block in blocks:
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("  #", 1)[0].strip()  # the trailing comment, as bash drops it
+            if line.startswith("curl "):
+                commands.append(line)
+    return commands
+
+
+def run_curl(command: str, *, api_url: str, key: str, job_id: str | None = None) -> str:
+    command = command.replace("localhost:8000", api_url.removeprefix("http://"))
+    if job_id:
+        command = command.replace("JOB_ID", job_id)
+    done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120,
+                          env={"PATH": "/usr/bin:/bin", "KEY": key,
+                               "H": f"Authorization: Bearer {key}"})
+    assert done.returncode == 0, (command, done.stderr)
+    return done.stdout
+
+
+def test_readme_curl_examples_run_as_written(stack):
+    commands = readme_curl_commands()
+    posts = [c for c in commands if "-X POST" in c]
+    reads = [c for c in commands if "-X POST" not in c]
+    assert len(posts) == 2 and len(reads) >= 4, commands  # the tour's train, then generate
+    c = stack.client()
+    train = json.loads(run_curl(posts[0], api_url=stack.api_url, key=stack.api_key))
+    assert train.get("status") == "queued", train
+    assert c.wait(train["id"], timeout=600)["status"] == "succeeded"
+    gen = json.loads(run_curl(posts[1], api_url=stack.api_url, key=stack.api_key))
+    assert gen.get("status") == "queued", gen
+    assert c.wait(gen["id"], timeout=120)["status"] == "succeeded"
+    for command in reads:
+        out = run_curl(command, api_url=stack.api_url, key=stack.api_key, job_id=train["id"])
+        if "/events" in command:  # server-sent events, ending with the finished job
+            assert "event: status" in out and '"succeeded"' in out, out
+        else:
+            body = json.loads(out)
+            assert not isinstance(body, dict) or body.get("error") is None, (command, out)
+
+
+def test_a_body_that_is_not_json_says_to_send_json(stack):
+    r = httpx.post(f"{stack.api_url}/v1/jobs", headers={"Authorization": f"Bearer {stack.api_key}"},
+                   data={"type": "train", "family": "lstm"})  # a form, as curl -d sends
+    assert r.status_code == 422
+    error = r.json()["error"]
+    assert error["param"] == "body" and "Content-Type: application/json" in error["message"]
+    assert "application/x-www-form-urlencoded" in error["message"]
