@@ -54,6 +54,8 @@ NAMED_PROBLEM = re.compile(r"^([A-Za-z_][\w.\[\]]*): (.+)$", re.S)
 def validation_problems(err: dict[str, Any]) -> list[dict[str, Any]]:
     """One {param, message} per problem; a whole-spec check lists its problems as
     "field: message; field: message", and each names its own field."""
+    if err.get("type") == "json_invalid":  # the body is not JSON (or holds a lone surrogate)
+        return [{"param": "body", "message": f"invalid JSON: {err.get('ctx', {}).get('error')}"}]
     param, message = error_param(err), validation_message(err)
     if param is not None or err.get("type") != "value_error":
         return [{"param": param, "message": message}]

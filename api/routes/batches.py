@@ -8,12 +8,13 @@ from fastapi import APIRouter, Body, Header, Query
 
 from api.broker import require_broker
 from api.deps import OwnerDep, SessionDep
+from api.json_body import GenqRoute
 from api.waiting import WaitSeconds, read_when_finished
 from common import batches, jobs
 from common.batch_schemas import BATCH_FINISHED, BatchCreate, BatchList, BatchOut
 from common.storage import get_storage
 
-router = APIRouter(prefix="/v1/batches", tags=["batches"])
+router = APIRouter(prefix="/v1/batches", tags=["batches"], route_class=GenqRoute)
 
 
 @router.post("", response_model=BatchOut)

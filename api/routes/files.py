@@ -9,13 +9,14 @@ from fastapi import File as FormFile
 from fastapi.responses import StreamingResponse
 
 from api.deps import OwnerDep, SessionDep
+from api.json_body import GenqRoute
 from common import files
 from common.batch_schemas import FileDeleted, FileList, FileOut
 from common.config import get_settings
 from common.errors import TooLarge
 from common.storage import CHUNK, get_storage
 
-router = APIRouter(prefix="/v1/files", tags=["files"])
+router = APIRouter(prefix="/v1/files", tags=["files"], route_class=GenqRoute)
 
 MULTIPART_SLACK = 64 << 10  # headers and boundaries around the file part
 

@@ -8,8 +8,9 @@ from sqlalchemy import text
 
 from api.broker import broker_ok
 from api.deps import SessionDep
+from api.json_body import GenqRoute
 
-router = APIRouter(tags=["health"])
+router = APIRouter(tags=["health"], route_class=GenqRoute)
 
 
 @router.get("/healthz")

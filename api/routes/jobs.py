@@ -10,6 +10,7 @@ from sqlalchemy import select
 
 from api.broker import require_broker
 from api.deps import OwnerDep, SessionDep
+from api.json_body import GenqRoute
 from api.views import job_out
 from api.waiting import WaitSeconds, read_when_finished
 from common import batches, jobs
@@ -18,7 +19,7 @@ from common.db import session_factory
 from common.models import FINISHED, Item, Job, JobStatus, JobType
 from common.schemas import ItemList, ItemOut, JobList, JobOut, JobSpec
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=GenqRoute)
 
 
 @router.post("", status_code=201, response_model=JobOut)

@@ -7,13 +7,14 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 
 from api.deps import OwnerDep, SessionDep
+from api.json_body import GenqRoute
 from api.views import model_out
 from common import jobs, results
 from common.models import Artifact, Model
 from common.schemas import ArtifactOut, CheckpointOut, ModelList, ModelOut
 from common.storage import get_storage
 
-router = APIRouter(tags=["models"])
+router = APIRouter(tags=["models"], route_class=GenqRoute)
 
 
 @router.get("/v1/models", response_model=ModelList)

@@ -16,6 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from api.deps import OwnerDep, SessionDep, get_owner
+from api.json_body import GenqRoute
 from api.prometheus import render_metrics
 from api.views import progress_of
 from api.waiting import until_event, waiters
@@ -24,7 +25,7 @@ from common.config import get_settings
 from common.db import session_factory
 from common.models import FINISHED, JobLog, Metric
 
-router = APIRouter(tags=["monitoring"])
+router = APIRouter(tags=["monitoring"], route_class=GenqRoute)
 
 POLL_S = 0.5
 KEEPALIVE_S = 15.0

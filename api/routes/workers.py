@@ -9,9 +9,10 @@ from fastapi import APIRouter
 from pydantic import BaseModel
 
 from api.deps import OwnerDep, SessionDep
+from api.json_body import GenqRoute
 from common.fleet import live_workers
 
-router = APIRouter(tags=["workers"])
+router = APIRouter(tags=["workers"], route_class=GenqRoute)
 
 
 class WorkerOut(BaseModel):

@@ -1,4 +1,5 @@
-"""The README's curl examples, run exactly as written (but for host and ids) with real curl."""
+"""How the API reads what clients send: the README's curl examples as written (real curl),
+bodies that are not JSON, and lone surrogates, which no database column can store."""
 
 from __future__ import annotations
 
@@ -66,3 +67,18 @@ def test_a_body_that_is_not_json_says_to_send_json(stack):
     error = r.json()["error"]
     assert error["param"] == "body" and "Content-Type: application/json" in error["message"]
     assert "application/x-www-form-urlencoded" in error["message"]
+
+
+@pytest.mark.parametrize("body", [b'{"type": "generate", "model": "m", "prompts": ["\\ud800"]}',
+                                  b'{"type": "generate", "model": "m", "prompts": ["\xed\xa0\x80"]}',
+                                  b'{"type": "train", "family": "lstm", "name": "\\udfff"}'])
+def test_a_lone_surrogate_is_422_and_nothing_is_stored(stack, body):
+    headers = {"Authorization": f"Bearer {stack.api_key}", "Content-Type": "application/json"}
+    before = stack.client().list_jobs(limit=100)["data"]
+    r = httpx.post(f"{stack.api_url}/v1/jobs", content=body, headers=headers)
+    assert r.status_code == 422 and r.json()["error"]["param"] == "body", r.text
+    assert "surrogate" in r.json()["error"]["message"]
+    assert stack.client().list_jobs(limit=100)["data"][:1] == before[:1]  # nothing new
+    pair = b'{"type": "generate", "model": "nope", "prompts": ["\\ud83d\\ude00"]}'
+    emoji = httpx.post(f"{stack.api_url}/v1/jobs", content=pair, headers=headers)
+    assert emoji.status_code == 404  # an escaped pair is text: it reaches the model lookup
