@@ -69,9 +69,12 @@ def test_a_body_that_is_not_json_says_to_send_json(stack):
     assert "application/x-www-form-urlencoded" in error["message"]
 
 
-@pytest.mark.parametrize("body", [b'{"type": "generate", "model": "m", "prompts": ["\\ud800"]}',
-                                  b'{"type": "generate", "model": "m", "prompts": ["\xed\xa0\x80"]}',
-                                  b'{"type": "train", "family": "lstm", "name": "\\udfff"}'])
+LONE_SURROGATES = [b'{"type": "generate", "model": "m", "prompts": ["\\ud800"]}',
+                   b'{"type": "generate", "model": "m", "prompts": ["\xed\xa0\x80"]}',
+                   b'{"type": "train", "family": "lstm", "name": "\\udfff"}']
+
+
+@pytest.mark.parametrize("body", LONE_SURROGATES)
 def test_a_lone_surrogate_is_422_and_nothing_is_stored(stack, body):
     headers = {"Authorization": f"Bearer {stack.api_key}", "Content-Type": "application/json"}
     before = stack.client().list_jobs(limit=100)["data"]
