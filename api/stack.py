@@ -102,6 +102,11 @@ class Stack:
                     f"port {port} for the {what} is busy: stop what uses it or set "
                     f"GENQ_{what.upper()}_PORT (is another `genq up` running?)"
                 )
+        # The database, logs, storage and Redis's files are the key holders' data: private
+        # (0600 files, 0700 folders) like the key files, for this process and every child.
+        os.umask(0o077)
+        s.home_dir.mkdir(parents=True, exist_ok=True)
+        s.home_dir.chmod(0o700)
         self.logs.mkdir(parents=True, exist_ok=True)
         broker = f"redis://127.0.0.1:{s.redis_port}/0"
         self.env = {

@@ -181,6 +181,10 @@ def test_genq_up_end_to_end_and_clean_stop(tmp_path):
 
         wait_for(flower_tasks, timeout=20, interval=0.5)
         children.update(descendants(proc.pid))
+        home = tmp_path / ".genq"  # the database, logs, storage and Redis files: private
+        shared = [str(p) for p in [home, *home.rglob("*")]
+                  if p.stat().st_mode & 0o077 and not p.is_symlink()]
+        assert shared == [], shared
     finally:
         proc.send_signal(signal.SIGINT)
         code = proc.wait(60)
