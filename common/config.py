@@ -58,6 +58,9 @@ class Settings(BaseSettings):
         "bf16", description="Weights of text models generating on a GPU (CPU: always fp32).")
     max_json_bytes: int = Field(32 << 20, description="Largest accepted JSON request body.")
     max_upload_bytes: int = Field(200 << 20, description="Largest accepted upload.")
+    stale_upload_s: float = Field(
+        3600.0, description="A partial upload file unwritten this long (its API was killed "
+                            "mid-write) is removed by the reaper.")
     max_batch_lines: int = Field(100_000, description="Most requests in one batch file.")
     max_prompt_chars: int = Field(32_000, description="Longest accepted prompt.")
     max_tokens_cap: int = Field(4096, description="Largest accepted max_tokens.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from functools import lru_cache
 from pathlib import Path
@@ -133,6 +134,22 @@ class Storage:
             self.fs.get_file(self._path(key), str(part))
             part.replace(target)
         return target
+
+    def remove_stale_parts(self, prefix: str, *, older_than_s: float) -> int:
+        """Delete `.tmp` files under prefix unwritten for older_than_s (a writer killed
+        mid-stream left them); returns how many. Object stores write no such files."""
+        if not self.is_local:
+            return 0
+        folder, removed = Path(self._path(prefix)), 0
+        cutoff = time.time() - older_than_s
+        for part in folder.glob("*.tmp") if folder.is_dir() else ():
+            try:
+                if part.stat().st_mtime < cutoff:
+                    part.unlink()
+                    removed += 1
+            except FileNotFoundError:  # its writer just finished (renamed) or another reaper
+                continue
+        return removed
 
     def exists(self, key: str) -> bool:
         return bool(self.fs.exists(self._path(key)))

@@ -605,3 +605,23 @@ def test_pool_child_forked_during_housekeeping_is_not_stuck(redis_server):
                 assert done["status"] == "succeeded", (done, stack.log("f1")[-2000:])
         finally:
             stack.stop_all()
+
+
+def test_reaper_removes_a_partial_upload_left_by_a_killed_api(redis_server):
+    """kill -9 of the API mid-upload leaves files/file-….tmp with no row; once it has gone
+    unwritten for GENQ_STALE_UPLOAD_S the reaper removes it, and a fresher one stays."""
+    with fresh_database("sqlite") as db:
+        stack = start_stack(db, redis_server.rsplit("/", 1)[0] + "/9",
+                            env_extra={"GENQ_STALE_UPLOAD_S": "600"})
+        try:
+            files = stack.home / "storage" / "files"
+            files.mkdir(parents=True, exist_ok=True)
+            old, fresh = files / "file-killed.tmp", files / "file-writing.tmp"
+            old.write_bytes(b"x" * 1000)
+            fresh.write_bytes(b"y" * 1000)
+            os.utime(old, (time.time() - 3600, time.time() - 3600))
+            stack.start_worker("u1", queues="cpu")
+            wait_for(lambda: not old.exists(), timeout=60)
+            assert fresh.exists()
+        finally:
+            stack.stop_all()

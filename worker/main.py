@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -18,6 +19,7 @@ from common import batches, fleet, jobs
 from common.celery_app import get_celery
 from common.config import get_settings
 from common.db import get_engine, session_factory
+from common.storage import get_storage
 from worker.malloc import tune_malloc
 
 log = logging.getLogger(__name__)
@@ -107,6 +109,7 @@ def _housekeeping(hostname: str) -> None:
     """Worker heartbeat, plus reaper and outbox sweep while this worker holds the lease."""
     settings = get_settings()
     stop: threading.Event = _state["stop"]
+    uploads_checked = 0.0
     while not stop.wait(settings.reaper_interval_s):
         try:
             with main_session() as session:
@@ -115,6 +118,12 @@ def _housekeeping(hostname: str) -> None:
                     jobs.reap(session, lease_s=settings.lease_s)
                     batches.finalize_stalled(session)
                     jobs.sweep_outbox(session)
+                    if time.monotonic() - uploads_checked >= min(60.0, settings.stale_upload_s):
+                        uploads_checked = time.monotonic()
+                        removed = get_storage().remove_stale_parts(
+                            "files", older_than_s=settings.stale_upload_s)
+                        if removed:
+                            log.info("removed %d partial upload(s) left by a killed API", removed)
         except Exception as exc:  # database or broker blip: try again next round
             log.warning("housekeeping failed: %s", exc)
 
