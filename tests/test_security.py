@@ -234,3 +234,28 @@ def test_fuzz_no_5xx(quiet_stack):
         check()
     assert not failures, "\n".join(failures[:10])
     assert len(statuses) >= 2 * len(operations) and any(code < 300 for code in statuses)
+
+
+def test_a_workers_current_job_shows_to_its_owner_only(stack):
+    from common.auth import create_key
+    from common.db import engine_for, session_factory
+
+    with session_factory(engine_for(stack.env["GENQ_DATABASE_URL"]))() as s:
+        _, other = create_key(s, owner=f"stranger-{uuid.uuid4().hex[:6]}")
+    c = stack.client()
+    job = c.create_job({"type": "train", "family": "lstm", "steps": 400, "batch_size": 4,
+                        "seq_len": 16, "config": {"hidden": 16, "n_embd": 8, "n_layer": 1}})
+
+    def current(key: str) -> set[str]:
+        workers = httpx.get(f"{stack.api_url}/v1/workers", headers=auth(key)).json()["data"]
+        return {w["current_job"] for w in workers if w["current_job"]}
+
+    try:
+        deadline = time.monotonic() + 60
+        while job["id"] not in current(stack.api_key):
+            assert time.monotonic() < deadline, "the job never showed as running"
+            time.sleep(0.2)
+        assert current(other) == set()  # the stranger sees the worker, not whose job it runs
+    finally:
+        c.request("POST", f"/v1/jobs/{job['id']}/cancel")
+        c.wait(job["id"], timeout=60)

@@ -7,10 +7,12 @@ from typing import Any
 
 from fastapi import APIRouter
 from pydantic import BaseModel
+from sqlalchemy import select
 
 from api.deps import OwnerDep, SessionDep
 from api.json_body import GenqRoute
 from common.fleet import live_workers
+from common.models import Job
 
 router = APIRouter(tags=["workers"], route_class=GenqRoute)
 
@@ -32,11 +34,15 @@ class WorkerList(BaseModel):
 
 
 @router.get("/v1/workers", response_model=WorkerList)
-def list_workers(session: SessionDep, _owner: OwnerDep) -> WorkerList:
-    """Workers whose heartbeat is within the lease."""
+def list_workers(session: SessionDep, owner: OwnerDep) -> WorkerList:
+    """Workers whose heartbeat is within the lease; a current job shows to its owner only."""
+    workers = live_workers(session)
+    running = [w.current_job for w in workers if w.current_job]
+    mine = set(session.scalars(select(Job.id).where(Job.id.in_(running), Job.owner == owner))
+               ) if running else set()
     return WorkerList(data=[
         WorkerOut(hostname=w.hostname, queues=w.queues.split(","), device=w.device, pid=w.pid,
                   version=w.version, started_at=w.started_at, heartbeat_at=w.heartbeat_at,
-                  current_job=w.current_job)
-        for w in live_workers(session)
+                  current_job=w.current_job if w.current_job in mine else None)
+        for w in workers
     ])
