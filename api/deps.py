@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -58,7 +59,8 @@ def get_owner(request: Request, session: SessionDep) -> str:
     owner = owner_of(session, key.strip())
     per_minute = get_settings().rate_limit_per_minute
     if per_minute and not limiter.take(hash_key(key.strip()), per_minute):
-        raise RateLimited(f"more than {per_minute} requests a minute for this key")
+        raise RateLimited(f"more than {per_minute} requests a minute for this key",
+                          retry_after_s=math.ceil(60 / per_minute))
     return owner
 
 

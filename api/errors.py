@@ -13,7 +13,7 @@ from sqlalchemy.exc import DataError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException
 
-from common.errors import GenqError
+from common.errors import GenqError, RateLimited
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,10 @@ def json_type(content_type: str) -> bool:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(GenqError)
     async def _genq(_: Request, exc: GenqError) -> JSONResponse:
-        return JSONResponse(error_body(exc.code, exc.message, exc.param), status_code=exc.status)
+        headers = ({"Retry-After": str(exc.retry_after_s)} if isinstance(exc, RateLimited)
+                   else None)
+        return JSONResponse(error_body(exc.code, exc.message, exc.param), status_code=exc.status,
+                            headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

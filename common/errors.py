@@ -46,6 +46,10 @@ class RateLimited(GenqError):
     status = 429
     code = "rate_limited"
 
+    def __init__(self, message: str, *, retry_after_s: int = 1):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
 
 class Unavailable(GenqError):
     status = 503

@@ -116,6 +116,7 @@ def test_rate_limit_is_429(quiet_stack):
         assert codes[:5] == [200] * 5 and codes[-1] == 429, codes
         resp = httpx.get(f"{limited.api_url}/v1/jobs", headers=headers)
         assert resp.json()["error"]["code"] == "rate_limited"
+        assert resp.headers["Retry-After"] == "12"  # a token comes back every 60/5 s
         assert httpx.get(f"{limited.api_url}/healthz").status_code == 200  # probes are free
     finally:
         limited.stop_all()
