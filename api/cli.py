@@ -143,10 +143,11 @@ def print_stack(stack: Any) -> None:
 def worker(
     queues: Annotated[str, typer.Option(help="Comma-separated queues")] = "cpu",
     gpu: Annotated[int | None, typer.Option(help="GPU index: sets CUDA_VISIBLE_DEVICES")] = None,
-    name: Annotated[str | None, typer.Option(help="Node name (default from queues)")] = None,
+    name: Annotated[str | None, typer.Option(help="Node name (default: queues and pid)")] = None,
     loglevel: str = "INFO",
 ) -> None:
     """Run a worker (prefork, concurrency 1; one per GPU)."""
+    from common.errors import Conflict
     from worker.main import start_worker
 
     allowed = get_settings().queue_names
@@ -158,7 +159,11 @@ def worker(
             "(add custom queues with GENQ_QUEUES)"
         )
         raise typer.Exit(2)
-    start_worker(queues=wanted, gpu=gpu, name=name, loglevel=loglevel)
+    try:
+        start_worker(queues=wanted, gpu=gpu, name=name, loglevel=loglevel)
+    except Conflict as exc:
+        err.print(f"[red]error:[/red] --name: {exc.message}")
+        raise typer.Exit(1) from None
 
 
 @app.command()

@@ -625,3 +625,31 @@ def test_reaper_removes_a_partial_upload_left_by_a_killed_api(redis_server):
             assert fresh.exists()
         finally:
             stack.stop_all()
+
+
+def test_worker_names_are_unique_per_process(redis_server):
+    """Two `genq worker --queues cpu` on one host get two node names (a SIGTERM to one must not
+    re-queue the other's job or delete its row); a --name in use is refused with one line."""
+    from common.db import engine_for, session_factory
+    from common.models import Worker
+
+    with fresh_database("sqlite") as db:
+        stack = start_stack(db, redis_server.rsplit("/", 1)[0] + "/10")
+        try:
+            stack.start_worker("named", queues="cpu")
+            argv = [sys.executable, "-m", "api.cli", "worker", "--queues", "cpu"]
+            first, second = stack.spawn("d1", argv), stack.spawn("d2", argv)
+
+            def rows() -> list[Worker]:
+                with session_factory(engine_for(db))() as s:
+                    return list(s.query(Worker).filter(Worker.hostname.like("cpu-%")))
+
+            found = wait_for(lambda: len(rows()) == 2 and rows(), timeout=90)
+            assert {w.hostname.split("@")[0] for w in found} == {
+                f"cpu-{first.pid}", f"cpu-{second.pid}"}
+            taken = subprocess.run([*argv, "--name", "named"], env=stack.env, cwd=ROOT,
+                                   capture_output=True, text=True, timeout=60)
+            assert taken.returncode == 1 and "Traceback" not in taken.stderr
+            assert "--name" in taken.stderr and "is taken" in taken.stderr, taken.stderr
+        finally:
+            stack.stop_all()

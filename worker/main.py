@@ -19,6 +19,9 @@ from common import batches, fleet, jobs
 from common.celery_app import get_celery
 from common.config import get_settings
 from common.db import get_engine, session_factory
+from common.errors import Conflict
+from common.jobs import pid_alive
+from common.models import Worker
 from common.storage import get_storage
 from worker.malloc import tune_malloc
 
@@ -53,6 +56,22 @@ def _guard_forks() -> None:
     )
 
 
+def node_name(*, queues: list[str], gpu: int | None, name: str | None) -> str:
+    """The Celery node name: `--name`, else the queues and this pid, so that two workers on a
+    host (`genq up`'s and a `genq worker --queues cpu` beside it) never share one: jobs, the
+    workers row and a SIGTERM's re-queue are all keyed by it. A taken `--name` is refused."""
+    host = socket.gethostname()
+    if name is None:
+        return f"{f'gpu{gpu}' if gpu is not None else '-'.join(queues)}-{os.getpid()}@{host}"
+    node = f"{name}@{host}"
+    with main_session() as session:
+        row = session.get(Worker, node)
+        if row is not None and row.pid != os.getpid() and pid_alive(row.pid):
+            raise Conflict(f"worker name {node!r} is taken by the running worker with pid "
+                           f"{row.pid}: choose another --name, or leave it out", param="name")
+    return node
+
+
 def start_worker(
     *, queues: list[str], gpu: int | None = None, name: str | None = None, loglevel: str = "INFO"
 ) -> None:
@@ -61,7 +80,7 @@ def start_worker(
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
     else:
         os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
-    node = name or (f"gpu{gpu}" if gpu is not None else "-".join(queues))
+    node = node_name(queues=queues, gpu=gpu, name=name)
     _state.update(queues=queues, gpu=gpu)
     _guard_forks()
     app = get_celery()
@@ -75,7 +94,7 @@ def start_worker(
             "--pool",
             "prefork",
             "--hostname",
-            f"{node}@{socket.gethostname()}",
+            node,
             "--loglevel",
             loglevel,
             "--task-events",
