@@ -121,8 +121,11 @@ def test_published_ports_are_private_by_default() -> None:
 
 def test_workers() -> None:
     cpu, gpu = SERVICES["worker-cpu"], SERVICES["worker-gpu"]
-    assert _command(cpu).split() == ["worker", "--queues", "cpu"]
-    assert _command(gpu).split() == ["worker", "--queues", "gpu", "--gpu", "0"]
+    # one worker a container: a fixed --name is unique and is what the healthcheck pings
+    assert _command(cpu).split() == ["worker", "--queues", "cpu", "--name", "cpu"]
+    assert _command(gpu).split() == ["worker", "--queues", "gpu", "--gpu", "0", "--name", "gpu0"]
+    assert "-d cpu@$$HOSTNAME" in " ".join(cpu["healthcheck"]["test"])
+    assert "-d gpu0@$$HOSTNAME" in " ".join(gpu["healthcheck"]["test"])
     for worker in (cpu, gpu):
         grace = str(worker["stop_grace_period"])
         assert grace.endswith("s") and int(grace[:-1]) >= 60
