@@ -11,6 +11,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
+from api.errors import json_type
 from common.auth import hash_key, owner_of
 from common.config import get_settings
 from common.db import session_factory
@@ -69,8 +70,8 @@ OwnerDep = Annotated[str, Depends(get_owner)]
 
 def limit_json_body(request: Request) -> None:
     """413 for a JSON body over GENQ_MAX_JSON_BYTES, before it is read (uploads are streamed)."""
-    if not request.headers.get("content-type", "").startswith("application/json"):
-        return
+    if not json_type(request.headers.get("content-type", "")):
+        return  # uploads stream under their own cap; any other body is capped as it is read
     size = request.headers.get("content-length")
     cap = get_settings().max_json_bytes
     if size and size.isdigit() and int(size) > cap:

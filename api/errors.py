@@ -103,7 +103,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(_: Request, exc: HTTPException) -> JSONResponse:
         code = HTTP_CODES.get(exc.status_code, "error")
         return JSONResponse(
-            error_body(code, str(exc.detail)), status_code=exc.status_code, headers=exc.headers
+            error_body(code, str(exc.detail), getattr(exc, "param", None)),
+            status_code=exc.status_code, headers=exc.headers,
         )
 
     @app.exception_handler(DataError)

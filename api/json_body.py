@@ -11,8 +11,10 @@ import re
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from fastapi import Request, Response
+from fastapi import HTTPException, Request, Response
 from fastapi.routing import APIRoute
+
+from common.config import get_settings
 
 # Raw bytes of an encoded surrogate (never valid UTF-8), or a \uD800-\uDFFF escape.
 MAYBE_SURROGATE = re.compile(rb"\xed[\xa0-\xbf]|\\u[dD][89a-fA-F]")
@@ -32,7 +34,29 @@ def parse_json(body: bytes) -> Any:
     return value
 
 
+class BodyTooLarge(HTTPException):
+    """413 while a body streams in (FastAPI passes HTTPException through its body parsing)."""
+
+    def __init__(self, cap: int):
+        super().__init__(413, f"request body is over the limit of {cap} bytes "
+                              "(GENQ_MAX_JSON_BYTES)")
+        self.param = "body"
+
+
 class StorableJsonRequest(Request):
+    async def body(self) -> bytes:
+        """The body, read up to GENQ_MAX_JSON_BYTES whatever its content type or framing
+        (chunked bodies announce no length); 413 at the first byte past it."""
+        if not hasattr(self, "_body"):
+            cap, size, chunks = get_settings().max_json_bytes, 0, []
+            async for chunk in self.stream():
+                size += len(chunk)
+                if size > cap:
+                    raise BodyTooLarge(cap)
+                chunks.append(chunk)
+            self._body = b"".join(chunks)
+        return self._body
+
     async def json(self) -> Any:
         if not hasattr(self, "_json"):
             self._json = parse_json(await self.body())

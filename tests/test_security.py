@@ -172,6 +172,26 @@ def test_oversized_json_body_is_413(stack):
     assert resp.json()["error"]["param"] == "body"
 
 
+def test_json_cap_holds_for_chunked_bodies_and_any_case(quiet_stack):
+    """No Content-Length (chunked) or `Application/JSON`: the cap holds while the body streams."""
+    capped = spawn_api(quiet_stack, GENQ_MAX_JSON_BYTES="2000")
+    body = b'{"type": "generate", "model": "m", "prompts": ["' + b"x" * 5000 + b'"]}'
+    try:
+        for content_type in ("application/json", "Application/JSON", "text/plain"):
+            resp = httpx.post(f"{capped.api_url}/v1/jobs", timeout=60,
+                              content=iter([body[:1000], body[1000:]]),  # chunked
+                              headers={**auth(capped.api_key), "content-type": content_type})
+            assert resp.status_code == 413, (content_type, resp.text[:300])
+            assert resp.json()["error"]["param"] == "body"
+        small = httpx.post(f"{capped.api_url}/v1/jobs",
+                           headers={**auth(capped.api_key), "content-type": "application/json"},
+                           content=iter([b'{"type": "generate", "model": "nope", ',
+                                         b'"prompts": ["a"]}']))
+        assert small.status_code == 404, small.text  # under the cap: read, then looked up
+    finally:
+        capped.stop_all()
+
+
 def test_database_outage_is_503_and_password_not_logged(stack):
     """An API whose PostgreSQL is down answers 503 with a code, never 500, and keeps secrets."""
     password = f"pw-{uuid.uuid4().hex}"
