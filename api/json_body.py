@@ -1,4 +1,5 @@
-"""JSON request bodies that SQL can store: a lone UTF-16 surrogate is a 422, not a 500 later.
+"""How the API reads a JSON body: capped while it streams in (413), and only text SQL can
+store (a lone UTF-16 surrogate is a 422, not a 500 later).
 
 Python's json module reads `"\\ud800"` (and the raw bytes ED A0 80) as a lone surrogate,
 which no UTF-8 column can hold: once stored it broke every later read of the owner's lists.
@@ -64,7 +65,7 @@ class StorableJsonRequest(Request):
 
 
 class GenqRoute(APIRoute):
-    """Every route of the API reads its JSON body through parse_json."""
+    """Every route of the API reads its body through StorableJsonRequest."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
