@@ -18,8 +18,11 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from api.client import FINISHED, Client, GenqAPIError
+from api.client import FINISHED, Client
+from api.follow import describe_end, follow
 from common.config import get_settings
+from common.errors import GenqAPIError
+from common.gpus import gpu_count
 
 app = typer.Typer(
     help="genq: a job queue for generative models.",
@@ -39,8 +42,7 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from api.demo import DemoFailed
-        from api.stack import StackError
+        from common.errors import DemoFailed, StackError
 
         try:
             return fn(*args, **kwargs)
@@ -110,13 +112,9 @@ def up(
 
 def count_gpus() -> int:
     """CUDA devices on this machine, through NVML (never CUDA itself), else nvidia-smi."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        return int(pynvml.nvmlDeviceGetCount())
-    except Exception:
-        pass
+    count = gpu_count()
+    if count is not None:
+        return count
     try:
         listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
@@ -367,47 +365,6 @@ def watch(job_id: str) -> None:
     """Follow a job with a live progress bar until it finishes."""
     job = follow(client(), job_id)
     raise typer.Exit(0 if job["status"] == "succeeded" else 1)
-
-
-def follow(c: Client, job_id: str) -> dict[str, Any]:
-    job = c.get_job(job_id)
-    columns = [
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[info]}"),
-    ]
-    with Progress(*columns, console=console, transient=False) as bar:
-        task = bar.add_task(
-            f"{job_id} {job['status']}", total=max(job["progress"]["total"], 1), info=""
-        )
-        while True:
-            p, m = job["progress"], job["metrics"]
-            info = f"loss {m['loss']:.4f}" if "loss" in m else ""
-            bar.update(
-                task,
-                completed=p["done"],
-                total=max(p["total"], 1),
-                description=f"{job_id} {job['status']}",
-                info=info,
-            )
-            if job["status"] in FINISHED:
-                break
-            job = c.get_job(job_id, wait=0.5)  # at once when it finishes
-    describe_end(job)
-    return job
-
-
-def describe_end(job: dict[str, Any]) -> None:
-    if job["status"] == "succeeded":
-        extra = f" → model {job['result']['model']}" if job["result"].get("model") else ""
-        console.print(f"[green]succeeded[/green]{extra}")
-    elif job["status"] == "failed":
-        e = job["error"] or {}
-        console.print(f"[red]failed[/red]: {e.get('code')}: {e.get('message')}")
-    else:
-        console.print(f"[yellow]{job['status']}[/yellow]")
 
 
 @app.command()

@@ -10,19 +10,12 @@ from typing import Any
 
 import httpx
 
-from common.batch_schemas import BATCH_FINISHED
+from common.batches.schemas import BATCH_FINISHED
 from common.config import get_settings
+from common.errors import GenqAPIError
+from common.models import FINISHED
 
-FINISHED = ("succeeded", "failed", "cancelled")
 LONG_POLL_S = 30.0  # how long one held read may wait (the API allows up to 60 s)
-
-
-class GenqAPIError(Exception):
-    """An error answer from the API: status, code, message and the field to blame."""
-
-    def __init__(self, status: int, code: str, message: str, param: str | None = None):
-        super().__init__(f"{message}" + (f" (field: {param})" if param else ""))
-        self.status, self.code, self.message, self.param = status, code, message, param
 
 
 def default_api_key() -> str:

@@ -10,14 +10,15 @@ from typing import Any
 from rich.console import Console
 
 from api.client import Client
+from api.follow import follow
 from common.config import get_settings
+from common.errors import DemoFailed
 
 PROMPTS = ["The ", "Python ", "def ", "A class ", "Exceptions "]
 
 
 def run_demo(console: Console, *, steps: int = 300) -> None:
     """Use a running stack, else start one here and stop it afterwards."""
-    from api.cli import follow
     from api.stack import Stack
 
     settings = get_settings()
@@ -55,10 +56,6 @@ def run_demo(console: Console, *, steps: int = 300) -> None:
     finally:
         if stack is not None and stack.procs:
             stack.stop()
-
-
-class DemoFailed(RuntimeError):
-    """The demo could not show what it promises; the message says which step failed."""
 
 
 def generate_texts(c: Client, model: str) -> list[tuple[str, str]]:

@@ -21,8 +21,10 @@ from sqlalchemy.orm import Session
 
 from common.config import get_settings
 from common.db import session_factory
+from common.errors import GpuUnreadable
 from common.fleet import live_workers
-from common.models import FINISHED, Item, Job, JobStatus, JobType
+from common.gpus import gpu_count, read_gpu
+from common.models import FINISHED, Item, ItemStatus, Job, JobStatus, JobType
 from common.notices import redis_client as broker_client
 
 log = logging.getLogger(__name__)
@@ -72,7 +74,8 @@ def jobs_by_status(session: Session) -> Iterator[Metric]:
 def items_and_tokens(session: Session) -> Iterator[Metric]:
     row = session.execute(
         select(func.count(), func.coalesce(func.sum(Item.tokens_in), 0),
-               func.coalesce(func.sum(Item.tokens_out), 0)).where(Item.status == "succeeded")
+               func.coalesce(func.sum(Item.tokens_out), 0))
+               .where(Item.status == ItemStatus.succeeded)
     ).one()
     yield CounterMetricFamily("genq_items_generated", "Generated items (all jobs).",
                               value=int(row[0]))
@@ -162,12 +165,8 @@ def queue_depths() -> Iterator[Metric]:
 
 def gpus() -> Iterator[Metric]:
     """GPUs visible to this API host through NVML; nothing when pynvml is absent."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        count = pynvml.nvmlDeviceGetCount()
-    except Exception:
+    count = gpu_count()
+    if count is None:
         return
     labels = ["gpu", "name"]
     used = GaugeMetricFamily("genq_gpu_memory_used_bytes", "GPU memory in use.", labels=labels)
@@ -175,17 +174,16 @@ def gpus() -> Iterator[Metric]:
     util = GaugeMetricFamily("genq_gpu_utilization_ratio", "GPU busy fraction.", labels=labels)
     for i in range(count):
         try:
-            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
-            name = pynvml.nvmlDeviceGetName(handle)
-            name = name.decode() if isinstance(name, bytes) else str(name)
-            mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
-            rates = pynvml.nvmlDeviceGetUtilizationRates(handle)
-        except Exception as exc:
+            gpu = read_gpu(i)
+        except GpuUnreadable as exc:
             log.warning("gpu %s unreadable: %s", i, exc)
             continue
-        used.add_metric([str(i), name], float(mem.used))
-        total.add_metric([str(i), name], float(mem.total))
-        util.add_metric([str(i), name], rates.gpu / 100.0)
+        if gpu.utilization is None:  # each GPU's three series come together or not at all
+            log.warning("gpu %s unreadable: no utilization", i)
+            continue
+        used.add_metric([str(i), gpu.name], float(gpu.memory_used))
+        total.add_metric([str(i), gpu.name], float(gpu.memory_total))
+        util.add_metric([str(i), gpu.name], gpu.utilization)
     yield from (used, total, util)
 
 

@@ -18,12 +18,9 @@ from pathlib import Path
 import httpx
 
 from common.config import Settings
+from common.errors import StackError
 
 log = logging.getLogger(__name__)
-
-
-class StackError(RuntimeError):
-    """A stack that cannot start, said in one line for a person."""
 
 
 def redis_binary() -> str:

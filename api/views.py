@@ -2,35 +2,23 @@
 
 from __future__ import annotations
 
+from sqlalchemy import inspect
+
 from common.models import Job, Model, utcnow
 from common.schemas import JobOut, ModelOut, Progress
 
+# The fields of JobOut that are columns of Job by the same name, shown as stored.
+JOB_COLUMNS = sorted(JobOut.model_fields.keys() & inspect(Job).columns.keys())
+
 
 def job_out(job: Job) -> JobOut:
-    return JobOut(
-        id=job.id,
-        type=job.type,
-        family=job.family,
-        status=job.status,
-        queue=job.queue,
-        priority=job.priority,
-        spec=job.spec,
-        attempt=job.attempt,
-        max_attempts=job.max_attempts,
-        attempts=job.attempts_log or [],
-        worker=job.worker,
-        progress=progress_of(job),
-        metrics=job.metrics or {},
-        result=job.result or {},
-        error=job.error,
-        cancel_requested=job.cancel_requested,
-        model_id=job.model_id,
-        parent_id=job.parent_id,
-        created_at=job.created_at,
-        started_at=job.started_at,
-        heartbeat_at=job.heartbeat_at,
-        finished_at=job.finished_at,
-    )
+    return JobOut.model_validate({
+        **{name: getattr(job, name) for name in JOB_COLUMNS},
+        "attempts": job.attempts_log or [],
+        "progress": progress_of(job),
+        "metrics": job.metrics or {},
+        "result": job.result or {},
+    })
 
 
 def progress_of(job: Job) -> Progress:

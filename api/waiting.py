@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from typing import Annotated, TypeVar
 
 from fastapi import Query
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from common.notices import CHANNEL, RECHECK_S, redis_client
@@ -93,9 +94,12 @@ async def until_event(event: asyncio.Event, seconds: float) -> None:
 
 
 async def read_when_finished(job_id: str, read: Callable[[], T], finished: Callable[[T], bool],
-                             wait_s: float) -> T:
+                             wait_s: float, *, session: Session | None = None) -> T:
     """read() (a blocking database read) now, or once it shows the job finished, or after
-    wait_s seconds, whichever comes first."""
+    wait_s seconds, whichever comes first. `session`, the one read() uses, is closed after
+    each read: no connection is held while the poll waits."""
+    if session is not None:
+        read = _closing(session, read)
     if wait_s <= 0:
         return await run_in_threadpool(read)
     loop = asyncio.get_running_loop()
@@ -106,3 +110,13 @@ async def read_when_finished(job_id: str, read: Callable[[], T], finished: Calla
             await until_event(notice, min(left, RECHECK_S))
             out = await run_in_threadpool(read)
     return out
+
+
+def _closing(session: Session, read: Callable[[], T]) -> Callable[[], T]:
+    def read_then_close() -> T:
+        try:
+            return read()
+        finally:
+            session.close()
+
+    return read_then_close

@@ -52,10 +52,11 @@ def queue_steps_per_s(client: Any, job_id: str) -> float:
 def bare_steps_per_s(run: TrainRun = TrainRun()) -> float:
     """The same model, data and batch in a plain loop: forward, backward, clip, AdamW."""
     from common.ml.data import TextData, load_data
-    from common.ml.families import get_family
+    from common.ml.families import TextFamily, get_family
     from common.ml.train import Batches, on_helper_thread
 
     module = get_family("gpt")
+    assert isinstance(module, TextFamily)
     data = load_data({"builtin": "python-docs"}, "text")
     assert isinstance(data, TextData)
     cfg, tok = module.prepare(module.Config(**run.config), data)

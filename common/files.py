@@ -11,10 +11,12 @@ from pathlib import Path, PurePosixPath
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from common.batch_schemas import UPLOAD_PURPOSES, FileOut
+from common.batches.schemas import UPLOAD_PURPOSES, FileOut
 from common.config import get_settings
-from common.errors import InvalidSpec, NotFound, TooLarge
+from common.errors import InvalidSpec, TooLarge
 from common.models import File, new_id, utcnow
+from common.owned import get_owned
+from common.paging import keyset_page
 from common.storage import Storage, complete_folder
 
 
@@ -68,10 +70,7 @@ def store_file(
 
 
 def get_file(session: Session, *, owner: str, file_id: str, param: str = "file_id") -> File:
-    row = session.get(File, file_id)
-    if row is None or row.owner != owner:
-        raise NotFound(f"no file {file_id!r}", param=param)
-    return row
+    return get_owned(session, File, file_id, owner=owner, what="file", param=param)
 
 
 def list_files(
@@ -81,13 +80,13 @@ def list_files(
     query = select(File).where(File.owner == owner)
     if purpose:
         query = query.where(File.purpose == purpose)
+    start = None
     if after:
         cursor = get_file(session, owner=owner, file_id=after, param="after")
-        query = query.where((File.created_at < cursor.created_at)
-                            | ((File.created_at == cursor.created_at) & (File.id < cursor.id)))
-    rows = list(session.scalars(query.order_by(File.created_at.desc(), File.id.desc())
-                                .limit(limit + 1)))
-    return rows[:limit], len(rows) > limit
+        start = (cursor.created_at, cursor.id)
+    page = keyset_page(session, query, (File.created_at, File.id), after=start, limit=limit,
+                       newest_first=True)
+    return page.rows, page.has_more
 
 
 def delete_file(session: Session, storage: Storage, *, owner: str, file_id: str) -> None:

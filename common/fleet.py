@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from datetime import timedelta
 from typing import Any
 
@@ -10,6 +11,10 @@ from sqlalchemy.orm import Session
 
 from common.config import get_settings
 from common.models import Worker, utcnow
+
+
+def this_worker() -> str:
+    return socket.gethostname()
 
 
 def register_worker(
@@ -61,3 +66,10 @@ def live_gpu_worker(session: Session) -> bool:
         str(w.device.get("type", "")).startswith("cuda") and "gpu" in w.queues.split(",")
         for w in live_workers(session)
     )
+
+
+def resolve_queue(session: Session, queue: str) -> str:
+    """`auto` means gpu when a live GPU worker is registered, else cpu."""
+    if queue != "auto":
+        return queue
+    return "gpu" if live_gpu_worker(session) else "cpu"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -16,17 +15,18 @@ from typing import Any
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from common import fleet
+from common.batches.finalize import shard_finished
 from common.celery_app import get_celery, send_job
 from common.config import get_settings
 from common.db import rows_changed
-from common.errors import Conflict, InvalidSpec, NotFound
+from common.errors import Conflict, InvalidSpec
+from common.files import get_file
+from common.fleet import resolve_queue
+from common.gen_params import ItemInput
 from common.idempotency import create_once
 from common.models import (
     FINISHED,
-    ITEMS,
     Checkpoint,
-    File,
     Job,
     JobStatus,
     JobType,
@@ -36,39 +36,27 @@ from common.models import (
     utcnow,
 )
 from common.notices import announce_finished
-from common.schemas import GenerateSpec, TrainSpec, family_kind
+from common.owned import get_owned
+from common.results import find_model, insert_items
+from common.schemas import GenerateSpec, TrainJobSpec
+from common.train_spec import family_kind
 
 log = logging.getLogger(__name__)
-
-GEN_FIELDS = ("max_tokens", "temperature", "top_k", "top_p", "num_beams", "seed")
 
 
 # ---------------------------------------------------------------- create & dispatch
 
 
-def find_model(session: Session, *, owner: str, name: str) -> Model:
-    """A model of this owner by name or id, else NotFound naming the `model` field."""
-    model = session.scalar(
-        select(Model).where(Model.owner == owner, or_(Model.name == name, Model.id == name))
-    )
-    if model is None:
-        raise NotFound(f"no model named {name!r}", param="model", code="model_not_found")
-    return model
-
-
 def get_job(session: Session, *, owner: str | None, job_id: str) -> Job:
     """A job by id, scoped to its owner (another owner's job is not found)."""
-    job = session.get(Job, job_id)
-    if job is None or (owner is not None and job.owner != owner):
-        raise NotFound(f"no job {job_id!r}", param="job_id")
-    return job
+    return get_owned(session, Job, job_id, owner=owner, what="job", param="job_id")
 
 
 def create_job(
     session: Session,
     *,
     owner: str,
-    spec: TrainSpec | GenerateSpec,
+    spec: TrainJobSpec | GenerateSpec,
     idempotency_key: str | None = None,
 ) -> tuple[Job, bool]:
     """Write a queued job (and its items) and commit; returns (job, created)."""
@@ -83,7 +71,7 @@ def create_job(
     )
 
 
-def _write_job(session: Session, *, owner: str, spec: TrainSpec | GenerateSpec,
+def _write_job(session: Session, *, owner: str, spec: TrainJobSpec | GenerateSpec,
                spec_json: dict[str, Any], idempotency_key: str | None) -> Job:
     settings = get_settings()
     job = Job(
@@ -96,7 +84,7 @@ def _write_job(session: Session, *, owner: str, spec: TrainSpec | GenerateSpec,
         max_attempts=spec.max_attempts or settings.max_attempts,
         queue=resolve_queue(session, spec.queue),
     )
-    if isinstance(spec, TrainSpec):
+    if isinstance(spec, TrainJobSpec):
         _prepare_train(session, job, spec)
     else:
         _prepare_generate(session, job, spec)
@@ -108,22 +96,19 @@ def _write_job(session: Session, *, owner: str, spec: TrainSpec | GenerateSpec,
     return job
 
 
-def _prepare_train(session: Session, job: Job, spec: TrainSpec) -> None:
+def _prepare_train(session: Session, job: Job, spec: TrainJobSpec) -> None:
     job.family = spec.family
     job.progress_unit = "step"
     job.progress_total = spec.steps or 0
     if spec.data and spec.data.file_id:
         check_dataset(session, owner=job.owner, file_id=spec.data.file_id, family=spec.family)
     if spec.resume_from:
-        ckpt = session.get(Checkpoint, spec.resume_from)
-        parent = session.get(Job, ckpt.job_id) if ckpt else None
-        if ckpt is None or parent is None or parent.owner != job.owner:
-            raise NotFound(f"no checkpoint {spec.resume_from!r}", param="resume_from")
-        if parent.family != spec.family:
-            raise InvalidSpec(
-                f"checkpoint {ckpt.id} is a {parent.family} model, not {spec.family}",
-                param="resume_from",
-            )
+        ckpt = get_owned(session, Checkpoint, spec.resume_from, owner=job.owner,
+                         what="checkpoint", param="resume_from")
+        family = session.scalar(select(Job.family).where(Job.id == ckpt.job_id))
+        if family != spec.family:
+            raise InvalidSpec(f"checkpoint {ckpt.id} is a {family} model, not {spec.family}",
+                              param="resume_from")
     if spec.name:
         taken = session.scalar(
             select(Model.id).where(Model.owner == job.owner, Model.name == spec.name)
@@ -138,9 +123,7 @@ def check_dataset(session: Session, *, owner: str, file_id: str, family: str) ->
     from common.ml.data import validate_data
     from common.storage import get_storage
 
-    file = session.get(File, file_id)
-    if file is None or file.owner != owner:
-        raise NotFound(f"no file {file_id!r}", param="data.file_id")
+    file = get_file(session, owner=owner, file_id=file_id, param="data.file_id")
     if file.purpose != "dataset":
         raise InvalidSpec(f"file {file_id} has purpose {file.purpose!r}, not 'dataset'",
                           param="data.file_id")
@@ -166,43 +149,13 @@ def _prepare_generate(session: Session, job: Job, spec: GenerateSpec) -> None:
 
 def generate_requests(spec: GenerateSpec, *, family: str) -> list[dict[str, Any]]:
     """One item request per prompt, label or image of a generate spec."""
-    params = {k: getattr(spec, k) for k in GEN_FIELDS}
+    params = spec.params.model_dump()
     if spec.prompts:
-        return [{"gen": {"prompt": p, **params}} for p in spec.prompts]
+        return [{"gen": ItemInput(prompt=p, **params).model_dump()} for p in spec.prompts]
     labels: list[int | None] = [*spec.labels] if spec.labels else [None]
     if spec.n is not None and len(labels) == 1:
         labels *= spec.n  # one label (or none) applies to every image
-    return [{"gen": {"label": label, **params}} for label in labels]
-
-
-def insert_items(
-    session: Session,
-    job_id: str,
-    requests: list[dict[str, Any]],
-    custom_ids: list[str] | None = None,
-    indexes: list[int] | None = None,
-) -> None:
-    """Bulk-insert pending items (Core executemany); index defaults to the list position."""
-    rows = [
-        {
-            "job_id": job_id,
-            "index": indexes[i] if indexes else i,
-            "custom_id": custom_ids[i] if custom_ids else str(i),
-            "status": "pending",
-            "request": req,
-        }
-        for i, req in enumerate(requests)
-    ]
-    if rows:
-        session.execute(ITEMS.insert(), rows)
-    session.execute(update(Job).where(Job.id == job_id).values(progress_total=len(rows)))
-
-
-def resolve_queue(session: Session, queue: str) -> str:
-    """`auto` means gpu when a live GPU worker is registered, else cpu."""
-    if queue != "auto":
-        return queue
-    return "gpu" if fleet.live_gpu_worker(session) else "cpu"
+    return [{"gen": ItemInput(label=label, **params).model_dump()} for label in labels]
 
 
 def dispatch(session: Session, job: Job) -> bool:
@@ -242,10 +195,6 @@ def sweep_outbox(session: Session, *, min_age_s: float = 10.0) -> int:
 
 
 # ---------------------------------------------------------------- claim & run
-
-
-def this_worker() -> str:
-    return socket.gethostname()
 
 
 def pid_alive(pid: int | None) -> bool:
@@ -412,8 +361,6 @@ def finish_job(
     if done:
         announce_finished(job.id)
     if done and job.parent_id:
-        from common.batches import shard_finished
-
         shard_finished(session, job)
     return done
 
@@ -512,8 +459,6 @@ def cancel_job(session: Session, *, owner: str, job_id: str) -> Job:
     for job_id in cancelled:
         announce_finished(job_id)
     for child in stopped:
-        from common.batches import shard_finished
-
         shard_finished(session, child)
     session.refresh(job)
     return job

@@ -65,10 +65,18 @@ class JobStatus(StrEnum):
 
     @property
     def finished(self) -> bool:
-        return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
+        return self in FINISHED
 
 
 FINISHED = (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
+
+
+class ItemStatus(StrEnum):
+    """One generation item: pending until a worker writes its response or its error."""
+
+    pending = "pending"
+    succeeded = "succeeded"
+    failed = "failed"
 
 
 class JobType(StrEnum):
@@ -172,7 +180,7 @@ class Item(Base):
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"))
     index: Mapped[int] = mapped_column(Integer)
     custom_id: Mapped[str] = mapped_column(String(255))
-    status: Mapped[str] = mapped_column(String(16), default="pending")
+    status: Mapped[str] = mapped_column(String(16), default=ItemStatus.pending)
     request: Mapped[dict[str, Any]] = mapped_column(JSON)
     response: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON)

@@ -11,8 +11,10 @@ import orjson
 from sqlalchemy import Text, bindparam, cast, select, update
 from sqlalchemy.orm import Session
 
-from common.errors import Conflict, NotFound
-from common.models import ITEMS, Artifact, Checkpoint, Item, Job, Model, new_id, utcnow
+from common.errors import Conflict
+from common.models import ITEMS, Artifact, Checkpoint, Item, ItemStatus, Job, Model, new_id, utcnow
+from common.owned import get_owned
+from common.retention import checkpoint_dirname, checkpoints_to_keep
 from common.storage import Storage
 
 
@@ -27,7 +29,7 @@ def save_checkpoint(
     keep_last: int = 2,
 ) -> Checkpoint:
     """Upload a finished local checkpoint folder, then register it (never half a checkpoint)."""
-    uri, size = storage.put_dir(f"checkpoints/{job.id}/step-{step:08d}", local)
+    uri, size = storage.put_dir(f"checkpoints/{job.id}/{checkpoint_dirname(step)}", local)
     ckpt = Checkpoint(
         id=new_id("ckpt_"), job_id=job.id, step=step, uri=uri, bytes=size, metrics=metrics
     )
@@ -38,16 +40,14 @@ def save_checkpoint(
 
 
 def prune_checkpoints(session: Session, storage: Storage, *, job_id: str, keep_last: int) -> None:
-    """Keep the last K, the best (lowest loss) and any a model points at."""
+    """Keep what the retention rule keeps (the last K and the best) and any a model points at."""
     ckpts = list(
         session.scalars(
             select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step)
         )
     )
-    keep = {c.id for c in ckpts[-keep_last:]}
-    scored = [c for c in ckpts if isinstance(c.metrics.get("loss"), int | float)]
-    if scored:
-        keep.add(min(scored, key=lambda c: c.metrics["loss"]).id)
+    kept = checkpoints_to_keep([c.metrics.get("loss") for c in ckpts], keep_last)
+    keep = {ckpts[i].id for i in kept}
     keep |= set(session.scalars(select(Model.checkpoint_id).where(Model.created_by_job == job_id)))
     for ckpt in ckpts:
         if ckpt.id not in keep:
@@ -63,11 +63,8 @@ def latest_checkpoint(session: Session, *, job_id: str) -> Checkpoint | None:
 
 
 def get_checkpoint(session: Session, *, owner: str, checkpoint_id: str) -> Checkpoint:
-    ckpt = session.get(Checkpoint, checkpoint_id)
-    job = session.get(Job, ckpt.job_id) if ckpt else None
-    if ckpt is None or job is None or job.owner != owner:
-        raise NotFound(f"no checkpoint {checkpoint_id!r}", param="checkpoint_id")
-    return ckpt
+    return get_owned(session, Checkpoint, checkpoint_id, owner=owner, what="checkpoint",
+                     param="checkpoint_id")
 
 
 def add_artifact(
@@ -100,11 +97,8 @@ def add_artifact(
 
 
 def get_artifact(session: Session, *, owner: str, artifact_id: str) -> Artifact:
-    art = session.get(Artifact, artifact_id)
-    job = session.get(Job, art.job_id) if art else None
-    if art is None or job is None or job.owner != owner:
-        raise NotFound(f"no artifact {artifact_id!r}", param="artifact_id")
-    return art
+    return get_owned(session, Artifact, artifact_id, owner=owner, what="artifact",
+                     param="artifact_id")
 
 
 def register_model(
@@ -129,6 +123,35 @@ def register_model(
     return model
 
 
+def find_model(session: Session, *, owner: str, name: str) -> Model:
+    """A model of this owner by name or id, else NotFound naming the `model` field."""
+    return get_owned(session, Model, name, owner=owner, by=[Model.name, Model.id],
+                     what="model named", param="model", code="model_not_found")
+
+
+def insert_items(
+    session: Session,
+    job_id: str,
+    requests: list[dict[str, Any]],
+    custom_ids: list[str] | None = None,
+    indexes: list[int] | None = None,
+) -> None:
+    """Bulk-insert pending items (Core executemany); index defaults to the list position."""
+    rows = [
+        {
+            "job_id": job_id,
+            "index": indexes[i] if indexes else i,
+            "custom_id": custom_ids[i] if custom_ids else str(i),
+            "status": ItemStatus.pending,
+            "request": req,
+        }
+        for i, req in enumerate(requests)
+    ]
+    if rows:
+        session.execute(ITEMS.insert(), rows)
+    session.execute(update(Job).where(Job.id == job_id).values(progress_total=len(rows)))
+
+
 class PendingItem(NamedTuple):
     """What a worker needs of an item to generate it (a plain row: no ORM object per item)."""
 
@@ -149,7 +172,7 @@ def pending_items(session: Session, *, job_id: str) -> list[PendingItem]:
     rows = session.execute(
         select(Item.id, Item.custom_id, Item.request["model_id"].as_string(),
                cast(Item.request["gen"], Text))
-        .where(Item.job_id == job_id, Item.status == "pending")
+        .where(Item.job_id == job_id, Item.status == ItemStatus.pending)
         .order_by(Item.index)
     )
     return [PendingItem(item_id, custom_id, model_id, orjson.loads(gen) if gen else {})
@@ -176,7 +199,7 @@ def write_items(session: Session, rows: list[dict[str, Any]]) -> None:
     stmt = (
         update(ITEMS)
         .where(ITEMS.c.id == bindparam("b_id"))
-        .where(ITEMS.c.status == "pending")
+        .where(ITEMS.c.status == ItemStatus.pending)
         .values(
             status=bindparam("b_status"),
             response=bindparam("b_response"),

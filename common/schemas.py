@@ -3,166 +3,69 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Generic, Literal, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from common.config import get_settings
-
-Family = Literal["vae", "gan", "lstm", "gpt"]
-TEXT_FAMILIES = ("lstm", "gpt")
-IMAGE_FAMILIES = ("vae", "gan")
-BUILTIN_DATA = {"python-docs": "text", "digits": "image"}
+from common.gen_params import GenParams, Prompt
+from common.train_spec import TrainSpec
 
 
-def family_kind(family: str) -> str:
-    return "text" if family in TEXT_FAMILIES else "image"
+class JobOptions(BaseModel):
+    """What every job adds to its own spec: where and how often it runs."""
 
-
-class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-
-class DataSpec(Strict):
-    """Training data: a built-in dataset or an uploaded file (purpose `dataset`)."""
-
-    builtin: Literal["python-docs", "digits"] | None = None
-    file_id: str | None = None
-
-    @model_validator(mode="after")
-    def _one_source(self) -> DataSpec:
-        if (self.builtin is None) == (self.file_id is None):
-            raise ValueError("give exactly one of data.builtin or data.file_id")
-        return self
-
-
-class TrainSpec(Strict):
-    """A training job: POST /v1/jobs with type `train`."""
-
-    type: Literal["train"] = "train"
-    family: Family
-    name: str | None = Field(None, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
-    config: dict[str, Any] = Field(default_factory=dict)
-    data: DataSpec | None = None
-    steps: int | None = Field(None, ge=1, le=10_000_000)
-    epochs: int | None = Field(None, ge=1, le=100_000)
-    batch_size: int = Field(16, ge=1, le=4096)
-    lr: float = Field(1e-3, gt=0, le=10)
-    warmup_steps: int = Field(0, ge=0)
-    schedule: Literal["cosine", "constant"] = "cosine"
-    optimizer: Literal["adamw", "adam", "sgd"] | None = None
-    weight_decay: float = Field(0.0, ge=0)
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    grad_accum: int = Field(1, ge=1, le=1024)
-    clip: float | None = Field(1.0, gt=0)
-    seed: int = Field(0, ge=0, le=2**31 - 1)
-    seq_len: int = Field(64, ge=2, le=8192)
-    checkpoint_every: int = Field(50, ge=1)
-    keep_last: int = Field(2, ge=1, le=100)
-    log_every: int = Field(10, ge=1)
-    eval_every: int | None = Field(None, ge=1)
-    timeout_s: float | None = Field(None, gt=0)
-    resume_from: str | None = None
     queue: str = "auto"
     priority: int = Field(0, ge=0, le=9)
     max_attempts: int | None = Field(None, ge=1, le=20)
 
-    @model_validator(mode="after")
-    def _coherent(self) -> TrainSpec:
-        from common.ml.families import validate_model_config
+    @field_validator("queue")
+    @classmethod
+    def _known_queue(cls, queue: str) -> str:
+        allowed = ["auto", *get_settings().queue_names]
+        if queue not in allowed:
+            raise ValueError(f"{queue!r} is not one of {allowed}")
+        return queue
 
-        problems: list[str] = []
-        if self.steps is None and self.epochs is None:
-            self.steps = 200
-        if self.steps is not None and self.epochs is not None:
-            problems.append("epochs: give steps or epochs, not both")
-        if self.data is None:
-            self.data = DataSpec(
-                builtin="python-docs" if self.family in TEXT_FAMILIES else "digits"
-            )
-        if self.data.builtin and BUILTIN_DATA[self.data.builtin] != family_kind(self.family):
-            problems.append(
-                f"data.builtin: {self.data.builtin!r} is {BUILTIN_DATA[self.data.builtin]} data, "
-                f"family {self.family!r} needs {family_kind(self.family)} data"
-            )
-        if self.family == "gpt" and isinstance(self.config.get("pretrained"), str):
-            self.config["pretrained"] = confine_pretrained(self.config["pretrained"], problems)
-        problems += validate_model_config(self.family, self.config)
-        check_queue(self.queue, problems)
-        if problems:
-            raise ValueError("; ".join(problems))
+
+class TrainJobSpec(TrainSpec, JobOptions):
+    """A training job: POST /v1/jobs with type `train`."""
+
+    type: Literal["train"] = "train"
+    name: str | None = Field(None, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
+
+    @model_validator(mode="after")
+    def _no_local_path(self) -> Self:
+        if self.data is not None and self.data.path is not None:
+            raise ValueError("data.path: unknown field (give data.builtin or data.file_id)")
         return self
 
 
-class SamplingParams(Strict):
-    max_tokens: int = Field(32, ge=1)
-    temperature: float = Field(1.0, ge=0, le=5)
-    top_k: int | None = Field(None, ge=1, le=100_000)
-    top_p: float | None = Field(None, gt=0, le=1)
-    num_beams: int = Field(1, ge=1, le=16)
-    seed: int | None = Field(None, ge=0, le=2**31 - 1)
-
-    @field_validator("max_tokens")
-    @classmethod
-    def _cap_tokens(cls, v: int) -> int:
-        cap = get_settings().max_tokens_cap
-        if v > cap:
-            raise ValueError(f"max_tokens must be <= {cap}")
-        return v
-
-
-class GenerateSpec(SamplingParams):
+class GenerateSpec(GenParams, JobOptions):
     """A generation job: POST /v1/jobs with type `generate`."""
 
     type: Literal["generate"] = "generate"
     model: str = Field(min_length=1, max_length=128)
-    prompts: list[str] | None = Field(None, min_length=1, max_length=10_000)
+    prompts: list[Prompt] | None = Field(None, min_length=1, max_length=10_000)
     n: int | None = Field(None, ge=1, le=10_000)
     labels: list[int] | None = Field(None, min_length=1, max_length=10_000)
-    queue: str = "auto"
-    priority: int = Field(0, ge=0, le=9)
-    max_attempts: int | None = Field(None, ge=1, le=20)
-
-    @field_validator("prompts")
-    @classmethod
-    def _prompt_length(cls, v: list[str] | None) -> list[str] | None:
-        cap = get_settings().max_prompt_chars
-        for i, p in enumerate(v or []):
-            if len(p) > cap:
-                raise ValueError(f"prompts[{i}] is longer than {cap} characters")
-        return v
 
     @model_validator(mode="after")
-    def _what_to_generate(self) -> GenerateSpec:
+    def _what_to_generate(self) -> Self:
         problems: list[str] = []
         if self.prompts is None and self.n is None and self.labels is None:
             problems.append("prompts: give prompts (text models) or n / labels (image models)")
         if self.labels is not None and self.n is not None and len(self.labels) not in (1, self.n):
             problems.append(f"labels: give one label for all {self.n} images or exactly n "
                             f"labels, got {len(self.labels)}")
-        check_queue(self.queue, problems)
         if problems:
             raise ValueError("; ".join(problems))
         return self
 
 
-def confine_pretrained(path: str, problems: list[str]) -> str:
-    """A pretrained directory resolved inside GENQ_PRETRAINED_ROOT, never elsewhere."""
-    root = get_settings().pretrained_dir
-    resolved = (root / path).resolve()
-    if not resolved.is_relative_to(root):
-        problems.append(f"config.pretrained: must be a folder inside {root} (GENQ_PRETRAINED_ROOT)")
-        return path
-    return str(resolved)
-
-
-def check_queue(queue: str, problems: list[str]) -> None:
-    allowed = ["auto", *get_settings().queue_names]
-    if queue not in allowed:
-        problems.append(f"queue: {queue!r} is not one of {allowed}")
-
-
-JobSpec = Annotated[TrainSpec | GenerateSpec, Field(discriminator="type")]
+JobSpec = Annotated[TrainJobSpec | GenerateSpec, Field(discriminator="type")]
 
 
 class Progress(BaseModel):
@@ -201,11 +104,21 @@ class JobOut(BaseModel):
     finished_at: datetime | None
 
 
-class JobList(BaseModel):
+Row = TypeVar("Row")
+Cursor = TypeVar("Cursor")
+
+
+class CursorPage(BaseModel, Generic[Row, Cursor]):
+    """One page of a keyset-paged list: next_cursor, when has_more, is the next `after`."""
+
     object: str = "list"
-    data: list[JobOut]
+    data: list[Row]
     has_more: bool
-    next_cursor: str | None = None
+    next_cursor: Cursor | None = None
+
+
+class JobList(CursorPage[JobOut, str]):
+    pass
 
 
 class ItemOut(BaseModel):
@@ -222,11 +135,8 @@ class ItemOut(BaseModel):
     finished_at: datetime | None
 
 
-class ItemList(BaseModel):
-    object: str = "list"
-    data: list[ItemOut]
-    has_more: bool
-    next_cursor: int | None = None
+class ItemList(CursorPage[ItemOut, int]):
+    pass
 
 
 class ModelOut(BaseModel):

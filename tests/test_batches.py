@@ -264,9 +264,8 @@ def test_output_and_error_lines_on_every_backend(session, tmp_path):  # type: ig
     import uuid
     from pathlib import Path
 
-    from common.batches import _write_lines
-    from common.jobs import insert_items
-    from common.results import write_items
+    from common.batches.finalize import _write_lines
+    from common.results import insert_items, write_items
 
     parent = Job(id=f"job_{uuid.uuid4().hex}", owner="lines-test", type="batch", spec={},
                  queue="cpu", status="running")
@@ -324,10 +323,10 @@ def test_request_counts_read_finished_shards_from_their_result(session):  # type
     and a shard never started counts nothing. Together they match a live count of every row."""
     import uuid
 
-    from common.batches import _count_items, item_counts, shard_finished
-    from common.jobs import insert_items
+    from common.batches.finalize import shard_finished
+    from common.batches.views import count_items, item_counts
     from common.models import utcnow
-    from common.results import write_items
+    from common.results import insert_items, write_items
 
     parent = Job(id=f"job_{uuid.uuid4().hex}", owner="counts-test", type="batch", spec={},
                  queue="cpu", status="running", shards_total=3)
@@ -355,4 +354,4 @@ def test_request_counts_read_finished_shards_from_their_result(session):  # type
     assert done.result["item_counts"] == {"succeeded": 2, "failed": 1}
     assert session.get(Job, parent.id).shards_done == 1
     assert item_counts(session, batch_id=parent.id) == (3, 1)
-    assert _count_items(session, [s.id for s in shards]) == (3, 1)
+    assert count_items(session, [s.id for s in shards]) == (3, 1)

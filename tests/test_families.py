@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 from sqlalchemy import select
 
-from api.client import GenqAPIError
 from common.db import engine_for, session_factory
+from common.errors import GenqAPIError
 from common.ml.checkpoint import load_model
 from common.ml.families import get_family
 from common.models import Checkpoint, Item, Job, Model
@@ -169,12 +169,12 @@ def test_gpt_fine_tunes_a_local_pretrained_directory(stack):
     """A transformers directory under GENQ_HOME/pretrained is loaded (never downloaded)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from common.ml.families.gpt import save_tokenizer, train_tokenizer
+    from common.ml.families.gpt import train_tokenizer
 
     target = stack.home / "pretrained" / "tiny-gpt2"
     target.mkdir(parents=True)
     tokenizer = train_tokenizer("hello world, tiny corpus for a tokenizer " * 50, 300)
-    save_tokenizer(tokenizer, target)
+    get_family("gpt").save_tokenizer(tokenizer, target)
     GPT2LMHeadModel(
         GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=1, n_head=2)
     ).save_pretrained(target)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from api.client import GenqAPIError
+from common.errors import GenqAPIError
 
 
 def test_train_registers_model_with_checkpoint(stack, trained_lstm):

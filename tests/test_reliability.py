@@ -153,6 +153,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tenso
     """The weights of an uninterrupted run of SPEC, in this process."""
     from common.ml.checkpoint import load_model
     from common.ml.train import TrainHooks, run_training
+    from common.schemas import TrainJobSpec
 
     # Workers run with torch's default thread count; other tests may have changed this
     # process's, and float sums depend on it.
@@ -161,7 +162,8 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tenso
     before = torch.get_num_threads()
     torch.set_num_threads(default)
     try:
-        out = run_training(dict(SPEC), tmp_path_factory.mktemp("ref"), hooks=TrainHooks())
+        spec = TrainJobSpec.model_validate(SPEC)  # as the worker parses the job's spec
+        out = run_training(spec, tmp_path_factory.mktemp("ref"), hooks=TrainHooks())
     finally:
         torch.set_num_threads(before)
     return load_model(out.checkpoint).model.state_dict()

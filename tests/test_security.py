@@ -15,7 +15,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from api.client import GenqAPIError
+from common.errors import GenqAPIError
 from tests.conftest import _TMP, BACKENDS, ROOT, Stack, _free_port, fresh_database, start_stack
 from tests.test_reliability import RedisServer
 
@@ -125,7 +125,7 @@ def test_rate_limit_is_429(quiet_stack):
 @pytest.mark.parametrize(
     ("body", "status", "param"),
     [
-        ({"type": "generate", "model": "m", "prompts": ["x" * 40_000]}, 422, "prompts"),
+        ({"type": "generate", "model": "m", "prompts": ["x" * 40_000]}, 422, "prompts[0]"),
         ({"type": "generate", "model": "m", "prompts": ["x"], "max_tokens": 10**7}, 422,
          "max_tokens"),
         ({"type": "generate", "model": "m", "prompts": ["x"] * 10_001}, 422, "prompts"),

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 from common import jobs
 from common.config import get_settings
 from common.db import session_factory
+from common.errors import StopReason
 from common.models import Job, JobLog, Metric, utcnow
 from common.storage import Storage, get_storage
 
@@ -110,7 +111,7 @@ class JobContext:
             session.rollback()
             log.debug("job %s: flag poll failed: %s", self.job.id, exc)
 
-    def should_stop(self) -> str | None:
+    def should_stop(self) -> StopReason | None:
         """Why the job must stop now: cancel, shutdown, timeout, lost; None to go on.
 
         Called every step / batch; the flags it reads are at most FLAG_POLL_S old, so a
@@ -118,14 +119,14 @@ class JobContext:
         """
         s = self._signals
         if s.lost:
-            return "lost"
+            return StopReason.lost
         if s.cancel:
-            return "cancel"
+            return StopReason.cancel
         if s.shutdown:
-            return "shutdown"
+            return StopReason.shutdown
         timeout = self.job.spec.get("timeout_s")
         if timeout and time.monotonic() - self._started > timeout:
-            return "timeout"
+            return StopReason.timeout
         return None
 
     def progress(self, done: int, total: int, metrics: dict[str, Any] | None = None) -> None:

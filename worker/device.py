@@ -6,6 +6,9 @@ import os
 from functools import lru_cache
 from typing import Any
 
+from common.errors import GpuUnreadable
+from common.gpus import read_gpu
+
 
 @lru_cache
 def current_device() -> str:
@@ -36,15 +39,8 @@ def describe_device(gpu: int | None) -> dict[str, Any]:
     """Device facts for the workers table, read through NVML so the parent never inits CUDA."""
     if gpu is None:
         return {"type": "cpu", "cores": os.cpu_count()}
-    info: dict[str, Any] = {"type": f"cuda:{gpu}"}
     try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(gpu)
-        name = pynvml.nvmlDeviceGetName(handle)
-        info["name"] = name.decode() if isinstance(name, bytes) else name
-        info["memory_bytes"] = int(pynvml.nvmlDeviceGetMemoryInfo(handle).total)
-    except Exception as exc:  # no NVML: still a GPU worker, just undescribed
-        info["note"] = f"nvml unavailable: {exc}"
-    return info
+        reading = read_gpu(gpu)
+    except GpuUnreadable as exc:  # no NVML: still a GPU worker, just undescribed
+        return {"type": f"cuda:{gpu}", "note": f"nvml unavailable: {exc}"}
+    return {"type": f"cuda:{gpu}", "name": reading.name, "memory_bytes": reading.memory_total}

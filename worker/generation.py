@@ -6,16 +6,16 @@ import time
 from collections import defaultdict
 from typing import Any
 
+from pydantic import ValidationError
+
 from common import results
-from common.errors import Cancelled
-from common.ml.generate import GenOutput, GenRequest, InvalidRequests, generate
+from common.errors import InvalidRequests, pydantic_problems, raise_if_stopped
+from common.ml.generate import GenOutput, GenRequest, generate
+from common.models import ItemStatus
 from common.results import PendingItem
 from worker.context import JobContext
 from worker.device import current_device
 from worker.model_cache import get_model
-from worker.outcome import ShutdownRequested, StopForTimeout
-
-GEN_KEYS = set(GenRequest.__dataclass_fields__) - {"key"}
 
 
 class ItemWriter:
@@ -40,7 +40,7 @@ class ItemWriter:
             self.flush()
 
     def add_failed(self, item_id: int, error: dict[str, Any]) -> None:
-        self.rows.append({"id": item_id, "status": "failed", "error": error})
+        self.rows.append({"id": item_id, "status": ItemStatus.failed, "error": error})
 
     def flush(self) -> None:
         if self.rows:
@@ -67,18 +67,11 @@ def execute_items(ctx: JobContext) -> dict[str, Any]:
         if ctx.should_stop():
             break
         loaded = get_model(ctx.session, model_id, current_device())
-        requests = [to_request(item) for item in group]
-        run_group(ctx, loaded, requests, writer)
+        run_group(ctx, loaded, requests_of(group, writer), writer)
     writer.flush()
 
-    reason = ctx.should_stop()
     summary = {"items_done": writer.done, "items_total": total, "tokens_out": writer.tokens_out}
-    if reason == "cancel":
-        raise Cancelled(summary)
-    if reason == "shutdown":
-        raise ShutdownRequested(summary)
-    if reason == "timeout":
-        raise StopForTimeout(summary)
+    raise_if_stopped(ctx.should_stop(), summary)
     return summary
 
 
@@ -114,9 +107,16 @@ def run_group(ctx: JobContext, loaded: Any, requests: list[GenRequest], writer: 
     writer.flush()
 
 
-def to_request(item: PendingItem) -> GenRequest:
-    gen = {k: v for k, v in item.gen.items() if k in GEN_KEYS}
-    return GenRequest(key=str(item.id), **gen)
+def requests_of(items: list[PendingItem], writer: ItemWriter) -> list[GenRequest]:
+    """The items as requests; one whose stored request no longer validates fails alone."""
+    requests = []
+    for item in items:
+        try:
+            requests.append(GenRequest.model_validate({**item.gen, "key": str(item.id)}))
+        except ValidationError as exc:
+            writer.add_failed(item.id, {"code": "invalid_request",
+                                        "message": "; ".join(pydantic_problems(exc))})
+    return requests
 
 
 def item_row(ctx: JobContext, item: PendingItem, out: GenOutput) -> dict[str, Any]:
@@ -140,7 +140,7 @@ def item_row(ctx: JobContext, item: PendingItem, out: GenOutput) -> dict[str, An
         response["artifact_ids"] = [a.id for a in arts]
     return {
         "id": item.id,
-        "status": "succeeded",
+        "status": ItemStatus.succeeded,
         "response": response,
         "tokens_in": out.tokens_in,
         "tokens_out": out.tokens_out,

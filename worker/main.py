@@ -15,7 +15,8 @@ from typing import Any
 from celery import signals
 from sqlalchemy.orm import Session
 
-from common import batches, fleet, jobs
+from common import fleet, jobs
+from common.batches.finalize import finalize_stalled
 from common.celery_app import get_celery
 from common.config import get_settings
 from common.db import get_engine, session_factory
@@ -135,7 +136,7 @@ def _housekeeping(hostname: str) -> None:
                 fleet.worker_heartbeat(session, hostname=hostname)
                 if jobs.take_lease(session, "reaper", hostname, settings.reaper_interval_s * 3):
                     jobs.reap(session, lease_s=settings.lease_s)
-                    batches.finalize_stalled(session)
+                    finalize_stalled(session)
                     jobs.sweep_outbox(session)
                     if time.monotonic() - uploads_checked >= min(60.0, settings.stale_upload_s):
                         uploads_checked = time.monotonic()

@@ -14,13 +14,19 @@ from sqlalchemy.exc import SQLAlchemyError
 from common import fleet, jobs
 from common.celery_app import get_celery
 from common.db import session_factory
-from common.errors import Cancelled, GenqError, RetryableError
-from common.ml.checkpoint import CheckpointError
-from common.ml.train import NanLoss
+from common.errors import (
+    Cancelled,
+    CheckpointError,
+    GenqError,
+    LeaseLost,
+    NanLoss,
+    RetryableError,
+    ShutdownRequested,
+    StopForTimeout,
+)
 from common.models import JobStatus
 from worker.context import JobContext
 from worker.frame_stack import call_on_fresh_chunk
-from worker.outcome import ShutdownRequested, StopForTimeout
 
 log = logging.getLogger(__name__)
 app = get_celery()
@@ -44,7 +50,7 @@ def _run_job(task: Any, job_id: str, attempt: int, body: Body) -> str:
         try:
             claim = jobs.claim_job(
                 session, job_id, attempt,
-                worker=task.request.hostname or jobs.this_worker(), pid=os.getpid(),
+                worker=task.request.hostname or fleet.this_worker(), pid=os.getpid(),
                 task_id=task.request.id,
             )
         except SQLAlchemyError as exc:
@@ -73,16 +79,18 @@ def record(session: Any, ctx: JobContext, body: Body) -> str:
     job = ctx.job
     try:
         result = run_body(ctx, body)
+    except LeaseLost:
+        return "lost the lease; another attempt owns the job"
     except Cancelled as stop:
-        jobs.finish_job(session, job, status=JobStatus.cancelled, result=_partial(stop))
+        jobs.finish_job(session, job, status=JobStatus.cancelled, result=stop.partial)
         return "cancelled"
     except ShutdownRequested as stop:
         reason = {"code": "shutdown", "message": "worker shut down", "retryable": True}
-        jobs.requeue_job(session, job, reason={**reason, **_partial(stop)}, spend=False)
+        jobs.requeue_job(session, job, reason={**reason, **stop.partial}, spend=False)
         return "re-queued by worker shutdown"
     except StopForTimeout as stop:
         error = {"code": "timeout", "message": f"ran past timeout_s={job.spec.get('timeout_s')}"}
-        jobs.finish_job(session, job, status=JobStatus.failed, error=error, result=_partial(stop))
+        jobs.finish_job(session, job, status=JobStatus.failed, error=error, result=stop.partial)
         return "failed: timeout"
     except NanLoss as exc:
         return _fail(ctx, session, {"code": "nan_loss", "message": str(exc), "step": exc.step})
@@ -96,8 +104,6 @@ def record(session: Any, ctx: JobContext, body: Body) -> str:
             return _fail(ctx, session, _retryable(exc, code="out_of_memory"))
         log.error("job %s crashed:\n%s", job.id, traceback.format_exc())
         return _fail(ctx, session, {"code": "internal_error", "message": repr(exc)[:2000]})
-    if result.get("lost"):
-        return "lost the lease; another attempt owns the job"
     jobs.finish_job(session, job, status=JobStatus.succeeded, result=result)
     return f"succeeded: {summary(result)}"
 
@@ -138,10 +144,6 @@ def _fail(ctx: JobContext, session: Any, error: dict[str, Any]) -> str:
 
 def _retryable(exc: BaseException, code: str = "transient") -> dict[str, Any]:
     return {"code": getattr(exc, "code", code), "message": repr(exc)[:2000], "retryable": True}
-
-
-def _partial(stop: BaseException) -> dict[str, Any]:
-    return stop.args[0] if stop.args and isinstance(stop.args[0], dict) else {}
 
 
 def summary(result: dict[str, Any]) -> str:

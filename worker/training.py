@@ -5,25 +5,27 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from common import results
-from common.errors import Cancelled, InvalidSpec
+from common.errors import InvalidSpec, pydantic_problems, raise_if_stopped
 from common.files import dataset_path
 from common.ml.data import validate_data
 from common.ml.train import TrainHooks, run_training
 from common.models import Checkpoint, File
-from common.schemas import family_kind
+from common.schemas import TrainJobSpec
+from common.train_spec import DataSpec, family_kind
 from worker.context import JobContext
 from worker.device import current_device
-from worker.outcome import ShutdownRequested, StopForTimeout
 
 LOGGED = ("loss", "eval_loss", "lr", "samples_per_s")  # what each interval's log line shows
 
 
 def execute_training(ctx: JobContext) -> dict[str, Any]:
     """Train (resuming from this job's last checkpoint after a restart) and register a model."""
-    job, spec = ctx.job, dict(ctx.job.spec)
-    spec["data"] = resolve_data(ctx, spec.get("data") or {})
-    problems = validate_data(spec["data"], family_kind(job.family or ""))
+    job, spec = ctx.job, job_spec(ctx.job.spec)
+    spec = spec.model_copy(update={"data": resolve_data(ctx, spec.data)})
+    problems = validate_data(spec.data_source, family_kind(spec.family))
     if problems:
         raise InvalidSpec("; ".join(problems), param="data")
     resume = resume_point(ctx)
@@ -43,7 +45,7 @@ def execute_training(ctx: JobContext) -> dict[str, Any]:
             step=step,
             local=local,
             metrics=metrics,
-            keep_last=int(spec.get("keep_last", 2)),
+            keep_last=spec.keep_last,
         )
         ctx.log(f"checkpoint {last['ckpt'].id} at step {step}")
 
@@ -63,14 +65,7 @@ def execute_training(ctx: JobContext) -> dict[str, Any]:
     )
     ckpt = last.get("ckpt") or results.latest_checkpoint(ctx.session, job_id=job.id)
     partial = {"checkpoint_id": ckpt.id if ckpt else None, "step": outcome.step}
-    if outcome.stopped == "cancel":
-        raise Cancelled(partial)
-    if outcome.stopped == "shutdown":
-        raise ShutdownRequested(partial)
-    if outcome.stopped == "timeout":
-        raise StopForTimeout(partial)
-    if outcome.stopped == "lost":
-        return {"lost": True, **partial}
+    raise_if_stopped(outcome.stopped, partial)
     pictures = [
         results.add_artifact(
             ctx.session,
@@ -84,7 +79,7 @@ def execute_training(ctx: JobContext) -> dict[str, Any]:
         for art in outcome.artifacts
     ]
     assert ckpt is not None, "run_training always writes a final checkpoint"
-    name = spec.get("name") or f"{job.family}-{job.id[4:12]}"
+    name = spec.name or f"{job.family}-{job.id[4:12]}"
     model = results.register_model(ctx.session, job=job, name=name, checkpoint=ckpt)
     ctx.log(f"registered model {name!r} from step {ckpt.step}")
     return {
@@ -99,14 +94,22 @@ def execute_training(ctx: JobContext) -> dict[str, Any]:
     }
 
 
-def resolve_data(ctx: JobContext, data: dict[str, Any]) -> dict[str, Any]:
+def job_spec(stored: dict[str, Any]) -> TrainJobSpec:
+    """The job's spec parsed with the API's own class: what was accepted is what runs."""
+    try:
+        return TrainJobSpec.model_validate(stored)
+    except ValidationError as e:
+        raise InvalidSpec("; ".join(pydantic_problems(e))) from e
+
+
+def resolve_data(ctx: JobContext, data: DataSpec | None) -> DataSpec | None:
     """Turn a file id into a local path the data loader can open."""
-    if "file_id" not in data:
+    if data is None or data.file_id is None:
         return data
-    file = ctx.session.get(File, data["file_id"])
+    file = ctx.session.get(File, data.file_id)
     if file is None:
-        raise InvalidSpec(f"file {data['file_id']!r} is gone", param="data.file_id")
-    return {"path": str(dataset_path(ctx.storage, file, ctx.cache_dir))}
+        raise InvalidSpec(f"file {data.file_id!r} is gone", param="data.file_id")
+    return DataSpec(path=str(dataset_path(ctx.storage, file, ctx.cache_dir)))
 
 
 def resume_point(ctx: JobContext) -> Checkpoint | None:
@@ -114,5 +117,5 @@ def resume_point(ctx: JobContext) -> Checkpoint | None:
     own = results.latest_checkpoint(ctx.session, job_id=ctx.job.id)
     if own is not None:
         return own
-    ckpt_id = ctx.job.spec.get("resume_from")
+    ckpt_id = job_spec(ctx.job.spec).resume_from
     return ctx.session.get(Checkpoint, ckpt_id) if ckpt_id else None

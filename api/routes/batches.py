@@ -10,8 +10,9 @@ from api.broker import require_broker
 from api.deps import OwnerDep, SessionDep
 from api.json_body import GenqRoute
 from api.waiting import WaitSeconds, read_when_finished
-from common import batches, jobs
-from common.batch_schemas import BATCH_FINISHED, BatchCreate, BatchList, BatchOut
+from common import jobs
+from common.batches import create, views
+from common.batches.schemas import BATCH_FINISHED, BatchCreate, BatchList, BatchOut
 from common.storage import get_storage
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"], route_class=GenqRoute)
@@ -26,11 +27,11 @@ def create_batch(
 ) -> BatchOut:
     """Validate an uploaded JSONL file and queue its requests as shards (a bad file: failed)."""
     require_broker()
-    parent, shards = batches.create_batch(session, get_storage(), owner=owner, spec=spec,
-                                          idempotency_key=idempotency_key)
+    parent, shards = create.create_batch(session, get_storage(), owner=owner, spec=spec,
+                                         idempotency_key=idempotency_key)
     for shard in shards:
         jobs.dispatch(session, shard)
-    return batches.batch_out(session, parent)
+    return views.batch_out(session, parent)
 
 
 @router.get("", response_model=BatchList)
@@ -41,8 +42,8 @@ def list_batches(
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> BatchList:
     """Your batches, newest first."""
-    rows, has_more = batches.list_batches(session, owner=owner, after=after, limit=limit)
-    data = [batches.batch_out(session, r) for r in rows]
+    rows, has_more = views.list_batches(session, owner=owner, after=after, limit=limit)
+    data = [views.batch_out(session, r) for r in rows]
     return BatchList(data=data, has_more=has_more, first_id=data[0].id if data else None,
                      last_id=data[-1].id if data else None)
 
@@ -54,19 +55,16 @@ async def get_batch(
     """One batch: status, request counts, output and error file ids."""
 
     def read() -> BatchOut:
-        try:
-            return batches.batch_out(session,
-                                     batches.get_batch(session, owner=owner, batch_id=batch_id))
-        finally:
-            session.close()  # no connection held while a long-poll waits
+        return views.batch_out(session, views.get_batch(session, owner=owner, batch_id=batch_id))
 
-    return await read_when_finished(batch_id, read, lambda b: b.status in BATCH_FINISHED, wait)
+    return await read_when_finished(batch_id, read, lambda b: b.status in BATCH_FINISHED, wait,
+                                    session=session)
 
 
 @router.post("/{batch_id}/cancel", response_model=BatchOut)
 def cancel_batch(batch_id: str, session: SessionDep, owner: OwnerDep) -> BatchOut:
     """Cancel: queued shards at once, running ones after their current generation batch."""
-    batches.get_batch(session, owner=owner, batch_id=batch_id)
+    views.get_batch(session, owner=owner, batch_id=batch_id)
     job = jobs.cancel_job(session, owner=owner, job_id=batch_id)
-    batches.mark_cancelling(session, job)
-    return batches.batch_out(session, job)
+    views.mark_cancelling(session, job)
+    return views.batch_out(session, job)

@@ -11,7 +11,7 @@ from fastapi.responses import StreamingResponse
 from api.deps import OwnerDep, SessionDep
 from api.json_body import GenqRoute
 from common import files
-from common.batch_schemas import FileDeleted, FileList, FileOut
+from common.batches.schemas import FileDeleted, FileList, FileOut
 from common.config import get_settings
 from common.errors import TooLarge
 from common.storage import CHUNK, get_storage

@@ -13,10 +13,12 @@ from api.deps import OwnerDep, SessionDep
 from api.json_body import GenqRoute
 from api.views import job_out
 from api.waiting import WaitSeconds, read_when_finished
-from common import batches, jobs
+from common import jobs
+from common.batches.views import item_counts
 from common.config import get_settings
 from common.db import session_factory
 from common.models import FINISHED, Item, Job, JobStatus, JobType
+from common.paging import keyset_page
 from common.schemas import ItemList, ItemOut, JobList, JobOut, JobSpec
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=GenqRoute)
@@ -55,21 +57,14 @@ def list_jobs(
         query = query.where(Job.status == status)
     if type:
         query = query.where(Job.type == type)
+    start = None
     if after:
         cursor = jobs.get_job(session, owner=owner, job_id=after)
-        query = query.where(
-            (Job.created_at < cursor.created_at)
-            | ((Job.created_at == cursor.created_at) & (Job.id < cursor.id))
-        )
-    rows = list(
-        session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1))
-    )
-    page = rows[:limit]
-    return JobList(
-        data=[job_out(j) for j in page],
-        has_more=len(rows) > limit,
-        next_cursor=page[-1].id if len(rows) > limit else None,
-    )
+        start = (cursor.created_at, cursor.id)
+    page = keyset_page(session, query, (Job.created_at, Job.id), after=start, limit=limit,
+                       newest_first=True)
+    return JobList(data=[job_out(j) for j in page.rows], has_more=page.has_more,
+                   next_cursor=page.next_cursor)
 
 
 @router.get("/{job_id}", response_model=JobOut)
@@ -79,16 +74,14 @@ async def get_job(
     """One job: status, progress, metrics, attempts, result."""
 
     def read() -> JobOut:
-        try:
-            job = jobs.get_job(session, owner=owner, job_id=job_id)
-            out = job_out(job)
-            if job.type == JobType.batch and job.status == JobStatus.running:
-                out.progress.done = sum(batches.item_counts(session, batch_id=job.id))
-            return out
-        finally:
-            session.close()  # no connection held while a long-poll waits
+        job = jobs.get_job(session, owner=owner, job_id=job_id)
+        out = job_out(job)
+        if job.type == JobType.batch and job.status == JobStatus.running:
+            out.progress.done = sum(item_counts(session, batch_id=job.id))
+        return out
 
-    return await read_when_finished(job_id, read, lambda j: j.status in FINISHED, wait)
+    return await read_when_finished(job_id, read, lambda j: j.status in FINISHED, wait,
+                                    session=session)
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)
@@ -124,13 +117,7 @@ def list_items(
 ) -> ItemList:
     """The generated items of a job, by index."""
     job = jobs.get_job(session, owner=owner, job_id=job_id)
-    query = select(Item).where(Item.job_id == job.id)
-    if after is not None:
-        query = query.where(Item.index > after)
-    rows = list(session.scalars(query.order_by(Item.index).limit(limit + 1)))
-    page = rows[:limit]
-    return ItemList(
-        data=[ItemOut.model_validate(r) for r in page],
-        has_more=len(rows) > limit,
-        next_cursor=page[-1].index if len(rows) > limit else None,
-    )
+    page = keyset_page(session, select(Item).where(Item.job_id == job.id), (Item.index,),
+                       after=None if after is None else (after,), limit=limit)
+    return ItemList(data=[ItemOut.model_validate(r) for r in page.rows], has_more=page.has_more,
+                    next_cursor=page.next_cursor)

@@ -27,7 +27,7 @@ def list_models(session: SessionDep, owner: OwnerDep) -> ModelList:
 @router.get("/v1/models/{name}", response_model=ModelOut)
 def get_model(name: str, session: SessionDep, owner: OwnerDep) -> ModelOut:
     """One model, by name or id."""
-    return model_out(jobs.find_model(session, owner=owner, name=name))
+    return model_out(results.find_model(session, owner=owner, name=name))
 
 
 @router.get("/v1/checkpoints/{checkpoint_id}", response_model=CheckpointOut)

@@ -24,6 +24,7 @@ from common import jobs
 from common.config import get_settings
 from common.db import session_factory
 from common.models import FINISHED, JobLog, Metric
+from common.paging import keyset_page
 
 router = APIRouter(tags=["monitoring"], route_class=GenqRoute)
 
@@ -90,16 +91,13 @@ def job_logs(
 ) -> LogList:
     """A job's log lines, oldest first."""
     job = jobs.get_job(session, owner=owner, job_id=job_id)
-    query = select(JobLog).where(JobLog.job_id == job.id)
-    if after is not None:
-        query = query.where(JobLog.id > after)
-    rows = list(session.scalars(query.order_by(JobLog.id).limit(limit + 1)))
-    page = rows[:limit]
+    page = keyset_page(session, select(JobLog).where(JobLog.job_id == job.id), (JobLog.id,),
+                       after=None if after is None else (after,), limit=limit)
     return LogList(
         job_id=job.id,
-        data=[LogLine(id=r.id, at=r.at, level=r.level, message=r.message) for r in page],
-        has_more=len(rows) > limit,
-        next_cursor=page[-1].id if len(rows) > limit else None,
+        data=[LogLine(id=r.id, at=r.at, level=r.level, message=r.message) for r in page.rows],
+        has_more=page.has_more,
+        next_cursor=page.next_cursor,
     )
 
 

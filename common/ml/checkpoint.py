@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -17,7 +16,8 @@ import torch.nn as nn
 from safetensors.torch import load_model as load_weights
 from safetensors.torch import save_model as save_weights
 
-from common.ml.families import get_family
+from common.errors import CheckpointError
+from common.ml.families import AnyFamily, FamilyConfig, TextFamily, get_family
 
 log = logging.getLogger(__name__)
 
@@ -28,19 +28,13 @@ METRICS_FILE = "metrics.json"
 FORMAT = 1
 
 
-class CheckpointError(Exception):
-    """A checkpoint directory is missing files or holds corrupt ones."""
-
-    code = "checkpoint_unreadable"
-
-
 @dataclass
 class LoadedModel:
     """Everything needed to generate from a checkpoint."""
 
     family: str
     kind: str
-    config: Any  # the family's Config
+    config: FamilyConfig
     model: nn.Module
     tokenizer: Any | None
     device: str
@@ -50,25 +44,26 @@ class LoadedModel:
         return load_model(path, device)
 
 
-def save_checkpoint(path: Path, *, family: str, config: dict | Any, model: nn.Module,
+def save_checkpoint(path: Path, *, family: str, config: dict | FamilyConfig, model: nn.Module,
                     tokenizer_or_none: Any, train_state: dict | None,
                     metrics: dict) -> None:
     """Write a complete checkpoint to a sibling temp dir, then rename it onto `path`."""
     path = Path(path)
     module = get_family(family)
-    if dataclasses.is_dataclass(config) and not isinstance(config, type):
-        config = dataclasses.asdict(config)
+    if isinstance(config, FamilyConfig):
+        config = config.model_dump()
     meta: dict[str, Any] = {"format": FORMAT, "family": family, "kind": module.KIND,
                             "config": config}
-    if hasattr(module, "architecture"):
-        meta["arch"] = module.architecture(model)
+    arch = module.architecture(model)
+    if arch is not None:
+        meta["arch"] = arch
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         save_weights(model, str(tmp / MODEL_FILE))
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, default=str))
-        if tokenizer_or_none is not None:
+        if isinstance(module, TextFamily) and tokenizer_or_none is not None:
             module.save_tokenizer(tokenizer_or_none, tmp)
         if train_state is not None:
             torch.save(train_state, tmp / STATE_FILE)
@@ -106,7 +101,7 @@ def load_model(path: Path, device: str = "cpu", dtype: torch.dtype | None = None
     meta = read_meta(path)
     try:
         module = get_family(meta["family"])
-        config = module.Config(**meta["config"])
+        config = module.Config.model_validate(meta["config"])
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{path / CONFIG_FILE}: {e}") from e
     tokenizer = load_tokenizer(module, path)
@@ -117,9 +112,9 @@ def load_model(path: Path, device: str = "cpu", dtype: torch.dtype | None = None
                        tokenizer=tokenizer, device=str(device))
 
 
-def load_tokenizer(module: Any, path: Path) -> Any | None:
+def load_tokenizer(module: AnyFamily, path: Path) -> Any | None:
     """The checkpoint's tokenizer for a text family (None for image families)."""
-    if module.KIND != "text":
+    if not isinstance(module, TextFamily):
         return None
     try:
         return module.load_tokenizer(Path(path))

@@ -9,17 +9,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-BUILTINS = {"python-docs": "text", "digits": "image"}
+from common.errors import DataError
+from common.ml.builtin_data import BUILTINS
+
 TEXT_SUFFIXES = (".txt", ".jsonl")
 MODES = {1: "L", 3: "RGB", 4: "RGBA"}
-
-
-class DataError(ValueError):
-    """The dataset spec or its files are unusable; the message lists every problem."""
-
-    def __init__(self, problems: list[str]):
-        super().__init__("; ".join(problems))
-        self.problems = problems
 
 
 @dataclass

@@ -4,38 +4,25 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass, field
 
 import torch
 
+from common.errors import InvalidRequests
+from common.gen_params import GenParams, ItemInput
 from common.ml.artifacts import png_bytes
 from common.ml.checkpoint import LoadedModel
-from common.ml.families import get_family
+from common.ml.families import AnyFamily, ImageFamily, TextFamily, get_family
 from common.ml.packing import MAX_BATCH, starts_new_batch, unit_cost, unit_rows
-from common.ml.sampling import Completion, SamplingParams, seed_torch
+from common.ml.sampling import Completion, seed_torch
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class GenRequest:
-    key: str  # the caller's id for the item, returned as is
-    prompt: str | None = None  # text families
-    label: int | None = None  # image families (conditioning); None = unconditional
-    max_tokens: int = 32
-    temperature: float = 1.0  # 0 => greedy
-    top_k: int | None = None
-    top_p: float | None = None
-    num_beams: int = 1
-    seed: int | None = None
-    n: int = 1
-    prompt_ids: list[int] | None = None  # text families: the prompt already tokenized (batches)
+class GenRequest(ItemInput):
+    """One request to generate: an item's input under the caller's key, returned as is."""
 
-    @property
-    def params(self) -> SamplingParams:
-        return SamplingParams(self.max_tokens, self.temperature, self.top_k, self.top_p,
-                              self.num_beams)
+    key: str
 
 
 @dataclass
@@ -54,7 +41,7 @@ class Unit:
 
     requests: list[GenRequest]
     ids: list[int] = field(default_factory=list)  # the (possibly truncated) prompt tokens
-    params: SamplingParams = field(default_factory=SamplingParams)
+    params: GenParams = field(default_factory=GenParams)
 
     @property
     def head(self) -> GenRequest:
@@ -68,57 +55,33 @@ class Unit:
         return unit_cost(self.rows(), len(self.ids), self.params.max_tokens)
 
 
-class InvalidRequests(ValueError):
-    """Requests this model cannot serve: each key's problems, each naming its field."""
-
-    def __init__(self, problems: dict[str, list[str]]):
-        self.problems = problems
-        super().__init__("; ".join(f"requests[{key}].{p}" for key, found in problems.items()
-                                   for p in found))
-
-
 def validate_requests(loaded: LoadedModel, requests: list[GenRequest]) -> dict[str, list[str]]:
-    """Every problem with the requests for this model, by request key; {} when all are fine."""
+    """What this model cannot serve (GenParams checked the rest), by key; {} when all is fine."""
     problems: dict[str, list[str]] = {}
     n_classes = getattr(loaded.config, "n_classes", 0)
     for r in requests:
-        found = []
-        if r.n < 1:
-            found.append("n: must be >= 1")
-        if loaded.kind == "text":
-            if r.max_tokens < 0:
-                found.append("max_tokens: must be >= 0")
-            if r.temperature < 0:
-                found.append("temperature: must be >= 0")
-            if r.top_k is not None and r.top_k < 0:
-                found.append("top_k: must be >= 0")
-            if r.top_p is not None and not 0 < r.top_p <= 1:
-                found.append("top_p: must be in (0, 1]")
-            if r.num_beams < 1:
-                found.append("num_beams: must be >= 1")
-        elif r.label is not None and not 0 <= r.label < n_classes:
-            found.append("label: the model is unconditional (trained without labels)"
-                         if not n_classes else f"label: must be in [0, {n_classes - 1}]")
-        if found:
-            problems[r.key] = found
+        if loaded.kind == "image" and r.label is not None and not 0 <= r.label < n_classes:
+            problems[r.key] = ["label: the model is unconditional (trained without labels)"
+                               if not n_classes else f"label: must be in [0, {n_classes - 1}]"]
     return problems
 
 
-def _units(loaded: LoadedModel, module: Any, requests: list[GenRequest]) -> list[Unit]:
+def _units(loaded: LoadedModel, module: AnyFamily, requests: list[GenRequest]) -> list[Unit]:
     """Encode prompts and fold identical seeded sampling requests into one unit."""
-    limit = module.context_limit(loaded.model) if loaded.kind == "text" else None
+    limit = module.context_limit(loaded.model) if isinstance(module, TextFamily) else None
     units: list[Unit] = []
     seeded: dict[tuple, Unit] = {}
     for r in requests:
         params = r.params
         ids: list[int] = []
-        if loaded.kind == "text":
+        if isinstance(module, TextFamily):
             ids = (list(r.prompt_ids) if r.prompt_ids is not None
                    else module.encode(loaded.tokenizer, r.prompt or ""))
             if limit is not None and len(ids) + params.max_tokens > limit:
                 keep = max(1, limit - params.max_tokens)
                 ids = ids[-keep:]
-                params = replace(params, max_tokens=min(params.max_tokens, limit - len(ids)))
+                params = params.model_copy(
+                    update={"max_tokens": min(params.max_tokens, limit - len(ids))})
                 log.warning("request %s: prompt/max_tokens cut to the %d-token context",
                             r.key, limit)
         if _isolated(loaded, r):
@@ -135,7 +98,7 @@ def _units(loaded: LoadedModel, module: Any, requests: list[GenRequest]) -> list
 
 def _isolated(loaded: LoadedModel, r: GenRequest) -> bool:
     """Seeded random requests run alone, so their output never depends on batch neighbours."""
-    return r.seed is not None and (loaded.kind == "image" or r.params.sampling)
+    return r.seed is not None and (loaded.kind == "image" or r.isolated_sampling)
 
 
 def _batches(loaded: LoadedModel, units: list[Unit], token_budget: int,
@@ -146,7 +109,7 @@ def _batches(loaded: LoadedModel, units: list[Unit], token_budget: int,
         if _isolated(loaded, u.head):
             yield [u]
         else:
-            groups.setdefault((u.params, u.head.n), []).append(u)
+            groups.setdefault((u.params.unseeded, u.head.n), []).append(u)  # params: as cut
     for group in groups.values():
         group.sort(key=lambda u: len(u.ids))
         batch: list[Unit] = []
@@ -163,7 +126,7 @@ def _batches(loaded: LoadedModel, units: list[Unit], token_budget: int,
             yield batch
 
 
-def _compute(loaded: LoadedModel, module: Any, batch: list[Unit]) -> list[GenOutput]:
+def _compute(loaded: LoadedModel, module: AnyFamily, batch: list[Unit]) -> list[GenOutput]:
     """Run one batch; isolated units under their own seed."""
     head = batch[0].head
     if _isolated(loaded, head) and head.seed is not None:
@@ -174,9 +137,9 @@ def _compute(loaded: LoadedModel, module: Any, batch: list[Unit]) -> list[GenOut
     return _forward(loaded, module, batch)
 
 
-def _forward(loaded: LoadedModel, module: Any, batch: list[Unit]) -> list[GenOutput]:
+def _forward(loaded: LoadedModel, module: AnyFamily, batch: list[Unit]) -> list[GenOutput]:
     outputs = []
-    if loaded.kind == "image":
+    if isinstance(module, ImageFamily):
         n_classes = getattr(loaded.config, "n_classes", 0)
         labels = None
         if n_classes:
@@ -200,7 +163,8 @@ def _forward(loaded: LoadedModel, module: Any, batch: list[Unit]) -> list[GenOut
     return outputs
 
 
-def _with_oom_retry(loaded: LoadedModel, module: Any, batch: list[Unit]) -> list[GenOutput]:
+def _with_oom_retry(loaded: LoadedModel, module: AnyFamily,
+                    batch: list[Unit]) -> list[GenOutput]:
     """On CUDA out-of-memory, halve the batch and retry each half (down to one unit)."""
     try:
         return _compute(loaded, module, batch)

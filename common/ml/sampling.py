@@ -1,4 +1,4 @@
-"""Sampling parameters shared by the text families, and next-token selection."""
+"""Next-token selection and seeding, shared by the text families."""
 
 from __future__ import annotations
 
@@ -6,21 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How to continue a prompt; requests with equal params can share a batch."""
-
-    max_tokens: int = 32
-    temperature: float = 1.0  # 0 => greedy
-    top_k: int | None = None
-    top_p: float | None = None
-    num_beams: int = 1
-
-    @property
-    def sampling(self) -> bool:
-        """Random draws (so a seed matters); greedy and beam search are deterministic."""
-        return self.temperature > 0.0 and self.num_beams == 1
+from common.gen_params import GenParams
 
 
 @dataclass
@@ -44,7 +30,7 @@ def seed_torch(seed: int, device: str) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
-def pick_next(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+def pick_next(logits: torch.Tensor, params: GenParams) -> torch.Tensor:
     """Choose the next token ids from logits (B, V) -> (B,) with temperature/top-k/top-p."""
     if not params.sampling:  # greedy; a family without beam search treats beams as greedy
         return logits.argmax(dim=-1)

@@ -11,15 +11,22 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
 import torch.nn as nn
+from pydantic import ValidationError
 
+from common.errors import (
+    DataError,
+    InvalidTrainSpec,
+    NanLoss,
+    StopReason,
+    pydantic_problems,
+)
 from common.ml.artifacts import save_grid, save_loss_plot
 from common.ml.checkpoint import (
     load_metrics,
@@ -29,26 +36,16 @@ from common.ml.checkpoint import (
     read_meta,
     save_checkpoint,
 )
-from common.ml.data import DataError, ImageData, TextData, load_data
-from common.ml.families import get_family, validate_model_config
+from common.ml.data import ImageData, TextData, load_data
+from common.ml.families import AnyFamily, ImageFamily, TextFamily, get_family
 from common.ml.sampling import seed_torch
+from common.retention import checkpoint_dirname, checkpoints_to_keep, step_of
+from common.train_spec import TrainSpec
 
 log = logging.getLogger(__name__)
 
 SEED_MIX = 1_000_003
 EVAL_BATCHES = 4  # held-out batches per evaluation, the same ones every time
-
-
-class NanLoss(Exception):
-    """The loss (or gradient norm) stopped being finite; the step is 1-based."""
-
-    def __init__(self, step: int, value: float = math.nan, what: str = "loss"):
-        super().__init__(f"{what} is {value} at step {step}")
-        self.step = step
-
-
-class InvalidTrainSpec(ValueError):
-    """The spec cannot be trained as given; the message lists every problem."""
 
 
 def _ignore(*args: Any) -> None:
@@ -59,7 +56,7 @@ def _ignore(*args: Any) -> None:
 class TrainHooks:
     """How the caller watches and steers a run."""
 
-    should_stop: Callable[[], str | None] = lambda: None  # a reason ("cancel", ...) stops
+    should_stop: Callable[[], StopReason | None] = lambda: None  # a reason stops the run
     on_progress: Callable[[int, int, dict[str, float]], None] = _ignore  # every step
     on_metrics: Callable[[int, dict[str, float]], None] = _ignore  # every log_every steps
     on_checkpoint: Callable[[int, Path, dict[str, float]], None] = _ignore  # complete dir
@@ -74,74 +71,21 @@ class TrainArtifact:
 
 @dataclass
 class TrainOutcome:
-    stopped: str | None  # None: all steps done; else the stop reason
+    stopped: StopReason | None  # None: all steps done
     step: int
     checkpoint: Path
     metrics: dict[str, float]
     artifacts: list[TrainArtifact] = field(default_factory=list)
 
 
-@dataclass
-class Settings:
-    """The training knobs of a spec, with defaults filled in."""
-
-    family: str
-    config: dict
-    data: dict
-    steps: int | None = None
-    epochs: int | None = None
-    batch_size: int = 16
-    lr: float = 1e-3
-    warmup_steps: int = 0
-    schedule: str = "cosine"
-    optimizer: str | None = None  # None: the family's default
-    weight_decay: float = 0.0
-    precision: str = "fp32"
-    grad_accum: int = 1
-    clip: float | None = 1.0
-    seed: int = 0
-    checkpoint_every: int = 50
-    keep_last: int = 2
-    log_every: int = 10
-    eval_every: int | None = None  # held-out loss every N steps (a tenth of the data is held out)
-    seq_len: int = 64
-
-    @classmethod
-    def from_spec(cls, spec: dict) -> Settings:
-        known = set(cls.__dataclass_fields__)
-        nullable = {"clip", "optimizer", "steps", "epochs", "eval_every"}  # null means something
-        values = {k: v for k, v in spec.items()
-                  if k in known and (v is not None or k in nullable)}
-        values.setdefault("config", {})
-        problems = [f"{k}: required" for k in ("family", "data") if k not in values]
-        if "steps" not in values and "epochs" not in values:
-            problems.append("steps: give steps or epochs")
-        if problems:
-            raise InvalidTrainSpec("; ".join(problems))
-        s = cls(**values)
-        checks = [
-            ("steps", s.steps is None or s.steps >= 1, "must be >= 1"),
-            ("epochs", s.epochs is None or s.epochs >= 1, "must be >= 1"),
-            ("batch_size", s.batch_size >= 1, "must be >= 1"),
-            ("lr", s.lr > 0, "must be > 0"),
-            ("warmup_steps", s.warmup_steps >= 0, "must be >= 0"),
-            ("schedule", s.schedule in ("cosine", "constant"), "must be cosine or constant"),
-            ("optimizer", s.optimizer in (None, "adamw", "adam", "sgd"),
-             "must be adamw, adam or sgd"),
-            ("weight_decay", s.weight_decay >= 0, "must be >= 0"),
-            ("precision", s.precision in ("fp32", "bf16", "fp16"), "must be fp32, bf16 or fp16"),
-            ("grad_accum", s.grad_accum >= 1, "must be >= 1"),
-            ("clip", s.clip is None or s.clip > 0, "must be > 0 or null"),
-            ("checkpoint_every", s.checkpoint_every >= 1, "must be >= 1"),
-            ("keep_last", s.keep_last >= 1, "must be >= 1"),
-            ("log_every", s.log_every >= 1, "must be >= 1"),
-            ("eval_every", s.eval_every is None or s.eval_every >= 1, "must be >= 1 or null"),
-            ("seq_len", s.seq_len >= 1, "must be >= 1"),
-        ]
-        problems = [f"{name}: {msg}" for name, ok, msg in checks if not ok]
-        if problems:
-            raise InvalidTrainSpec("; ".join(problems))
-        return s
+def parse_spec(spec: TrainSpec | dict) -> TrainSpec:
+    """The spec as TrainSpec; a dict is validated, every problem named in one error."""
+    if isinstance(spec, TrainSpec):
+        return spec
+    try:
+        return TrainSpec.model_validate(spec)
+    except ValidationError as e:
+        raise InvalidTrainSpec("; ".join(pydantic_problems(e))) from e
 
 
 def _mix(seed: int, n: int) -> int:
@@ -209,7 +153,7 @@ def _set_rng_state(state: dict) -> None:
     random.setstate((p["version"], tuple(p["state"].tolist()), p["gauss"]))
 
 
-def _optimizer(name: str, params: list[nn.Parameter], s: Settings,
+def _optimizer(name: str, params: list[nn.Parameter], s: TrainSpec,
                betas: tuple[float, float]) -> torch.optim.Optimizer:
     """Weight decay on matrices only (nanoGPT style)."""
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": s.weight_decay},
@@ -221,12 +165,25 @@ def _optimizer(name: str, params: list[nn.Parameter], s: Settings,
     return cls(groups, lr=s.lr, betas=betas)
 
 
+def _same_optimizer(state: dict, saved: dict, name: str) -> bool:
+    """Whether a checkpoint's optimizer state fits this run's optimizer; a spec that resumes
+    with another optimizer keeps the weights and starts that optimizer fresh."""
+    if "optimizer" in state:
+        same = state["optimizer"] == name
+    else:  # checkpoints from before the name was saved: tell SGD from the Adams by their keys
+        same = all(("betas" in g) == (name != "sgd") for g in saved.get("param_groups", []))
+    if not same:
+        log.info("resuming with optimizer %s: the checkpoint's optimizer state is not reused",
+                 name)
+    return same
+
+
 def _devices(device: str) -> list:
     """CUDA devices whose RNG a fork_rng block must also save and restore."""
     return [torch.device(device).index or 0] if str(device).startswith("cuda") else []
 
 
-def _lr_lambda(s: Settings, total: int) -> Callable[[int], float]:
+def _lr_lambda(s: TrainSpec, total: int) -> Callable[[int], float]:
     """Linear warmup, then constant or cosine decay to a tenth of the peak."""
 
     def factor(step: int) -> float:
@@ -241,26 +198,25 @@ def _lr_lambda(s: Settings, total: int) -> Callable[[int], float]:
 
 
 def _prune(directory: Path, keep_last: int) -> None:
-    """Keep the newest `keep_last` checkpoints plus the one with the lowest loss."""
-    dirs = sorted(p for p in directory.glob("step-*") if p.is_dir())
-    losses = {p: load_metrics(p).get("loss", math.inf) for p in dirs}
-    keep = set(dirs[-keep_last:])
-    if dirs:
-        keep.add(min(dirs, key=lambda p: (losses[p], -dirs.index(p))))
-    for p in dirs:
-        if p not in keep:
+    """Delete the local checkpoints the retention rule does not keep (common/retention.py)."""
+    by_step = {step: p for p in directory.iterdir()
+               if p.is_dir() and (step := step_of(p.name)) is not None}
+    dirs = [by_step[step] for step in sorted(by_step)]
+    keep = checkpoints_to_keep([load_metrics(p).get("loss") for p in dirs], keep_last)
+    for i, p in enumerate(dirs):
+        if i not in keep:
             shutil.rmtree(p, ignore_errors=True)
 
 
 class Run:
     """One training run's state; `run_training` is its public face."""
 
-    def __init__(self, spec: dict, workdir: Path, hooks: TrainHooks, resume_from: Path | None,
-                 device: str):
-        self.s = Settings.from_spec(spec)
+    def __init__(self, spec: TrainSpec | dict, workdir: Path, hooks: TrainHooks,
+                 resume_from: Path | None, device: str):
+        self.s = parse_spec(spec)
         self.workdir, self.hooks, self.device = Path(workdir), hooks, device
         try:
-            self.module: ModuleType = get_family(self.s.family)
+            self.module: AnyFamily = get_family(self.s.family)
         except ValueError as e:
             raise InvalidTrainSpec(str(e)) from e
         self._build(resume_from)
@@ -268,7 +224,7 @@ class Run:
     def _build(self, resume_from: Path | None) -> None:
         s, module = self.s, self.module
         try:
-            data = load_data(s.data, module.KIND)
+            data = load_data(s.data_source, module.KIND)
         except DataError as e:
             raise InvalidTrainSpec("; ".join(e.problems)) from e
         state = None
@@ -283,10 +239,7 @@ class Run:
             load_weights_into(model, Path(resume_from))
             state = load_train_state(resume_from)
         else:
-            problems = validate_model_config(s.family, s.config)
-            if problems:
-                raise InvalidTrainSpec("; ".join(problems))
-            try:
+            try:  # the config was validated with the spec
                 cfg, tokenizer = module.prepare(module.Config(**s.config), data)
             except ValueError as e:
                 raise InvalidTrainSpec(str(e)) from e
@@ -296,12 +249,12 @@ class Run:
         self.batches, self.held_out = self._batches(data)
         total = s.steps or (s.epochs or 1) * self.batches.steps_per_epoch(s.grad_accum)
         self.total: int = total
-        opt_name = s.optimizer or module.OPTIMIZER["optimizer"]
+        opt_name = self.optimizer_name = s.optimizer or module.OPTIMIZER
         self.phases = []
         cuda = str(self.device).startswith("cuda")
         for phase in module.PHASES:
             params = module.phase_params(model, phase)
-            opt = _optimizer(opt_name, params, s, tuple(module.OPTIMIZER["betas"]))
+            opt = _optimizer(opt_name, params, s, module.BETAS)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(s, total))
             scaler = torch.amp.GradScaler("cuda", enabled=cuda and s.precision == "fp16")
             self.phases.append((phase, params, opt, sched, scaler))
@@ -311,7 +264,8 @@ class Run:
             for (_, _, opt, sched, scaler), o, sc, gs in zip(
                     self.phases, state["optimizers"], state["schedulers"], state["scalers"],
                     strict=True):
-                opt.load_state_dict(o)
+                if _same_optimizer(state, o, opt_name):
+                    opt.load_state_dict(o)
                 sched.load_state_dict(sc)
                 scaler.load_state_dict(gs)
             self.step = int(state["step"])
@@ -329,7 +283,7 @@ class Run:
         s = self.s
         tokens = None
         seq_len = s.seq_len
-        if isinstance(data, TextData):
+        if isinstance(data, TextData) and isinstance(self.module, TextFamily):
             ids = on_helper_thread(self.module.encode, self.tokenizer, data.text)
             tokens = torch.tensor(ids, dtype=torch.long)
             if len(tokens) < 2:
@@ -407,18 +361,19 @@ class Run:
         return metrics
 
     def save(self, metrics: dict[str, float]) -> Path:
-        path = self.workdir / "checkpoints" / f"step-{self.step:06d}"
+        path = self.workdir / "checkpoints" / checkpoint_dirname(self.step)
         state = {
             "step": self.step,
             "data_position": self.step * self.s.grad_accum,
             "total_steps": self.total,
+            "optimizer": self.optimizer_name,
             "optimizers": [p[2].state_dict() for p in self.phases],
             "schedulers": [p[3].state_dict() for p in self.phases],
             "scalers": [p[4].state_dict() for p in self.phases],
             "rng": _rng_state(),
             "history": self.history,
         }
-        save_checkpoint(path, family=self.s.family, config=asdict(self.cfg), model=self.model,
+        save_checkpoint(path, family=self.s.family, config=self.cfg, model=self.model,
                         tokenizer_or_none=self.tokenizer, train_state=state,
                         metrics={"step": self.step, **metrics})
         self.hooks.on_checkpoint(self.step, path, {**metrics})
@@ -483,7 +438,7 @@ class Run:
         save_loss_plot(self.history["step"], self.history["loss"], plot,
                        f"{self.s.family} training loss")
         out.append(TrainArtifact("loss_plot", plot, "image/png"))
-        if self.module.KIND == "image":
+        if isinstance(self.module, ImageFamily):
             self.model.eval()
             n_classes = getattr(self.cfg, "n_classes", 0)
             labels = torch.arange(64) % n_classes if n_classes else None
@@ -515,7 +470,7 @@ def on_helper_thread(fn: Callable[..., T], *args: Any) -> T:
         return pool.submit(fn, *args).result()
 
 
-def run_training(spec: dict, workdir: Path, *, hooks: TrainHooks,
+def run_training(spec: TrainSpec | dict, workdir: Path, *, hooks: TrainHooks,
                  resume_from: Path | None = None, device: str = "cpu") -> TrainOutcome:
     """Train `spec` in `workdir` (optionally resuming a checkpoint); see DESIGN.md section 6."""
     Path(workdir).mkdir(parents=True, exist_ok=True)

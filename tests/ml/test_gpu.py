@@ -25,7 +25,7 @@ def test_bf16_training_and_generation_on_cuda(family: str, tiny_spec: Callable[.
     loaded = load_model(outcome.checkpoint, device="cuda")
     assert next(loaded.model.parameters()).is_cuda
     outputs: list[GenOutput] = []
-    generate(loaded, [GenRequest("a", prompt="x", max_tokens=5, seed=1, n=2),
-                      GenRequest("b", prompt="yy", max_tokens=5, temperature=0)],
+    generate(loaded, [GenRequest(key="a", prompt="x", max_tokens=5, seed=1, n=2),
+                      GenRequest(key="b", prompt="yy", max_tokens=5, temperature=0)],
              on_outputs=outputs.extend)
     assert {o.key for o in outputs} == {"a", "b"}

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
+from common.config import get_settings
+from common.errors import InvalidTrainSpec, NanLoss
 from common.ml.checkpoint import load_model, load_train_state
 from common.ml.families import get_family
-from common.ml.train import InvalidTrainSpec, NanLoss, TrainHooks, on_helper_thread, run_training
+from common.ml.train import TrainHooks, on_helper_thread, run_training
+from common.retention import checkpoint_dirname
 
 
 def _mean(xs: list[float]) -> float:
@@ -90,9 +93,9 @@ def test_checkpoints_kept_and_reported(tiny_spec: Callable[..., dict], tmp_path:
     assert [r[0] for r in reported] == [2, 4, 6, 8, 10]
     assert all(r[2] for r in reported)
     kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    assert {"step-000008", "step-000010"} <= set(kept) and len(kept) <= 3
+    assert {checkpoint_dirname(8), checkpoint_dirname(10)} <= set(kept) and len(kept) <= 3
     assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
-    assert outcome.checkpoint == tmp_path / "checkpoints" / "step-000010"
+    assert outcome.checkpoint == tmp_path / "checkpoints" / checkpoint_dirname(10)
     state = load_train_state(outcome.checkpoint)
     assert {"optimizers", "schedulers", "rng", "step", "data_position"} <= state.keys()
     kinds = {a.kind: a for a in outcome.artifacts}
@@ -112,12 +115,13 @@ def test_epochs_convert_to_steps(tiny_spec: Callable[..., dict], tmp_path: Path)
 
 def test_nan_loss_raises_with_step_and_keeps_last_checkpoint(tiny_spec: Callable[..., dict],
                                                              tmp_path: Path) -> None:
-    spec = tiny_spec("vae", steps=20, lr=1e30, clip=None, checkpoint_every=1)
+    spec = tiny_spec("vae", steps=40, batch_size=8, lr=10, optimizer="sgd", clip=None,
+                     checkpoint_every=1)  # diverges within the API's lr bound
     with pytest.raises(NanLoss) as info:
         run_training(spec, tmp_path, hooks=TrainHooks())
     step = info.value.step
     assert step >= 2 and f"at step {step}" in str(info.value)
-    last = tmp_path / "checkpoints" / f"step-{step - 1:06d}"
+    last = tmp_path / "checkpoints" / checkpoint_dirname(step - 1)
     assert load_model(last).model is not None
 
 
@@ -151,12 +155,22 @@ def test_null_clip_means_no_clipping(tiny_spec: Callable[..., dict], tmp_path: P
     assert max(norms) > 1.0  # so clipping at 1.0 would have changed the updates
     clipped = run_training({**spec, "clip": 1.0, "steps": 3}, tmp_path / "c", hooks=TrainHooks())
     a = load_model(clipped.checkpoint).model.state_dict()
-    b = load_model(tmp_path / "checkpoints" / "step-000003").model.state_dict()
+    b = load_model(tmp_path / "checkpoints" / checkpoint_dirname(3)).model.state_dict()
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
-def test_pretrained_gpt_directory(tmp_path: Path, text_file: Path) -> None:
+@pytest.fixture
+def pretrained_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """GENQ_PRETRAINED_ROOT at tmp_path: a spec's pretrained folder must lie inside it."""
+    monkeypatch.setenv("GENQ_PRETRAINED_ROOT", str(tmp_path))
+    get_settings.cache_clear()
+    yield tmp_path
+    get_settings.cache_clear()
+
+
+def test_pretrained_gpt_directory(pretrained_root: Path, text_file: Path) -> None:
     """Fine-tune from a local transformers directory (model + tokenizer), then generate."""
+    tmp_path = pretrained_root
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from common.ml.families.gpt import train_tokenizer
@@ -174,7 +188,7 @@ def test_pretrained_gpt_directory(tmp_path: Path, text_file: Path) -> None:
     loaded = load_model(outcome.checkpoint)
     assert getattr(loaded.model.config, "n_layer", None) == 1
     out: list[GenOutput] = []
-    generate(loaded, [GenRequest("a", prompt="The", max_tokens=4, temperature=0)],
+    generate(loaded, [GenRequest(key="a", prompt="The", max_tokens=4, temperature=0)],
              on_outputs=out.extend)
     assert out[0].texts is not None and len(out[0].texts) == 1
 

@@ -2,67 +2,107 @@
 
 from __future__ import annotations
 
-import dataclasses
 import types
 import typing
-from types import ModuleType
 
-from common.ml.families import gan, gpt, lstm, vae
+from pydantic import ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_core import ErrorDetails
 
-FAMILIES: dict[str, ModuleType] = {"vae": vae, "gan": gan, "lstm": lstm, "gpt": gpt}
+from common.errors import ConfigProblem
+from common.ml.families.base import (
+    SUBMITTED,
+    AnyFamily,
+    Family,
+    FamilyConfig,
+    ImageFamily,
+    TextFamily,
+)
+from common.ml.families.gan import GANFamily
+from common.ml.families.gpt import GPTFamily
+from common.ml.families.lstm import LSTMFamily
+from common.ml.families.vae import VAEFamily
+
+__all__ = ["FAMILIES", "AnyFamily", "Family", "FamilyConfig", "ImageFamily", "TextFamily",
+           "get_family", "validate_model_config"]
+
+FAMILIES: dict[str, AnyFamily] = {
+    "vae": VAEFamily(),
+    "gan": GANFamily(),
+    "lstm": LSTMFamily(),
+    "gpt": GPTFamily(),
+}
 
 
-def get_family(name: str) -> ModuleType:
-    """Return the family module for `name`; ValueError names the choices."""
+def get_family(name: str) -> AnyFamily:
+    """Return the family registered as `name`; ValueError names the choices."""
     if name not in FAMILIES:
         raise ValueError(f"family: unknown family {name!r} (choose from {', '.join(FAMILIES)})")
     return FAMILIES[name]
 
 
-def _type_problem(value: object, hint: object) -> str | None:
-    """Describe why `value` does not fit the type hint, or None if it does."""
-    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-    for option in options:
-        if option is type(None) and value is None:
-            return None
-        if option is bool and isinstance(value, bool):
-            return None
-        if option is int and isinstance(value, int) and not isinstance(value, bool):
-            return None
-        if option is float and isinstance(value, int | float) and not isinstance(value, bool):
-            return None
-        if option is str and isinstance(value, str):
-            return None
-    names = " or ".join("null" if o is type(None) else getattr(o, "__name__", str(o))
-                        for o in options)
-    return f"must be {names}, got {value!r}"
+def validate_model_config(family: str, config: object) -> list[str]:
+    """Every problem with `config` for `family`, each naming its field; [] if it is fine.
 
-
-def validate_model_config(family: str, config: dict) -> list[str]:
-    """Every problem with `config` for `family`, each naming its field; [] if it is fine."""
+    Unknown fields come first, then the rest in the order the config gives its keys.
+    """
     if family not in FAMILIES:
         return [f"family: unknown family {family!r} (choose from {', '.join(FAMILIES)})"]
     if not isinstance(config, dict):
         return ["config: must be an object"]
-    module = FAMILIES[family]
-    hints = typing.get_type_hints(module.Config)
-    names = [f.name for f in dataclasses.fields(module.Config)]
-    problems = [
-        f"config.{key}: unknown field (allowed: {', '.join(names)})"
-        for key in config
-        if key not in names
-    ]
-    typed_ok = {}
-    for key, value in config.items():
-        if key in names:
-            problem = _type_problem(value, hints[key])
-            if problem:
-                problems.append(f"config.{key}: {problem}")
-            else:
-                typed_ok[key] = value
-    for key, check, message in module.RULES:
-        if key in typed_ok and typed_ok[key] is not None and not check(typed_ok[key]):
-            problems.append(f"config.{key}: {message}")
-    if not problems:
-        problems.extend(module.check_config(module.Config(**config)))
-    return problems
+    config_type = FAMILIES[family].Config
+    try:
+        config_type.model_validate(config, context=SUBMITTED)
+    except ValidationError as e:
+        order = {key: i for i, key in enumerate(config)}
+
+        def position(error: ErrorDetails) -> tuple[bool, int]:
+            key = error["loc"][0] if error["loc"] else None
+            return error["type"] != "extra_forbidden", order.get(key, len(order))
+
+        return [_problem(error, config_type) for error in sorted(e.errors(), key=position)]
+    return []
+
+
+def _problem(error: ErrorDetails, config_type: type[FamilyConfig]) -> str:
+    """One pydantic error as `config.<field>: <what it must be>`."""
+    cause = error.get("ctx", {}).get("error")
+    if isinstance(cause, ConfigProblem):
+        return f"config.{cause}"
+    if not error["loc"]:
+        return f"config: {error['msg']}"
+    name = str(error["loc"][0])
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return f"config.{name}: unknown field (allowed: {', '.join(config_type.model_fields)})"
+    field = config_type.model_fields[name]
+    if kind.endswith("_type"):
+        return f"config.{name}: must be {_type_names(field)}, got {error['input']!r}"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        return f"config.{name}: must be {_bounds(field)}"
+    if kind == "literal_error":
+        return f"config.{name}: must be {error['ctx']['expected']}"
+    if cause is not None:  # a field validator's ValueError says what is wrong
+        return f"config.{name}: {cause}"
+    return f"config.{name}: {error['msg']}"
+
+
+def _type_names(field: FieldInfo) -> str:
+    """'int', or 'str or null' for an optional field."""
+    hint = field.annotation
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    options = typing.get_args(hint) if union else (hint,)
+    return " or ".join("null" if o is type(None) else getattr(o, "__name__", str(o))
+                       for o in options)
+
+
+def _bounds(field: FieldInfo) -> str:
+    """'>= 1', or 'in [0, 1)' for a field bounded on both sides."""
+    lower = [(m.ge, "[", ">=") if hasattr(m, "ge") else (m.gt, "(", ">")
+             for m in field.metadata if hasattr(m, "ge") or hasattr(m, "gt")]
+    upper = [(m.le, "]", "<=") if hasattr(m, "le") else (m.lt, ")", "<")
+             for m in field.metadata if hasattr(m, "le") or hasattr(m, "lt")]
+    if lower and upper:
+        (low, opening, _), (high, closing, _) = lower[0], upper[0]
+        return f"in {opening}{low}, {high}{closing}"
+    return " and ".join(f"{op} {value}" for value, _, op in lower + upper)

@@ -2,53 +2,25 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from pydantic import Field
 
-from common.ml.data import ImageData
-from common.ml.families.image_fit import fit_to_images, one_hot
-
-KIND = "image"
-PHASES = ("d", "g")  # discriminator step, then generator step, each with its own optimizer
-OPTIMIZER: dict = {"optimizer": "adam", "betas": (0.5, 0.999)}
+from common.ml.data import ImageData, TextData
+from common.ml.families.base import ImageFamily
+from common.ml.families.image_fit import ImageConfig, fit_to_images, one_hot
 
 
-@dataclass
-class Config:
-    hidden: int = 64
-    latent: int = 16
-    conditional: bool = False  # concatenate a one-hot label to z and to the discriminator input
-    # fitted to the data at train time
-    channels: int = 1
-    height: int = 8
-    width: int = 8
-    n_classes: int = 0
+class GANConfig(ImageConfig):
+    """With `conditional`, a one-hot label joins z and the discriminator input."""
 
-    @property
-    def data_dim(self) -> int:
-        return self.channels * self.height * self.width
-
-
-RULES = [
-    ("hidden", lambda v: v >= 1, "must be >= 1"),
-    ("latent", lambda v: v >= 1, "must be >= 1"),
-    ("channels", lambda v: v in (1, 3, 4), "must be 1, 3 or 4"),
-    ("height", lambda v: v >= 1, "must be >= 1"),
-    ("width", lambda v: v >= 1, "must be >= 1"),
-    ("n_classes", lambda v: v >= 0, "must be >= 0"),
-]
-
-
-def check_config(cfg: Config) -> list[str]:
-    """Cross-field problems (none for the GAN)."""
-    return []
+    hidden: int = Field(64, ge=1)  # width of both networks' hidden layers
+    latent: int = Field(16, ge=1)  # size of the generator's noise z
 
 
 class Generator(nn.Module):
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: GANConfig):
         super().__init__()
         h = cfg.hidden
         self.net = nn.Sequential(
@@ -62,7 +34,7 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: GANConfig):
         super().__init__()
         h = cfg.hidden
         self.net = nn.Sequential(
@@ -76,55 +48,58 @@ class Discriminator(nn.Module):
 
 
 class GAN(nn.Module):
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: GANConfig):
         super().__init__()
         self.cfg = cfg
         self.generator = Generator(cfg)
         self.discriminator = Discriminator(cfg)
 
 
-def prepare(cfg: Config, data: ImageData) -> tuple[Config, None]:
-    """Fit the config to the images; image families have no tokenizer."""
-    return fit_to_images(cfg, data), None
+class GANFamily(ImageFamily[GANConfig, GAN]):
+    Config = GANConfig
+    PHASES = ("d", "g")  # discriminator step, then generator step, each with its own optimizer
+    OPTIMIZER = "adam"
+    BETAS = (0.5, 0.999)
 
+    def prepare(self, cfg: GANConfig, data: TextData | ImageData) -> tuple[GANConfig, None]:
+        """Fit the config to the images; image families have no tokenizer."""
+        return fit_to_images(cfg, data), None
 
-def build_model(cfg: Config, tokenizer: None = None, arch: dict | None = None) -> GAN:
-    return GAN(cfg)
+    def build_model(self, cfg: GANConfig, tokenizer: None = None,
+                    arch: dict | None = None) -> GAN:
+        return GAN(cfg)
 
+    def phase_params(self, model: GAN, phase: str) -> list[nn.Parameter]:
+        part = model.discriminator if phase == "d" else model.generator
+        return list(part.parameters())
 
-def phase_params(model: GAN, phase: str) -> list[nn.Parameter]:
-    part = model.discriminator if phase == "d" else model.generator
-    return list(part.parameters())
+    def loss(self, model: GAN, batch: tuple[torch.Tensor, torch.Tensor | None],
+             phase: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Discriminator: real -> 1, fake -> 0. Generator (non-saturating): fake -> 1."""
+        images, labels = batch
+        real = images.flatten(1) * 2 - 1  # (B, D) in [-1, 1] to match the tanh output
+        b = real.size(0)
+        y = one_hot(labels, model.cfg.n_classes, b, real.device)
+        z = torch.randn(b, model.cfg.latent, device=real.device)
+        fake = model.generator(z, y)
+        ones, zeros = torch.ones(b, device=real.device), torch.zeros(b, device=real.device)
+        if phase == "d":
+            d_real = model.discriminator(real, y)
+            d_fake = model.discriminator(fake.detach(), y)
+            d_loss = (F.binary_cross_entropy_with_logits(d_real, ones)
+                      + F.binary_cross_entropy_with_logits(d_fake, zeros))
+            return d_loss, {"d_loss": d_loss.detach(),
+                            "d_real": torch.sigmoid(d_real).mean().detach(),
+                            "d_fake": torch.sigmoid(d_fake).mean().detach()}
+        g_loss = F.binary_cross_entropy_with_logits(model.discriminator(fake, y), ones)
+        return g_loss, {"g_loss": g_loss.detach()}
 
-
-def loss(model: GAN, batch: tuple[torch.Tensor, torch.Tensor | None],
-         phase: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Discriminator: real -> 1, fake -> 0. Generator (non-saturating): fake -> 1."""
-    images, labels = batch
-    real = images.flatten(1) * 2 - 1  # (B, D) in [-1, 1] to match the tanh output
-    b = real.size(0)
-    y = one_hot(labels, model.cfg.n_classes, b, real.device)
-    z = torch.randn(b, model.cfg.latent, device=real.device)
-    fake = model.generator(z, y)
-    ones, zeros = torch.ones(b, device=real.device), torch.zeros(b, device=real.device)
-    if phase == "d":
-        d_real = model.discriminator(real, y)
-        d_fake = model.discriminator(fake.detach(), y)
-        d_loss = (F.binary_cross_entropy_with_logits(d_real, ones)
-                  + F.binary_cross_entropy_with_logits(d_fake, zeros))
-        return d_loss, {"d_loss": d_loss.detach(),
-                        "d_real": torch.sigmoid(d_real).mean().detach(),
-                        "d_fake": torch.sigmoid(d_fake).mean().detach()}
-    g_loss = F.binary_cross_entropy_with_logits(model.discriminator(fake, y), ones)
-    return g_loss, {"g_loss": g_loss.detach()}
-
-
-@torch.no_grad()
-def sample_images(model: GAN, n: int, labels: torch.Tensor | None) -> torch.Tensor:
-    """Generate n images -> (n, C, H, W) in [0, 1]."""
-    cfg = model.cfg
-    device = next(model.parameters()).device
-    z = torch.randn(n, cfg.latent, device=device)
-    y = one_hot(labels, cfg.n_classes, n, device)
-    x = (model.generator(z, y).float() + 1) / 2
-    return x.view(n, cfg.channels, cfg.height, cfg.width)
+    @torch.no_grad()
+    def sample_images(self, model: GAN, n: int, labels: torch.Tensor | None) -> torch.Tensor:
+        """Generate n images -> (n, C, H, W) in [0, 1]."""
+        cfg = model.cfg
+        device = next(model.parameters()).device
+        z = torch.randn(n, cfg.latent, device=device)
+        y = one_hot(labels, cfg.n_classes, n, device)
+        x = (model.generator(z, y).float() + 1) / 2
+        return x.view(n, cfg.channels, cfg.height, cfg.width)

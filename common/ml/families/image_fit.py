@@ -1,25 +1,44 @@
-"""What the image families share: fitting a config to the images, and label one-hots."""
+"""What the image families share: the config fields fitted to the images, and label one-hots."""
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any
+from typing import Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
-from common.ml.data import ImageData
+from common.ml.data import ImageData, TextData
+from common.ml.families.base import FamilyConfig
 
 
-def fit_to_images(cfg: Any, data: ImageData) -> Any:
+class ImageConfig(FamilyConfig):
+    """The fields every image family takes from its dataset at train time."""
+
+    conditional: bool = False  # condition on a one-hot label (the dataset needs labels)
+    # fitted to the data at train time
+    channels: Literal[1, 3, 4] = 1
+    height: int = Field(8, ge=1)
+    width: int = Field(8, ge=1)
+    n_classes: int = Field(0, ge=0)  # 0 for an unconditional model
+
+    @property
+    def data_dim(self) -> int:
+        return self.channels * self.height * self.width
+
+
+ImageConfigT = TypeVar("ImageConfigT", bound=ImageConfig)
+
+
+def fit_to_images(cfg: ImageConfigT, data: TextData | ImageData) -> ImageConfigT:
     """Return `cfg` with channels/height/width/n_classes taken from the dataset."""
     if not isinstance(data, ImageData):
         raise ValueError("data: this family needs image data")
     if cfg.conditional and data.labels is None:
         raise ValueError("config.conditional: the dataset has no labels to condition on")
     _, c, h, w = data.images.shape
-    return dataclasses.replace(cfg, channels=c, height=h, width=w,
-                               n_classes=data.n_classes if cfg.conditional else 0)
+    return cfg.model_copy(update={"channels": c, "height": h, "width": w,
+                                  "n_classes": data.n_classes if cfg.conditional else 0})
 
 
 def one_hot(labels: torch.Tensor | None, n_classes: int, batch: int,

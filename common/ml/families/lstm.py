@@ -2,45 +2,28 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from pydantic import Field
 
-from common.ml.data import TextData
-from common.ml.sampling import Completion, SamplingParams, pick_next
+from common.gen_params import GenParams
+from common.ml.data import ImageData, TextData
+from common.ml.families.base import FamilyConfig, TextFamily
+from common.ml.sampling import Completion, pick_next
 
-KIND = "text"
-PHASES = ("main",)
-OPTIMIZER: dict = {"optimizer": "adamw", "betas": (0.9, 0.999)}
 UNKNOWN = "\ufffd"  # id 0: stands in for characters not seen in training
 
 
-@dataclass
-class Config:
-    n_embd: int = 32
-    hidden: int = 64
-    n_layer: int = 1
-    dropout: float = 0.0
-    vocab_size: int = 0  # fitted to the training text
-
-
-RULES = [
-    ("n_embd", lambda v: v >= 1, "must be >= 1"),
-    ("hidden", lambda v: v >= 1, "must be >= 1"),
-    ("n_layer", lambda v: v >= 1, "must be >= 1"),
-    ("dropout", lambda v: 0 <= v < 1, "must be in [0, 1)"),
-    ("vocab_size", lambda v: v >= 0, "must be >= 0"),
-]
-
-
-def check_config(cfg: Config) -> list[str]:
-    """Cross-field problems (none for the LSTM)."""
-    return []
+class LSTMConfig(FamilyConfig):
+    n_embd: int = Field(32, ge=1)  # character embedding width
+    hidden: int = Field(64, ge=1)  # LSTM state width
+    n_layer: int = Field(1, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)  # between LSTM layers and before the head
+    vocab_size: int = Field(0, ge=0)  # fitted to the training text
 
 
 class CharTokenizer:
@@ -74,7 +57,7 @@ class CharTokenizer:
 
 
 class LSTMLM(nn.Module):
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: LSTMConfig):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.n_embd)
@@ -88,66 +71,60 @@ class LSTMLM(nn.Module):
         return self.head(self.drop(h)), state  # (B, T, V)
 
 
-def prepare(cfg: Config, data: TextData) -> tuple[Config, CharTokenizer]:
-    """Build the character vocabulary from the text and size the model to it."""
-    if not isinstance(data, TextData):
-        raise ValueError("data: this family needs text data")
-    tokenizer = CharTokenizer.from_text(data.text)
-    return dataclasses.replace(cfg, vocab_size=len(tokenizer)), tokenizer
+class LSTMFamily(TextFamily[LSTMConfig, LSTMLM, CharTokenizer]):
+    Config = LSTMConfig
 
+    def prepare(self, cfg: LSTMConfig,
+                data: TextData | ImageData) -> tuple[LSTMConfig, CharTokenizer]:
+        """Build the character vocabulary from the text and size the model to it."""
+        if not isinstance(data, TextData):
+            raise ValueError("data: this family needs text data")
+        tokenizer = CharTokenizer.from_text(data.text)
+        return cfg.model_copy(update={"vocab_size": len(tokenizer)}), tokenizer
 
-def build_model(cfg: Config, tokenizer: CharTokenizer | None = None,
-                arch: dict | None = None) -> LSTMLM:
-    return LSTMLM(cfg)
+    def build_model(self, cfg: LSTMConfig, tokenizer: CharTokenizer | None = None,
+                    arch: dict | None = None) -> LSTMLM:
+        return LSTMLM(cfg)
 
+    def context_limit(self, model: LSTMLM) -> int | None:
+        return None
 
-def context_limit(model: LSTMLM) -> int | None:
-    return None
+    def encode(self, tokenizer: CharTokenizer, text: str) -> list[int]:
+        return tokenizer.encode(text)
 
+    def save_tokenizer(self, tokenizer: CharTokenizer, directory: Path) -> None:
+        tokenizer.save(directory)
 
-def phase_params(model: LSTMLM, phase: str) -> list[nn.Parameter]:
-    return list(model.parameters())
+    def load_tokenizer(self, directory: Path) -> CharTokenizer:
+        return CharTokenizer.load(directory)
 
+    def loss(self, model: LSTMLM, batch: tuple[torch.Tensor, torch.Tensor],
+             phase: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Next-character cross-entropy."""
+        x, y = batch  # (B, T) each
+        logits, _ = model(x)
+        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten()), {}
 
-def encode(tokenizer: CharTokenizer, text: str) -> list[int]:
-    return tokenizer.encode(text)
-
-
-def save_tokenizer(tokenizer: CharTokenizer, directory: Path) -> None:
-    tokenizer.save(directory)
-
-
-def load_tokenizer(directory: Path) -> CharTokenizer:
-    return CharTokenizer.load(directory)
-
-
-def loss(model: LSTMLM, batch: tuple[torch.Tensor, torch.Tensor],
-         phase: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Next-character cross-entropy."""
-    x, y = batch  # (B, T) each
-    logits, _ = model(x)
-    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten()), {}
-
-
-@torch.no_grad()
-def complete(model: LSTMLM, tokenizer: CharTokenizer, prompts: list[list[int]],
-             params: SamplingParams, n: int) -> list[list[Completion]]:
-    """n continuations per prompt; prompts of equal length run as one batch."""
-    device = next(model.parameters()).device
-    start = tokenizer.index.get("\n", 0)  # an empty prompt starts after a newline
-    rows = [p or [start] for p in prompts]
-    results: list[list[Completion]] = [[] for _ in prompts]
-    for length in sorted({len(r) for r in rows}):
-        members = [i for i, r in enumerate(rows) if len(r) == length]
-        idx = torch.tensor([rows[i] for i in members for _ in range(n)], device=device)  # (R, T)
-        logits, state = model(idx)
-        out = []
-        for _ in range(params.max_tokens):
-            nxt = pick_next(logits[:, -1], params)  # (R,)
-            out.append(nxt)
-            logits, state = model(nxt[:, None], state)
-        generated = torch.stack(out, dim=1).tolist() if out else [[] for _ in range(len(idx))]
-        for j, i in enumerate(members):
-            for ids in generated[j * n:(j + 1) * n]:
-                results[i].append(Completion(tokenizer.decode(ids), len(ids), "length"))
-    return results
+    @torch.no_grad()
+    def complete(self, model: LSTMLM, tokenizer: CharTokenizer, prompts: list[list[int]],
+                 params: GenParams, n: int) -> list[list[Completion]]:
+        """n continuations per prompt; prompts of equal length run as one batch."""
+        device = next(model.parameters()).device
+        start = tokenizer.index.get("\n", 0)  # an empty prompt starts after a newline
+        rows = [p or [start] for p in prompts]
+        results: list[list[Completion]] = [[] for _ in prompts]
+        for length in sorted({len(r) for r in rows}):
+            members = [i for i, r in enumerate(rows) if len(r) == length]
+            idx = torch.tensor([rows[i] for i in members for _ in range(n)],
+                               device=device)  # (R, T)
+            logits, state = model(idx)
+            out = []
+            for _ in range(params.max_tokens):
+                nxt = pick_next(logits[:, -1], params)  # (R,)
+                out.append(nxt)
+                logits, state = model(nxt[:, None], state)
+            generated = torch.stack(out, dim=1).tolist() if out else [[] for _ in range(len(idx))]
+            for j, i in enumerate(members):
+                for ids in generated[j * n:(j + 1) * n]:
+                    results[i].append(Completion(tokenizer.decode(ids), len(ids), "length"))
+        return results

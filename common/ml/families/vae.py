@@ -2,55 +2,26 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from pydantic import Field
 
-from common.ml.data import ImageData
-from common.ml.families.image_fit import fit_to_images, one_hot
-
-KIND = "image"
-PHASES = ("main",)
-OPTIMIZER: dict = {"optimizer": "adamw", "betas": (0.9, 0.999)}
+from common.ml.data import ImageData, TextData
+from common.ml.families.base import ImageFamily
+from common.ml.families.image_fit import ImageConfig, fit_to_images, one_hot
 
 
-@dataclass
-class Config:
-    hidden: int = 64
-    latent: int = 8
-    beta: float = 1.0  # weight of the KL term
-    conditional: bool = False  # concatenate a one-hot label to encoder input and decoder z
-    # fitted to the data at train time
-    channels: int = 1
-    height: int = 8
-    width: int = 8
-    n_classes: int = 0
+class VAEConfig(ImageConfig):
+    """With `conditional`, a one-hot label joins the encoder input and z."""
 
-    @property
-    def data_dim(self) -> int:
-        return self.channels * self.height * self.width
-
-
-RULES = [
-    ("hidden", lambda v: v >= 1, "must be >= 1"),
-    ("latent", lambda v: v >= 1, "must be >= 1"),
-    ("beta", lambda v: v >= 0, "must be >= 0"),
-    ("channels", lambda v: v in (1, 3, 4), "must be 1, 3 or 4"),
-    ("height", lambda v: v >= 1, "must be >= 1"),
-    ("width", lambda v: v >= 1, "must be >= 1"),
-    ("n_classes", lambda v: v >= 0, "must be >= 0"),
-]
-
-
-def check_config(cfg: Config) -> list[str]:
-    """Cross-field problems (none for the VAE)."""
-    return []
+    hidden: int = Field(64, ge=1)  # width of the encoder's and decoder's hidden layer
+    latent: int = Field(8, ge=1)  # size of z
+    beta: float = Field(1.0, ge=0)  # weight of the KL term
 
 
 class VAE(nn.Module):
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: VAEConfig):
         super().__init__()
         self.cfg = cfg
         d, k, h = cfg.data_dim, cfg.n_classes, cfg.hidden
@@ -65,40 +36,36 @@ class VAE(nn.Module):
         return self.decoder(torch.cat([z, y], dim=-1))  # (B, D) logits
 
 
-def prepare(cfg: Config, data: ImageData) -> tuple[Config, None]:
-    """Fit the config to the images; image families have no tokenizer."""
-    return fit_to_images(cfg, data), None
+class VAEFamily(ImageFamily[VAEConfig, VAE]):
+    Config = VAEConfig
 
+    def prepare(self, cfg: VAEConfig, data: TextData | ImageData) -> tuple[VAEConfig, None]:
+        """Fit the config to the images; image families have no tokenizer."""
+        return fit_to_images(cfg, data), None
 
-def build_model(cfg: Config, tokenizer: None = None, arch: dict | None = None) -> VAE:
-    return VAE(cfg)
+    def build_model(self, cfg: VAEConfig, tokenizer: None = None,
+                    arch: dict | None = None) -> VAE:
+        return VAE(cfg)
 
+    def loss(self, model: VAE, batch: tuple[torch.Tensor, torch.Tensor | None],
+             phase: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Negative ELBO per image: BCE reconstruction summed over pixels + beta * KL."""
+        images, labels = batch
+        x = images.flatten(1)  # (B, D)
+        y = one_hot(labels, model.cfg.n_classes, x.size(0), x.device)  # (B, K)
+        mu, logvar = model.encode(x, y)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)  # reparameterisation
+        recon = F.binary_cross_entropy_with_logits(model.decode(z, y), x,
+                                                   reduction="sum") / x.size(0)
+        kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp()) / x.size(0)
+        return recon + model.cfg.beta * kl, {"recon": recon.detach(), "kl": kl.detach()}
 
-def phase_params(model: VAE, phase: str) -> list[nn.Parameter]:
-    return list(model.parameters())
-
-
-def loss(model: VAE, batch: tuple[torch.Tensor, torch.Tensor | None],
-         phase: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Negative ELBO per image: BCE reconstruction summed over pixels + beta * KL."""
-    images, labels = batch
-    x = images.flatten(1)  # (B, D)
-    y = one_hot(labels, model.cfg.n_classes, x.size(0), x.device)  # (B, K)
-    mu, logvar = model.encode(x, y)
-    z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)  # reparameterisation
-    recon = F.binary_cross_entropy_with_logits(model.decode(z, y), x, reduction="sum") / x.size(0)
-    kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp()) / x.size(0)
-    return recon + model.cfg.beta * kl, {"recon": recon.detach(), "kl": kl.detach()}
-
-
-@torch.no_grad()
-def sample_images(model: VAE, n: int, labels: torch.Tensor | None) -> torch.Tensor:
-    """Decode n draws from the prior -> (n, C, H, W) in [0, 1]."""
-    cfg = model.cfg
-    device = next(model.parameters()).device
-    z = torch.randn(n, cfg.latent, device=device)
-    y = one_hot(labels, cfg.n_classes, n, device)
-    x = torch.sigmoid(model.decode(z, y).float())
-    return x.view(n, cfg.channels, cfg.height, cfg.width)
-
-
+    @torch.no_grad()
+    def sample_images(self, model: VAE, n: int, labels: torch.Tensor | None) -> torch.Tensor:
+        """Decode n draws from the prior -> (n, C, H, W) in [0, 1]."""
+        cfg = model.cfg
+        device = next(model.parameters()).device
+        z = torch.randn(n, cfg.latent, device=device)
+        y = one_hot(labels, cfg.n_classes, n, device)
+        x = torch.sigmoid(model.decode(z, y).float())
+        return x.view(n, cfg.channels, cfg.height, cfg.width)

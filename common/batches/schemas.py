@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from common.schemas import SamplingParams
+from common.gen_params import GenParams, MaxTokens
 
 TEXT_ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
 IMAGE_ENDPOINT = "/v1/images/generations"
@@ -126,15 +126,15 @@ class ChatMessage(BaseModel):
         return "".join(str(p.get("text", "")) for p in self.content if p.get("type") == "text")
 
 
-class TextBody(SamplingParams):
+class TextBody(GenParams):
     """The body of a /v1/completions or /v1/chat/completions line (unknown keys ignored)."""
 
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = Field(None, min_length=1, max_length=128)
-    prompt: str | list[str] | None = None
+    prompt: str | list[str] | None = None  # capped as ItemInput.prompt
     messages: list[ChatMessage] | None = Field(None, min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: MaxTokens | None = None  # OpenAI's newer name; wins over max_tokens
     n: int = Field(1, ge=1, le=16)
     stream: Literal[False] = False
 
@@ -144,6 +144,11 @@ class TextBody(SamplingParams):
         if isinstance(v, list) and len(v) != 1:
             raise ValueError("give one prompt per line (a string, or a list of one string)")
         return v
+
+    @property
+    def params(self) -> GenParams:
+        return super().params.model_copy(
+            update={"max_tokens": self.max_completion_tokens or self.max_tokens})
 
 
 class ImageBody(BaseModel):

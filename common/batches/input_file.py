@@ -1,0 +1,164 @@
+"""A batch input file checked line by line: every problem collected with its line number."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from pydantic import ValidationError
+from sqlalchemy.orm import Session
+
+from common.batches.schemas import IMAGE_ENDPOINT, ImageBody, LineError, TextBody, chat_prompt
+from common.config import get_settings
+from common.errors import NotFound, pydantic_problems
+from common.gen_params import ItemInput
+from common.models import Model
+from common.results import find_model
+from common.train_spec import family_kind
+
+MAX_REPORTED_ERRORS = 1000
+
+
+# ------------------------------------------------------------------ validation
+
+
+@dataclass
+class Parsed:
+    """A validated input file: one item request per line, or the errors found."""
+
+    custom_ids: list[str] = field(default_factory=list)
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[LineError] = field(default_factory=list)
+    models: dict[str, Model] = field(default_factory=dict)
+
+    def error(self, line: int, code: str, message: str, param: str | None = None) -> None:
+        if len(self.errors) < MAX_REPORTED_ERRORS:
+            self.errors.append(LineError(code=code, message=message, param=param, line=line))
+
+
+def parse_input(
+    session: Session,
+    lines: Iterator[bytes],
+    *,
+    owner: str,
+    endpoint: str,
+    default_model: str | None,
+) -> Parsed:
+    """Check every line of a batch input file; collect every problem with its line number."""
+    settings = get_settings()
+    parsed, seen = Parsed(), set()
+    count = 0
+    for n, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        count += 1
+        if count > settings.max_batch_lines:
+            parsed.error(n, "too_many_requests",
+                         f"a batch holds at most {settings.max_batch_lines} requests")
+            break
+        try:
+            row = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:  # invalid UTF-8 lands here too
+            parsed.error(n, "invalid_json", f"line is not valid JSON: {exc}")
+            continue
+        if not isinstance(row, dict):
+            parsed.error(n, "invalid_json", "line must be a JSON object")
+            continue
+        custom_id = row.get("custom_id")
+        if not isinstance(custom_id, str) or not custom_id or len(custom_id) > 255:
+            parsed.error(n, "missing_required_parameter",
+                         "custom_id must be a non-empty string (at most 255 characters)",
+                         "custom_id")
+            continue
+        if custom_id in seen:
+            parsed.error(n, "duplicate_custom_id", f"custom_id {custom_id!r} is used twice",
+                         "custom_id")
+            continue
+        seen.add(custom_id)
+        request = _check_line(session, parsed, n, row, owner=owner, endpoint=endpoint,
+                              default_model=default_model)
+        if request is not None:
+            parsed.custom_ids.append(custom_id)
+            parsed.requests.append(request)
+    if count == 0:
+        parsed.error(1, "empty_file", "the input file has no requests")
+    return parsed
+
+
+def _check_line(
+    session: Session, parsed: Parsed, n: int, row: dict[str, Any], *,
+    owner: str, endpoint: str, default_model: str | None,
+) -> dict[str, Any] | None:
+    if row.get("method", "POST") != "POST":
+        parsed.error(n, "invalid_method", "method must be POST", "method")
+        return None
+    if row.get("url") != endpoint:
+        parsed.error(n, "mismatched_endpoint",
+                     f"url {row.get('url')!r} is not the batch endpoint {endpoint!r}", "url")
+        return None
+    body = row.get("body")
+    if not isinstance(body, dict):
+        parsed.error(n, "missing_required_parameter", "body must be a JSON object", "body")
+        return None
+    image = endpoint == IMAGE_ENDPOINT
+    try:
+        spec: TextBody | ImageBody = (ImageBody if image else TextBody).model_validate(body)
+    except ValidationError as exc:
+        for e in exc.errors():
+            where = ".".join(str(p) for p in e["loc"])
+            message = e["msg"].removeprefix("Value error, ")
+            parsed.error(n, "invalid_value", f"body.{where}: {message}", f"body.{where}")
+        return None
+    name = spec.model or default_model
+    if not name:
+        parsed.error(n, "missing_required_parameter", "body.model is required", "body.model")
+        return None
+    model = _model(session, parsed, owner, name)
+    if model is None:
+        parsed.error(n, "model_not_found", f"no model named {name!r}", "body.model")
+        return None
+    wanted = "image" if image else "text"
+    if family_kind(model.family) != wanted:
+        parsed.error(n, "invalid_model", f"{name} is a {model.family} model; "
+                     f"{endpoint} needs a {wanted} model", "body.model")
+        return None
+    base = {"model_id": model.id, "model": model.name, "url": endpoint, "body": body}
+    if isinstance(spec, ImageBody):
+        return {**base, "gen": ItemInput(label=spec.label, n=spec.n, seed=spec.seed).model_dump()}
+    prompt = _prompt(parsed, n, spec, chat=endpoint == "/v1/chat/completions")
+    if prompt is None:
+        return None
+    try:
+        gen = ItemInput(prompt=prompt, n=spec.n, **spec.params.model_dump())
+    except ValidationError as exc:  # the prompt cap, which a chat template can cross
+        where = "body.messages" if endpoint == "/v1/chat/completions" else "body.prompt"
+        parsed.error(n, "invalid_value", "; ".join(pydantic_problems(exc)), where)
+        return None
+    return {**base, "gen": gen.model_dump()}
+
+
+def _prompt(parsed: Parsed, n: int, spec: TextBody, *, chat: bool) -> str | None:
+    if chat:
+        if not spec.messages:
+            parsed.error(n, "missing_required_parameter", "body.messages is required",
+                         "body.messages")
+            return None
+        prompt = chat_prompt(spec.messages)
+    else:
+        if spec.prompt is None:
+            parsed.error(n, "missing_required_parameter", "body.prompt is required", "body.prompt")
+            return None
+        prompt = spec.prompt if isinstance(spec.prompt, str) else spec.prompt[0]
+    return prompt
+
+
+def _model(session: Session, parsed: Parsed, owner: str, name: str) -> Model | None:
+    if name not in parsed.models:
+        try:
+            parsed.models[name] = find_model(session, owner=owner, name=name)
+        except NotFound:
+            return None
+    return parsed.models[name]
+

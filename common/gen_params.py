@@ -1,0 +1,79 @@
+"""The generation parameters, declared once: the API, the Batch API, items, packing and generate().
+
+A new sampling option is one field on GenParams. GenerateSpec (POST /v1/jobs), TextBody (a
+Batch API line) and ItemInput (what an item stores, and what a worker hands to generate())
+all inherit it, so no layer keeps its own list of keys.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from common.config import get_settings
+
+
+def _within_token_cap(v: int) -> int:
+    cap = get_settings().max_tokens_cap
+    if v > cap:
+        raise ValueError(f"must be <= {cap} (GENQ_MAX_TOKENS)")
+    return v
+
+
+def _within_prompt_cap(v: str) -> str:
+    cap = get_settings().max_prompt_chars
+    if len(v) > cap:
+        raise ValueError(f"is longer than {cap} characters (GENQ_MAX_PROMPT_CHARS)")
+    return v
+
+
+MaxTokens = Annotated[int, Field(ge=1), AfterValidator(_within_token_cap)]
+Prompt = Annotated[str, AfterValidator(_within_prompt_cap)]
+Seed = Annotated[int, Field(ge=0, le=2**31 - 1)]
+
+
+class GenParams(BaseModel):
+    """How to continue a prompt (text) or draw an image (seed); equal params share a batch."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_tokens: MaxTokens = 32
+    temperature: float = Field(1.0, ge=0, le=5)  # 0 => greedy
+    top_k: int | None = Field(None, ge=1, le=100_000)
+    top_p: float | None = Field(None, gt=0, le=1)
+    num_beams: int = Field(1, ge=1, le=16)
+    seed: Seed | None = None  # seeded sampling runs alone, so its output never depends on others
+
+    @property
+    def params(self) -> GenParams:
+        """Just the generation parameters of this object (a subclass carries more)."""
+        return GenParams.model_construct(**{k: getattr(self, k) for k in GenParams.model_fields})
+
+    @property
+    def sampling(self) -> bool:
+        """Random draws (so a seed matters); greedy and beam search are deterministic."""
+        return self.temperature > 0.0 and self.num_beams == 1
+
+    @property
+    def unseeded(self) -> GenParams:
+        """The parameters that decide which requests can share one batch."""
+        return self.params.model_copy(update={"seed": None})
+
+
+class ItemInput(GenParams):
+    """One item's request (items.request["gen"]): its prompt or label, n, and the parameters."""
+
+    prompt: Prompt | None = None  # text families
+    label: int | None = None  # image families (conditioning); None = unconditional
+    n: int = Field(1, ge=1, le=10_000)
+    prompt_ids: list[int] | None = None  # the prompt already tokenized (batches)
+
+    def packing_key(self) -> tuple[GenParams, int]:
+        """Requests with equal keys are packed into batches together (unless isolated)."""
+        return self.unseeded, self.n
+
+    @property
+    def isolated_sampling(self) -> bool:
+        """Seeded random text: generated alone (images with a seed are isolated too)."""
+        return self.seed is not None and self.sampling

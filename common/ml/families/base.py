@@ -1,0 +1,112 @@
+"""The family contract: what a model family gives training, checkpoints and generation.
+
+A family is one file: its config (a `FamilyConfig`), its modules, and one subclass of
+`TextFamily` or `ImageFamily`, registered by name in `common.ml.families`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar, Generic, TypeVar
+
+import torch
+import torch.nn as nn
+from pydantic import BaseModel, ConfigDict
+
+from common.gen_params import GenParams
+from common.ml.data import ImageData, TextData
+from common.ml.sampling import Completion
+
+# The validation context of a config submitted with a training spec: paths it names must
+# exist now. A checkpoint's config is read back without it, since its weights and saved
+# architecture no longer need those paths.
+SUBMITTED: dict[str, Any] = {"submitted": True}
+
+
+class FamilyConfig(BaseModel):
+    """A family's hyperparameters: strict types, bounds on each field, no unknown keys."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+ConfigT = TypeVar("ConfigT", bound=FamilyConfig)
+ModelT = TypeVar("ModelT", bound=nn.Module)
+TokenizerT = TypeVar("TokenizerT")
+
+
+class Family(ABC, Generic[ConfigT, ModelT]):
+    """What the training loop and checkpoints call, for every family."""
+
+    KIND: ClassVar[str]  # "text" or "image": the data it trains on and what it generates
+    PHASES: ClassVar[tuple[str, ...]] = ("main",)  # one optimizer each, stepped in turn
+    OPTIMIZER: ClassVar[str] = "adamw"  # used when the spec names none
+    BETAS: ClassVar[tuple[float, float]] = (0.9, 0.999)
+    Config: type[ConfigT]
+
+    @abstractmethod
+    def prepare(self, cfg: ConfigT, data: TextData | ImageData) -> tuple[ConfigT, Any]:
+        """Fit the config to the data; also the tokenizer (None for image families)."""
+
+    @abstractmethod
+    def build_model(self, cfg: ConfigT, tokenizer: Any = None,
+                    arch: dict | None = None) -> ModelT:
+        """A fresh model; `arch` is what `architecture` saved with a checkpoint."""
+
+    def architecture(self, model: ModelT) -> dict | None:
+        """What rebuilds the model besides its config (checkpoint meta "arch"); None: nothing."""
+        return None
+
+    def phase_params(self, model: ModelT, phase: str) -> list[nn.Parameter]:
+        """The parameters that `phase`'s optimizer steps."""
+        return list(model.parameters())
+
+    @abstractmethod
+    def loss(self, model: ModelT, batch: Any,
+             phase: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss `phase` minimises on a batch, and extra metrics to log."""
+
+
+class TextFamily(Family[ConfigT, ModelT], Generic[ConfigT, ModelT, TokenizerT]):
+    """A language model: batches are (inputs, targets) token ids, each (B, T)."""
+
+    KIND = "text"
+
+    @abstractmethod
+    def prepare(self, cfg: ConfigT, data: TextData | ImageData) -> tuple[ConfigT, TokenizerT]:
+        """Fit the config to the text and build (or load) the tokenizer."""
+
+    @abstractmethod
+    def encode(self, tokenizer: TokenizerT, text: str) -> list[int]:
+        """Token ids of `text`, without special tokens."""
+
+    @abstractmethod
+    def context_limit(self, model: ModelT) -> int | None:
+        """The longest sequence the model takes; None if unbounded."""
+
+    @abstractmethod
+    def complete(self, model: ModelT, tokenizer: TokenizerT, prompts: list[list[int]],
+                 params: GenParams, n: int) -> list[list[Completion]]:
+        """n continuations of each prompt."""
+
+    @abstractmethod
+    def save_tokenizer(self, tokenizer: TokenizerT, directory: Path) -> None:
+        """Write the tokenizer's files into a checkpoint directory."""
+
+    @abstractmethod
+    def load_tokenizer(self, directory: Path) -> TokenizerT:
+        """Read back what `save_tokenizer` wrote."""
+
+
+class ImageFamily(Family[ConfigT, ModelT]):
+    """An image model: batches are (images (B, C, H, W) in [0, 1], labels (B,) or None)."""
+
+    KIND = "image"
+
+    @abstractmethod
+    def sample_images(self, model: ModelT, n: int, labels: torch.Tensor | None) -> torch.Tensor:
+        """n images (n, C, H, W) in [0, 1]; `labels` (n,) for a conditional model."""
+
+
+# What the registry holds: isinstance on one kind narrows it to the other.
+AnyFamily = TextFamily[Any, Any, Any] | ImageFamily[Any, Any]

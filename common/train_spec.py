@@ -1,0 +1,108 @@
+"""The training spec, declared once: what POST /v1/jobs accepts and what run_training reads.
+
+The API's job envelope (common/schemas.py TrainJobSpec) adds only the queue options on top;
+the worker parses a job's stored spec with that same class, so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from common.config import get_settings
+from common.ml.builtin_data import BUILTINS
+
+Family = Literal["vae", "gan", "lstm", "gpt"]
+TEXT_FAMILIES = ("lstm", "gpt")
+
+
+def family_kind(family: str) -> str:
+    return "text" if family in TEXT_FAMILIES else "image"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataSpec(Strict):
+    """Training data: a built-in dataset or an uploaded file (purpose `dataset`).
+
+    `path` is a local file: the worker sets it from file_id, and in-process callers (tests,
+    benchmarks) may give it; the API refuses it (TrainJobSpec).
+    """
+
+    builtin: Literal["python-docs", "digits"] | None = None
+    file_id: str | None = None
+    path: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataSpec:
+        if sum(v is not None for v in (self.builtin, self.file_id, self.path)) != 1:
+            raise ValueError("give exactly one of data.builtin or data.file_id")
+        return self
+
+
+class TrainSpec(Strict):
+    """How to train one model: the family, its config, the data and the loop's knobs."""
+
+    family: Family
+    config: dict[str, Any] = Field(default_factory=dict)  # the family's Config fields
+    data: DataSpec | None = None  # default: the built-in dataset of the family's kind
+    steps: int | None = Field(None, ge=1, le=10_000_000)  # default 200 unless epochs is given
+    epochs: int | None = Field(None, ge=1, le=100_000)
+    batch_size: int = Field(16, ge=1, le=4096)
+    lr: float = Field(1e-3, gt=0, le=10)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    optimizer: Literal["adamw", "adam", "sgd"] | None = None  # None: the family's default
+    weight_decay: float = Field(0.0, ge=0)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    grad_accum: int = Field(1, ge=1, le=1024)
+    clip: float | None = Field(1.0, gt=0)  # null: no gradient clipping
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    seq_len: int = Field(64, ge=2, le=8192)  # text families
+    checkpoint_every: int = Field(50, ge=1)
+    keep_last: int = Field(2, ge=1, le=100)
+    log_every: int = Field(10, ge=1)
+    eval_every: int | None = Field(None, ge=1)  # held-out loss every N steps (a tenth held out)
+    timeout_s: float | None = Field(None, gt=0)
+    resume_from: str | None = None  # a checkpoint id to start from
+
+    @model_validator(mode="after")
+    def _coherent(self) -> TrainSpec:
+        from common.ml.families import validate_model_config
+
+        problems: list[str] = []
+        if self.steps is None and self.epochs is None:
+            self.steps = 200
+        if self.steps is not None and self.epochs is not None:
+            problems.append("epochs: give steps or epochs, not both")
+        kind = family_kind(self.family)
+        if self.data is None:
+            self.data = DataSpec(builtin="python-docs" if kind == "text" else "digits")
+        if self.data.builtin and BUILTINS[self.data.builtin] != kind:
+            problems.append(f"data.builtin: {self.data.builtin!r} is {BUILTINS[self.data.builtin]} "
+                            f"data, family {self.family!r} needs {kind} data")
+        if self.family == "gpt" and isinstance(self.config.get("pretrained"), str):
+            self.config["pretrained"] = confine_pretrained(self.config["pretrained"], problems)
+        problems += validate_model_config(self.family, self.config)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def data_source(self) -> dict[str, str]:
+        """The data as the loader takes it: {"builtin": name} or {"path": local file}."""
+        assert self.data is not None  # the validator fills it
+        return self.data.model_dump(exclude_none=True)
+
+
+def confine_pretrained(path: str, problems: list[str]) -> str:
+    """A pretrained directory resolved inside GENQ_PRETRAINED_ROOT, never elsewhere."""
+    root = get_settings().pretrained_dir
+    resolved = (root / path).resolve()
+    if not resolved.is_relative_to(root):
+        problems.append(f"config.pretrained: must be a folder inside {root} (GENQ_PRETRAINED_ROOT)")
+        return path
+    return str(resolved)
