@@ -297,6 +297,8 @@ def generate(
     max_tokens: int = 64,
     temperature: float = 0.8,
     top_k: int | None = None,
+    top_p: float | None = None,
+    num_beams: Annotated[int | None, typer.Option(help="Beam search width (gpt)")] = None,
     seed: int | None = None,
     out: Annotated[Path, typer.Option(help="Folder for images")] = Path("genq-results"),
 ) -> None:
@@ -316,6 +318,8 @@ def generate(
         ("n", n),
         ("labels", label),
         ("top_k", top_k),
+        ("top_p", top_p),
+        ("num_beams", num_beams),
         ("seed", seed),
     ):
         if value is not None and value != []:  # seed 0 and top_k 0 are values, not absences

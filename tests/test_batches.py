@@ -355,3 +355,25 @@ def test_request_counts_read_finished_shards_from_their_result(session):  # type
     assert session.get(Job, parent.id).shards_done == 1
     assert item_counts(session, batch_id=parent.id) == (3, 1)
     assert count_items(session, [s.id for s in shards]) == (3, 1)
+
+
+def test_every_bad_envelope_field_is_reported(session):  # type: ignore[no-untyped-def]
+    """The line envelope (custom_id, method, url, body) is one pydantic model: each bad
+    field of a line gets its own OpenAI error code, and unknown keys are ignored."""
+    from common.batches.input_file import parse_input
+
+    rows = [
+        {"custom_id": "", "method": "GET", "url": "/v1/completions", "body": {}},
+        {"custom_id": "b", "url": "/v1/completions", "body": "not an object", "extra": 1},
+        {"custom_id": "c", "url": "/v1/images/generations", "body": {"model": "m"}},
+        {"custom_id": "d", "url": "/v1/completions", "body": {"model": "no-such-model"}},
+    ]
+    parsed = parse_input(session, iter(json.dumps(r).encode() for r in rows), owner="o",
+                         endpoint="/v1/completions", default_model=None)
+    found = [(e.line, e.code, e.param) for e in parsed.errors]
+    assert found == [(1, "missing_required_parameter", "custom_id"),
+                     (1, "invalid_method", "method"),
+                     (2, "missing_required_parameter", "body"),
+                     (3, "mismatched_endpoint", "url"),
+                     (4, "model_not_found", "body.model")]
+    assert parsed.requests == []

@@ -58,6 +58,14 @@ def test_every_public_generation_parameter_reaches_generate(stack, trained_lstm)
             assert tokens_out == len(text) <= params["max_tokens"] < 12, name  # LSTM: 1 char/token
 
 
+def test_the_cli_offers_every_generation_parameter():
+    import inspect
+
+    from api.cli import generate
+
+    assert set(GenParams.model_fields) <= set(inspect.signature(generate).parameters)
+
+
 def test_api_and_worker_accept_the_same_training_fields(stack, tmp_path: Path):
     """The API's schema is the worker's TrainSpec plus the envelope, and a job setting every
     field (in two jobs: steps then epochs, the second resuming the first) runs."""

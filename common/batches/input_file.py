@@ -10,7 +10,15 @@ import orjson
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
-from common.batches.schemas import IMAGE_ENDPOINT, ImageBody, LineError, TextBody, chat_prompt
+from common.batches.schemas import (
+    IMAGE_ENDPOINT,
+    LINE_FIELD_ERRORS,
+    BatchLine,
+    ImageBody,
+    LineError,
+    TextBody,
+    chat_prompt,
+)
 from common.config import get_settings
 from common.errors import NotFound, pydantic_problems
 from common.gen_params import ItemInput
@@ -66,42 +74,44 @@ def parse_input(
         if not isinstance(row, dict):
             parsed.error(n, "invalid_json", "line must be a JSON object")
             continue
-        custom_id = row.get("custom_id")
-        if not isinstance(custom_id, str) or not custom_id or len(custom_id) > 255:
-            parsed.error(n, "missing_required_parameter",
-                         "custom_id must be a non-empty string (at most 255 characters)",
+        line = _envelope(parsed, n, row)
+        if line is None:
+            continue
+        if line.custom_id in seen:
+            parsed.error(n, "duplicate_custom_id", f"custom_id {line.custom_id!r} is used twice",
                          "custom_id")
             continue
-        if custom_id in seen:
-            parsed.error(n, "duplicate_custom_id", f"custom_id {custom_id!r} is used twice",
-                         "custom_id")
-            continue
-        seen.add(custom_id)
-        request = _check_line(session, parsed, n, row, owner=owner, endpoint=endpoint,
+        seen.add(line.custom_id)
+        request = _check_line(session, parsed, n, line, owner=owner, endpoint=endpoint,
                               default_model=default_model)
         if request is not None:
-            parsed.custom_ids.append(custom_id)
+            parsed.custom_ids.append(line.custom_id)
             parsed.requests.append(request)
     if count == 0:
         parsed.error(1, "empty_file", "the input file has no requests")
     return parsed
 
 
+def _envelope(parsed: Parsed, n: int, row: dict[str, Any]) -> BatchLine | None:
+    """The line's envelope, or None with one error for each bad field of it."""
+    try:
+        return BatchLine.model_validate(row)
+    except ValidationError as exc:
+        for field_name in dict.fromkeys(str(e["loc"][0]) for e in exc.errors()):
+            code, message = LINE_FIELD_ERRORS[field_name]
+            parsed.error(n, code, message, field_name)
+        return None
+
+
 def _check_line(
-    session: Session, parsed: Parsed, n: int, row: dict[str, Any], *,
+    session: Session, parsed: Parsed, n: int, line: BatchLine, *,
     owner: str, endpoint: str, default_model: str | None,
 ) -> dict[str, Any] | None:
-    if row.get("method", "POST") != "POST":
-        parsed.error(n, "invalid_method", "method must be POST", "method")
-        return None
-    if row.get("url") != endpoint:
+    if line.url != endpoint:
         parsed.error(n, "mismatched_endpoint",
-                     f"url {row.get('url')!r} is not the batch endpoint {endpoint!r}", "url")
+                     f"url {line.url!r} is not the batch endpoint {endpoint!r}", "url")
         return None
-    body = row.get("body")
-    if not isinstance(body, dict):
-        parsed.error(n, "missing_required_parameter", "body must be a JSON object", "body")
-        return None
+    body = line.body
     image = endpoint == IMAGE_ENDPOINT
     try:
         spec: TextBody | ImageBody = (ImageBody if image else TextBody).model_validate(body)

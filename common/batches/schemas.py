@@ -53,6 +53,27 @@ class BatchCreate(BaseModel):
     model: str | None = Field(None, min_length=1, max_length=128)
 
 
+class BatchLine(BaseModel):
+    """One line of a batch input file: OpenAI's request envelope around a body."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    custom_id: str = Field(min_length=1, max_length=255)
+    method: Literal["POST"] = "POST"
+    url: str  # must be the batch's endpoint
+    body: dict[str, Any]
+
+
+# OpenAI's error code for a bad envelope field (batch.errors), and what to say of it
+LINE_FIELD_ERRORS = {
+    "custom_id": ("missing_required_parameter",
+                  "custom_id must be a non-empty string (at most 255 characters)"),
+    "method": ("invalid_method", "method must be POST"),
+    "url": ("missing_required_parameter", "url must be the batch endpoint"),
+    "body": ("missing_required_parameter", "body must be a JSON object"),
+}
+
+
 class LineError(BaseModel):
     """One rejected input line, as OpenAI reports it in batch.errors."""
 
