@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from common.config import get_settings
+from common.gen_params import Seed
 from common.ml.builtin_data import BUILTINS
 
 Family = Literal["vae", "gan", "lstm", "gpt"]
@@ -60,7 +61,7 @@ class TrainSpec(Strict):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     grad_accum: int = Field(1, ge=1, le=1024)
     clip: float | None = Field(1.0, gt=0)  # null: no gradient clipping
-    seed: int = Field(0, ge=0, le=2**31 - 1)
+    seed: Seed = 0
     seq_len: int = Field(64, ge=2, le=8192)  # text families
     checkpoint_every: int = Field(50, ge=1)
     keep_last: int = Field(2, ge=1, le=100)

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from common.gen_params import GenParams, MaxTokens
+from common.gen_params import GenParams, MaxTokens, Seed
 
 TEXT_ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
 IMAGE_ENDPOINT = "/v1/images/generations"
@@ -180,7 +180,7 @@ class ImageBody(BaseModel):
     model: str | None = Field(None, min_length=1, max_length=128)
     n: int = Field(1, ge=1, le=64)
     label: int | None = Field(None, ge=0)
-    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    seed: Seed | None = None
 
 
 def chat_prompt(messages: list[ChatMessage]) -> str:
