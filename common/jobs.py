@@ -27,6 +27,8 @@ from common.idempotency import create_once
 from common.models import (
     FINISHED,
     Checkpoint,
+    Item,
+    ItemStatus,
     Job,
     JobStatus,
     JobType,
@@ -268,9 +270,12 @@ def claim_job(
 
 
 def _take_over(session: Session, job: Job, *, worker: str, pid: int, task_id: str | None) -> Claim:
-    """A redelivered message whose previous process on this host died: spend an attempt."""
+    """A redelivered message whose previous process on this host died: a new attempt, which
+    spends one of max_attempts only if the dead one made no durable progress."""
     error = {"code": "worker_lost", "message": f"process {job.worker_pid} died", "retryable": True}
-    if job.failures + 1 >= job.max_attempts:
+    progress = durable_progress(session, job)
+    failures = job.failures + (0 if advanced(job, progress) else 1)
+    if failures >= job.max_attempts:
         fail_job(session, job, error, final=True)
         return Claim(None, "attempts exhausted")
     taken = rows_changed(
@@ -279,8 +284,9 @@ def _take_over(session: Session, job: Job, *, worker: str, pid: int, task_id: st
         .where(Job.id == job.id, Job.attempt == job.attempt, Job.worker_pid == job.worker_pid)
         .values(
             attempt=job.attempt + 1,
-            failures=job.failures + 1,
-            attempts_log=[*job.attempts_log, {"attempt": job.attempt, "error": error}],
+            failures=failures,
+            attempts_log=[*job.attempts_log,
+                          {"attempt": job.attempt, "error": error, "progress": progress}],
             worker=worker,
             worker_pid=pid,
             celery_task_id=task_id,
@@ -366,13 +372,19 @@ def finish_job(
 
 
 def fail_job(session: Session, job: Job, error: dict[str, Any], *, final: bool = False) -> str:
-    """Fail the attempt: re-queue with back-off if retryable and attempts remain, else fail."""
+    """Fail the attempt: re-queue with back-off if retryable and attempts remain, else fail.
+
+    Only attempts that made no durable progress count against max_attempts: they are the
+    evidence of a job that crashes its worker; one killed after committing work is not.
+    """
     error = {"retryable": False, **error}
-    failures = job.failures + 1
-    log_entry = {"attempt": job.attempt, "error": error}
+    progress = durable_progress(session, job)
+    spend = not advanced(job, progress)
+    failures = job.failures + (1 if spend else 0)
+    log_entry = {"attempt": job.attempt, "error": error, "progress": progress}
     if error["retryable"] and not final and failures < job.max_attempts:
-        delay = get_settings().retry_backoff_s * 2 ** (failures - 1)
-        requeue_job(session, job, reason=error, spend=True, delay_s=delay)
+        delay = get_settings().retry_backoff_s * 2 ** max(failures - 1, 0)
+        requeue_job(session, job, reason=error, spend=spend, delay_s=delay, progress=progress)
         return "queued"
     session.execute(
         update(Job)
@@ -392,8 +404,11 @@ def requeue_job(
     spend: bool,
     delay_s: float = 0.0,
     from_status: JobStatus = JobStatus.running,
+    progress: int | None = None,
 ) -> bool:
     """Put the job back in its queue as a new attempt (spend=False: a soft shutdown)."""
+    if progress is None:
+        progress = durable_progress(session, job)
     values: dict[str, Any] = {
         "status": JobStatus.queued,
         "attempt": job.attempt + 1,
@@ -402,7 +417,8 @@ def requeue_job(
         "enqueued_at": None,
         "shutdown_requested": False,
         "not_before": utcnow() + timedelta(seconds=delay_s) if delay_s else None,
-        "attempts_log": [*job.attempts_log, {"attempt": job.attempt, "error": reason}],
+        "attempts_log": [*job.attempts_log,
+                         {"attempt": job.attempt, "error": reason, "progress": progress}],
     }
     if spend:
         values["failures"] = job.failures + 1
@@ -410,6 +426,23 @@ def requeue_job(
     if moved and not delay_s:
         dispatch(session, job)
     return moved
+
+
+def durable_progress(session: Session, job: Job) -> int:
+    """What an attempt leaves for the next one: items finished, or the last checkpoint's step."""
+    if job.type == JobType.train:
+        step = select(func.max(Checkpoint.step)).where(Checkpoint.job_id == job.id)
+        return session.scalar(step) or 0
+    done = select(func.count()).select_from(Item).where(Item.job_id == job.id,
+                                                       Item.status != ItemStatus.pending)
+    return session.scalar(done) or 0
+
+
+def advanced(job: Job, progress: int) -> bool:
+    """Whether the attempt ending now made durable progress past the previous attempt's."""
+    before = next((entry["progress"] for entry in reversed(job.attempts_log or [])
+                   if "progress" in entry), 0)
+    return progress > before
 
 
 def _move_attempt(

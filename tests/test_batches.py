@@ -12,7 +12,7 @@ import time
 
 import openai
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from common.db import engine_for, session_factory
 from common.models import Item, Job
@@ -249,6 +249,34 @@ def test_killed_shard_resumes_without_losing_or_doubling(shard_stack, trained_ls
         again = s.get(Job, victim.id)
         assert again is not None and again.attempt > victim.attempt
         assert again.attempts_log and again.attempts_log[-1]["error"]["code"] == "worker_lost"
+
+
+def test_attempts_that_commit_items_do_not_spend_max_attempts(shard_stack, trained_lstm):
+    """Two pool-child kills of a max_attempts=1 job, each after it committed items: random
+    infrastructure faults lose nothing, and the job still succeeds."""
+    c = shard_stack.client()
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(8)]
+    job = c.create_job({"type": "generate", "model": trained_lstm["result"]["model"],
+                        "prompts": prompts, "max_tokens": 600, "seed": 1, "max_attempts": 1})
+
+    def running_past(done: int) -> Job | None:
+        with session_of(shard_stack) as s:
+            row = s.get(Job, job["id"])
+            committed = s.scalar(select(func.count()).select_from(Item).where(
+                Item.job_id == job["id"], Item.status != "pending"))
+            return row if row.status == "running" and committed > done else None
+
+    first = wait_for(lambda: running_past(0), timeout=60, interval=0.02)
+    os.kill(first.worker_pid, signal.SIGKILL)
+    second = wait_for(lambda: (r := running_past(first.progress_done + 1))
+                      and r.attempt > first.attempt and r, timeout=90, interval=0.02)
+    os.kill(second.worker_pid, signal.SIGKILL)
+    done = c.wait(job["id"], timeout=120)
+    assert done["status"] == "succeeded", done
+    assert done["attempt"] >= 3 and [a["error"]["code"] for a in done["attempts"]][:2] == [
+        "worker_lost", "worker_lost"]
+    items = list(c.items(job["id"]))
+    assert len(items) == 8 and all(i["status"] == "succeeded" for i in items)
 
 
 def test_unknown_batch_is_404(stack):

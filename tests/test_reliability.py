@@ -571,6 +571,44 @@ def test_reaper_requeues_then_fails_worker_lost(session):
     assert session.get(Job, fresh.id).status == "running"
 
 
+def test_only_attempts_without_progress_spend_max_attempts(session):
+    """A training attempt that leaves a newer checkpoint is no evidence of a poison job: it
+    is re-queued without spending an attempt; one that leaves nothing new spends one."""
+    from common import jobs
+    from common.models import Checkpoint, Job, new_id
+
+    job = _running_job(session, max_attempts=2)
+    lost = {"code": "worker_lost", "message": "x", "retryable": True}
+
+    def checkpoint(step: int) -> None:
+        session.add(Checkpoint(id=new_id("ckpt_"), job_id=job.id, step=step, uri="file:///x",
+                               bytes=1, metrics={}))
+        session.commit()
+
+    def run_again() -> None:
+        session.execute(Job.__table__.update().where(Job.id == job.id).values(status="running"))
+        session.commit()
+        session.refresh(job)
+
+    checkpoint(10)
+    assert jobs.fail_job(session, job, lost) == "queued"
+    session.refresh(job)
+    assert (job.attempt, job.failures, job.attempts_log[-1]["progress"]) == (2, 0, 10)
+    run_again()
+    checkpoint(20)
+    assert jobs.fail_job(session, job, lost) == "queued"
+    session.refresh(job)
+    assert (job.attempt, job.failures) == (3, 0)
+    run_again()  # this attempt crashes before its next checkpoint: it spends one
+    assert jobs.fail_job(session, job, lost) == "queued"
+    session.refresh(job)
+    assert (job.attempt, job.failures) == (4, 1)
+    run_again()  # and again: max_attempts=2 attempts without progress, so it fails
+    assert jobs.fail_job(session, job, lost) == "failed"
+    session.refresh(job)
+    assert (job.status, job.failures) == ("failed", 2)
+
+
 def test_retry_backoff_doubles(session):
     from common import jobs
     from common.config import get_settings
