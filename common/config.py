@@ -64,6 +64,8 @@ class Settings(BaseSettings):
     max_batch_lines: int = Field(100_000, description="Most requests in one batch file.")
     max_prompt_chars: int = Field(32_000, description="Longest accepted prompt.")
     max_tokens_cap: int = Field(4096, description="Largest accepted max_tokens.")
+    max_model_params: int = Field(
+        1_000_000_000, description="Most parameters a training spec's model may have.")
     rate_limit_per_minute: int = Field(600, description="Requests per key per minute (0 = off).")
     metrics_public: bool = Field(False, description="Serve /metrics without an API key.")
 

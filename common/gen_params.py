@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from common.config import get_settings
 
@@ -31,6 +31,8 @@ def _within_prompt_cap(v: str) -> str:
 MaxTokens = Annotated[int, Field(ge=1), AfterValidator(_within_token_cap)]
 Prompt = Annotated[str, AfterValidator(_within_prompt_cap)]
 Seed = Annotated[int, Field(ge=0, le=2**31 - 1)]
+Label = Annotated[int, Field(ge=0, le=100_000)]  # a class of a conditional image model
+MIN_TEMPERATURE = 1e-3
 
 
 class GenParams(BaseModel):
@@ -39,11 +41,18 @@ class GenParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     max_tokens: MaxTokens = 32
-    temperature: float = Field(1.0, ge=0, le=5)  # 0 => greedy
+    temperature: float = Field(1.0, ge=0, le=5)  # 0 => greedy; else at least MIN_TEMPERATURE
     top_k: int | None = Field(None, ge=1, le=100_000)
     top_p: float | None = Field(None, gt=0, le=1)
     num_beams: int = Field(1, ge=1, le=16)
     seed: Seed | None = None  # seeded sampling runs alone, so its output never depends on others
+
+    @field_validator("temperature")
+    @classmethod
+    def _greedy_or_usable(cls, v: float) -> float:
+        if 0 < v < MIN_TEMPERATURE:  # logits / 1e-320 overflow to inf: NaN probabilities
+            raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE}")
+        return v
 
     @property
     def params(self) -> GenParams:
@@ -65,7 +74,7 @@ class ItemInput(GenParams):
     """One item's request (items.request["gen"]): its prompt or label, n, and the parameters."""
 
     prompt: Prompt | None = None  # text families
-    label: int | None = None  # image families (conditioning); None = unconditional
+    label: Label | None = None  # image families (conditioning); None = unconditional
     n: int = Field(1, ge=1, le=10_000)
     prompt_ids: list[int] | None = None  # the prompt already tokenized (batches)
 

@@ -258,9 +258,11 @@ def claim_job(
     if job.status == JobStatus.queued and job.cancel_requested and job.attempt == attempt:
         finish_job(session, job, status=JobStatus.cancelled, from_status=JobStatus.queued)
         return Claim(None, "cancelled while queued")
+    # A takeover moves SQL to attempt+1 while the redelivered message keeps its attempt and
+    # task id: a later redelivery of that same message may take over again.
     if (
         job.status == JobStatus.running
-        and job.attempt == attempt
+        and (job.attempt == attempt or (task_id is not None and job.celery_task_id == task_id))
         and same_host(job.worker, worker)
         and job.worker_pid != pid
         and not pid_alive(job.worker_pid)

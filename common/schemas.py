@@ -8,7 +8,7 @@ from typing import Annotated, Any, Generic, Literal, Self, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from common.config import get_settings
-from common.gen_params import GenParams, Prompt
+from common.gen_params import GenParams, Label, Prompt
 from common.train_spec import TrainSpec
 
 
@@ -50,7 +50,7 @@ class GenerateSpec(GenParams, JobOptions):
     model: str = Field(min_length=1, max_length=128)
     prompts: list[Prompt] | None = Field(None, min_length=1, max_length=10_000)
     n: int | None = Field(None, ge=1, le=10_000)
-    labels: list[int] | None = Field(None, min_length=1, max_length=10_000)
+    labels: list[Label] | None = Field(None, min_length=1, max_length=10_000)
 
     @model_validator(mode="after")
     def _what_to_generate(self) -> Self:

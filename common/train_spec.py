@@ -34,8 +34,8 @@ class DataSpec(Strict):
     """
 
     builtin: Literal["python-docs", "digits"] | None = None
-    file_id: str | None = None
-    path: str | None = None
+    file_id: str | None = Field(None, min_length=1, max_length=64)
+    path: str | None = Field(None, max_length=4096)
 
     @model_validator(mode="after")
     def _one_source(self) -> DataSpec:
@@ -54,21 +54,22 @@ class TrainSpec(Strict):
     epochs: int | None = Field(None, ge=1, le=100_000)
     batch_size: int = Field(16, ge=1, le=4096)
     lr: float = Field(1e-3, gt=0, le=10)
-    warmup_steps: int = Field(0, ge=0)
+    warmup_steps: int = Field(0, ge=0, le=10_000_000)
     schedule: Literal["cosine", "constant"] = "cosine"
     optimizer: Literal["adamw", "adam", "sgd"] | None = None  # None: the family's default
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0, le=10)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     grad_accum: int = Field(1, ge=1, le=1024)
-    clip: float | None = Field(1.0, gt=0)  # null: no gradient clipping
+    clip: float | None = Field(1.0, gt=0, le=1e6)  # null: no gradient clipping
     seed: Seed = 0
     seq_len: int = Field(64, ge=2, le=8192)  # text families
-    checkpoint_every: int = Field(50, ge=1)
+    checkpoint_every: int = Field(50, ge=1, le=10_000_000)
     keep_last: int = Field(2, ge=1, le=100)
-    log_every: int = Field(10, ge=1)
-    eval_every: int | None = Field(None, ge=1)  # held-out loss every N steps (a tenth held out)
-    timeout_s: float | None = Field(None, gt=0)
-    resume_from: str | None = None  # a checkpoint id to start from
+    log_every: int = Field(10, ge=1, le=10_000_000)
+    # held-out loss every N steps (a tenth of the data is held out)
+    eval_every: int | None = Field(None, ge=1, le=10_000_000)
+    timeout_s: float | None = Field(None, gt=0, le=30 * 86_400)
+    resume_from: str | None = Field(None, min_length=1, max_length=64)  # a checkpoint id
 
     @model_validator(mode="after")
     def _coherent(self) -> TrainSpec:

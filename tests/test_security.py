@@ -130,6 +130,22 @@ def test_rate_limit_is_429(quiet_stack):
          "max_tokens"),
         ({"type": "generate", "model": "m", "prompts": ["x"] * 10_001}, 422, "prompts"),
         ({"type": "train", "family": "lstm", "steps": 10**9}, 422, "steps"),
+        # absurd values that once reached a worker and hung it or crashed it there
+        ({"type": "train", "family": "lstm", "config": {"n_layer": 2**64}}, 422,
+         "config.n_layer"),
+        ({"type": "train", "family": "lstm", "config": {"hidden": 10**7}}, 422, "config.hidden"),
+        ({"type": "train", "family": "lstm", "config": {"hidden": 65_536, "n_layer": 64}}, 422,
+         "config"),  # each field in bounds, but trillions of parameters together
+        ({"type": "train", "family": "vae", "config": {"latent": 2**63}}, 422, "config.latent"),
+        ({"type": "train", "family": "lstm", "log_every": 2**63}, 422, "log_every"),
+        ({"type": "train", "family": "lstm", "timeout_s": 1e300}, 422, "timeout_s"),
+        ({"type": "train", "family": "lstm", "data": {"file_id": ""}}, 422, "data.file_id"),
+        ({"type": "train", "family": "lstm", "resume_from": ""}, 422, "resume_from"),
+        ({"type": "train", "family": "gpt", "config": {"pretrained": "x" * 5000}}, 422,
+         "config.pretrained"),
+        ({"type": "generate", "model": "m", "prompts": ["x"], "temperature": 1e-320}, 422,
+         "temperature"),
+        ({"type": "generate", "model": "m", "n": 2, "labels": [10**9]}, 422, "labels[0]"),
     ],
 )
 def test_oversized_input_names_the_field(stack, body, status, param):

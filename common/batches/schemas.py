@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from common.gen_params import GenParams, MaxTokens, Seed
+from common.gen_params import GenParams, Label, MaxTokens, Seed
 
 TEXT_ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
 IMAGE_ENDPOINT = "/v1/images/generations"
@@ -179,7 +179,7 @@ class ImageBody(BaseModel):
 
     model: str | None = Field(None, min_length=1, max_length=128)
     n: int = Field(1, ge=1, le=64)
-    label: int | None = Field(None, ge=0)
+    label: Label | None = None
     seed: Seed | None = None
 
 

@@ -41,7 +41,8 @@ def pick_next(logits: torch.Tensor, params: GenParams) -> torch.Tensor:
     if params.top_p is not None and params.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop = cum - sorted_logits.softmax(dim=-1) >= params.top_p  # keep the first token always
+        drop = cum - sorted_logits.softmax(dim=-1) >= params.top_p
+        drop[..., 0] = False  # the most likely token always stays (top_p below float32's range)
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(dim=-1)

@@ -41,7 +41,7 @@ def test_config_lists_every_bad_field(tmp_path: Path) -> None:
     fields = sorted(p.split(":")[0] for p in problems)
     assert fields == ["config.dropout", "config.n_head", "config.n_layer", "config.pretrained",
                       "config.wat"]
-    assert "config.n_layer: must be >= 1" in problems
+    assert "config.n_layer: must be in [1, 1024]" in problems
     assert validate_model_config("gpt", {"n_embd": 30, "n_head": 4}) == [
         "config.n_embd: must be divisible by n_head (4), got 30"]
     assert validate_model_config("vae", {"conditional": 1, "latent": 2.5}) == [

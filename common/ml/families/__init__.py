@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import types
+import warnings
 import typing
 
+import torch
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails
 
+from common.config import get_settings
 from common.errors import ConfigProblem
 from common.ml.families.base import (
     SUBMITTED,
@@ -52,7 +55,7 @@ def validate_model_config(family: str, config: object) -> list[str]:
         return ["config: must be an object"]
     config_type = FAMILIES[family].Config
     try:
-        config_type.model_validate(config, context=SUBMITTED)
+        cfg = config_type.model_validate(config, context=SUBMITTED)
     except ValidationError as e:
         order = {key: i for i, key in enumerate(config)}
 
@@ -61,6 +64,21 @@ def validate_model_config(family: str, config: object) -> list[str]:
             return error["type"] != "extra_forbidden", order.get(key, len(order))
 
         return [_problem(error, config_type) for error in sorted(e.errors(), key=position)]
+    return _size_problems(FAMILIES[family], cfg)
+
+
+def _size_problems(family: AnyFamily, cfg: FamilyConfig) -> list[str]:
+    """A model over GENQ_MAX_MODEL_PARAMS, counted on the meta device (nothing allocated)."""
+    if getattr(cfg, "pretrained", None):
+        return []  # its size is the directory's, not the config's
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an unfitted vocabulary has zero-element tensors
+        model = family.build_model(cfg)
+    count = sum(p.numel() for p in model.parameters())
+    cap = get_settings().max_model_params
+    if count > cap:
+        return [f"config: the model would have {count:,} parameters, more than "
+                f"GENQ_MAX_MODEL_PARAMS ({cap:,})"]
     return []
 
 

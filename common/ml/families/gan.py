@@ -15,8 +15,8 @@ from common.ml.families.image_fit import ImageConfig, fit_to_images, one_hot
 class GANConfig(ImageConfig):
     """With `conditional`, a one-hot label joins z and the discriminator input."""
 
-    hidden: int = Field(64, ge=1)  # width of both networks' hidden layers
-    latent: int = Field(16, ge=1)  # size of the generator's noise z
+    hidden: int = Field(64, ge=1, le=65_536)  # width of both networks' hidden layers
+    latent: int = Field(16, ge=1, le=65_536)  # size of the generator's noise z
 
 
 class Generator(nn.Module):

@@ -22,13 +22,15 @@ EOT = "<|endoftext|>"
 class GPTConfig(FamilyConfig):
     """With `pretrained`, the directory's own config replaces the fields above it."""
 
-    vocab_size: int = Field(512, ge=257)  # byte-level BPE trained on the data: 256 bytes + EOT
-    n_positions: int = Field(128, ge=2)  # context length
-    n_embd: int = Field(32, ge=1)  # a multiple of n_head
-    n_layer: int = Field(2, ge=1)
-    n_head: int = Field(2, ge=1)
+    # byte-level BPE trained on the data: 256 bytes + EOT at least
+    vocab_size: int = Field(512, ge=257, le=1_000_000)
+    n_positions: int = Field(128, ge=2, le=1_048_576)  # context length
+    n_embd: int = Field(32, ge=1, le=65_536)  # a multiple of n_head
+    n_layer: int = Field(2, ge=1, le=1024)
+    n_head: int = Field(2, ge=1, le=1024)
     dropout: float = Field(0.0, ge=0, lt=1)
-    pretrained: str | None = None  # local directory with config.json + weights + tokenizer
+    # a local directory with config.json + weights + tokenizer
+    pretrained: str | None = Field(None, max_length=1024)
 
     @field_validator("pretrained")
     @classmethod

@@ -18,9 +18,9 @@ class ImageConfig(FamilyConfig):
     conditional: bool = False  # condition on a one-hot label (the dataset needs labels)
     # fitted to the data at train time
     channels: Literal[1, 3, 4] = 1
-    height: int = Field(8, ge=1)
-    width: int = Field(8, ge=1)
-    n_classes: int = Field(0, ge=0)  # 0 for an unconditional model
+    height: int = Field(8, ge=1, le=4096)
+    width: int = Field(8, ge=1, le=4096)
+    n_classes: int = Field(0, ge=0, le=100_000)  # 0 for an unconditional model
 
     @property
     def data_dim(self) -> int:

@@ -19,11 +19,11 @@ UNKNOWN = "\ufffd"  # id 0: stands in for characters not seen in training
 
 
 class LSTMConfig(FamilyConfig):
-    n_embd: int = Field(32, ge=1)  # character embedding width
-    hidden: int = Field(64, ge=1)  # LSTM state width
-    n_layer: int = Field(1, ge=1)
+    n_embd: int = Field(32, ge=1, le=65_536)  # character embedding width
+    hidden: int = Field(64, ge=1, le=65_536)  # LSTM state width
+    n_layer: int = Field(1, ge=1, le=64)
     dropout: float = Field(0.0, ge=0, lt=1)  # between LSTM layers and before the head
-    vocab_size: int = Field(0, ge=0)  # fitted to the training text
+    vocab_size: int = Field(0, ge=0, le=1_000_000)  # fitted to the training text
 
 
 class CharTokenizer:

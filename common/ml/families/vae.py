@@ -15,9 +15,9 @@ from common.ml.families.image_fit import ImageConfig, fit_to_images, one_hot
 class VAEConfig(ImageConfig):
     """With `conditional`, a one-hot label joins the encoder input and z."""
 
-    hidden: int = Field(64, ge=1)  # width of the encoder's and decoder's hidden layer
-    latent: int = Field(8, ge=1)  # size of z
-    beta: float = Field(1.0, ge=0)  # weight of the KL term
+    hidden: int = Field(64, ge=1, le=65_536)  # width of the encoder's and decoder's hidden layer
+    latent: int = Field(8, ge=1, le=65_536)  # size of z
+    beta: float = Field(1.0, ge=0, le=1000)  # weight of the KL term
 
 
 class VAE(nn.Module):
