@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import types
-import warnings
 import typing
+import warnings
 
 import torch
 from pydantic import ValidationError
