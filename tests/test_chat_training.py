@@ -100,9 +100,9 @@ def test_a_fine_tuned_model_chats_with_its_own_template(stack, tmp_path):
 
 @pytest.mark.parametrize("rows, says", [
     (_chats(3) + [{"messages": [{"role": "user", "content": "no answer"}]}],
-     "line 4: messages: needs at least one assistant message"),
+     "bad.jsonl line 4: messages: needs at least one assistant message (the loss is taken"),
     ([{"prompt": "a", "completion": "b"}, "", "{oops", {"prompt": "c", "completion": "d"}],
-     "line 3: invalid JSON"),
+     "bad.jsonl line 3: invalid JSON"),
 ])
 def test_a_bad_line_is_a_422_naming_it_before_anything_is_queued(stack, tmp_path, rows, says):
     c = stack.client()
@@ -112,5 +112,5 @@ def test_a_bad_line_is_a_422_naming_it_before_anything_is_queued(stack, tmp_path
         c.create_job({"type": "train", "family": "gpt", "steps": 2, "config": TINY_GPT,
                       "data": {"file_id": file_id}})
     assert info.value.status == 422 and info.value.param == "data.file_id", info.value
-    assert says in info.value.message, info.value.message
+    assert info.value.message.startswith(f"dataset {file_id}: {says}"), info.value.message
     assert c.list_jobs(limit=100)["data"] == before

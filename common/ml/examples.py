@@ -33,7 +33,7 @@ def example_segments(tokenizer: Any, example: Example) -> list[tuple[str, bool]]
         segments = [(example.prompt, False), (example.completion, True)]
         templated = False
     eos = getattr(tokenizer, "eos_token", None)
-    if not templated and isinstance(eos, str):
+    if not templated and isinstance(eos, str) and segments[-1][1]:  # after a last answer
         segments.append((eos, True))
     return segments
 

@@ -106,6 +106,13 @@ def test_chat_loss_is_on_assistant_tokens_only() -> None:
     assert [t for t in targets if t != IGNORE] == tok.encode("Hello.\nBye!\n")
 
 
+def test_end_of_text_follows_a_last_answer_only(bpe: Any) -> None:
+    ending = ChatExample.model_validate({"messages": CHAT[:3]})
+    trailing = ChatExample.model_validate({"messages": CHAT[:4]})
+    assert _targets(bpe, ending)[1][-1] == bpe.eos_token_id
+    assert bpe.eos_token_id not in _targets(bpe, trailing)[1]
+
+
 def test_chat_loss_with_a_template_covers_answers_and_end_of_turn(templated: Any) -> None:
     example = ChatExample.model_validate({"messages": CHAT})
     inputs, targets = _targets(templated, example)
