@@ -114,3 +114,22 @@ def test_a_bad_line_is_a_422_naming_it_before_anything_is_queued(stack, tmp_path
     assert info.value.status == 422 and info.value.param == "data.file_id", info.value
     assert info.value.message.startswith(f"dataset {file_id}: {says}"), info.value.message
     assert c.list_jobs(limit=100)["data"] == before
+
+
+def test_resume_on_a_chat_dataset_is_exact(stack, tmp_path):
+    """Stopped at step 5 and resumed, a chat run ends on the weights of an unbroken one."""
+    import torch
+
+    from common.ml.checkpoint import load_model
+    from common.models import Checkpoint
+
+    file_id = _dataset(stack, tmp_path, "chats.jsonl", _chats())
+    extra = {"steps": 10, "schedule": "constant", "config": {**TINY_GPT, "dropout": 0.1}}
+    straight = _train(stack, file_id, **extra)
+    first = _train(stack, file_id, **{**extra, "steps": 5})
+    resumed = _train(stack, file_id, **extra, resume_from=first["result"]["checkpoint_id"])
+    with session_factory(engine_for(stack.env["GENQ_DATABASE_URL"]))() as s:
+        a, b = (load_model(Path(s.get(Checkpoint, j["result"]["checkpoint_id"]).uri
+                                .removeprefix("file://"))).model.state_dict()
+                for j in (straight, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
