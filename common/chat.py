@@ -1,9 +1,10 @@
 """Chat messages and how they become text: a tokenizer's own chat template, else genq's.
 
 genq's fallback template (for models whose tokenizer has none): each message is one line
-`"{role}: {content}\n"`; a generation prompt appends `"assistant: "`. Training and the
-Batch API render through the same two functions here, so a model sees at generation time
-the text it was trained on.
+`"{role}: {content}\n"`; a generation prompt appends `"assistant: "`. Training
+(common/ml/examples.py) and the Batch API (common/ml/prompt_ids.py) both use a model's own
+template when it has one and this one otherwise, so a model sees at generation time the
+text it was trained on.
 """
 
 from __future__ import annotations

@@ -43,10 +43,15 @@ def encode_examples(encode: Callable[[Any, str], list[int]], tokenizer: Any,
     """(inputs, targets), each (N, T) with T = min(seq_len, the longest example); an example
     whose trained tokens all lie past seq_len is left out (ValueError when all are)."""
     rows: list[tuple[list[int], list[int]]] = []
-    for example in examples:
+    for number, example in enumerate(examples, start=1):
+        try:
+            segments = example_segments(tokenizer, example)
+        except Exception as e:  # a template's raise_exception, a jinja error, or ours
+            raise ValueError(f"data: example {number}: the tokenizer's chat template cannot "
+                             f"render it ({e})") from e
         ids: list[int] = []
         trained: list[bool] = []
-        for text, train in example_segments(tokenizer, example):
+        for text, train in segments:
             piece = encode(tokenizer, text)
             ids += piece
             trained += [train] * len(piece)

@@ -7,6 +7,9 @@ tokenizes a batch's prompts once, with the checkpoint's own `tokenizer.json`, so
 token count, and stores the ids with each item; the worker reuses them instead of encoding
 again. Models without a `tokenizer.json` (the character-level LSTM, whose token count is
 the character count) keep the character-length order and are encoded in the worker.
+
+The chat template that renders a /v1/chat/completions line is read from the same
+checkpoint files (load_chat_render).
 """
 
 from __future__ import annotations

@@ -215,3 +215,14 @@ def test_training_batches_carry_masked_targets(tiny_spec: Callable[..., dict],
         answer = run.tokenizer.decode(kept)
         assert answer.endswith(".\n<|endoftext|>") and "What" not in answer
         assert len(kept) < len(row_x)
+
+
+def test_a_template_that_refuses_an_example_names_it() -> None:
+    strict = train_tokenizer("user assistant Hi Hello " * 20, 300)
+    strict.chat_template = ("{% if messages[0]['role'] != 'user' %}"
+                            "{{ raise_exception('conversations start with a user') }}{% endif %}"
+                            + CHATML)
+    good = ChatExample.model_validate({"messages": CHAT[1:3]})
+    bad = ChatExample.model_validate({"messages": CHAT[:3]})
+    with pytest.raises(ValueError, match="example 2: .*conversations start with a user"):
+        encode_examples(get_family("gpt").encode, strict, [good, bad], 64)
