@@ -223,6 +223,46 @@ def test_kill9_whole_worker_resumes_on_another(rstack, reference):
     assert_same_weights(final_weights(rstack, done["result"]["checkpoint_id"]), reference)
 
 
+CHAT_SPEC = {"type": "train", "family": "gpt", "steps": 80, "batch_size": 8, "seq_len": 48,
+             "checkpoint_every": 10, "log_every": 10, "seed": 3, "config": {
+                 "vocab_size": 300, "n_positions": 64, "n_embd": 32, "n_layer": 1,
+                 "n_head": 2, "dropout": 0.1}}
+
+
+def test_kill9_pool_child_resumes_a_chat_run_exactly(rstack, tmp_path):
+    """Chat examples (one a sequence, loss on the answers) resume bit-for-bit after a kill."""
+    import json
+
+    from common.ml.checkpoint import load_model
+    from common.ml.train import TrainHooks, run_training
+
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"What follows {i}?"},
+        {"role": "assistant", "content": f"{i + 1}."}]}) + "\n" for i in range(50)))
+    probe = "import torch; print(torch.get_num_threads())"
+    default = int(subprocess.check_output([sys.executable, "-c", probe], text=True))
+    before = torch.get_num_threads()
+    torch.set_num_threads(default)  # as the workers run (see `reference`)
+    try:
+        spec = {k: v for k, v in CHAT_SPEC.items() if k != "type"}
+        out = run_training({**spec, "data": {"path": str(path)}}, tmp_path / "ref",
+                           hooks=TrainHooks())
+    finally:
+        torch.set_num_threads(before)
+    ensure_two_workers(rstack)
+    c = rstack.client()
+    file_id = c.upload_file(path, purpose="dataset")["id"]
+    job = c.create_job({**CHAT_SPEC, "data": {"file_id": file_id}})
+    pid = running_at(rstack, job["id"], 12).worker_pid  # past the step-10 checkpoint
+    os.kill(pid, signal.SIGKILL)
+    done = c.wait(job["id"], timeout=120)
+    assert done["status"] == "succeeded" and done["attempt"] >= 2, done
+    assert any("resuming from checkpoint" in m for m in job_logs(rstack, job["id"]))
+    assert_same_weights(final_weights(rstack, done["result"]["checkpoint_id"]),
+                        load_model(out.checkpoint).model.state_dict())
+
+
 @pytest.fixture(scope="module")
 def model_name(rstack) -> str:
     c = rstack.client()

@@ -17,13 +17,15 @@ from common.batches.schemas import (
     ImageBody,
     LineError,
     TextBody,
-    chat_prompt,
 )
+from common.chat import Render, as_dicts, render_fallback
 from common.config import get_settings
 from common.errors import NotFound, pydantic_problems
 from common.gen_params import ItemInput
-from common.models import Model
+from common.ml.prompt_ids import load_chat_render
+from common.models import Checkpoint, Model
 from common.results import find_model
+from common.storage import get_storage
 from common.train_spec import family_kind
 
 MAX_REPORTED_ERRORS = 1000
@@ -40,6 +42,7 @@ class Parsed:
     requests: list[dict[str, Any]] = field(default_factory=list)
     errors: list[LineError] = field(default_factory=list)
     models: dict[str, Model] = field(default_factory=dict)
+    renders: dict[str, Render] = field(default_factory=dict)  # by model id
 
     def error(self, line: int, code: str, message: str, param: str | None = None) -> None:
         if len(self.errors) < MAX_REPORTED_ERRORS:
@@ -137,7 +140,8 @@ def _check_line(
     base = {"model_id": model.id, "model": model.name, "url": endpoint, "body": body}
     if isinstance(spec, ImageBody):
         return {**base, "gen": ItemInput(label=spec.label, n=spec.n, seed=spec.seed).model_dump()}
-    prompt = _prompt(parsed, n, spec, chat=endpoint == "/v1/chat/completions")
+    chat = endpoint == "/v1/chat/completions"
+    prompt = _prompt(parsed, n, spec, render=_render(session, parsed, model) if chat else None)
     if prompt is None:
         return None
     try:
@@ -149,19 +153,34 @@ def _check_line(
     return {**base, "gen": gen.model_dump()}
 
 
-def _prompt(parsed: Parsed, n: int, spec: TextBody, *, chat: bool) -> str | None:
-    if chat:
+def _prompt(parsed: Parsed, n: int, spec: TextBody, *, render: Render | None) -> str | None:
+    """The line's prompt; for chat (`render` given) its messages rendered for generation."""
+    if render is not None:
         if not spec.messages:
             parsed.error(n, "missing_required_parameter", "body.messages is required",
                          "body.messages")
             return None
-        prompt = chat_prompt(spec.messages)
+        try:
+            prompt = render(as_dicts(spec.messages), True)
+        except Exception as exc:  # a template's own raise_exception, or a jinja error
+            parsed.error(n, "invalid_value", f"body.messages: the model's chat template "
+                         f"refused them ({exc})", "body.messages")
+            return None
     else:
         if spec.prompt is None:
             parsed.error(n, "missing_required_parameter", "body.prompt is required", "body.prompt")
             return None
         prompt = spec.prompt if isinstance(spec.prompt, str) else spec.prompt[0]
     return prompt
+
+
+def _render(session: Session, parsed: Parsed, model: Model) -> Render:
+    """The model's chat template (its tokenizer's, else genq's fallback), read once a file."""
+    if model.id not in parsed.renders:
+        checkpoint = session.get(Checkpoint, model.checkpoint_id)
+        parsed.renders[model.id] = (load_chat_render(get_storage(), checkpoint.uri)
+                                    if checkpoint else render_fallback)
+    return parsed.renders[model.id]
 
 
 def _model(session: Session, parsed: Parsed, owner: str, name: str) -> Model | None:

@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from common.chat import ChatMessage
 from common.gen_params import GenParams, Label, MaxTokens, Seed
 
 TEXT_ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
@@ -135,18 +136,6 @@ class BatchList(BaseModel):
 # ------------------------------------------------------------------ input line bodies
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[dict[str, Any]]
-
-    def text(self) -> str:
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(str(p.get("text", "")) for p in self.content if p.get("type") == "text")
-
-
 class TextBody(GenParams):
     """The body of a /v1/completions or /v1/chat/completions line (unknown keys ignored)."""
 
@@ -181,8 +170,3 @@ class ImageBody(BaseModel):
     n: int = Field(1, ge=1, le=64)
     label: Label | None = None
     seed: Seed | None = None
-
-
-def chat_prompt(messages: list[ChatMessage]) -> str:
-    """The chat template for models without one: `role: content` lines, then `assistant: `."""
-    return "".join(f"{m.role}: {m.text()}\n" for m in messages) + "assistant: "

@@ -1,4 +1,10 @@
-"""Datasets: the built-ins (python-docs, digits) and uploaded text or image files."""
+"""Datasets: the built-ins (python-docs, digits) and uploaded text or image files.
+
+A .jsonl file's first line decides its format, and every line must follow it: `{"text"}`
+lines are one corpus (as a .txt file), `{"messages": [...]}` lines are chats and
+`{"prompt", "completion"}` lines are prompt/completion pairs; the last two are examples,
+trained one per sequence with the loss on assistant messages or on the completion.
+"""
 
 from __future__ import annotations
 
@@ -8,20 +14,57 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from common.errors import DataError
+from common.chat import ChatMessage, as_dicts, render_fallback
+from common.errors import DataError, pydantic_problems
 from common.ml.builtin_data import BUILTINS
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
 MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 
 
+class ChatExample(BaseModel):
+    """A `{"messages": [...]}` line: the loss is taken on the assistant messages."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    messages: list[ChatMessage] = Field(min_length=1)
+
+    @field_validator("messages")
+    @classmethod
+    def _has_an_answer(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
+        if not any(m.role == "assistant" for m in messages):
+            raise ValueError("needs at least one assistant message (the loss is taken on them)")
+        return messages
+
+    def rendered(self) -> str:
+        return render_fallback(as_dicts(self.messages), False)
+
+
+class PromptCompletion(BaseModel):
+    """A `{"prompt", "completion"}` line: the loss is taken on the completion."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    prompt: str
+    completion: str = Field(min_length=1)
+
+    def rendered(self) -> str:
+        return self.prompt + self.completion
+
+
+Example = ChatExample | PromptCompletion
+
+
 @dataclass
 class TextData:
-    """A training corpus as one string."""
+    """A training corpus as one string; for example data (chat, prompt/completion) also the
+    examples, and `text` is them rendered with the fallback template (to fit a tokenizer)."""
 
     text: str
     source: str
+    examples: list[Example] | None = None
 
 
 @dataclass
@@ -110,26 +153,75 @@ def _load_text(path: Path) -> TextData:
     except UnicodeDecodeError as e:
         raise DataError([f"data.path: {path.name} is not UTF-8 text ({e.reason})"]) from e
     if path.suffix == ".jsonl":
-        texts, problems = [], []
-        for n, line in enumerate(raw.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                problems.append(f"data.path: {path.name} line {n}: invalid JSON ({e.msg})")
-                continue
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                problems.append(f"data.path: {path.name} line {n}: needs a string 'text' field")
-                continue
-            texts.append(row["text"])
-        if problems:
-            raise DataError(problems[:10] + ([f"... and {len(problems) - 10} more"]
-                                             if len(problems) > 10 else []))
-        raw = "\n\n".join(texts)
+        return _load_jsonl(path, raw)
     if len(raw.strip()) < 2:
         raise DataError([f"data.path: {path.name} has no text to train on"])
     return TextData(text=raw, source=str(path))
+
+
+class TextLine(BaseModel):
+    """A `{"text"}` line of a plain corpus."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    text: str
+
+
+# the key that marks a line's format, checked in this order
+LINE_FORMATS: dict[str, type[BaseModel]] = {"text": TextLine, "messages": ChatExample,
+                                            "prompt": PromptCompletion,
+                                            "completion": PromptCompletion}
+FORMAT_NAMES = {TextLine: "text", ChatExample: "chat", PromptCompletion: "prompt/completion"}
+
+
+def _line_format(row: dict) -> type[BaseModel]:
+    return next((LINE_FORMATS[k] for k in LINE_FORMATS if k in row), TextLine)
+
+
+def _load_jsonl(path: Path, raw: str) -> TextData:
+    """`text`, chat or prompt/completion lines, the format set by the first line."""
+    texts: list[str] = []
+    examples: list[Example] = []
+    problems: list[str] = []
+    line_type: type[BaseModel] | None = None
+    for n, line in enumerate(raw.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"data.path: {path.name} line {n}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            problems.append(f"{where}: invalid JSON ({e.msg})")
+            continue
+        if not isinstance(row, dict):
+            problems.append(f"{where}: must be a JSON object")
+            continue
+        line_type = line_type or _line_format(row)
+        if _line_format(row) is not line_type:
+            problems.append(f"{where}: a {FORMAT_NAMES[_line_format(row)]} line in a "
+                            f"{FORMAT_NAMES[line_type]} file (its first line sets the format)")
+            continue
+        try:
+            parsed = line_type.model_validate(row)
+        except ValidationError as e:
+            problems += [f"{where}: {p}" for p in pydantic_problems(e)]
+            continue
+        if isinstance(parsed, TextLine):
+            texts.append(parsed.text)
+        else:
+            assert isinstance(parsed, ChatExample | PromptCompletion)
+            examples.append(parsed)
+    if problems:
+        raise DataError(problems[:10] + ([f"... and {len(problems) - 10} more"]
+                                         if len(problems) > 10 else []))
+    if line_type in (None, TextLine):
+        text = "\n\n".join(texts)
+        if len(text.strip()) < 2:
+            raise DataError([f"data.path: {path.name} has no text to train on"])
+        return TextData(text=text, source=str(path))
+    return TextData(text="\n\n".join(e.rendered() for e in examples), source=str(path),
+                    examples=examples)
+
 
 
 def _load_npz(path: Path) -> ImageData:

@@ -7,23 +7,31 @@ tokenizes a batch's prompts once, with the checkpoint's own `tokenizer.json`, so
 token count, and stores the ids with each item; the worker reuses them instead of encoding
 again. Models without a `tokenizer.json` (the character-level LSTM, whose token count is
 the character count) keep the character-length order and are encoded in the worker.
+
+The chat template that renders a /v1/chat/completions line is read from the same
+checkpoint files (load_chat_render).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections import OrderedDict
 from typing import Any
 
+from common.chat import Render, render_fallback
 from common.storage import Storage
 
 log = logging.getLogger(__name__)
 
 TOKENIZER_FILE = "tokenizer.json"  # what a transformers fast tokenizer saves
+TEMPLATE_FILE = "chat_template.jinja"  # where transformers 5 saves a chat template
+CONFIG_FILE = "tokenizer_config.json"  # older saves keep it here; and the special tokens
 CACHED = 8  # tokenizers kept per API process, by checkpoint uri
 
 _cache: OrderedDict[str, Any] = OrderedDict()
+_renders: OrderedDict[str, Render] = OrderedDict()
 _lock = threading.Lock()  # the API creates batches on several threads
 
 
@@ -59,3 +67,49 @@ def encode_prompts(tokenizer: Any, prompts: list[str]) -> list[list[int]]:
     # encode_batch_fast (tokenizers >= 0.21) skips the character offsets: a third quicker
     encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
     return [e.ids for e in encode(prompts, add_special_tokens=False)]
+
+
+def load_chat_render(storage: Storage, checkpoint_uri: str) -> Render:
+    """How /v1/chat/completions renders messages for this checkpoint: its tokenizer's chat
+    template, as transformers' apply_chat_template renders it, else genq's fallback."""
+    with _lock:
+        if checkpoint_uri in _renders:
+            _renders.move_to_end(checkpoint_uri)
+            return _renders[checkpoint_uri]
+    root = storage.key_of(checkpoint_uri)
+    config: dict[str, Any] = {}
+    template = None
+    try:
+        config = json.loads(storage.get_bytes(f"{root}/{CONFIG_FILE}"))
+    except (FileNotFoundError, ValueError):
+        pass
+    try:
+        template = storage.get_bytes(f"{root}/{TEMPLATE_FILE}").decode()
+    except FileNotFoundError:
+        template = config.get("chat_template") if isinstance(config.get("chat_template"),
+                                                                str) else None
+    render = render_fallback if not template else _template_render(template, config)
+    with _lock:
+        _renders[checkpoint_uri] = render
+        while len(_renders) > CACHED:
+            _renders.popitem(last=False)
+    return render
+
+
+def _template_render(template: str, config: dict[str, Any]) -> Render:
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    # the special tokens (bos_token, eos_token, ...) that templates read, as
+    # apply_chat_template passes them
+    special: dict[str, Any] = {k: v.get("content") if isinstance(v, dict) else v
+                               for k, v in config.items()
+                               if k.endswith("_token") and isinstance(v, str | dict)}
+
+    def render(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        # typed as str, it returns (rendered conversations, generation indices)
+        rendered: Any = render_jinja_template(conversations=[messages], chat_template=template,
+                                              add_generation_prompt=add_generation_prompt,
+                                              **special)
+        return str(rendered[0][0])
+
+    return render

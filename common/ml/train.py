@@ -37,6 +37,7 @@ from common.ml.checkpoint import (
     save_checkpoint,
 )
 from common.ml.data import ImageData, TextData, load_data
+from common.ml.examples import encode_examples
 from common.ml.families import AnyFamily, ImageFamily, TextFamily, get_family
 from common.ml.sampling import seed_torch
 from common.retention import checkpoint_dirname, checkpoints_to_keep, step_of
@@ -93,21 +94,27 @@ def _mix(seed: int, n: int) -> int:
 
 
 class Batches:
-    """The batch for micro-step m is a pure function of (seed, m): resuming replays it exactly."""
+    """The batch for micro-step m is a pure function of (seed, m): resuming replays it exactly.
+
+    Text is cut into random windows of `tokens`; images (with their labels) and examples
+    (`examples`: inputs and targets, common/ml/examples.py) are shuffled afresh each epoch.
+    """
 
     def __init__(self, data: TextData | ImageData, tokens: torch.Tensor | None, batch_size: int,
-                 seq_len: int, seed: int, device: str):
+                 seq_len: int, seed: int, device: str,
+                 examples: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.tokens, self.b, self.t = tokens, batch_size, seq_len
-        self.images = data.images if isinstance(data, ImageData) else None
-        self.labels = data.labels if isinstance(data, ImageData) else None
+        self.rows: tuple[torch.Tensor, torch.Tensor | None] | None = examples
+        if isinstance(data, ImageData):
+            self.rows = (data.images, data.labels)
         self.seed, self.device = seed, device
         self._perm: tuple[int, torch.Tensor] | None = None
 
     def steps_per_epoch(self, grad_accum: int) -> int:
         if self.tokens is not None:
             return max(1, len(self.tokens) // (self.b * self.t * grad_accum))
-        assert self.images is not None
-        return max(1, len(self.images) // (self.b * grad_accum))
+        assert self.rows is not None
+        return max(1, len(self.rows[0]) // (self.b * grad_accum))
 
     def __call__(self, m: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.tokens is not None:
@@ -115,17 +122,16 @@ class Batches:
             starts = torch.randint(0, len(self.tokens) - self.t, (self.b, 1), generator=g)
             idx = starts + torch.arange(self.t)  # (B, T)
             return self.tokens[idx].to(self.device), self.tokens[idx + 1].to(self.device)
-        assert self.images is not None
-        n = len(self.images)
+        assert self.rows is not None
+        x, y = self.rows
+        n = len(x)
         per = max(1, n // self.b)
         epoch, k = divmod(m, per)
         if self._perm is None or self._perm[0] != epoch:  # a fresh shuffle each epoch
             g = torch.Generator().manual_seed(_mix(self.seed + 7919, epoch))
             self._perm = (epoch, torch.randperm(n, generator=g))
         idx = self._perm[1][k * self.b:(k + 1) * self.b]
-        labels = self.labels
-        return (self.images[idx].to(self.device),
-                None if labels is None else labels[idx].to(self.device))
+        return x[idx].to(self.device), None if y is None else y[idx].to(self.device)
 
 
 def _rng_state() -> dict:
@@ -281,6 +287,8 @@ class Run:
     def _batches(self, data: TextData | ImageData) -> tuple[Batches, Batches | None]:
         """Training batches, and held-out ones when eval_every is set (the data's last tenth)."""
         s = self.s
+        if isinstance(data, TextData) and data.examples is not None:
+            return self._example_batches(data)
         tokens = None
         seq_len = s.seq_len
         if isinstance(data, TextData) and isinstance(self.module, TextFamily):
@@ -291,10 +299,7 @@ class Run:
             if seq_len >= len(tokens):
                 log.warning("seq_len %d cut to %d: the text is short", seq_len, len(tokens) - 1)
                 seq_len = len(tokens) - 1
-            limit = self.module.context_limit(self.model)
-            if limit is not None and seq_len > limit:
-                raise InvalidTrainSpec(f"seq_len: must be <= the model's context ({limit}), "
-                                       f"got {seq_len}")
+            self._check_context(seq_len)
         if not s.eval_every:
             return Batches(data, tokens, s.batch_size, seq_len, s.seed, self.device), None
         if tokens is not None:
@@ -311,6 +316,34 @@ class Run:
                            data.source) for a, b in ((0, cut), (cut, len(data.images)))]
         return (Batches(parts[0], None, s.batch_size, seq_len, s.seed, self.device),
                 Batches(parts[1], None, s.batch_size, seq_len, s.seed + 1, self.device))
+
+    def _example_batches(self, data: TextData) -> tuple[Batches, Batches | None]:
+        """Chat or prompt/completion examples, one a sequence (the last tenth held out)."""
+        s, module = self.s, self.module
+        assert data.examples is not None and isinstance(module, TextFamily)
+        try:
+            inputs, targets = on_helper_thread(encode_examples, module.encode, self.tokenizer,
+                                               data.examples, s.seq_len)
+        except ValueError as e:  # a template that cannot be split, or nothing left to learn
+            raise InvalidTrainSpec(str(e)) from e
+        self._check_context(inputs.shape[1])
+        if not s.eval_every:
+            return Batches(data, None, s.batch_size, s.seq_len, s.seed, self.device,
+                           examples=(inputs, targets)), None
+        cut = len(inputs) - max(1, len(inputs) // 10)
+        if cut < 1:
+            raise InvalidTrainSpec("eval_every: too few examples to hold out a tenth")
+        return (Batches(data, None, s.batch_size, s.seq_len, s.seed, self.device,
+                        examples=(inputs[:cut], targets[:cut])),
+                Batches(data, None, s.batch_size, s.seq_len, s.seed + 1, self.device,
+                        examples=(inputs[cut:], targets[cut:])))
+
+    def _check_context(self, seq_len: int) -> None:
+        assert isinstance(self.module, TextFamily)
+        limit = self.module.context_limit(self.model)
+        if limit is not None and seq_len > limit:
+            raise InvalidTrainSpec(f"seq_len: must be <= the model's context ({limit}), "
+                                   f"got {seq_len}")
 
     def evaluate(self) -> float:
         """Mean loss on the held-out batches; the training RNG streams are left as they were."""
