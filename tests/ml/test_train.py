@@ -173,7 +173,7 @@ def test_pretrained_gpt_directory(pretrained_root: Path, text_file: Path) -> Non
     tmp_path = pretrained_root
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from common.ml.families.gpt import train_tokenizer
+    from common.ml.families.lm import train_tokenizer
     from common.ml.generate import GenOutput, GenRequest, generate
 
     tokenizer = train_tokenizer(text_file.read_text(), 300)
