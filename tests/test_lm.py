@@ -63,6 +63,16 @@ def test_lm_trains_any_architecture_from_a_config_and_generates(stack, arch):
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
 
 
+def test_gpt_is_an_alias_of_lm(stack):
+    """A `gpt` checkpoint (meta family "gpt") resumes under `lm`, and the reverse is the same."""
+    first = train(stack, ARCHS["gpt2"], family="gpt")
+    assert first["status"] == "succeeded" and first["family"] == "gpt", first
+    assert read_meta(checkpoint_dir(stack, first["result"]["checkpoint_id"]))["family"] == "gpt"
+    resumed = train(stack, ARCHS["gpt2"], steps=5, resume_from=first["result"]["checkpoint_id"])
+    assert resumed["status"] == "succeeded", (resumed, stack.log("w1")[-3000:])
+    assert resumed["result"]["step"] == 5
+
+
 def test_bad_arch_fields_and_sources_are_422s_naming_the_field(stack):
     def problem(config: dict) -> str:
         resp = httpx.post(f"{stack.api_url}/v1/jobs",
