@@ -68,6 +68,8 @@ def test_lm_config_names_each_bad_arch_field() -> None:
         "config.num_attention_heads: must be int, got 'x'",
         "config.dropout: gpt2 only: give llama's own dropout fields",
         "config.eos_token_id: set from the tokenizer trained on the data"]
+    assert validate_model_config("lm", {**llama, "num_hidden_layers": 0}) == [
+        "config.num_hidden_layers: must be >= 1"]
     assert validate_model_config("lm", {"arch": "lama"}) == [
         "config.arch: 'lama' is not a transformers architecture with a causal-LM head "
         "(did you mean llama, mllama, llama4?)"]

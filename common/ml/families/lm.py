@@ -33,6 +33,10 @@ EOT = "<|endoftext|>"
 # genq's small GPT-2 when a config names no sizes (what `gpt` configs have always meant)
 GPT2_DEFAULTS = {"n_positions": 128, "n_embd": 32, "n_layer": 2, "n_head": 2}
 TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")  # the trained tokenizer's EOT
+# Sizes transformers takes at any value (a model of 0 layers builds): genq wants one at least.
+SIZES = {"hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+         "intermediate_size", "max_position_embeddings", "head_dim", "n_positions", "n_embd",
+         "n_layer", "n_head", "n_inner"}
 
 
 class LMConfig(FamilyConfig):
@@ -151,6 +155,8 @@ def _arch_problems(data: dict[str, Any]) -> list[ConfigProblem]:
             problems.append(ConfigProblem(key, f"the same field as {name}: give one"))
         else:
             problem = _field_problem(arch, key, value)
+            if problem is None and key in SIZES and isinstance(value, int) and value < 1:
+                problem = "must be >= 1"
             if problem:
                 problems.append(ConfigProblem(key, problem))
             else:
