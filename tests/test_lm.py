@@ -171,3 +171,6 @@ def test_unknown_hub_id_fails_at_once_with_model_not_found(offline_stack):
     assert job["attempt"] == 1 and not job["error"]["retryable"]
     assert "genq-test/no-such-model" in job["error"]["message"]
     no_token_anywhere(offline_stack, job)
+    job = train(offline_stack, {"pretrained": "genq-test/tiny-llama", "revision": "v9"})
+    assert job["error"]["code"] == "model_not_found" and job["attempt"] == 1, job
+    assert "genq-test/tiny-llama@v9" in job["error"]["message"]
