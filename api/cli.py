@@ -248,7 +248,7 @@ def keys_list() -> None:
 @app.command()
 @friendly
 def train(
-    family: Annotated[str, typer.Argument(help="vae | gan | lstm | gpt")],
+    family: Annotated[str, typer.Argument(help="vae | gan | lstm | lm (alias gpt)")],
     steps: int = 200,
     name: Annotated[str | None, typer.Option(help="Model name to register")] = None,
     data: Annotated[str | None, typer.Option(help="python-docs | digits | file-…")] = None,
@@ -298,7 +298,7 @@ def generate(
     temperature: float = 0.8,
     top_k: int | None = None,
     top_p: float | None = None,
-    num_beams: Annotated[int | None, typer.Option(help="Beam search width (gpt)")] = None,
+    num_beams: Annotated[int | None, typer.Option(help="Beam search width (lm)")] = None,
     seed: int | None = None,
     out: Annotated[Path, typer.Option(help="Folder for images")] = Path("genq-results"),
 ) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import inspect
 
+from common.ml.pretrained import ModelSource
 from common.models import Job, Model, utcnow
 from common.schemas import JobOut, ModelOut, Progress
 
@@ -43,4 +44,5 @@ def model_out(model: Model) -> ModelOut:
         checkpoint_id=model.checkpoint_id,
         genq_id=model.id,
         created_by_job=model.created_by_job,
+        source=ModelSource.model_validate(model.source) if model.source else None,
     )

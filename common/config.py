@@ -44,7 +44,7 @@ class Settings(BaseSettings):
     worker_max_memory_per_child_kb: int = 0
     pretrained_root: Path | None = Field(
         None,
-        description="Folder gpt `config.pretrained` paths must be in; default home/pretrained.",
+        description="Folder lm `config.pretrained` folders must be in; default home/pretrained.",
     )
     model_cache_bytes: int = Field(2 << 30, description="Per-process model cache bound.")
 

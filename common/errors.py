@@ -33,6 +33,12 @@ class NotFound(GenqError):
     code = "not_found"
 
 
+class ModelNotFound(NotFound):
+    """A model id (registered, or on the hub) that cannot be resolved: never retried."""
+
+    code = "model_not_found"
+
+
 class Conflict(GenqError):
     status = 409
     code = "conflict"
@@ -106,6 +112,10 @@ class ConfigProblem(ValueError):
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
         self.field = field
+
+
+class UnknownField(ConfigProblem):
+    """A config key the family does not know (listed before the other problems)."""
 
 
 class GpuUnreadable(Exception):

@@ -17,7 +17,7 @@ from common.config import get_settings
 def _within_token_cap(v: int) -> int:
     cap = get_settings().max_tokens_cap
     if v > cap:
-        raise ValueError(f"must be <= {cap} (GENQ_MAX_TOKENS)")
+        raise ValueError(f"must be <= {cap} (GENQ_MAX_TOKENS_CAP)")
     return v
 
 

@@ -41,7 +41,7 @@ from common.notices import announce_finished
 from common.owned import get_owned
 from common.results import find_model, insert_items
 from common.schemas import GenerateSpec, TrainJobSpec
-from common.train_spec import family_kind
+from common.train_spec import canonical_family, family_kind
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def _prepare_train(session: Session, job: Job, spec: TrainJobSpec) -> None:
         ckpt = get_owned(session, Checkpoint, spec.resume_from, owner=job.owner,
                          what="checkpoint", param="resume_from")
         family = session.scalar(select(Job.family).where(Job.id == ckpt.job_id))
-        if family != spec.family:
+        if canonical_family(family or "") != canonical_family(spec.family):
             raise InvalidSpec(f"checkpoint {ckpt.id} is a {family} model, not {spec.family}",
                               param="resume_from")
     if spec.name:

@@ -141,6 +141,8 @@ class Model(Base):
     checkpoint_id: Mapped[str] = mapped_column(ForeignKey("checkpoints.id"))
     created_by_job: Mapped[str | None] = mapped_column(String(40))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # where the starting weights came from (common/ml/pretrained.py ModelSource); None: a config
+    source: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class Checkpoint(Base):

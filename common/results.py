@@ -102,9 +102,11 @@ def get_artifact(session: Session, *, owner: str, artifact_id: str) -> Artifact:
 
 
 def register_model(
-    session: Session, *, job: Job, name: str, checkpoint: Checkpoint
+    session: Session, *, job: Job, name: str, checkpoint: Checkpoint,
+    source: dict[str, Any] | None = None,
 ) -> Model:
-    """Make a finished training run's checkpoint a named, generation-ready model."""
+    """Make a finished training run's checkpoint a named, generation-ready model; `source`
+    is its checkpoint's (a hub id and the commit it resolved to, or a local folder)."""
     existing = session.scalar(select(Model).where(Model.owner == job.owner, Model.name == name))
     if existing is not None:
         if existing.created_by_job == job.id:
@@ -117,6 +119,7 @@ def register_model(
         family=job.family or "",
         checkpoint_id=checkpoint.id,
         created_by_job=job.id,
+        source=source,
     )
     session.add(model)
     session.commit()

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from common.config import get_settings
 from common.gen_params import GenParams, Label, Prompt
+from common.ml.pretrained import ModelSource
 from common.train_spec import TrainSpec
 
 
@@ -150,6 +151,7 @@ class ModelOut(BaseModel):
     checkpoint_id: str
     genq_id: str
     created_by_job: str | None
+    source: ModelSource | None = None  # the hub id + resolved commit, or the local folder
 
 
 class ModelList(BaseModel):

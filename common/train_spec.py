@@ -14,12 +14,18 @@ from common.config import get_settings
 from common.gen_params import Seed
 from common.ml.builtin_data import BUILTINS
 
-Family = Literal["vae", "gan", "lstm", "gpt"]
-TEXT_FAMILIES = ("lstm", "gpt")
+Family = Literal["vae", "gan", "lstm", "lm", "gpt"]
+TEXT_FAMILIES = ("lstm", "lm", "gpt")
+ALIASES = {"gpt": "lm"}  # `gpt` specs, checkpoints and models are `lm` ones
 
 
 def family_kind(family: str) -> str:
     return "text" if family in TEXT_FAMILIES else "image"
+
+
+def canonical_family(family: str) -> str:
+    """The family a name stands for: `lm` for its alias `gpt`."""
+    return ALIASES.get(family, family)
 
 
 class Strict(BaseModel):
@@ -86,7 +92,7 @@ class TrainSpec(Strict):
         if self.data.builtin and BUILTINS[self.data.builtin] != kind:
             problems.append(f"data.builtin: {self.data.builtin!r} is {BUILTINS[self.data.builtin]} "
                             f"data, family {self.family!r} needs {kind} data")
-        if self.family == "gpt" and isinstance(self.config.get("pretrained"), str):
+        if canonical_family(self.family) == "lm" and isinstance(self.config.get("pretrained"), str):
             self.config["pretrained"] = confine_pretrained(self.config["pretrained"], problems)
         problems += validate_model_config(self.family, self.config)
         if problems:
@@ -101,10 +107,16 @@ class TrainSpec(Strict):
 
 
 def confine_pretrained(path: str, problems: list[str]) -> str:
-    """A pretrained directory resolved inside GENQ_PRETRAINED_ROOT, never elsewhere."""
+    """A pretrained folder resolved inside GENQ_PRETRAINED_ROOT, never elsewhere; a hub id
+    `org/name` with no such folder stays as it is, for the worker to resolve."""
+    from common.ml.pretrained import is_hub_id
+
     root = get_settings().pretrained_dir
     resolved = (root / path).resolve()
     if not resolved.is_relative_to(root):
-        problems.append(f"config.pretrained: must be a folder inside {root} (GENQ_PRETRAINED_ROOT)")
+        problems.append(f"config.pretrained: must be a folder inside {root} (GENQ_PRETRAINED_ROOT) "
+                        "or a hub id org/name")
+        return path
+    if is_hub_id(path) and not resolved.exists():
         return path
     return str(resolved)

@@ -169,7 +169,7 @@ def test_gpt_fine_tunes_a_local_pretrained_directory(stack):
     """A transformers directory under GENQ_HOME/pretrained is loaded (never downloaded)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from common.ml.families.gpt import train_tokenizer
+    from common.ml.families.lm import train_tokenizer
 
     target = stack.home / "pretrained" / "tiny-gpt2"
     target.mkdir(parents=True)

@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from common import results
 from common.errors import InvalidSpec, pydantic_problems, raise_if_stopped
 from common.files import dataset_path
+from common.ml.checkpoint import read_meta
 from common.ml.data import validate_data
 from common.ml.train import TrainHooks, run_training
 from common.models import Checkpoint, File
@@ -80,7 +81,9 @@ def execute_training(ctx: JobContext) -> dict[str, Any]:
     ]
     assert ckpt is not None, "run_training always writes a final checkpoint"
     name = spec.name or f"{job.family}-{job.id[4:12]}"
-    model = results.register_model(ctx.session, job=job, name=name, checkpoint=ckpt)
+    source = read_meta(outcome.checkpoint).get("source")
+    model = results.register_model(ctx.session, job=job, name=name, checkpoint=ckpt,
+                                   source=source)
     ctx.log(f"registered model {name!r} from step {ckpt.step}")
     return {
         **partial,

@@ -50,13 +50,15 @@ def save_checkpoint(path: Path, *, family: str, config: dict | FamilyConfig, mod
     """Write a complete checkpoint to a sibling temp dir, then rename it onto `path`."""
     path = Path(path)
     module = get_family(family)
-    if isinstance(config, FamilyConfig):
-        config = config.model_dump()
+    cfg = config if isinstance(config, FamilyConfig) else module.Config.model_validate(config)
     meta: dict[str, Any] = {"format": FORMAT, "family": family, "kind": module.KIND,
-                            "config": config}
+                            "config": cfg.model_dump()}
     arch = module.architecture(model)
     if arch is not None:
         meta["arch"] = arch
+    source = module.source(cfg)
+    if source is not None:  # where the starting weights came from: a hub commit, a folder
+        meta["source"] = source.model_dump(exclude_none=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()

@@ -63,7 +63,7 @@ def load_prompt_tokenizer(storage: Storage, checkpoint_uri: str) -> Any | None:
 
 
 def encode_prompts(tokenizer: Any, prompts: list[str]) -> list[list[int]]:
-    """Token ids per prompt, as the gpt family's encode gives them (no special tokens)."""
+    """Token ids per prompt, as the lm family's encode gives them (no special tokens)."""
     # encode_batch_fast (tokenizers >= 0.21) skips the character offsets: a third quicker
     encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
     return [e.ids for e in encode(prompts, add_special_tokens=False)]

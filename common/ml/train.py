@@ -41,7 +41,7 @@ from common.ml.examples import encode_examples
 from common.ml.families import AnyFamily, ImageFamily, TextFamily, get_family
 from common.ml.sampling import seed_torch
 from common.retention import checkpoint_dirname, checkpoints_to_keep, step_of
-from common.train_spec import TrainSpec
+from common.train_spec import TrainSpec, canonical_family
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +236,7 @@ class Run:
         state = None
         if resume_from is not None:
             meta = read_meta(resume_from)
-            if meta["family"] != s.family:
+            if canonical_family(meta["family"]) != canonical_family(s.family):
                 raise InvalidTrainSpec(f"resume_from: checkpoint is {meta['family']!r}, "
                                        f"spec is {s.family!r}")
             cfg = module.Config(**meta["config"])

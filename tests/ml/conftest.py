@@ -23,6 +23,8 @@ TINY = {
     "gan": {"hidden": 32, "latent": 8, "conditional": True},
     "lstm": {"n_embd": 16, "hidden": 32},
     "gpt": {"vocab_size": 300, "n_positions": 64, "n_embd": 32, "n_layer": 2, "n_head": 2},
+    "lm": {"arch": "llama", "vocab_size": 300, "hidden_size": 32, "num_hidden_layers": 2,
+           "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 64},
 }
 
 

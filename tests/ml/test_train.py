@@ -56,7 +56,7 @@ def test_gan_learns_the_data_mean(tiny_spec: Callable[..., dict], tmp_path: Path
     assert {"d_loss", "g_loss", "d_real", "d_fake", "grad_norm", "lr"} <= seen[-1].keys()
 
 
-@pytest.mark.parametrize("family", ["vae", "gan", "lstm", "gpt"])
+@pytest.mark.parametrize("family", ["vae", "gan", "lstm", "gpt", "lm"])
 def test_exact_resume(family: str, tiny_spec: Callable[..., dict], tmp_path: Path) -> None:
     """Stopping at step k and resuming gives bitwise the weights of an uninterrupted run
     (with held-out evaluation on, which must not disturb the training RNG)."""
@@ -173,7 +173,7 @@ def test_pretrained_gpt_directory(pretrained_root: Path, text_file: Path) -> Non
     tmp_path = pretrained_root
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from common.ml.families.gpt import train_tokenizer
+    from common.ml.families.lm import train_tokenizer
     from common.ml.generate import GenOutput, GenRequest, generate
 
     tokenizer = train_tokenizer(text_file.read_text(), 300)

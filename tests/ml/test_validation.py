@@ -24,29 +24,70 @@ def _text(data: dict) -> str:
 
 
 def test_registry() -> None:
-    assert set(FAMILIES) == {"vae", "gan", "lstm", "gpt"}
+    assert set(FAMILIES) == {"vae", "gan", "lstm", "lm", "gpt"}
+    assert get_family("gpt") is get_family("lm")  # the old name is an alias
     assert {get_family(f).KIND for f in FAMILIES} == {"text", "image"}
     with pytest.raises(ValueError, match="unknown family 'diffusion'"):
         get_family("diffusion")
 
 
-@pytest.mark.parametrize("family", ["vae", "gan", "lstm", "gpt"])
+@pytest.mark.parametrize("family", ["vae", "gan", "lstm", "lm", "gpt"])
 def test_defaults_are_valid(family: str) -> None:
     assert validate_model_config(family, {}) == []
 
 
 def test_config_lists_every_bad_field(tmp_path: Path) -> None:
-    problems = validate_model_config("gpt", {"n_layer": 0, "n_head": "two", "dropout": 1.5,
-                                             "wat": 1, "pretrained": str(tmp_path)})
-    fields = sorted(p.split(":")[0] for p in problems)
-    assert fields == ["config.dropout", "config.n_head", "config.n_layer", "config.pretrained",
-                      "config.wat"]
-    assert "config.n_layer: must be in [1, 1024]" in problems
+    problems = validate_model_config("gpt", {"n_layer": 2.5, "n_head": "two", "dropout": 1.5,
+                                             "wat": 1, "vocab_size": 3})
+    assert problems == [
+        "config.wat: unknown field for arch 'gpt2' (neither genq's nor GPT2Config's)",
+        "config.n_layer: must be int, got 2.5", "config.n_head: must be int, got 'two'",
+        "config.dropout: must be in [0, 1)", "config.vocab_size: must be >= 257"]
     assert validate_model_config("gpt", {"n_embd": 30, "n_head": 4}) == [
-        "config.n_embd: must be divisible by n_head (4), got 30"]
+        "config: transformers cannot build this gpt2 model: `embed_dim` must be divisible by "
+        "num_heads (got `embed_dim`: 30 and `num_heads`: 4)."]
+    assert validate_model_config("lm", {"pretrained": str(tmp_path), "n_layer": 1}) == [
+        "config.pretrained: must be a local directory holding a transformers model "
+        "(config.json not found)",
+        "config.n_layer: the pretrained model's own config sets it: remove it (or train from "
+        "a config)"]
     assert validate_model_config("vae", {"conditional": 1, "latent": 2.5}) == [
         "config.conditional: must be bool, got 1", "config.latent: must be int, got 2.5"]
     assert validate_model_config("nope", {})[0].startswith("family:")
+
+
+def test_lm_config_names_each_bad_arch_field() -> None:
+    """Any transformers architecture: its own fields pass through, checked by transformers."""
+    llama = {"arch": "llama", "hidden_size": 32, "num_hidden_layers": 2,
+             "num_attention_heads": 2, "intermediate_size": 64}
+    assert validate_model_config("lm", llama) == []
+    assert validate_model_config("lm", {**llama, "hiden_size": 32, "num_attention_heads": "x",
+                                        "dropout": 0.1, "eos_token_id": 3}) == [
+        "config.hiden_size: unknown field for arch 'llama' (neither genq's nor LlamaConfig's; "
+        "did you mean hidden_size?)",
+        "config.num_attention_heads: must be int, got 'x'",
+        "config.dropout: gpt2 only: give llama's own dropout fields",
+        "config.eos_token_id: set from the tokenizer trained on the data"]
+    assert validate_model_config("lm", {**llama, "num_hidden_layers": 0}) == [
+        "config.num_hidden_layers: must be in [1, 1024]"]
+    assert validate_model_config("lm", {"arch": "lama"}) == [
+        "config.arch: 'lama' is not a transformers architecture with a causal-LM head "
+        "(did you mean llama, mllama, llama4?)"]
+    assert validate_model_config("lm", {**llama, "hidden_size": 48}) == []  # 2 heads divide it
+    assert validate_model_config("lm", {**llama, "hidden_size": 30, "num_attention_heads": 4}) == [
+        "config: transformers cannot build this llama model: ValueError: The hidden size (30) "
+        "is not a multiple of the number of attention heads (4)."]
+    assert validate_model_config("lm", {"hidden_size": 64, "n_embd": 64}) == [
+        "config.hidden_size: the same field as n_embd: give one"]
+    assert validate_model_config("lm", {"pretrained": "org/name", "revision": "v1.0"}) == []
+    assert validate_model_config("lm", {"pretrained": "bad id!", "revision": "main",
+                                        "commit": "abc"}) == [
+        "config.pretrained: 'bad id!' is neither a folder inside GENQ_PRETRAINED_ROOT nor a "
+        "hub id org/name",
+        "config.commit: set by the worker (the commit the revision resolved to); pin one with "
+        "config.revision"]
+    assert validate_model_config("lm", {"revision": "main"}) == [
+        "config.revision: only with a hub id in config.pretrained"]
 
 
 def test_builtin_data() -> None:

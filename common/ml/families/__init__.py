@@ -12,7 +12,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails
 
 from common.config import get_settings
-from common.errors import ConfigProblem
+from common.errors import ConfigProblem, UnknownField
 from common.ml.families.base import (
     SUBMITTED,
     AnyFamily,
@@ -22,18 +22,20 @@ from common.ml.families.base import (
     TextFamily,
 )
 from common.ml.families.gan import GANFamily
-from common.ml.families.gpt import GPTFamily
+from common.ml.families.lm import LMFamily
 from common.ml.families.lstm import LSTMFamily
 from common.ml.families.vae import VAEFamily
 
 __all__ = ["FAMILIES", "AnyFamily", "Family", "FamilyConfig", "ImageFamily", "TextFamily",
            "get_family", "validate_model_config"]
 
+_LM = LMFamily()
 FAMILIES: dict[str, AnyFamily] = {
     "vae": VAEFamily(),
     "gan": GANFamily(),
     "lstm": LSTMFamily(),
-    "gpt": GPTFamily(),
+    "lm": _LM,
+    "gpt": _LM,  # the name before `lm` took any architecture: old specs and models keep it
 }
 
 
@@ -61,7 +63,9 @@ def validate_model_config(family: str, config: object) -> list[str]:
 
         def position(error: ErrorDetails) -> tuple[bool, int]:
             key = error["loc"][0] if error["loc"] else None
-            return error["type"] != "extra_forbidden", order.get(key, len(order))
+            unknown = (error["type"] == "extra_forbidden"
+                       or isinstance(error.get("ctx", {}).get("error"), UnknownField))
+            return not unknown, order.get(key, len(order))
 
         return [_problem(error, config_type) for error in sorted(e.errors(), key=position)]
     return _size_problems(FAMILIES[family], cfg)
@@ -85,8 +89,8 @@ def _size_problems(family: AnyFamily, cfg: FamilyConfig) -> list[str]:
 def _problem(error: ErrorDetails, config_type: type[FamilyConfig]) -> str:
     """One pydantic error as `config.<field>: <what it must be>`."""
     cause = error.get("ctx", {}).get("error")
-    if isinstance(cause, ConfigProblem):
-        return f"config.{cause}"
+    if isinstance(cause, ConfigProblem):  # a problem of the whole config has no field
+        return f"config.{cause}" if cause.field else f"config: {cause.args[0].removeprefix(': ')}"
     if not error["loc"]:
         return f"config: {error['msg']}"
     name = str(error["loc"][0])

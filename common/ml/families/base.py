@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict
 
 from common.gen_params import GenParams
 from common.ml.data import ImageData, TextData
+from common.ml.pretrained import ModelSource
 from common.ml.sampling import Completion
 
 # The validation context of a config submitted with a training spec: paths it names must
@@ -55,6 +56,10 @@ class Family(ABC, Generic[ConfigT, ModelT]):
 
     def architecture(self, model: ModelT) -> dict | None:
         """What rebuilds the model besides its config (checkpoint meta "arch"); None: nothing."""
+        return None
+
+    def source(self, cfg: ConfigT) -> ModelSource | None:
+        """Where the starting weights came from (checkpoint meta "source"); None: nowhere."""
         return None
 
     def phase_params(self, model: ModelT, phase: str) -> list[nn.Parameter]:
