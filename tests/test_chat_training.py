@@ -80,7 +80,7 @@ def test_a_fine_tuned_model_chats_with_its_own_template(stack, tmp_path):
     chats with it, the checkpoint keeps it, and chat batch lines are rendered with it."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from common.ml.families.gpt import train_tokenizer
+    from common.ml.families.lm import train_tokenizer
 
     target = stack.home / "pretrained" / "tiny-chatml"
     target.mkdir(parents=True)

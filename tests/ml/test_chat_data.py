@@ -16,7 +16,7 @@ from common.ml.checkpoint import load_model
 from common.ml.data import ChatExample, PromptCompletion, load_data
 from common.ml.examples import IGNORE, encode_examples
 from common.ml.families import get_family
-from common.ml.families.gpt import train_tokenizer
+from common.ml.families.lm import train_tokenizer
 from common.ml.families.lstm import CharTokenizer
 from common.ml.prompt_ids import load_chat_render
 from common.ml.train import TrainHooks, run_training

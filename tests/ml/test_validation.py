@@ -42,7 +42,7 @@ def test_config_lists_every_bad_field(tmp_path: Path) -> None:
     assert problems == [
         "config.wat: unknown field for arch 'gpt2' (neither genq's nor GPT2Config's)",
         "config.n_layer: must be int, got 2.5", "config.n_head: must be int, got 'two'",
-        "config.dropout: must be in [0, 1)", "config.vocab_size: must be >= 257"]
+        "config.dropout: must be in [0, 1)", "config.vocab_size: must be in [257, 1000000]"]
     assert validate_model_config("gpt", {"n_embd": 30, "n_head": 4}) == [
         "config: transformers cannot build this gpt2 model: `embed_dim` must be divisible by "
         "num_heads (got `embed_dim`: 30 and `num_heads`: 4)."]
