@@ -22,6 +22,7 @@ from common.ml.builtin_data import BUILTINS
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
 MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+MAX_SIDE = 4096  # the image families' height/width bound
 
 
 class ChatExample(BaseModel):
@@ -235,9 +236,12 @@ def _load_npz(path: Path) -> ImageData:
                          f"(found: {', '.join(arrays) or 'nothing'})"])
     problems = []
     images = arrays["images"]
-    if images.ndim not in (3, 4) or images.shape[0] == 0:
-        problems.append(f"data.path: 'images' must be (N, H, W) or (N, H, W, C) with N >= 1, "
-                        f"got shape {images.shape}")
+    if images.ndim not in (3, 4) or 0 in images.shape:
+        problems.append(f"data.path: 'images' must be (N, H, W) or (N, H, W, C) with every "
+                        f"size >= 1, got shape {images.shape}")
+    elif max(images.shape[1:3]) > MAX_SIDE:
+        problems.append(f"data.path: images must be at most {MAX_SIDE} pixels a side, got "
+                        f"{images.shape[1]}x{images.shape[2]}")
     elif images.ndim == 4 and images.shape[-1] not in MODES:
         problems.append(f"data.path: 'images' must have 1, 3 or 4 channels, "
                         f"got {images.shape[-1]}")
@@ -286,7 +290,11 @@ def _load_png_dir(path: Path) -> ImageData:
     arrays, problems = [], []
     for file in use:
         try:
-            with Image.open(file) as im:
+            with Image.open(file) as im:  # reads the header only, until the pixels are asked
+                if max(im.size) > MAX_SIDE:
+                    problems.append(f"data.path: {file.name} is {im.width}x{im.height}; images "
+                                    f"must be at most {MAX_SIDE} pixels a side")
+                    continue
                 ok = im if im.mode in ("L", "RGB", "RGBA") else im.convert("RGB")
                 arrays.append(np.asarray(ok))
         except Exception as e:  # PIL raises many types for a bad file

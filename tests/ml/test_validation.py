@@ -153,3 +153,21 @@ def test_unsupported_file_type(tmp_path: Path) -> None:
     csv.write_text("a,b\n")
     assert validate_data({"path": str(csv)}, "text")[0].startswith(
         "data.path: unsupported file type '.csv'")
+
+
+def test_image_shapes_are_bounded(tmp_path: Path) -> None:
+    """An empty side or a side past the image families' bound is a DataError naming the file,
+    found from the array's shape or the PNG's header before any pixels are decoded."""
+    from PIL import Image
+
+    from common.errors import DataError
+    from common.ml.data import MAX_SIDE, load_data
+
+    np.savez(tmp_path / "empty.npz", images=np.zeros((2, 0, 8), dtype=np.uint8))
+    with pytest.raises(DataError, match="every size >= 1"):
+        load_data({"path": str(tmp_path / "empty.npz")}, "image")
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    Image.new("L", (MAX_SIDE + 1, 1)).save(folder / "wide.png")
+    with pytest.raises(DataError, match="wide.png is 4097x1"):
+        load_data({"path": str(folder)}, "image")
