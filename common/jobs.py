@@ -12,18 +12,21 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from common.batches.finalize import shard_finished
 from common.celery_app import get_celery, send_job
+from common.chat import as_dicts, render_fallback
 from common.config import get_settings
 from common.db import rows_changed
-from common.errors import Conflict, InvalidSpec
+from common.errors import Conflict, InvalidSpec, pydantic_problems
 from common.files import get_file
 from common.fleet import resolve_queue
 from common.gen_params import ItemInput
 from common.idempotency import create_once
+from common.ml.prompt_ids import load_chat_render
 from common.models import (
     FINISHED,
     Checkpoint,
@@ -41,6 +44,7 @@ from common.notices import announce_finished
 from common.owned import get_owned
 from common.results import find_model, insert_items
 from common.schemas import GenerateSpec, TrainJobSpec
+from common.storage import get_storage
 from common.train_spec import canonical_family, family_kind
 
 log = logging.getLogger(__name__)
@@ -93,7 +97,7 @@ def _write_job(session: Session, *, owner: str, spec: TrainJobSpec | GenerateSpe
     session.add(job)
     session.flush()
     if isinstance(spec, GenerateSpec):
-        insert_items(session, job.id, generate_requests(spec, family=job.family or ""))
+        insert_items(session, job.id, generate_requests(spec, prompts=_prompts(session, job, spec)))
     session.commit()
     return job
 
@@ -123,7 +127,6 @@ def check_dataset(session: Session, *, owner: str, file_id: str, family: str) ->
     """Load an uploaded dataset as the worker will: a bad one is a 422 before anything runs."""
     from common.files import dataset_path
     from common.ml.data import validate_data
-    from common.storage import get_storage
 
     file = get_file(session, owner=owner, file_id=file_id, param="data.file_id")
     if file.purpose != "dataset":
@@ -143,17 +146,39 @@ def _prepare_generate(session: Session, job: Job, spec: GenerateSpec) -> None:
     job.model_id = model.id
     job.progress_unit = "item"
     kind = family_kind(model.family)
-    if kind == "text" and not spec.prompts:
-        raise InvalidSpec(f"{model.name} is a text model: give prompts", param="prompts")
-    if kind == "image" and spec.prompts:
-        raise InvalidSpec(f"{model.name} is an image model: give n or labels", param="prompts")
+    if kind == "text" and not (spec.prompts or spec.chats):
+        raise InvalidSpec(f"{model.name} is a text model: give prompts or chats", param="prompts")
+    if kind == "image" and (spec.prompts or spec.chats):
+        raise InvalidSpec(f"{model.name} is an image model: give n or labels",
+                          param="prompts" if spec.prompts else "chats")
 
 
-def generate_requests(spec: GenerateSpec, *, family: str) -> list[dict[str, Any]]:
+def _prompts(session: Session, job: Job, spec: GenerateSpec) -> list[str] | None:
+    """The spec's prompts, or its chats rendered for generation with the model's template."""
+    if not spec.chats:
+        return spec.prompts
+    model = session.get(Model, job.model_id)
+    checkpoint = session.get(Checkpoint, model.checkpoint_id) if model else None
+    render = load_chat_render(get_storage(), checkpoint.uri) if checkpoint else render_fallback
+    prompts = []
+    for i, chat in enumerate(spec.chats):
+        try:
+            prompt = render(as_dicts(chat), True)
+            prompts.append(ItemInput(prompt=prompt).prompt or "")
+        except ValidationError as exc:  # the prompt cap, which a template can cross
+            raise InvalidSpec(f"chats[{i}]: {'; '.join(pydantic_problems(exc))}",
+                              param=f"chats[{i}]") from None
+        except Exception as exc:  # a template's own raise_exception, or a jinja error
+            raise InvalidSpec(f"chats[{i}]: the model's chat template refused it ({exc})",
+                              param=f"chats[{i}]") from None
+    return prompts
+
+
+def generate_requests(spec: GenerateSpec, *, prompts: list[str] | None) -> list[dict[str, Any]]:
     """One item request per prompt, label or image of a generate spec."""
     params = spec.params.model_dump()
-    if spec.prompts:
-        return [{"gen": ItemInput(prompt=p, **params).model_dump()} for p in spec.prompts]
+    if prompts:
+        return [{"gen": ItemInput(prompt=p, **params).model_dump()} for p in prompts]
     labels: list[int | None] = [*spec.labels] if spec.labels else [None]
     if spec.n is not None and len(labels) == 1:
         labels *= spec.n  # one label (or none) applies to every image

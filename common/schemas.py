@@ -7,6 +7,7 @@ from typing import Annotated, Any, Generic, Literal, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from common.chat import ChatMessage
 from common.config import get_settings
 from common.gen_params import GenParams, Label, Prompt
 from common.ml.pretrained import ModelSource
@@ -50,14 +51,20 @@ class GenerateSpec(GenParams, JobOptions):
     type: Literal["generate"] = "generate"
     model: str = Field(min_length=1, max_length=128)
     prompts: list[Prompt] | None = Field(None, min_length=1, max_length=10_000)
+    # conversations, each rendered with the model's chat template (else genq's fallback)
+    chats: list[Annotated[list[ChatMessage], Field(min_length=1)]] | None = Field(
+        None, min_length=1, max_length=10_000)
     n: int | None = Field(None, ge=1, le=10_000)
     labels: list[Label] | None = Field(None, min_length=1, max_length=10_000)
 
     @model_validator(mode="after")
     def _what_to_generate(self) -> Self:
         problems: list[str] = []
-        if self.prompts is None and self.n is None and self.labels is None:
-            problems.append("prompts: give prompts (text models) or n / labels (image models)")
+        if self.prompts is None and self.chats is None and self.n is None and self.labels is None:
+            problems.append("prompts: give prompts or chats (text models) or n / labels "
+                            "(image models)")
+        if self.prompts is not None and self.chats is not None:
+            problems.append("chats: give prompts or chats, not both")
         if self.labels is not None and self.n is not None and len(self.labels) not in (1, self.n):
             problems.append(f"labels: give one label for all {self.n} images or exactly n "
                             f"labels, got {len(self.labels)}")

@@ -133,3 +133,22 @@ def test_resume_on_a_chat_dataset_is_exact(stack, tmp_path):
                                 .removeprefix("file://"))).model.state_dict()
                 for j in (straight, resumed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_generate_job_renders_chats_with_the_models_template(stack, trained_lstm):
+    """`chats` on a generate job: each conversation rendered for generation (an lstm has no
+    chat template: genq's fallback), one item each; prompts and chats together are a 422."""
+    c = stack.client()
+    model = trained_lstm["result"]["model"]
+    chats = [[{"role": "user", "content": "Hi"}],
+             [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]]
+    job = c.wait(c.create_job({"type": "generate", "model": model, "chats": chats,
+                               "max_tokens": 4})["id"], timeout=120)
+    assert job["status"] == "succeeded", job
+    items = sorted(c.items(job["id"]), key=lambda i: i["index"])
+    assert [i["request"]["gen"]["prompt"] for i in items] == [
+        render_fallback(chat, True) for chat in chats]
+    assert all(len(i["response"]["texts"]) == 1 for i in items)
+    with pytest.raises(GenqAPIError) as info:
+        c.create_job({"type": "generate", "model": model, "chats": chats, "prompts": ["x"]})
+    assert info.value.status == 422 and info.value.param == "chats"
