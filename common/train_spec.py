@@ -6,9 +6,17 @@ the worker parses a job's stored spec with that same class, so the two cannot dr
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
 
 from common.config import get_settings
 from common.gen_params import Seed
@@ -50,6 +58,35 @@ class DataSpec(Strict):
         return self
 
 
+# A module name as peft matches it: a suffix of a dotted module path (q_proj, attn.c_attn)
+ModuleName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.]+$")]
+
+
+class AdapterSpec(Strict):
+    """A LoRA adapter trained over an `lm` base (peft): only its matrices train."""
+
+    method: Literal["lora"] = "lora"
+    r: int = Field(8, ge=1, le=1024)  # the rank of each update B @ A
+    alpha: int = Field(16, ge=1, le=65_536)  # the update is scaled by alpha / r
+    dropout: float = Field(0.0, ge=0, lt=1)  # on the adapter's input
+    # None: peft's default modules for the architecture; "all-linear": every linear but the head
+    target_modules: list[ModuleName] | Literal["all-linear"] | None = None
+    merge: bool = False  # register the merged full weights instead of base + adapter
+
+    @field_validator("target_modules", mode="wrap")
+    @classmethod
+    def _names_or_all_linear(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        """Errors of the branch the value meant (each branch of the union would report)."""
+        if value is None or value == "all-linear":
+            return value
+        if not isinstance(value, list):
+            raise ValueError(f"must be a list of module names or 'all-linear', got {value!r}")
+        return _MODULE_NAMES.validate_python(value)
+
+
+_MODULE_NAMES = TypeAdapter(Annotated[list[ModuleName], Field(min_length=1, max_length=256)])
+
+
 class TrainSpec(Strict):
     """How to train one model: the family, its config, the data and the loop's knobs."""
 
@@ -76,6 +113,7 @@ class TrainSpec(Strict):
     eval_every: int | None = Field(None, ge=1, le=10_000_000)
     timeout_s: float | None = Field(None, gt=0, le=30 * 86_400)
     resume_from: str | None = Field(None, min_length=1, max_length=64)  # a checkpoint id
+    adapter: AdapterSpec | None = None  # LoRA fine-tuning (lm only); None: every weight trains
 
     @model_validator(mode="after")
     def _coherent(self) -> TrainSpec:
@@ -94,6 +132,8 @@ class TrainSpec(Strict):
                             f"data, family {self.family!r} needs {kind} data")
         if canonical_family(self.family) == "lm" and isinstance(self.config.get("pretrained"), str):
             self.config["pretrained"] = confine_pretrained(self.config["pretrained"], problems)
+        if self.adapter is not None and canonical_family(self.family) != "lm":
+            problems.append(f"adapter: only the lm family takes an adapter, not {self.family!r}")
         problems += validate_model_config(self.family, self.config)
         if problems:
             raise ValueError("; ".join(problems))

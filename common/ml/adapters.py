@@ -1,0 +1,69 @@
+"""LoRA adapters over an `lm` base, through peft: wrap for training, save and load the
+adapter alone (peft's adapter_model.safetensors + adapter_config.json), merge it in."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+
+from common.errors import CheckpointError, InvalidTrainSpec
+from common.train_spec import AdapterSpec
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def lora_config(spec: AdapterSpec) -> Any:
+    """peft's LoraConfig for the spec; target_modules None takes peft's default for the arch."""
+    from peft import LoraConfig, TaskType
+
+    return LoraConfig(task_type=TaskType.CAUSAL_LM, r=spec.r, lora_alpha=spec.alpha,
+                      lora_dropout=spec.dropout, target_modules=spec.target_modules)
+
+
+def with_adapter(base: nn.Module, spec: AdapterSpec) -> nn.Module:
+    """`base` wrapped with a fresh LoRA adapter: only the adapter's parameters train."""
+    from peft import get_peft_model
+
+    try:
+        return get_peft_model(base, lora_config(spec))
+    except ValueError as e:  # no default modules for the arch, or names matching no module
+        message = str(e).split("\n")[0]
+        raise InvalidTrainSpec(f"adapter.target_modules: {message}") from e
+
+
+def is_adapted(model: nn.Module) -> bool:
+    """Whether `model` is a peft wrapper; without importing peft (seconds) when nothing has."""
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
+
+
+def base_of(model: nn.Module) -> nn.Module:
+    """The transformers model under a peft wrapper (the model itself when there is none)."""
+    return model.get_base_model() if is_adapted(model) else model  # type: ignore[operator]
+
+
+def save_adapter(model: nn.Module, directory: Path) -> None:
+    """The adapter's weights and config only, as peft writes them (safetensors)."""
+    model.save_pretrained(str(directory), safe_serialization=True)  # type: ignore[operator]
+    (Path(directory) / "README.md").unlink(missing_ok=True)  # peft's model-card stub
+
+
+def load_adapter(base: nn.Module, directory: Path, *, trainable: bool = False) -> nn.Module:
+    """`base` with the adapter saved in `directory`; CheckpointError if it is unusable."""
+    from peft import PeftModel
+
+    if not (Path(directory) / ADAPTER_WEIGHTS).is_file():
+        raise CheckpointError(f"{Path(directory) / ADAPTER_WEIGHTS}: missing")
+    try:
+        return PeftModel.from_pretrained(base, str(directory), is_trainable=trainable)
+    except Exception as e:  # peft raises ValueError, RuntimeError, OSError for bad files
+        raise CheckpointError(f"{directory}: adapter corrupt or not for this base ({e})") from e
+
+
+def merged(model: nn.Module) -> nn.Module:
+    """The base with the adapter's update added into its weights (peft's merge_and_unload)."""
+    return model.merge_and_unload()  # type: ignore[operator]
