@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from common.config import get_settings
 from common.gen_params import GenParams, Label, Prompt
 from common.ml.pretrained import ModelSource
-from common.train_spec import TrainSpec
+from common.train_spec import AdapterSpec, TrainSpec
 
 
 class JobOptions(BaseModel):
@@ -140,6 +140,14 @@ class ItemList(CursorPage[ItemOut, int]):
     pass
 
 
+class ModelAdapter(BaseModel):
+    """A LoRA model's adapter and its base: the model's `source` (a hub commit, a local
+    folder) or, with `base_stored`, the from-config base kept with its training job."""
+
+    spec: AdapterSpec
+    base_stored: bool
+
+
 class ModelOut(BaseModel):
     """OpenAI's model object, plus genq's fields."""
 
@@ -152,6 +160,7 @@ class ModelOut(BaseModel):
     genq_id: str
     created_by_job: str | None
     source: ModelSource | None = None  # the hub id + resolved commit, or the local folder
+    adapter: ModelAdapter | None = None  # a LoRA model; None: full weights
 
 
 class ModelList(BaseModel):

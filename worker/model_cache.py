@@ -37,7 +37,8 @@ def get_model(session: Session, model_id: str, device: str) -> LoadedModel:
     settings = get_settings()
     storage = get_storage()
     local = storage.local_dir(storage.key_of(ckpt.uri), settings.home_dir / "cache")
-    loaded = load_model(local, device=device)
+    loaded = load_model(local, device=device, locate=lambda uri: storage.local_dir(
+        storage.key_of(uri), settings.home_dir / "cache"))
     dtype = inference_dtype(device) if loaded.kind == "text" else None  # images stay fp32
     loaded.model.to(dtype=dtype).eval()
     size = model_bytes(loaded)

@@ -1,0 +1,90 @@
+"""Full and LoRA fine-tuning of tiny `lm` configs through the API: what a LoRA checkpoint
+and a registered LoRA model hold, generation from base + adapter, merge, 422s."""
+
+from __future__ import annotations
+
+import uuid
+
+import httpx
+import pytest
+
+from common.db import engine_for, session_factory
+from common.ml.adapters import ADAPTER_WEIGHTS
+from common.ml.checkpoint import MODEL_FILE, read_meta
+from common.models import Checkpoint
+from tests.test_lm import ARCHS, checkpoint_dir, generate, train
+
+ADAPTER = {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0}
+
+
+def stored_bytes(stack, checkpoint_id: str) -> int:
+    with session_factory(engine_for(stack.env["GENQ_DATABASE_URL"]))() as s:
+        return s.get(Checkpoint, checkpoint_id).bytes
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_full_and_lora_fine_tuning_then_generation(stack, arch):
+    config = {**ARCHS[arch], "vocab_size": 300}
+    full = train(stack, config)
+    assert full["status"] == "succeeded", (full, stack.log("w1")[-3000:])
+    lora = train(stack, config, adapter=ADAPTER, name=f"lora-{arch}-{uuid.uuid4().hex[:6]}")
+    assert lora["status"] == "succeeded", (lora, stack.log("w1")[-3000:])
+
+    folder = checkpoint_dir(stack, lora["result"]["checkpoint_id"])
+    assert (folder / ADAPTER_WEIGHTS).is_file() and not (folder / MODEL_FILE).exists()
+    meta = read_meta(folder)
+    assert meta["adapter"] == {**ADAPTER, "target_modules": None, "merge": False}
+    base = checkpoint_dir(stack, lora["result"]["checkpoint_id"]).parent / "base"
+    assert meta["base"]["uri"] == f"file://{base}" and (base / MODEL_FILE).is_file()
+    base_bytes = sum(f.stat().st_size for f in base.iterdir())
+    full_bytes = stored_bytes(stack, full["result"]["checkpoint_id"])
+    lora_bytes = stored_bytes(stack, lora["result"]["checkpoint_id"])
+    assert (folder / ADAPTER_WEIGHTS).stat().st_size < (base / MODEL_FILE).stat().st_size * 0.1
+    assert lora_bytes < base_bytes * 0.5 and lora_bytes < full_bytes * 0.5, (lora_bytes,
+                                                                            full_bytes)
+
+    model = stack.client().request("GET", f"/v1/models/{lora['result']['model']}")
+    assert model["adapter"] == {"spec": meta["adapter"], "base_stored": True}
+    assert model["source"] is None
+    assert stack.client().request("GET", f"/v1/models/{full['result']['model']}")[
+        "adapter"] is None
+    for job in (full, lora):
+        texts = generate(stack, job["result"]["model"])
+        assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+
+
+def test_merge_registers_full_weights_that_generate_as_base_plus_adapter(stack):
+    """Two runs alike but for merge: the merged model's full weights generate what base +
+    adapter do (greedy), so the adapter model really loads both."""
+    config = {**ARCHS["llama"], "vocab_size": 300}
+    adapter = {**ADAPTER, "target_modules": "all-linear"}
+    kept = train(stack, config, steps=4, lr=0.05, adapter=adapter)
+    merged = train(stack, config, steps=4, lr=0.05, adapter={**adapter, "merge": True})
+    assert kept["status"] == merged["status"] == "succeeded", (kept, merged)
+    model = stack.client().request("GET", f"/v1/models/{merged['result']['model']}")
+    assert model["adapter"] is None
+    # the job's last checkpoint stays the adapter's (resumable); the model is the merge
+    assert (checkpoint_dir(stack, merged["result"]["checkpoint_id"]) / ADAPTER_WEIGHTS).is_file()
+    folder = checkpoint_dir(stack, model["checkpoint_id"])
+    assert folder.name == "merged" and (folder / MODEL_FILE).is_file()
+    assert "adapter" not in read_meta(folder)
+    assert generate(stack, merged["result"]["model"]) == generate(stack, kept["result"]["model"])
+
+
+def test_bad_adapters_are_422s_naming_the_field(stack):
+    def param(spec: dict) -> str:
+        resp = httpx.post(f"{stack.api_url}/v1/jobs",
+                          headers={"Authorization": f"Bearer {stack.api_key}"},
+                          json={"type": "train", **spec})
+        assert resp.status_code == 422, resp.text
+        return resp.json()["error"]["param"]
+
+    lm = {"family": "lm", "config": ARCHS["gpt2"]}
+    assert param({**lm, "adapter": {"r": 0}}) == "adapter.r"
+    assert param({**lm, "adapter": {"alpha": 10**9}}) == "adapter.alpha"
+    assert param({**lm, "adapter": {"dropout": -0.1}}) == "adapter.dropout"
+    assert param({**lm, "adapter": {"method": "dora"}}) == "adapter.method"
+    assert param({**lm, "adapter": {"target_modules": "c_attn"}}) == "adapter.target_modules"
+    assert param({**lm, "adapter": {"target_modules": ["c attn"]}}) == "adapter.target_modules[0]"
+    assert param({**lm, "adapter": {"rank": 4}}) == "adapter.rank"
+    assert param({"family": "lstm", "adapter": {}}) == "adapter"
