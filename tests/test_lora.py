@@ -88,3 +88,24 @@ def test_bad_adapters_are_422s_naming_the_field(stack):
     assert param({**lm, "adapter": {"target_modules": ["c attn"]}}) == "adapter.target_modules[0]"
     assert param({**lm, "adapter": {"rank": 4}}) == "adapter.rank"
     assert param({"family": "lstm", "adapter": {}}) == "adapter"
+    # names the model does not have are known only once it is built: the job fails at once
+    job = train(stack, ARCHS["gpt2"], adapter={"target_modules": ["q_proj"]}, max_attempts=3)
+    assert job["status"] == "failed" and job["error"]["code"] == "invalid_spec", job
+    assert job["attempt"] == 1 and job["error"]["message"].startswith("adapter.target_modules:")
+
+
+def test_the_cli_trains_a_lora_adapter_and_generates_from_it(stack):
+    import json
+
+    from tests.test_cli import genq
+
+    env = {**stack.env, "GENQ_API_URL": stack.api_url, "GENQ_API_KEY": stack.api_key}
+    name = f"cli-lora-{uuid.uuid4().hex[:6]}"
+    done = genq("train", "lm", "--config", json.dumps(ARCHS["gpt2"]), "--adapter",
+                json.dumps({"r": 4}), "--steps", "3", "--batch-size", "4", "--name", name,
+                "--watch", env=env, timeout=300)
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    model = stack.client().request("GET", f"/v1/models/{name}")
+    assert model["adapter"]["spec"]["r"] == 4
+    texts = genq("generate", name, "hello", "--max-tokens", "4", env=env)
+    assert texts.returncode == 0, texts.stderr
