@@ -109,3 +109,45 @@ def test_the_cli_trains_a_lora_adapter_and_generates_from_it(stack):
     assert model["adapter"]["spec"]["r"] == 4
     texts = genq("generate", name, "hello", "--max-tokens", "4", env=env)
     assert texts.returncode == 0, texts.stderr
+
+
+def test_a_batch_naming_two_lora_models_of_one_base_loads_the_base_once(stack, tmp_path):
+    """Through the official SDK on /v1/chat/completions: lines alternate between two
+    adapters of one local base; every custom_id comes back once, each adapter answers its
+    own lines, and the worker loaded the base once (the second adapter joined it)."""
+    from tests.test_batches import lines_for, read_jsonl, run_batch, sdk
+    from tests.test_lm import tiny_hub_model
+
+    folder = f"base-{uuid.uuid4().hex[:6]}"
+    tiny_hub_model(stack.home / "pretrained" / folder)
+    models = []
+    for word in ("hello", "tiny"):  # each adapter learns to say its word
+        corpus = tmp_path / f"{word}.txt"
+        corpus.write_text(f"{word} " * 400)
+        file_id = stack.client().upload_file(corpus, purpose="dataset")["id"]
+        job = train(stack, {"pretrained": folder}, steps=20, lr=0.05,
+                    data={"file_id": file_id}, adapter={**ADAPTER, "target_modules": "all-linear"})
+        assert job["status"] == "succeeded", (job, stack.log("w1")[-3000:])
+        models.append(job["result"]["model"])
+    rows = []
+    for i, model in enumerate(models * 4):
+        row = lines_for(model, i + 1, endpoint="/v1/chat/completions")[i]
+        row["body"].update(temperature=0, seed=None, max_tokens=6)
+        rows.append(row)
+    client = sdk(stack)
+    batch = run_batch(client, rows, "/v1/chat/completions", timeout=180)
+    assert batch.status == "completed", batch
+    out = read_jsonl(client, batch.output_file_id)
+    assert sorted(o["custom_id"] for o in out) == sorted(r["custom_id"] for r in rows)
+    assert all(o["error"] is None and o["response"]["status_code"] == 200 for o in out)
+    by_model: dict[str, list[str]] = {m: [] for m in models}
+    for o in sorted(out, key=lambda o: int(o["custom_id"].split("-")[1])):
+        body = o["response"]["body"]
+        by_model[body["model"]].append(body["choices"][0]["message"]["content"])
+    for model, word in zip(models, ("hello", "tiny"), strict=True):
+        assert all(word in text for text in by_model[model]), by_model
+
+    log = stack.log("w1")
+    base = f"local {stack.home.resolve() / 'pretrained' / folder}"
+    assert log.count(f"with its base {base}") == 1, log[-3000:]
+    assert log.count(f"added to the cached base {base}") == 1, log[-3000:]

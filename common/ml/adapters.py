@@ -52,16 +52,32 @@ def save_adapter(model: nn.Module, directory: Path) -> None:
     (Path(directory) / "README.md").unlink(missing_ok=True)  # peft's model-card stub
 
 
-def load_adapter(base: nn.Module, directory: Path, *, trainable: bool = False) -> nn.Module:
-    """`base` with the adapter saved in `directory`; CheckpointError if it is unusable."""
+def load_adapter(base: nn.Module, directory: Path, *, trainable: bool = False,
+                 name: str = "default") -> nn.Module:
+    """`base` with the adapter saved in `directory` (as adapter `name`); CheckpointError if
+    it is unusable."""
     from peft import PeftModel
 
-    if not (Path(directory) / ADAPTER_WEIGHTS).is_file():
-        raise CheckpointError(f"{Path(directory) / ADAPTER_WEIGHTS}: missing")
+    _check_files(directory)
     try:
-        return PeftModel.from_pretrained(base, str(directory), is_trainable=trainable)
+        return PeftModel.from_pretrained(base, str(directory), adapter_name=name,
+                                         is_trainable=trainable)
     except Exception as e:  # peft raises ValueError, RuntimeError, OSError for bad files
         raise CheckpointError(f"{directory}: adapter corrupt or not for this base ({e})") from e
+
+
+def add_adapter(model: nn.Module, directory: Path, name: str) -> None:
+    """Load one more adapter onto a peft model's base (inference): the base is shared."""
+    _check_files(directory)
+    try:
+        model.load_adapter(str(directory), adapter_name=name)  # type: ignore[operator]
+    except Exception as e:  # as in load_adapter
+        raise CheckpointError(f"{directory}: adapter corrupt or not for this base ({e})") from e
+
+
+def _check_files(directory: Path) -> None:
+    if not (Path(directory) / ADAPTER_WEIGHTS).is_file():
+        raise CheckpointError(f"{Path(directory) / ADAPTER_WEIGHTS}: missing")
 
 
 def merged(model: nn.Module) -> nn.Module:

@@ -23,7 +23,7 @@ from safetensors.torch import load_model as load_weights
 from safetensors.torch import save_model as save_weights
 
 from common.errors import CheckpointError
-from common.ml.adapters import base_of, is_adapted, load_adapter, save_adapter
+from common.ml.adapters import add_adapter, base_of, is_adapted, load_adapter, save_adapter
 from common.ml.families import AnyFamily, FamilyConfig, TextFamily, get_family
 from common.train_spec import AdapterSpec
 
@@ -117,10 +117,10 @@ def read_meta(path: Path) -> dict:
 
 
 def load_model(path: Path, device: str = "cpu", dtype: torch.dtype | None = None,
-               locate: Callable[[str], Path] = Path) -> LoadedModel:
+               locate: Callable[[str], Path] = Path, adapter_name: str = "default") -> LoadedModel:
     """Rebuild the model (safetensors weights only) and its tokenizer from a checkpoint;
     `dtype` casts its floating-point weights (bf16 for generation on a GPU); `locate` turns
-    a LoRA checkpoint's base.uri into a local folder."""
+    a LoRA checkpoint's base.uri into a local folder, and its adapter is `adapter_name`."""
     path = Path(path)
     meta = read_meta(path)
     try:
@@ -130,13 +130,38 @@ def load_model(path: Path, device: str = "cpu", dtype: torch.dtype | None = None
         raise CheckpointError(f"{path / CONFIG_FILE}: {e}") from e
     tokenizer = load_tokenizer(module, path)
     if "adapter" in meta:
-        model = load_adapter(load_base(module, meta, config, tokenizer, locate), path)
+        base = load_base(module, meta, config, tokenizer, locate)
+        model = load_adapter(base, path, name=adapter_name)
     else:
         model = module.build_model(config, tokenizer, arch=meta.get("arch"))
         load_weights_into(model, path)
     model.to(device=device, dtype=dtype).eval()
     return LoadedModel(family=meta["family"], kind=module.KIND, config=config, model=model,
                        tokenizer=tokenizer, device=str(device))
+
+
+def with_adapter_of(loaded: LoadedModel, path: Path, name: str) -> LoadedModel:
+    """`loaded` (a LoRA model) with the adapter of checkpoint `path` added as `name`, on the
+    same base: the returned model is the same object, with that checkpoint's tokenizer."""
+    meta = read_meta(path)
+    module = get_family(meta["family"])
+    add_adapter(loaded.model, Path(path), name)
+    return LoadedModel(family=meta["family"], kind=module.KIND,
+                       config=module.Config.model_validate(meta["config"]), model=loaded.model,
+                       tokenizer=load_tokenizer(module, path), device=loaded.device)
+
+
+def base_identity(meta: dict) -> str | None:
+    """What a LoRA checkpoint's base is, alike for every adapter of it: the stored base, the
+    hub id at its commit, or the local folder; None for a checkpoint with no adapter."""
+    if "adapter" not in meta:
+        return None
+    if meta.get("base"):
+        return f"stored {meta['base']['uri']}"
+    source = meta.get("source") or {}
+    if source.get("hub_id"):
+        return f"hub {source['hub_id']}@{source.get('commit') or source.get('revision')}"
+    return f"local {source.get('local_dir')}"
 
 
 def load_base(module: AnyFamily, meta: dict, config: FamilyConfig, tokenizer: Any,
