@@ -22,7 +22,7 @@ def stored_bytes(stack, checkpoint_id: str) -> int:
         return s.get(Checkpoint, checkpoint_id).bytes
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
 def test_full_and_lora_fine_tuning_then_generation(stack, arch):
     config = {**ARCHS[arch], "vocab_size": 300}
     full = train(stack, config)
