@@ -114,6 +114,8 @@ class TrainSpec(Strict):
     timeout_s: float | None = Field(None, gt=0, le=30 * 86_400)
     resume_from: str | None = Field(None, min_length=1, max_length=64)  # a checkpoint id
     adapter: AdapterSpec | None = None  # LoRA fine-tuning (lm only); None: every weight trains
+    # lm: recompute activations in the backward pass (less memory for large bases)
+    gradient_checkpointing: bool = False
 
     @model_validator(mode="after")
     def _coherent(self) -> TrainSpec:
@@ -134,6 +136,8 @@ class TrainSpec(Strict):
             self.config["pretrained"] = confine_pretrained(self.config["pretrained"], problems)
         if self.adapter is not None and canonical_family(self.family) != "lm":
             problems.append(f"adapter: only the lm family takes an adapter, not {self.family!r}")
+        if self.gradient_checkpointing and canonical_family(self.family) != "lm":
+            problems.append(f"gradient_checkpointing: lm only, not {self.family!r}")
         problems += validate_model_config(self.family, self.config)
         if problems:
             raise ValueError("; ".join(problems))

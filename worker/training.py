@@ -17,7 +17,7 @@ from common.models import Checkpoint, File
 from common.schemas import TrainJobSpec
 from common.train_spec import DataSpec, family_kind
 from worker.context import JobContext
-from worker.device import current_device
+from worker.device import current_device, inference_dtype
 
 LOGGED = ("loss", "eval_loss", "lr", "samples_per_s")  # what each interval's log line shows
 
@@ -68,9 +68,9 @@ def execute_training(ctx: JobContext) -> dict[str, Any]:
         on_base=on_base,
         locate=lambda uri: ctx.storage.local_dir(ctx.storage.key_of(uri), ctx.cache_dir),
     )
-    outcome = run_training(
-        spec, ctx.workdir, hooks=hooks, resume_from=resume_dir, device=current_device()
-    )
+    device = current_device()
+    outcome = run_training(spec, ctx.workdir, hooks=hooks, resume_from=resume_dir,
+                           device=device, base_dtype=inference_dtype(device))
     ckpt = last.get("ckpt") or results.latest_checkpoint(ctx.session, job_id=job.id)
     partial = {"checkpoint_id": ckpt.id if ckpt else None, "step": outcome.step}
     raise_if_stopped(outcome.stopped, partial)

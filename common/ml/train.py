@@ -27,7 +27,7 @@ from common.errors import (
     StopReason,
     pydantic_problems,
 )
-from common.ml.adapters import load_adapter, merged, with_adapter
+from common.ml.adapters import base_of, load_adapter, merged, with_adapter
 from common.ml.artifacts import save_grid, save_loss_plot
 from common.ml.checkpoint import (
     load_base,
@@ -224,9 +224,10 @@ class Run:
     """One training run's state; `run_training` is its public face."""
 
     def __init__(self, spec: TrainSpec | dict, workdir: Path, hooks: TrainHooks,
-                 resume_from: Path | None, device: str):
+                 resume_from: Path | None, device: str, base_dtype: torch.dtype | None = None):
         self.s = parse_spec(spec)
         self.workdir, self.hooks, self.device = Path(workdir), hooks, device
+        self.base_dtype = base_dtype
         self.adapter: AdapterSpec | None = None  # the LoRA adapter being trained, if any
         self.base: dict | None = None  # where its from-config base is kept (base.uri)
         try:
@@ -264,7 +265,8 @@ class Run:
                 self.adapter = AdapterSpec.model_validate(meta["adapter"])
                 self.base = meta.get("base")
                 base = load_base(module, meta, cfg, tokenizer, self.hooks.locate)
-                model = load_adapter(base, Path(resume_from), trainable=True)
+                model = load_adapter(base.to(dtype=self.base_dtype), Path(resume_from),
+                                     trainable=True)
             else:
                 model = module.build_model(cfg, tokenizer, arch=meta.get("arch"))
                 load_weights_into(model, Path(resume_from))
@@ -280,7 +282,9 @@ class Run:
                 self.adapter = s.adapter
                 if module.source(cfg) is None:  # random weights: keep them, once
                     self.base = {"uri": self._save_base(cfg, model, tokenizer)}
-                model = with_adapter(model, s.adapter)
+                model = with_adapter(model.to(dtype=self.base_dtype), s.adapter)
+        if s.gradient_checkpointing:
+            module.enable_gradient_checkpointing(base_of(model))
         self.cfg, self.tokenizer, self.model = cfg, tokenizer, model.to(self.device)
         self.batches, self.held_out = self._batches(data)
         total = s.steps or (s.epochs or 1) * self.batches.steps_per_epoch(s.grad_accum)
@@ -547,7 +551,9 @@ def on_helper_thread(fn: Callable[..., T], *args: Any) -> T:
 
 
 def run_training(spec: TrainSpec | dict, workdir: Path, *, hooks: TrainHooks,
-                 resume_from: Path | None = None, device: str = "cpu") -> TrainOutcome:
-    """Train `spec` in `workdir` (optionally resuming a checkpoint); see DESIGN.md section 6."""
+                 resume_from: Path | None = None, device: str = "cpu",
+                 base_dtype: torch.dtype | None = None) -> TrainOutcome:
+    """Train `spec` in `workdir` (optionally resuming a checkpoint); see DESIGN.md section 6.
+    `base_dtype` casts a LoRA run's frozen base (bf16 on a GPU); its adapter stays fp32."""
     Path(workdir).mkdir(parents=True, exist_ok=True)
-    return Run(spec, Path(workdir), hooks, resume_from, device).run()
+    return Run(spec, Path(workdir), hooks, resume_from, device, base_dtype).run()

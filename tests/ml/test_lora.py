@@ -117,3 +117,35 @@ def test_merge_writes_full_weights_that_generate_alike(tiny_spec: Callable[..., 
     with torch.no_grad():
         torch.testing.assert_close(adapted(input_ids=x).logits, merged(input_ids=x).logits,
                                    rtol=1e-4, atol=1e-5)
+
+
+def test_a_bf16_base_with_gradient_checkpointing_resumes_exactly(
+        tiny_spec: Callable[..., dict], tmp_path: Path) -> None:
+    """A frozen base cast to bf16 (as on a GPU) keeps the adapter fp32, trains close to an
+    fp32 run, and with gradient checkpointing still resumes bit-for-bit."""
+    spec = {**lora_spec(tiny_spec, "llama"), "gradient_checkpointing": True}
+    spec.update(steps=6, eval_every=None)
+    bf16 = {"base_dtype": torch.bfloat16}
+    straight = run_training(spec, tmp_path / "straight", hooks=TrainHooks(), **bf16)
+    done = {"step": 0}
+    hooks = TrainHooks(should_stop=lambda: "shutdown" if done["step"] >= 3 else None,
+                       on_progress=lambda step, total, m: done.update(step=step))
+    stopped = run_training(spec, tmp_path / "first", hooks=hooks, **bf16)
+    resumed = run_training(spec, tmp_path / "second", hooks=TrainHooks(),
+                           resume_from=stopped.checkpoint, **bf16)
+    fp32 = run_training({**spec, "gradient_checkpointing": False}, tmp_path / "fp32",
+                        hooks=TrainHooks())
+    assert abs(straight.metrics["loss"] - fp32.metrics["loss"]) < 0.05, (straight.metrics,
+                                                                       fp32.metrics)
+    from safetensors.torch import load_file
+
+    a = load_file(straight.checkpoint / ADAPTER_WEIGHTS)
+    b = load_file(resumed.checkpoint / ADAPTER_WEIGHTS)
+    assert a.keys() == b.keys() and all(v.dtype == torch.float32 for v in a.values())
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_gradient_checkpointing_is_lm_only() -> None:
+    with pytest.raises(ValidationError, match="gradient_checkpointing: lm only"):
+        TrainSpec.model_validate({"family": "lstm", "gradient_checkpointing": True})
