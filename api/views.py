@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from sqlalchemy import inspect
 
+from common.adapter_spec import AdapterSpec
 from common.ml.pretrained import ModelSource
 from common.models import Job, Model, utcnow
 from common.schemas import JobOut, ModelAdapter, ModelOut, Progress
-from common.train_spec import AdapterSpec
 
 # The fields of JobOut that are columns of Job by the same name, shown as stored.
 JOB_COLUMNS = sorted(JobOut.model_fields.keys() & inspect(Job).columns.keys())

@@ -7,10 +7,11 @@ from typing import Annotated, Any, Generic, Literal, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from common.adapter_spec import AdapterSpec
 from common.config import get_settings
 from common.gen_params import GenParams, Label, Prompt
 from common.ml.pretrained import ModelSource
-from common.train_spec import AdapterSpec, TrainSpec
+from common.train_spec import TrainSpec
 
 
 class JobOptions(BaseModel):

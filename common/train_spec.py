@@ -6,18 +6,11 @@ the worker parses a job's stored spec with that same class, so the two cannot dr
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    TypeAdapter,
-    ValidatorFunctionWrapHandler,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from common.adapter_spec import AdapterSpec
 from common.config import get_settings
 from common.gen_params import Seed
 from common.ml.builtin_data import BUILTINS
@@ -56,35 +49,6 @@ class DataSpec(Strict):
         if sum(v is not None for v in (self.builtin, self.file_id, self.path)) != 1:
             raise ValueError("give exactly one of data.builtin or data.file_id")
         return self
-
-
-# A module name as peft matches it: a suffix of a dotted module path (q_proj, attn.c_attn)
-ModuleName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.]+$")]
-
-
-class AdapterSpec(Strict):
-    """A LoRA adapter trained over an `lm` base (peft): only its matrices train."""
-
-    method: Literal["lora"] = "lora"
-    r: int = Field(8, ge=1, le=1024)  # the rank of each update B @ A
-    alpha: int = Field(16, ge=1, le=65_536)  # the update is scaled by alpha / r
-    dropout: float = Field(0.0, ge=0, lt=1)  # on the adapter's input
-    # None: peft's default modules for the architecture; "all-linear": every linear but the head
-    target_modules: list[ModuleName] | Literal["all-linear"] | None = None
-    merge: bool = False  # register the merged full weights instead of base + adapter
-
-    @field_validator("target_modules", mode="wrap")
-    @classmethod
-    def _names_or_all_linear(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
-        """Errors of the branch the value meant (each branch of the union would report)."""
-        if value is None or value == "all-linear":
-            return value
-        if not isinstance(value, list):
-            raise ValueError(f"must be a list of module names or 'all-linear', got {value!r}")
-        return _MODULE_NAMES.validate_python(value)
-
-
-_MODULE_NAMES = TypeAdapter(Annotated[list[ModuleName], Field(min_length=1, max_length=256)])
 
 
 class TrainSpec(Strict):
@@ -139,6 +103,10 @@ class TrainSpec(Strict):
         if self.gradient_checkpointing and canonical_family(self.family) != "lm":
             problems.append(f"gradient_checkpointing: lm only, not {self.family!r}")
         problems += validate_model_config(self.family, self.config)
+        if not problems and self.adapter is not None:
+            from common.ml.adapters import adapter_problems
+
+            problems += adapter_problems(self.family, self.config, self.adapter)
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -88,8 +88,15 @@ def test_bad_adapters_are_422s_naming_the_field(stack):
     assert param({**lm, "adapter": {"target_modules": ["c attn"]}}) == "adapter.target_modules[0]"
     assert param({**lm, "adapter": {"rank": 4}}) == "adapter.rank"
     assert param({"family": "lstm", "adapter": {}}) == "adapter"
-    # names the model does not have are known only once it is built: the job fails at once
-    job = train(stack, ARCHS["gpt2"], adapter={"target_modules": ["q_proj"]}, max_attempts=3)
+    # a from-config base is built on the meta device at submit: peft checks the names
+    assert param({**lm, "adapter": {"target_modules": ["q_proj"]}}) == "adapter.target_modules"
+    # a pretrained base is known only on the worker: the job fails at once
+    from tests.test_lm import tiny_hub_model
+
+    folder = f"base-{uuid.uuid4().hex[:6]}"
+    tiny_hub_model(stack.home / "pretrained" / folder)
+    job = train(stack, {"pretrained": folder}, adapter={"target_modules": ["c_attn"]},
+                max_attempts=3)
     assert job["status"] == "failed" and job["error"]["code"] == "invalid_spec", job
     assert job["attempt"] == 1 and job["error"]["message"].startswith("adapter.target_modules:")
 
@@ -115,10 +122,13 @@ def test_a_batch_naming_two_lora_models_of_one_base_loads_the_base_once(stack, t
     """Through the official SDK on /v1/chat/completions: lines alternate between two
     adapters of one local base; every custom_id comes back once, each adapter answers its
     own lines, and the worker loaded the base once (the second adapter joined it)."""
+    import torch
+
     from tests.test_batches import lines_for, read_jsonl, run_batch, sdk
     from tests.test_lm import tiny_hub_model
 
     folder = f"base-{uuid.uuid4().hex[:6]}"
+    torch.manual_seed(0)  # the base's random weights: the same every run
     tiny_hub_model(stack.home / "pretrained" / folder)
     models = []
     for word in ("hello", "tiny"):  # each adapter learns to say its word

@@ -9,19 +9,23 @@ from typing import Any
 
 import torch.nn as nn
 
+from common.adapter_spec import AdapterSpec
 from common.errors import CheckpointError, InvalidTrainSpec
-from common.train_spec import AdapterSpec
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 
 
-def lora_config(spec: AdapterSpec) -> Any:
+def lora_config(spec: AdapterSpec, base: nn.Module) -> Any:
     """peft's LoraConfig for the spec; target_modules None takes peft's default for the arch."""
     from peft import LoraConfig, TaskType
+    from transformers.pytorch_utils import Conv1D
 
+    # GPT-2's Conv1D stores its weight transposed: peft must know (it warns, then fixes it)
+    transposed = any(isinstance(m, Conv1D) for m in base.modules())
     return LoraConfig(task_type=TaskType.CAUSAL_LM, r=spec.r, lora_alpha=spec.alpha,
-                      lora_dropout=spec.dropout, target_modules=spec.target_modules)
+                      lora_dropout=spec.dropout, target_modules=spec.target_modules,
+                      fan_in_fan_out=transposed)
 
 
 def with_adapter(base: nn.Module, spec: AdapterSpec) -> nn.Module:
@@ -29,10 +33,29 @@ def with_adapter(base: nn.Module, spec: AdapterSpec) -> nn.Module:
     from peft import get_peft_model
 
     try:
-        return get_peft_model(base, lora_config(spec))
+        return get_peft_model(base, lora_config(spec, base))
     except ValueError as e:  # no default modules for the arch, or names matching no module
         message = str(e).split("\n")[0]
         raise InvalidTrainSpec(f"adapter.target_modules: {message}") from e
+
+
+def adapter_problems(family: str, config: dict, spec: AdapterSpec) -> list[str]:
+    """What peft says of the adapter on a from-config base, built on the meta device (no
+    weights allocated); a pretrained base is known only on the worker that loads it."""
+    import torch
+
+    from common.ml.families import get_family
+
+    module = get_family(family)
+    cfg = module.Config.model_validate(config)
+    if getattr(cfg, "pretrained", None):
+        return []
+    with torch.device("meta"):
+        try:
+            with_adapter(module.build_model(cfg), spec)
+        except InvalidTrainSpec as e:
+            return [str(e)]
+    return []
 
 
 def is_adapted(model: nn.Module) -> bool:

@@ -22,10 +22,10 @@ import torch.nn as nn
 from safetensors.torch import load_model as load_weights
 from safetensors.torch import save_model as save_weights
 
+from common.adapter_spec import AdapterSpec
 from common.errors import CheckpointError
 from common.ml.adapters import add_adapter, base_of, is_adapted, load_adapter, save_adapter
 from common.ml.families import AnyFamily, FamilyConfig, TextFamily, get_family
-from common.train_spec import AdapterSpec
 
 log = logging.getLogger(__name__)
 

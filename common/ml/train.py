@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 from pydantic import ValidationError
 
+from common.adapter_spec import AdapterSpec
 from common.errors import (
     DataError,
     InvalidTrainSpec,
@@ -43,7 +44,7 @@ from common.ml.examples import encode_examples
 from common.ml.families import AnyFamily, ImageFamily, TextFamily, get_family
 from common.ml.sampling import seed_torch
 from common.retention import checkpoint_dirname, checkpoints_to_keep, step_of
-from common.train_spec import AdapterSpec, TrainSpec, canonical_family
+from common.train_spec import TrainSpec, canonical_family
 
 log = logging.getLogger(__name__)
 
