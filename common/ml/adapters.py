@@ -3,7 +3,10 @@ adapter alone (peft's adapter_model.safetensors + adapter_config.json), merge it
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +36,8 @@ def with_adapter(base: nn.Module, spec: AdapterSpec) -> nn.Module:
     from peft import get_peft_model
 
     try:
-        return get_peft_model(base, lora_config(spec, base))
+        with quiet_peft():
+            return get_peft_model(base, lora_config(spec, base))
     except ValueError as e:  # no default modules for the arch, or names matching no module
         message = str(e).split("\n")[0]
         raise InvalidTrainSpec(f"adapter.target_modules: {message}") from e
@@ -83,8 +87,9 @@ def load_adapter(base: nn.Module, directory: Path, *, trainable: bool = False,
 
     _check_files(directory)
     try:
-        return PeftModel.from_pretrained(base, str(directory), adapter_name=name,
-                                         is_trainable=trainable)
+        with quiet_peft():
+            return PeftModel.from_pretrained(base, str(directory), adapter_name=name,
+                                             is_trainable=trainable)
     except Exception as e:  # peft raises ValueError, RuntimeError, OSError for bad files
         raise CheckpointError(f"{directory}: adapter corrupt or not for this base ({e})") from e
 
@@ -96,6 +101,16 @@ def add_adapter(model: nn.Module, directory: Path, name: str) -> None:
         model.load_adapter(str(directory), adapter_name=name)  # type: ignore[operator]
     except Exception as e:  # as in load_adapter
         raise CheckpointError(f"{directory}: adapter corrupt or not for this base ({e})") from e
+
+
+@contextlib.contextmanager
+def quiet_peft() -> Iterator[None]:
+    """Without the deprecation warning peft's wrapping triggers in transformers 5 (it asks
+    `is_gradient_checkpointing`), which would fill every LoRA job's log."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
+                                category=FutureWarning)
+        yield
 
 
 def _check_files(directory: Path) -> None:
