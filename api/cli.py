@@ -253,6 +253,8 @@ def train(
     name: Annotated[str | None, typer.Option(help="Model name to register")] = None,
     data: Annotated[str | None, typer.Option(help="python-docs | digits | file-…")] = None,
     config: Annotated[str | None, typer.Option(help="Model config as JSON")] = None,
+    adapter: Annotated[str | None, typer.Option(
+        help='LoRA adapter as JSON (lm), e.g. \'{"r": 8}\'')] = None,
     batch_size: int = 16,
     lr: float = 1e-3,
     queue: str = "auto",
@@ -273,6 +275,8 @@ def train(
         spec["data"] = {"file_id": data} if data.startswith("file-") else {"builtin": data}
     if config:
         spec["config"] = parse_json(config, "--config")
+    if adapter:
+        spec["adapter"] = parse_json(adapter, "--adapter")
     job = client().create_job(spec)
     console.print(f"submitted {job['id']} ({job['family']}, {steps} steps, queue {job['queue']})")
     if watch_:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from sqlalchemy import inspect
 
+from common.adapter_spec import AdapterSpec
 from common.ml.pretrained import ModelSource
 from common.models import Job, Model, utcnow
-from common.schemas import JobOut, ModelOut, Progress
+from common.schemas import JobOut, ModelAdapter, ModelOut, Progress
 
 # The fields of JobOut that are columns of Job by the same name, shown as stored.
 JOB_COLUMNS = sorted(JobOut.model_fields.keys() & inspect(Job).columns.keys())
@@ -45,4 +46,7 @@ def model_out(model: Model) -> ModelOut:
         genq_id=model.id,
         created_by_job=model.created_by_job,
         source=ModelSource.model_validate(model.source) if model.source else None,
+        adapter=ModelAdapter(spec=AdapterSpec.model_validate(model.adapter["spec"]),
+                             base_stored=bool(model.adapter.get("base")))
+        if model.adapter else None,
     )

@@ -143,6 +143,9 @@ class Model(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     # where the starting weights came from (common/ml/pretrained.py ModelSource); None: a config
     source: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # a LoRA model: {"spec": its AdapterSpec, "base": {"uri"} of a stored from-config base
+    # or None (then `source` is the base)}; None: full weights
+    adapter: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class Checkpoint(Base):

@@ -17,6 +17,8 @@ from common.owned import get_owned
 from common.retention import checkpoint_dirname, checkpoints_to_keep
 from common.storage import Storage
 
+MERGED = "merged"  # the checkpoint folder of a LoRA run's merged weights (adapter.merge)
+
 
 def save_checkpoint(
     session: Session,
@@ -27,15 +29,19 @@ def save_checkpoint(
     local: Path,
     metrics: dict[str, Any],
     keep_last: int = 2,
+    dirname: str | None = None,
 ) -> Checkpoint:
-    """Upload a finished local checkpoint folder, then register it (never half a checkpoint)."""
-    uri, size = storage.put_dir(f"checkpoints/{job.id}/{checkpoint_dirname(step)}", local)
+    """Upload a finished local checkpoint folder, then register it (never half a checkpoint);
+    `dirname` names its folder when it is not the step's (a LoRA run's merged weights)."""
+    folder = dirname or checkpoint_dirname(step)
+    uri, size = storage.put_dir(f"checkpoints/{job.id}/{folder}", local)
     ckpt = Checkpoint(
         id=new_id("ckpt_"), job_id=job.id, step=step, uri=uri, bytes=size, metrics=metrics
     )
     session.add(ckpt)
     session.commit()
-    prune_checkpoints(session, storage, job_id=job.id, keep_last=keep_last)
+    if dirname is None:  # merged weights are registered as a model next: nothing to prune
+        prune_checkpoints(session, storage, job_id=job.id, keep_last=keep_last)
     return ckpt
 
 
@@ -57,8 +63,11 @@ def prune_checkpoints(session: Session, storage: Storage, *, job_id: str, keep_l
 
 
 def latest_checkpoint(session: Session, *, job_id: str) -> Checkpoint | None:
+    """The job's last resumable checkpoint (merged LoRA weights have no training state)."""
     return session.scalar(
-        select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step.desc())
+        select(Checkpoint)
+        .where(Checkpoint.job_id == job_id, ~Checkpoint.uri.endswith(f"/{MERGED}"))
+        .order_by(Checkpoint.step.desc())
     )
 
 
@@ -103,10 +112,11 @@ def get_artifact(session: Session, *, owner: str, artifact_id: str) -> Artifact:
 
 def register_model(
     session: Session, *, job: Job, name: str, checkpoint: Checkpoint,
-    source: dict[str, Any] | None = None,
+    source: dict[str, Any] | None = None, adapter: dict[str, Any] | None = None,
 ) -> Model:
     """Make a finished training run's checkpoint a named, generation-ready model; `source`
-    is its checkpoint's (a hub id and the commit it resolved to, or a local folder)."""
+    is its checkpoint's (a hub id and the commit it resolved to, or a local folder), and
+    `adapter` a LoRA model's spec and stored base ({"spec", "base"})."""
     existing = session.scalar(select(Model).where(Model.owner == job.owner, Model.name == name))
     if existing is not None:
         if existing.created_by_job == job.id:
@@ -120,6 +130,7 @@ def register_model(
         checkpoint_id=checkpoint.id,
         created_by_job=job.id,
         source=source,
+        adapter=adapter,
     )
     session.add(model)
     session.commit()

@@ -7,6 +7,7 @@ from typing import Annotated, Any, Generic, Literal, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from common.adapter_spec import AdapterSpec
 from common.chat import ChatMessage
 from common.config import get_settings
 from common.gen_params import GenParams, Label, Prompt
@@ -147,6 +148,14 @@ class ItemList(CursorPage[ItemOut, int]):
     pass
 
 
+class ModelAdapter(BaseModel):
+    """A LoRA model's adapter and its base: the model's `source` (a hub commit, a local
+    folder) or, with `base_stored`, the from-config base kept with its training job."""
+
+    spec: AdapterSpec
+    base_stored: bool
+
+
 class ModelOut(BaseModel):
     """OpenAI's model object, plus genq's fields."""
 
@@ -159,6 +168,7 @@ class ModelOut(BaseModel):
     genq_id: str
     created_by_job: str | None
     source: ModelSource | None = None  # the hub id + resolved commit, or the local folder
+    adapter: ModelAdapter | None = None  # a LoRA model; None: full weights
 
 
 class ModelList(BaseModel):

@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from common.adapter_spec import AdapterSpec
 from common.config import get_settings
 from common.gen_params import Seed
 from common.ml.builtin_data import BUILTINS
@@ -76,6 +77,9 @@ class TrainSpec(Strict):
     eval_every: int | None = Field(None, ge=1, le=10_000_000)
     timeout_s: float | None = Field(None, gt=0, le=30 * 86_400)
     resume_from: str | None = Field(None, min_length=1, max_length=64)  # a checkpoint id
+    adapter: AdapterSpec | None = None  # LoRA fine-tuning (lm only); None: every weight trains
+    # lm: recompute activations in the backward pass (less memory for large bases)
+    gradient_checkpointing: bool = False
 
     @model_validator(mode="after")
     def _coherent(self) -> TrainSpec:
@@ -94,7 +98,15 @@ class TrainSpec(Strict):
                             f"data, family {self.family!r} needs {kind} data")
         if canonical_family(self.family) == "lm" and isinstance(self.config.get("pretrained"), str):
             self.config["pretrained"] = confine_pretrained(self.config["pretrained"], problems)
+        if self.adapter is not None and canonical_family(self.family) != "lm":
+            problems.append(f"adapter: only the lm family takes an adapter, not {self.family!r}")
+        if self.gradient_checkpointing and canonical_family(self.family) != "lm":
+            problems.append(f"gradient_checkpointing: lm only, not {self.family!r}")
         problems += validate_model_config(self.family, self.config)
+        if not problems and self.adapter is not None:
+            from common.ml.adapters import adapter_problems
+
+            problems += adapter_problems(self.family, self.config, self.adapter)
         if problems:
             raise ValueError("; ".join(problems))
         return self

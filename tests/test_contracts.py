@@ -87,7 +87,17 @@ def test_api_and_worker_accept_the_same_training_fields(stack, tmp_path: Path):
     file_id = c.upload_file(corpus, purpose="dataset")["id"]
     second = {"family": "lstm", "data": {"file_id": file_id}, "epochs": 1, "batch_size": 4,
               "seq_len": 16, "resume_from": job["result"]["checkpoint_id"]}
-    assert set(first) | set(second) == set(TrainSpec.model_fields)
+    # the lm family's own: gradient checkpointing, and a LoRA adapter whose every field
+    # reaches the registered model
+    third = {"family": "lm", "config": {"n_embd": 16, "n_layer": 1, "n_head": 2},
+             "steps": 2, "batch_size": 2, "seq_len": 16, "gradient_checkpointing": True,
+             "adapter": {"method": "lora", "r": 2, "alpha": 4, "dropout": 0.1,
+                         "target_modules": ["c_attn"], "merge": False}}
+    assert set(first) | set(second) | set(third) == set(TrainSpec.model_fields)
     resumed = c.wait(c.create_job({"type": "train", **second})["id"], timeout=300)
     assert resumed["status"] == "succeeded", resumed
     assert resumed["result"]["step"] == len(corpus.read_text()) // (4 * 16)
+    lora = c.wait(c.create_job({"type": "train", **third})["id"], timeout=300)
+    assert lora["status"] == "succeeded", lora
+    model = c.request("GET", f"/v1/models/{lora['result']['model']}")
+    assert model["adapter"]["spec"] == third["adapter"]

@@ -165,6 +165,25 @@ def test_hub_id_resolves_from_the_offline_cache_and_records_its_commit(offline_s
     no_token_anywhere(offline_stack, job)
 
 
+def test_lora_over_a_hub_model_records_its_base_and_generates(offline_stack):
+    """The base is the hub commit (never copied into genq's storage): the checkpoint holds
+    the adapter alone, and generation loads the base from the cache, then the adapter."""
+    name = f"lora-{uuid.uuid4().hex[:6]}"
+    job = train(offline_stack, {"pretrained": "genq-test/tiny-llama"}, name=name,
+                adapter={"r": 4, "target_modules": "all-linear"})
+    assert job["status"] == "succeeded", (job, offline_stack.log("hub1")[-3000:])
+    folder = checkpoint_dir(offline_stack, job["result"]["checkpoint_id"])
+    assert not (folder / "model.safetensors").exists() and not (folder.parent / "base").exists()
+    meta = read_meta(folder)
+    assert meta["source"]["commit"] == COMMIT and "base" not in meta
+    model = offline_stack.client().request("GET", f"/v1/models/{name}")
+    assert model["source"]["hub_id"] == "genq-test/tiny-llama"
+    assert model["source"]["commit"] == COMMIT
+    assert model["adapter"]["spec"]["r"] == 4 and model["adapter"]["base_stored"] is False
+    assert len(generate(offline_stack, name)) == 2
+    no_token_anywhere(offline_stack, job)
+
+
 def test_unknown_hub_id_fails_at_once_with_model_not_found(offline_stack):
     job = train(offline_stack, {"pretrained": "genq-test/no-such-model"}, max_attempts=3)
     assert job["status"] == "failed" and job["error"]["code"] == "model_not_found", job

@@ -750,3 +750,43 @@ def test_worker_names_are_unique_per_process(redis_server):
             assert "--name" in taken.stderr and "is taken" in taken.stderr, taken.stderr
         finally:
             stack.stop_all()
+
+
+LORA_SPEC = {"type": "train", "family": "lm", "steps": 150, "batch_size": 8, "seq_len": 32,
+             "checkpoint_every": 10, "log_every": 10, "seed": 5,
+             "config": {"arch": "llama", "vocab_size": 300, "hidden_size": 32,
+                        "num_hidden_layers": 2, "num_attention_heads": 2,
+                        "intermediate_size": 64, "max_position_embeddings": 64},
+             "adapter": {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": "all-linear"}}
+
+
+def test_kill9_pool_child_resumes_a_lora_run_exactly(rstack, tmp_path):
+    """A LoRA run over a from-config base resumes bit-for-bit after a kill: the resumed
+    attempt reloads the stored base and the checkpoint's adapter and optimizer state."""
+    from common.db import engine_for, session_factory
+    from common.ml.checkpoint import load_model
+    from common.ml.train import TrainHooks, run_training
+    from common.models import Checkpoint
+
+    probe = "import torch; print(torch.get_num_threads())"
+    default = int(subprocess.check_output([sys.executable, "-c", probe], text=True))
+    before = torch.get_num_threads()
+    torch.set_num_threads(default)  # as the workers run (see `reference`)
+    try:
+        spec = {k: v for k, v in LORA_SPEC.items() if k != "type"}
+        out = run_training(spec, tmp_path / "ref", hooks=TrainHooks())
+    finally:
+        torch.set_num_threads(before)
+    ensure_two_workers(rstack)
+    c = rstack.client()
+    job = c.create_job(LORA_SPEC)
+    pid = running_at(rstack, job["id"], 12).worker_pid  # past the step-10 checkpoint
+    os.kill(pid, signal.SIGKILL)
+    done = c.wait(job["id"], timeout=120)
+    assert done["status"] == "succeeded" and done["attempt"] >= 2, done
+    assert any("resuming from checkpoint" in m for m in job_logs(rstack, job["id"]))
+    with session_factory(engine_for(rstack.env["GENQ_DATABASE_URL"]))() as s:
+        uri = s.get(Checkpoint, done["result"]["checkpoint_id"]).uri
+    resumed = load_model(Path(uri.removeprefix("file://")),
+                         locate=lambda base: Path(base.removeprefix("file://")))
+    assert_same_weights(resumed.model.state_dict(), load_model(out.checkpoint).model.state_dict())

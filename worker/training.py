@@ -17,7 +17,7 @@ from common.models import Checkpoint, File
 from common.schemas import TrainJobSpec
 from common.train_spec import DataSpec, family_kind
 from worker.context import JobContext
-from worker.device import current_device
+from worker.device import current_device, inference_dtype
 
 LOGGED = ("loss", "eval_loss", "lr", "samples_per_s")  # what each interval's log line shows
 
@@ -55,15 +55,22 @@ def execute_training(ctx: JobContext) -> dict[str, Any]:
         shown = ", ".join(f"{k} {v:.4g}" for k, v in values.items() if k in LOGGED)
         ctx.log(f"step {step}: {shown}")
 
+    def on_base(local: Path) -> str:
+        uri, size = ctx.storage.put_dir(f"checkpoints/{job.id}/base", local)
+        ctx.log(f"stored the adapter's from-config base ({size} bytes)")
+        return uri
+
     hooks = TrainHooks(
         should_stop=ctx.should_stop,
         on_progress=ctx.progress,
         on_metrics=on_metrics,
         on_checkpoint=on_checkpoint,
+        on_base=on_base,
+        locate=lambda uri: ctx.storage.local_dir(ctx.storage.key_of(uri), ctx.cache_dir),
     )
-    outcome = run_training(
-        spec, ctx.workdir, hooks=hooks, resume_from=resume_dir, device=current_device()
-    )
+    device = current_device()
+    outcome = run_training(spec, ctx.workdir, hooks=hooks, resume_from=resume_dir,
+                           device=device, base_dtype=inference_dtype(device))
     ckpt = last.get("ckpt") or results.latest_checkpoint(ctx.session, job_id=job.id)
     partial = {"checkpoint_id": ckpt.id if ckpt else None, "step": outcome.step}
     raise_if_stopped(outcome.stopped, partial)
@@ -81,9 +88,15 @@ def execute_training(ctx: JobContext) -> dict[str, Any]:
     ]
     assert ckpt is not None, "run_training always writes a final checkpoint"
     name = spec.name or f"{job.family}-{job.id[4:12]}"
-    source = read_meta(outcome.checkpoint).get("source")
+    meta = read_meta(outcome.checkpoint)
+    adapter = {"spec": meta["adapter"], "base": meta.get("base")} if "adapter" in meta else None
+    if outcome.merged is not None:  # the full merged weights are the model: no adapter left
+        ckpt = results.save_checkpoint(ctx.session, ctx.storage, job=job, step=outcome.step,
+                                       local=outcome.merged, metrics=ckpt.metrics,
+                                       keep_last=spec.keep_last, dirname=results.MERGED)
+        adapter = None
     model = results.register_model(ctx.session, job=job, name=name, checkpoint=ckpt,
-                                   source=source)
+                                   source=meta.get("source"), adapter=adapter)
     ctx.log(f"registered model {name!r} from step {ckpt.step}")
     return {
         **partial,

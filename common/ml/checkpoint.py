@@ -1,4 +1,9 @@
-"""Checkpoint directories: model.safetensors, config.json, tokenizer, state.pt, metrics.json."""
+"""Checkpoint directories: model.safetensors, config.json, tokenizer, state.pt, metrics.json.
+
+A LoRA checkpoint holds peft's adapter_model.safetensors + adapter_config.json instead of
+model.safetensors; its config.json says where the base is: the `source` (a hub id and
+commit, a local folder) or, for a base built from a config, `base.uri`, a full checkpoint
+of the base weights written once per run (common/ml/train.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +22,9 @@ import torch.nn as nn
 from safetensors.torch import load_model as load_weights
 from safetensors.torch import save_model as save_weights
 
+from common.adapter_spec import AdapterSpec
 from common.errors import CheckpointError
+from common.ml.adapters import add_adapter, base_of, is_adapted, load_adapter, save_adapter
 from common.ml.families import AnyFamily, FamilyConfig, TextFamily, get_family
 
 log = logging.getLogger(__name__)
@@ -45,25 +53,37 @@ class LoadedModel:
 
 
 def save_checkpoint(path: Path, *, family: str, config: dict | FamilyConfig, model: nn.Module,
-                    tokenizer_or_none: Any, train_state: dict | None,
-                    metrics: dict) -> None:
-    """Write a complete checkpoint to a sibling temp dir, then rename it onto `path`."""
+                    tokenizer_or_none: Any, train_state: dict | None, metrics: dict,
+                    adapter: AdapterSpec | None = None, base: dict | None = None) -> None:
+    """Write a complete checkpoint to a sibling temp dir, then rename it onto `path`; a
+    model wrapped with an adapter saves the adapter alone (`adapter` is its spec, `base`
+    where a from-config base is kept)."""
     path = Path(path)
     module = get_family(family)
     cfg = config if isinstance(config, FamilyConfig) else module.Config.model_validate(config)
     meta: dict[str, Any] = {"format": FORMAT, "family": family, "kind": module.KIND,
                             "config": cfg.model_dump()}
-    arch = module.architecture(model)
+    arch = module.architecture(base_of(model))
     if arch is not None:
         meta["arch"] = arch
     source = module.source(cfg)
     if source is not None:  # where the starting weights came from: a hub commit, a folder
         meta["source"] = source.model_dump(exclude_none=True)
+    adapted = is_adapted(model)
+    if adapted != (adapter is not None):
+        raise ValueError("save_checkpoint: give `adapter` exactly when the model has one")
+    if adapter is not None:
+        meta["adapter"] = adapter.model_dump()
+        if base is not None:
+            meta["base"] = base
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        save_weights(model, str(tmp / MODEL_FILE))
+        if adapted:
+            save_adapter(model, tmp)
+        else:
+            save_weights(model, str(tmp / MODEL_FILE))
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, default=str))
         if isinstance(module, TextFamily) and tokenizer_or_none is not None:
             module.save_tokenizer(tokenizer_or_none, tmp)
@@ -96,9 +116,11 @@ def read_meta(path: Path) -> dict:
     return meta
 
 
-def load_model(path: Path, device: str = "cpu", dtype: torch.dtype | None = None) -> LoadedModel:
+def load_model(path: Path, device: str = "cpu", dtype: torch.dtype | None = None,
+               locate: Callable[[str], Path] = Path, adapter_name: str = "default") -> LoadedModel:
     """Rebuild the model (safetensors weights only) and its tokenizer from a checkpoint;
-    `dtype` casts its floating-point weights (bf16 for generation on a GPU)."""
+    `dtype` casts its floating-point weights (bf16 for generation on a GPU); `locate` turns
+    a LoRA checkpoint's base.uri into a local folder, and its adapter is `adapter_name`."""
     path = Path(path)
     meta = read_meta(path)
     try:
@@ -107,11 +129,53 @@ def load_model(path: Path, device: str = "cpu", dtype: torch.dtype | None = None
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{path / CONFIG_FILE}: {e}") from e
     tokenizer = load_tokenizer(module, path)
-    model = module.build_model(config, tokenizer, arch=meta.get("arch"))
-    load_weights_into(model, path)
+    if "adapter" in meta:
+        base = load_base(module, meta, config, tokenizer, locate)
+        model = load_adapter(base, path, name=adapter_name)
+    else:
+        model = module.build_model(config, tokenizer, arch=meta.get("arch"))
+        load_weights_into(model, path)
     model.to(device=device, dtype=dtype).eval()
     return LoadedModel(family=meta["family"], kind=module.KIND, config=config, model=model,
                        tokenizer=tokenizer, device=str(device))
+
+
+def with_adapter_of(loaded: LoadedModel, path: Path, name: str) -> LoadedModel:
+    """`loaded` (a LoRA model) with the adapter of checkpoint `path` added as `name`, on the
+    same base: the returned model is the same object, with that checkpoint's tokenizer."""
+    meta = read_meta(path)
+    module = get_family(meta["family"])
+    add_adapter(loaded.model, Path(path), name)
+    return LoadedModel(family=meta["family"], kind=module.KIND,
+                       config=module.Config.model_validate(meta["config"]), model=loaded.model,
+                       tokenizer=load_tokenizer(module, path), device=loaded.device)
+
+
+def base_identity(meta: dict) -> str | None:
+    """What a LoRA checkpoint's base is, alike for every adapter of it: the stored base, the
+    hub id at its commit, or the local folder; None for a checkpoint with no adapter."""
+    if "adapter" not in meta:
+        return None
+    if meta.get("base"):
+        return f"stored {meta['base']['uri']}"
+    source = meta.get("source") or {}
+    if source.get("hub_id"):
+        return f"hub {source['hub_id']}@{source.get('commit') or source.get('revision')}"
+    return f"local {source.get('local_dir')}"
+
+
+def load_base(module: AnyFamily, meta: dict, config: FamilyConfig, tokenizer: Any,
+              locate: Callable[[str], Path] = Path) -> nn.Module:
+    """The base weights under a LoRA checkpoint: its stored base, else its source (the hub
+    commit it resolved to, or the local folder)."""
+    if meta.get("base"):
+        base_dir = locate(meta["base"]["uri"])
+        model = module.build_model(config, tokenizer, arch=meta.get("arch"))
+        load_weights_into(model, base_dir)
+        return model
+    if not meta.get("source"):
+        raise CheckpointError("config.json: a LoRA checkpoint needs a `source` or a `base`")
+    return module.build_model(config, tokenizer)
 
 
 def load_tokenizer(module: AnyFamily, path: Path) -> Any | None:

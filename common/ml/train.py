@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 from pydantic import ValidationError
 
+from common.adapter_spec import AdapterSpec
 from common.errors import (
     DataError,
     InvalidTrainSpec,
@@ -27,8 +28,10 @@ from common.errors import (
     StopReason,
     pydantic_problems,
 )
+from common.ml.adapters import base_of, load_adapter, merged, with_adapter
 from common.ml.artifacts import save_grid, save_loss_plot
 from common.ml.checkpoint import (
+    load_base,
     load_metrics,
     load_tokenizer,
     load_train_state,
@@ -61,6 +64,9 @@ class TrainHooks:
     on_progress: Callable[[int, int, dict[str, float]], None] = _ignore  # every step
     on_metrics: Callable[[int, dict[str, float]], None] = _ignore  # every log_every steps
     on_checkpoint: Callable[[int, Path, dict[str, float]], None] = _ignore  # complete dir
+    # a LoRA run's from-config base, written once: returns where it is kept (its base.uri)
+    on_base: Callable[[Path], str] = str
+    locate: Callable[[str], Path] = Path  # a base.uri back to a local folder
 
 
 @dataclass
@@ -77,6 +83,7 @@ class TrainOutcome:
     checkpoint: Path
     metrics: dict[str, float]
     artifacts: list[TrainArtifact] = field(default_factory=list)
+    merged: Path | None = None  # adapter.merge: a full checkpoint of base + adapter merged
 
 
 def parse_spec(spec: TrainSpec | dict) -> TrainSpec:
@@ -218,14 +225,24 @@ class Run:
     """One training run's state; `run_training` is its public face."""
 
     def __init__(self, spec: TrainSpec | dict, workdir: Path, hooks: TrainHooks,
-                 resume_from: Path | None, device: str):
+                 resume_from: Path | None, device: str, base_dtype: torch.dtype | None = None):
         self.s = parse_spec(spec)
         self.workdir, self.hooks, self.device = Path(workdir), hooks, device
+        self.base_dtype = base_dtype
+        self.adapter: AdapterSpec | None = None  # the LoRA adapter being trained, if any
+        self.base: dict | None = None  # where its from-config base is kept (base.uri)
         try:
             self.module: AnyFamily = get_family(self.s.family)
         except ValueError as e:
             raise InvalidTrainSpec(str(e)) from e
         self._build(resume_from)
+
+    def _save_base(self, cfg: Any, model: nn.Module, tokenizer: Any) -> str:
+        """The from-config base of a LoRA run as a full checkpoint (no training state)."""
+        path = self.workdir / "base"
+        save_checkpoint(path, family=self.s.family, config=cfg, model=model,
+                        tokenizer_or_none=tokenizer, train_state=None, metrics={})
+        return self.hooks.on_base(path)
 
     def _build(self, resume_from: Path | None) -> None:
         s, module = self.s, self.module
@@ -239,10 +256,21 @@ class Run:
             if canonical_family(meta["family"]) != canonical_family(s.family):
                 raise InvalidTrainSpec(f"resume_from: checkpoint is {meta['family']!r}, "
                                        f"spec is {s.family!r}")
+            if ("adapter" in meta) != (s.adapter is not None):
+                raise InvalidTrainSpec("adapter: the checkpoint was trained "
+                                       f"{'with' if 'adapter' in meta else 'without'} one; "
+                                       "resume it the same way")
             cfg = module.Config(**meta["config"])
             tokenizer = load_tokenizer(module, Path(resume_from))
-            model = module.build_model(cfg, tokenizer, arch=meta.get("arch"))
-            load_weights_into(model, Path(resume_from))
+            if "adapter" in meta:
+                self.adapter = AdapterSpec.model_validate(meta["adapter"])
+                self.base = meta.get("base")
+                base = load_base(module, meta, cfg, tokenizer, self.hooks.locate)
+                model = load_adapter(base.to(dtype=self.base_dtype), Path(resume_from),
+                                     trainable=True)
+            else:
+                model = module.build_model(cfg, tokenizer, arch=meta.get("arch"))
+                load_weights_into(model, Path(resume_from))
             state = load_train_state(resume_from)
         else:
             try:  # the config was validated with the spec
@@ -251,6 +279,13 @@ class Run:
                 raise InvalidTrainSpec(str(e)) from e
             torch.manual_seed(s.seed)
             model = module.build_model(cfg, tokenizer)
+            if s.adapter is not None:
+                self.adapter = s.adapter
+                if module.source(cfg) is None:  # random weights: keep them, once
+                    self.base = {"uri": self._save_base(cfg, model, tokenizer)}
+                model = with_adapter(model.to(dtype=self.base_dtype), s.adapter)
+        if s.gradient_checkpointing:
+            module.enable_gradient_checkpointing(base_of(model))
         self.cfg, self.tokenizer, self.model = cfg, tokenizer, model.to(self.device)
         self.batches, self.held_out = self._batches(data)
         total = s.steps or (s.epochs or 1) * self.batches.steps_per_epoch(s.grad_accum)
@@ -259,7 +294,8 @@ class Run:
         self.phases = []
         cuda = str(self.device).startswith("cuda")
         for phase in module.PHASES:
-            params = module.phase_params(model, phase)
+            # frozen weights (a LoRA run's base) are neither stepped nor clipped
+            params = [p for p in module.phase_params(model, phase) if p.requires_grad]
             opt = _optimizer(opt_name, params, s, module.BETAS)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(s, total))
             scaler = torch.amp.GradScaler("cuda", enabled=cuda and s.precision == "fp16")
@@ -408,7 +444,8 @@ class Run:
         }
         save_checkpoint(path, family=self.s.family, config=self.cfg, model=self.model,
                         tokenizer_or_none=self.tokenizer, train_state=state,
-                        metrics={"step": self.step, **metrics})
+                        metrics={"step": self.step, **metrics}, adapter=self.adapter,
+                        base=self.base)
         self.hooks.on_checkpoint(self.step, path, {**metrics})
         _prune(path.parent, self.s.keep_last)
         return path
@@ -461,8 +498,19 @@ class Run:
         if recent:
             final["loss"] = sum(recent) / len(recent)
         artifacts = [] if stopped else self.artifacts()
+        merge = not stopped and s.adapter is not None and s.adapter.merge
         return TrainOutcome(stopped=stopped, step=self.step, checkpoint=checkpoint,
-                            metrics=final, artifacts=artifacts)
+                            metrics=final, artifacts=artifacts,
+                            merged=self.save_merged(final) if merge else None)
+
+    def save_merged(self, metrics: dict[str, float]) -> Path:
+        """The adapter merged into the base, as a full checkpoint (the run is over: the
+        merge may change the model in place)."""
+        path = self.workdir / "merged"
+        save_checkpoint(path, family=self.s.family, config=self.cfg, model=merged(self.model),
+                        tokenizer_or_none=self.tokenizer, train_state=None,
+                        metrics={"step": self.step, **metrics})
+        return path
 
     def artifacts(self) -> list[TrainArtifact]:
         """The loss curve, and a grid of samples for image families."""
@@ -504,7 +552,9 @@ def on_helper_thread(fn: Callable[..., T], *args: Any) -> T:
 
 
 def run_training(spec: TrainSpec | dict, workdir: Path, *, hooks: TrainHooks,
-                 resume_from: Path | None = None, device: str = "cpu") -> TrainOutcome:
-    """Train `spec` in `workdir` (optionally resuming a checkpoint); see DESIGN.md section 6."""
+                 resume_from: Path | None = None, device: str = "cpu",
+                 base_dtype: torch.dtype | None = None) -> TrainOutcome:
+    """Train `spec` in `workdir` (optionally resuming a checkpoint); see DESIGN.md section 6.
+    `base_dtype` casts a LoRA run's frozen base (bf16 on a GPU); its adapter stays fp32."""
     Path(workdir).mkdir(parents=True, exist_ok=True)
-    return Run(spec, Path(workdir), hooks, resume_from, device).run()
+    return Run(spec, Path(workdir), hooks, resume_from, device, base_dtype).run()

@@ -66,6 +66,10 @@ class Family(ABC, Generic[ConfigT, ModelT]):
         """The parameters that `phase`'s optimizer steps."""
         return list(model.parameters())
 
+    def enable_gradient_checkpointing(self, model: ModelT) -> None:
+        """Recompute activations in the backward pass (TrainSpec.gradient_checkpointing)."""
+        raise ValueError("gradient_checkpointing: this family does not support it")
+
     @abstractmethod
     def loss(self, model: ModelT, batch: Any,
              phase: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -301,6 +301,14 @@ class LMFamily(TextFamily[LMConfig, nn.Module, Any]):
         """The transformers config that rebuilds this model without its source."""
         return model.config.to_dict()
 
+    def enable_gradient_checkpointing(self, model: Any) -> None:
+        # non-reentrant: a LoRA run's frozen embeddings give no input that requires grad
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers 5's name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
     def context_limit(self, model: nn.Module) -> int | None:
         c = model.config
         return getattr(c, "n_positions", None) or getattr(c, "max_position_embeddings", None)
