@@ -13,7 +13,7 @@ from bench.generation import bench_generation
 from bench.harness import Report, bench_stack, write_results
 from bench.overhead import bench_overhead
 from bench.sql_writes import bench_sql_writes
-from bench.training import bench_checkpoints, bench_training
+from bench.training import bench_checkpoints, bench_lora_training, bench_training
 from worker.malloc import tune_malloc
 
 
@@ -33,6 +33,7 @@ def cpu_section() -> Report:
     with bench_stack() as stack:
         client, sdk = clients(stack)
         job = bench_training(report, client)
+        bench_lora_training(report, client)
         model = job["result"]["model"]
         bench_generation(report, sdk, model)
         bench_overhead(report, client, model)

@@ -31,13 +31,19 @@ class TrainRun:
     precision: str = "fp32"  # bf16 / fp16 autocast on CUDA, as common/ml/train.py does
     device: str = "cpu"
     queue: str = "cpu"
+    adapter: dict[str, Any] | None = None  # a LoRA adapter spec: only its matrices train
+
+
+LORA = TrainRun(config={**GPT, "n_embd": 128, "n_layer": 4, "n_head": 4},
+                adapter={"r": 8, "alpha": 16, "target_modules": ["c_attn"]})
 
 
 def train_spec(name: str, run: TrainRun = TrainRun()) -> dict[str, Any]:
-    return {"type": "train", "family": "gpt", "name": name, "config": run.config,
+    spec = {"type": "train", "family": "gpt", "name": name, "config": run.config,
             "steps": run.steps, "batch_size": run.batch, "seq_len": run.seq,
             "log_every": LOG_EVERY, "lr": run.lr, "precision": run.precision,
             "queue": run.queue}
+    return {**spec, "adapter": run.adapter} if run.adapter else spec
 
 
 def queue_steps_per_s(client: Any, job_id: str) -> float:
@@ -66,7 +72,14 @@ def bare_steps_per_s(run: TrainRun = TrainRun()) -> float:
     # process's later in-process baselines start from the same heap as the worker's
     tokens = torch.tensor(on_helper_thread(module.encode, tok, data.text), dtype=torch.long)
     batches = Batches(data, tokens, run.batch, run.seq, 0, run.device)
-    opt = torch.optim.AdamW(model.parameters(), lr=run.lr)
+    if run.adapter:  # the plain peft recipe: wrap, then optimise what is left trainable
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(
+            r=run.adapter["r"], lora_alpha=run.adapter["alpha"],
+            target_modules=run.adapter["target_modules"], fan_in_fan_out=True))  # GPT-2 Conv1D
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=run.lr)
     phase = module.PHASES[0]
     cuda = run.device.startswith("cuda")
     autocast: Any = contextlib.nullcontext
@@ -83,7 +96,7 @@ def bare_steps_per_s(run: TrainRun = TrainRun()) -> float:
             loss, _ = module.loss(model, batches(step), phase)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
     if cuda:
         torch.cuda.synchronize()
@@ -106,6 +119,29 @@ def bench_training(report: Report, client: Any) -> dict[str, Any]:
                       "steps/s", baseline=bare, target=0.95, rounds=rounds,
                       note="bare PyTorch loop, same model/batch; checkpoints every 50 steps"))
     return jobs[0]
+
+
+def bench_lora_training(report: Report, client: Any, run: TrainRun = LORA,
+                        rounds: int = ROUNDS) -> None:
+    """LoRA fine-tuning through the queue vs the same peft model in a bare loop."""
+    made: list[str] = []
+
+    def queue_rate() -> float:
+        name = f"bench-lora-{int(time.time())}-{len(made)}"
+        job = client.wait(client.create_job(train_spec(name, run))["id"])
+        assert job["status"] == "succeeded", job
+        made.append(job["id"])
+        return queue_steps_per_s(client, job["id"])
+
+    queue, bare, per_round = paired(rounds, queue_rate, lambda: bare_steps_per_s(run),
+                                    budget_s=BUDGET_S, min_rounds=min(4, rounds))
+    rank = (run.adapter or {}).get("r")
+    shape = f"gpt {run.config['n_layer']}x{run.config['n_embd']}, r={rank}, B={run.batch}, " \
+            f"T={run.seq}"
+    report.add(Figure(f"LoRA training steps/s through the queue ({shape})", queue, "steps/s",
+                      baseline=bare, target=0.95, rounds=per_round,
+                      note="bare peft loop (get_peft_model, AdamW on the adapter), same base, "
+                           "data and batch"))
 
 
 def bench_checkpoints(report: Report) -> None:

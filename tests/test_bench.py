@@ -71,3 +71,16 @@ def test_results_keep_the_section_a_run_did_not_measure(tmp_path, monkeypatch):
     write_results([Report("cpu", [Figure("cpu figure two", 1.0, "x")])], "make bench")
     text = harness.RESULTS.read_text()
     assert "cpu figure one" not in text and "cpu figure two" in text and "gpu figure" in text
+
+
+def test_lora_training_bench_runs_at_a_tiny_size(stack_settings):
+    """The LoRA figure: the same peft model trained through the queue and in a bare loop."""
+    from bench.training import bench_lora_training
+
+    run = TrainRun(config=TINY, steps=30, batch=4, seq=16,
+                   adapter={"r": 2, "alpha": 4, "target_modules": ["c_attn"]})
+    report = Report("cpu")
+    bench_lora_training(report, stack_settings.client(), run, rounds=1)
+    (figure,) = report.figures
+    assert figure.name.startswith("LoRA training steps/s through the queue")
+    assert figure.value > 0 and figure.baseline and figure.baseline > 0 and figure.ratio
