@@ -16,7 +16,7 @@ from common.schemas import JobOptions
 from common.train_spec import TrainSpec
 
 JOB_ENVELOPE = {"type", "name", *JobOptions.model_fields}
-GENERATE_INPUTS = {"model", "prompts", "n", "labels"}  # what to generate, not how
+GENERATE_INPUTS = {"model", "prompts", "chats", "n", "labels"}  # what to generate, not how
 
 # Each probe: parameters that, when they reach generate(), make two runs of one prompt
 # agree (a plain run at temperature 1 samples them apart), or cap the tokens.
