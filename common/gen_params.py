@@ -64,10 +64,13 @@ class GenParams(BaseModel):
         """Random draws (so a seed matters); greedy and beam search are deterministic."""
         return self.temperature > 0.0 and self.num_beams == 1
 
-    @property
-    def unseeded(self) -> GenParams:
-        """The parameters that decide which requests can share one batch."""
-        return self.params.model_copy(update={"seed": None})
+    def batch_key(self) -> tuple:
+        """The parameter values that decide which requests can share one batch: all but the
+        seed (a plain tuple: it is computed for every request of a batch)."""
+        return tuple(getattr(self, name) for name in _BATCHED)
+
+
+_BATCHED = tuple(name for name in GenParams.model_fields if name != "seed")
 
 
 class ItemInput(GenParams):
@@ -78,9 +81,9 @@ class ItemInput(GenParams):
     n: int = Field(1, ge=1, le=10_000)
     prompt_ids: list[int] | None = None  # the prompt already tokenized (batches)
 
-    def packing_key(self) -> tuple[GenParams, int]:
+    def packing_key(self) -> tuple[tuple, int]:
         """Requests with equal keys are packed into batches together (unless isolated)."""
-        return self.unseeded, self.n
+        return self.batch_key(), self.n
 
     @property
     def isolated_sampling(self) -> bool:

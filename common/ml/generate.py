@@ -109,7 +109,7 @@ def _batches(loaded: LoadedModel, units: list[Unit], token_budget: int,
         if _isolated(loaded, u.head):
             yield [u]
         else:
-            groups.setdefault((u.params.unseeded, u.head.n), []).append(u)  # params: as cut
+            groups.setdefault((u.params.batch_key(), u.head.n), []).append(u)  # params: as cut
     for group in groups.values():
         group.sort(key=lambda u: len(u.ids))
         batch: list[Unit] = []
