@@ -6,6 +6,7 @@ its own SQLite database, an API and two workers with a 4 s lease.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -21,6 +22,8 @@ import pytest
 import torch
 from sqlalchemy import select
 
+from common.schemas import TrainJobSpec
+from common.train_spec import DataSpec
 from tests.conftest import (
     _TMP,
     BACKENDS,
@@ -148,24 +151,29 @@ def final_weights(stack: Stack, checkpoint_id: str) -> dict[str, torch.Tensor]:
     return load_model(Path(uri.removeprefix("file://"))).model.state_dict()
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
-    """The weights of an uninterrupted run of SPEC, in this process."""
-    from common.ml.checkpoint import load_model
-    from common.ml.train import TrainHooks, run_training
-    from common.schemas import TrainJobSpec
-
-    # Workers run with torch's default thread count; other tests may have changed this
-    # process's, and float sums depend on it.
+@contextlib.contextmanager
+def workers_thread_count() -> Iterator[None]:
+    """torch's default thread count, as workers run: other tests may have changed this
+    process's, and float sums depend on it."""
     probe = "import torch; print(torch.get_num_threads())"
     default = int(subprocess.check_output([sys.executable, "-c", probe], text=True))
     before = torch.get_num_threads()
     torch.set_num_threads(default)
     try:
-        spec = TrainJobSpec.model_validate(SPEC)  # as the worker parses the job's spec
-        out = run_training(spec, tmp_path_factory.mktemp("ref"), hooks=TrainHooks())
+        yield
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+    """The weights of an uninterrupted run of SPEC, in this process."""
+    from common.ml.checkpoint import load_model
+    from common.ml.train import TrainHooks, run_training
+
+    with workers_thread_count():
+        spec = TrainJobSpec.model_validate(SPEC)  # as the worker parses the job's spec
+        out = run_training(spec, tmp_path_factory.mktemp("ref"), hooks=TrainHooks())
     return load_model(out.checkpoint).model.state_dict()
 
 
@@ -240,16 +248,10 @@ def test_kill9_pool_child_resumes_a_chat_run_exactly(rstack, tmp_path):
     path.write_text("".join(json.dumps({"messages": [
         {"role": "user", "content": f"What follows {i}?"},
         {"role": "assistant", "content": f"{i + 1}."}]}) + "\n" for i in range(50)))
-    probe = "import torch; print(torch.get_num_threads())"
-    default = int(subprocess.check_output([sys.executable, "-c", probe], text=True))
-    before = torch.get_num_threads()
-    torch.set_num_threads(default)  # as the workers run (see `reference`)
-    try:
-        spec = {k: v for k, v in CHAT_SPEC.items() if k != "type"}
-        out = run_training({**spec, "data": {"path": str(path)}}, tmp_path / "ref",
-                           hooks=TrainHooks())
-    finally:
-        torch.set_num_threads(before)
+    with workers_thread_count():
+        spec = TrainJobSpec.model_validate(CHAT_SPEC).model_copy(  # as the worker resolves
+            update={"data": DataSpec(path=str(path))})                 # an uploaded file
+        out = run_training(spec, tmp_path / "ref", hooks=TrainHooks())
     ensure_two_workers(rstack)
     c = rstack.client()
     file_id = c.upload_file(path, purpose="dataset")["id"]
@@ -768,15 +770,9 @@ def test_kill9_pool_child_resumes_a_lora_run_exactly(rstack, tmp_path):
     from common.ml.train import TrainHooks, run_training
     from common.models import Checkpoint
 
-    probe = "import torch; print(torch.get_num_threads())"
-    default = int(subprocess.check_output([sys.executable, "-c", probe], text=True))
-    before = torch.get_num_threads()
-    torch.set_num_threads(default)  # as the workers run (see `reference`)
-    try:
-        spec = {k: v for k, v in LORA_SPEC.items() if k != "type"}
-        out = run_training(spec, tmp_path / "ref", hooks=TrainHooks())
-    finally:
-        torch.set_num_threads(before)
+    with workers_thread_count():
+        out = run_training(TrainJobSpec.model_validate(LORA_SPEC), tmp_path / "ref",
+                           hooks=TrainHooks())
     ensure_two_workers(rstack)
     c = rstack.client()
     job = c.create_job(LORA_SPEC)

@@ -29,7 +29,7 @@ def execute_training(ctx: JobContext) -> dict[str, Any]:
     problems = validate_data(spec.data_source, family_kind(spec.family))
     if problems:
         raise InvalidSpec("; ".join(problems), param="data")
-    resume = resume_point(ctx)
+    resume = resume_point(ctx, spec)
     if resume is not None:
         ctx.log(f"resuming from checkpoint {resume.id} at step {resume.step}")
     resume_dir = (
@@ -128,10 +128,9 @@ def resolve_data(ctx: JobContext, data: DataSpec | None) -> DataSpec | None:
     return DataSpec(path=str(dataset_path(ctx.storage, file, ctx.cache_dir)))
 
 
-def resume_point(ctx: JobContext) -> Checkpoint | None:
+def resume_point(ctx: JobContext, spec: TrainJobSpec) -> Checkpoint | None:
     """This job's own last checkpoint (a restart), else the spec's resume_from."""
     own = results.latest_checkpoint(ctx.session, job_id=ctx.job.id)
     if own is not None:
         return own
-    ckpt_id = job_spec(ctx.job.spec).resume_from
-    return ctx.session.get(Checkpoint, ckpt_id) if ckpt_id else None
+    return ctx.session.get(Checkpoint, spec.resume_from) if spec.resume_from else None
