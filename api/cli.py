@@ -248,27 +248,24 @@ def keys_list() -> None:
 @app.command()
 @friendly
 def train(
-    family: Annotated[str, typer.Argument(help="vae | gan | lstm | lm (alias gpt)")],
-    steps: int = 200,
+    family: Annotated[str, typer.Argument(help="vae | gan | diffusion | lstm | lm (alias gpt)")],
+    steps: Annotated[int | None, typer.Option(
+        help="Default 200; diffusion with no --config: its recipe's")] = None,
     name: Annotated[str | None, typer.Option(help="Model name to register")] = None,
     data: Annotated[str | None, typer.Option(help="python-docs | digits | file-…")] = None,
     config: Annotated[str | None, typer.Option(help="Model config as JSON")] = None,
     adapter: Annotated[str | None, typer.Option(
         help='LoRA adapter as JSON (lm), e.g. \'{"r": 8}\'')] = None,
-    batch_size: int = 16,
-    lr: float = 1e-3,
+    batch_size: Annotated[int | None, typer.Option(help="Default 16 (or the recipe's)")] = None,
+    lr: Annotated[float | None, typer.Option(help="Default 0.001 (or the recipe's)")] = None,
     queue: str = "auto",
     watch_: Annotated[bool, typer.Option("--watch", help="Follow progress")] = False,
 ) -> None:
     """Submit a training job."""
-    spec: dict[str, Any] = {
-        "type": "train",
-        "family": family,
-        "steps": steps,
-        "batch_size": batch_size,
-        "lr": lr,
-        "queue": queue,
-    }
+    spec: dict[str, Any] = {"type": "train", "family": family, "queue": queue}
+    for key, value in (("steps", steps), ("batch_size", batch_size), ("lr", lr)):
+        if value is not None:  # unset: the server's default, or the family's recipe
+            spec[key] = value
     if name:
         spec["name"] = name
     if data:
@@ -278,7 +275,9 @@ def train(
     if adapter:
         spec["adapter"] = parse_json(adapter, "--adapter")
     job = client().create_job(spec)
-    console.print(f"submitted {job['id']} ({job['family']}, {steps} steps, queue {job['queue']})")
+    length = (f"{job['spec']['steps']} steps" if job["spec"].get("steps")
+              else f"{job['spec'].get('epochs')} epochs")
+    console.print(f"submitted {job['id']} ({job['family']}, {length}, queue {job['queue']})")
     if watch_:
         follow(client(), job["id"])
 
@@ -295,8 +294,10 @@ def parse_json(text: str, option: str) -> Any:
 @friendly
 def generate(
     model: Annotated[str, typer.Argument(help="Model name")],
-    prompts: Annotated[list[str] | None, typer.Argument(help="Prompts (text models)")] = None,
-    n: Annotated[int | None, typer.Option(help="Images to generate (image models)")] = None,
+    prompts: Annotated[list[str] | None, typer.Argument(
+        help="Prompts (text and text-to-image models)")] = None,
+    n: Annotated[int | None, typer.Option(
+        help="Images to generate (image models); with prompts, outputs per prompt")] = None,
     label: Annotated[list[int] | None, typer.Option(help="Class label(s) to condition on")] = None,
     max_tokens: int = 64,
     temperature: float = 0.8,
@@ -304,6 +305,12 @@ def generate(
     top_p: float | None = None,
     num_beams: Annotated[int | None, typer.Option(help="Beam search width (lm)")] = None,
     seed: int | None = None,
+    size: Annotated[str | None, typer.Option(help="Image size WIDTHxHEIGHT (image models)")] = None,
+    steps: Annotated[int | None, typer.Option(help="Denoising steps (diffusion)")] = None,
+    guidance_scale: Annotated[float | None, typer.Option(
+        help="Classifier-free guidance (diffusion)")] = None,
+    negative_prompt: Annotated[str | None, typer.Option(
+        help="What to guide away from (diffusion)")] = None,
     out: Annotated[Path, typer.Option(help="Folder for images")] = Path("genq-results"),
 ) -> None:
     """Generate from a model and print (or save) the results."""
@@ -325,6 +332,10 @@ def generate(
         ("top_p", top_p),
         ("num_beams", num_beams),
         ("seed", seed),
+        ("size", size),
+        ("steps", steps),
+        ("guidance_scale", guidance_scale),
+        ("negative_prompt", negative_prompt),
     ):
         if value is not None and value != []:  # seed 0 and top_k 0 are values, not absences
             spec[key] = value

@@ -104,7 +104,7 @@ def file_out(row: File) -> FileOut:
 def dataset_path(storage: Storage, file: File, cache: Path) -> Path:
     """A local path the data loader can open for an uploaded dataset.
 
-    The name keeps the upload's suffix (the loader picks the format by it); a .zip of PNGs
+    The name keeps the upload's suffix (the loader picks the format by it); a .zip of images
     becomes the folder it holds, extracted once per machine.
     """
     local = storage.local_file(storage.key_of(file.uri), cache)
@@ -112,7 +112,7 @@ def dataset_path(storage: Storage, file: File, cache: Path) -> Path:
     folder = cache / "datasets"
     folder.mkdir(parents=True, exist_ok=True)
     if suffix == ".zip":
-        return _extract_pngs(local, folder / file.id)
+        return _extract_images(local, folder / file.id)
     named = folder / f"{file.id}{suffix}"
     try:
         named.symlink_to(local.resolve())
@@ -121,36 +121,89 @@ def dataset_path(storage: Storage, file: File, cache: Path) -> Path:
     return named
 
 
-def _extract_pngs(archive: Path, target: Path) -> Path:
-    """Unpack the .png members of a zip (flat, or in integer-named label folders) safely."""
+IMAGEFOLDER_DEPTH = 8  # path parts an imagefolder zip's member may have
+
+
+def _extract_images(archive: Path, target: Path) -> Path:
+    """Unpack a zip's images safely: with a metadata.jsonl, it and the images under its folder
+    (paths kept, as an imagefolder); else the .png members, flat or in integer-named label
+    folders. Absolute, '..', hidden and deeply nested members are never written."""
 
     def unpack(tmp: Path) -> None:
         budget = 4 * get_settings().max_upload_bytes  # a zip bomb stops here
         try:
             with zipfile.ZipFile(archive) as z:
-                for info in z.infolist():
-                    name = PurePosixPath(info.filename)
-                    if info.is_dir() or name.suffix.lower() != ".png" or name.name.startswith("."):
-                        continue
-                    parts = [p for p in name.parts if p not in ("", ".")]
-                    if name.is_absolute() or ".." in parts or len(parts) > 3:
-                        continue
+                files = [info for info in z.infolist() if not info.is_dir()]
+                kept = _imagefolder_members(files)
+                for info, relative in _png_members(files) if kept is None else kept:
                     budget -= info.file_size
                     if budget < 0:
                         raise InvalidSpec("the zip unpacks to too many bytes",
                                           param="data.file_id")
-                    # a label folder (integer name, as in label/x.png) is kept; any other is not
-                    label = parts[-2] if len(parts) > 1 and parts[-2].isdigit() else ""
-                    dest = tmp / label / parts[-1]
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    n = 1
-                    while dest.exists():  # the same name in two folders
-                        dest = dest.with_name(f"{name.stem}-{n}.png")
-                        n += 1
-                    with z.open(info) as src, open(dest, "wb") as out:
-                        shutil.copyfileobj(src, out)
+                    dest = tmp / relative
+                    try:
+                        dest.parent.mkdir(parents=True, exist_ok=True)
+                        with z.open(info) as src, open(dest, "wb") as out:
+                            shutil.copyfileobj(src, out)
+                    except (FileExistsError, NotADirectoryError, IsADirectoryError):
+                        continue  # a file and a folder of the same name: the first one stays
         except zipfile.BadZipFile as exc:
             raise InvalidSpec(f"the dataset is not a readable zip file ({exc})",
                               param="data.file_id") from exc
 
     return complete_folder(target, unpack)
+
+
+def _png_members(files: list[zipfile.ZipInfo]) -> list[tuple[zipfile.ZipInfo, PurePosixPath]]:
+    """The .png members, each with where it goes: flat, or in its integer-named label folder
+    (label/x.png); a name met twice is renamed x-1.png, x-2.png..."""
+    kept: dict[PurePosixPath, zipfile.ZipInfo] = {}
+    for info in files:
+        name = PurePosixPath(info.filename)
+        if name.suffix.lower() != ".png" or name.name.startswith("."):
+            continue
+        parts = [p for p in name.parts if p not in ("", ".")]
+        if name.is_absolute() or ".." in parts or len(parts) > 3:
+            continue
+        label = parts[-2] if len(parts) > 1 and parts[-2].isdigit() else ""
+        dest = PurePosixPath(label, parts[-1])
+        n = 1
+        while dest in kept:  # the same name in two folders
+            dest = dest.with_name(f"{name.stem}-{n}.png")
+            n += 1
+        kept[dest] = info
+    return [(info, dest) for dest, info in kept.items()]
+
+
+def _imagefolder_members(
+    files: list[zipfile.ZipInfo],
+) -> list[tuple[zipfile.ZipInfo, PurePosixPath]] | None:
+    """The shallowest metadata.jsonl and the images under its folder, each with its path from
+    that folder; None when the zip has no metadata.jsonl."""
+    # the loader owns the format; imported here, as the API starts without torch
+    from common.ml.data import IMAGE_SUFFIXES, METADATA
+
+    named = []
+    for info in files:
+        name = PurePosixPath(info.filename)
+        parts = tuple(p for p in name.parts if p not in ("", "."))
+        if not (name.is_absolute() or ".." in parts or len(parts) > IMAGEFOLDER_DEPTH
+                or any(p.startswith(".") for p in parts)):
+            named.append((info, parts))
+    found = sorted((parts for _, parts in named if parts[-1] == METADATA), key=len)
+    if not found:
+        return None
+    top = [parts for parts in found if len(parts) == len(found[0])]
+    if len(top) > 1:
+        raise InvalidSpec(f"the zip holds {len(top)} {METADATA} files side by side "
+                          f"({', '.join('/'.join(p) for p in top)}); an imagefolder has one",
+                          param="data.file_id")
+    root = found[0][:-1]
+    kept: dict[PurePosixPath, zipfile.ZipInfo] = {}
+    for info, parts in named:
+        relative = PurePosixPath(*parts[len(root):])
+        if parts[:len(root)] != root or relative in kept:  # outside, or a name given twice
+            continue
+        if relative.suffix.lower() in IMAGE_SUFFIXES or str(relative) == METADATA:
+            kept[relative] = info
+    return [(info, relative) for relative, info in kept.items()]

@@ -28,7 +28,22 @@ def _within_prompt_cap(v: str) -> str:
     return v
 
 
+def _image_size(v: str) -> str:
+    if v == "auto":
+        return v
+    width, sep, height = v.partition("x")
+    if not (sep and width.isdigit() and height.isdigit()
+            and 1 <= int(width) <= MAX_SIDE and 1 <= int(height) <= MAX_SIDE):
+        raise ValueError(f"must be 'auto' or WIDTHxHEIGHT with each side in [1, {MAX_SIDE}] "
+                         f"(e.g. '256x256'), got {v!r}")
+    return v
+
+
+MAX_SIDE = 4096  # of a generated image
 MaxTokens = Annotated[int, Field(ge=1), AfterValidator(_within_token_cap)]
+ImageSize = Annotated[str, Field(max_length=16), AfterValidator(_image_size)]
+Steps = Annotated[int, Field(ge=1, le=1000)]  # denoising steps
+GuidanceScale = Annotated[float, Field(ge=0, le=50)]  # classifier-free guidance
 Prompt = Annotated[str, AfterValidator(_within_prompt_cap)]
 Seed = Annotated[int, Field(ge=0, le=2**31 - 1)]
 Label = Annotated[int, Field(ge=0, le=100_000)]  # a class of a conditional image model
@@ -36,7 +51,12 @@ MIN_TEMPERATURE = 1e-3
 
 
 class GenParams(BaseModel):
-    """How to continue a prompt (text) or draw an image (seed); equal params share a batch."""
+    """How to continue a prompt (text) or draw an image; equal params share a batch.
+
+    The text fields apply to text models, `size` to every image model, and the diffusion
+    fields to text-to-image models; a model that cannot honour a field it is given refuses
+    the request (common/ml/generate.py validate_requests) rather than ignore it.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -46,6 +66,12 @@ class GenParams(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     num_beams: int = Field(1, ge=1, le=16)
     seed: Seed | None = None  # seeded sampling runs alone, so its output never depends on others
+    # images: the PNG's width x height ("auto": the model's own, upscaled to 64 at least)
+    size: ImageSize | None = None
+    # text to image (None: the model's defaults, config.sample_steps / config.guidance_scale)
+    steps: Steps | None = None
+    guidance_scale: GuidanceScale | None = None
+    negative_prompt: Prompt | None = None  # guided away from (default: the empty caption)
 
     @field_validator("temperature")
     @classmethod
@@ -89,3 +115,20 @@ class ItemInput(GenParams):
     def isolated_sampling(self) -> bool:
         """Seeded random text: generated alone (images with a seed are isolated too)."""
         return self.seed is not None and self.sampling
+
+
+# The request fields that only some models honour, by what a model generates from
+IMAGE_FIELDS = ("size",)
+DIFFUSION_FIELDS = ("steps", "guidance_scale", "negative_prompt")
+HONOURED = {"text": (), "image": IMAGE_FIELDS, "text-to-image": IMAGE_FIELDS + DIFFUSION_FIELDS}
+
+
+def unsupported_fields(kind: str, r: ItemInput) -> list[str]:
+    """The fields of a request that a model of `kind` ("text", "image", "text-to-image";
+    common.train_spec.generation_kind) cannot honour: a problem each, never ignored."""
+    problems = [f"{name}: a{'n' if kind == 'image' else ''} {kind} model does not take it"
+                for name in IMAGE_FIELDS + DIFFUSION_FIELDS
+                if name not in HONOURED[kind] and getattr(r, name) is not None]
+    if kind == "text-to-image" and r.label is not None:
+        problems.append("label: a text-to-image model draws for a prompt, not a label")
+    return problems

@@ -24,7 +24,7 @@ from common.db import rows_changed
 from common.errors import Conflict, InvalidSpec, pydantic_problems
 from common.files import get_file
 from common.fleet import resolve_queue
-from common.gen_params import ItemInput
+from common.gen_params import ItemInput, unsupported_fields
 from common.idempotency import create_once
 from common.ml.prompt_ids import load_chat_render
 from common.models import (
@@ -45,7 +45,7 @@ from common.owned import get_owned
 from common.results import find_model, insert_items
 from common.schemas import GenerateSpec, TrainJobSpec
 from common.storage import get_storage
-from common.train_spec import canonical_family, family_kind
+from common.train_spec import canonical_family, family_kind, generation_kind, takes_prompts
 
 log = logging.getLogger(__name__)
 
@@ -148,9 +148,22 @@ def _prepare_generate(session: Session, job: Job, spec: GenerateSpec) -> None:
     kind = family_kind(model.family)
     if kind == "text" and not (spec.prompts or spec.chats):
         raise InvalidSpec(f"{model.name} is a text model: give prompts or chats", param="prompts")
-    if kind == "image" and (spec.prompts or spec.chats):
+    if takes_prompts(model.family) and kind == "image":
+        if not spec.prompts or spec.chats or spec.labels:
+            raise InvalidSpec(f"{model.name} is a text-to-image model: give prompts (and n "
+                              "images for each)", param="labels" if spec.labels else "prompts")
+    elif kind == "image" and (spec.prompts or spec.chats):
         raise InvalidSpec(f"{model.name} is an image model: give n or labels",
                           param="prompts" if spec.prompts else "chats")
+    _check_fields(model, spec)
+
+
+def _check_fields(model: Model, spec: GenerateSpec) -> None:
+    """A parameter the model cannot honour (e.g. steps for a text model) is a 422 now."""
+    problems = unsupported_fields(generation_kind(model.family),
+                                  ItemInput(**spec.params.model_dump()))
+    if problems:
+        raise InvalidSpec(problems[0], param=problems[0].split(":", 1)[0])
 
 
 def _prompts(session: Session, job: Job, spec: GenerateSpec) -> list[str] | None:
@@ -178,7 +191,8 @@ def generate_requests(spec: GenerateSpec, *, prompts: list[str] | None) -> list[
     """One item request per prompt, label or image of a generate spec."""
     params = spec.params.model_dump()
     if prompts:
-        return [{"gen": ItemInput(prompt=p, **params).model_dump()} for p in prompts]
+        n = spec.n or 1  # completions, or images, for each prompt
+        return [{"gen": ItemInput(prompt=p, n=n, **params).model_dump()} for p in prompts]
     labels: list[int | None] = [*spec.labels] if spec.labels else [None]
     if spec.n is not None and len(labels) == 1:
         labels *= spec.n  # one label (or none) applies to every image

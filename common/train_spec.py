@@ -15,13 +15,30 @@ from common.config import get_settings
 from common.gen_params import Seed
 from common.ml.builtin_data import BUILTINS
 
-Family = Literal["vae", "gan", "lstm", "lm", "gpt"]
+Family = Literal["vae", "gan", "diffusion", "lstm", "lm", "gpt"]
 TEXT_FAMILIES = ("lstm", "lm", "gpt")
+PROMPTED_IMAGE_FAMILIES = ("diffusion",)  # image families that draw for a text prompt
 ALIASES = {"gpt": "lm"}  # `gpt` specs, checkpoints and models are `lm` ones
+# config fields naming a folder under GENQ_PRETRAINED_ROOT or a hub id, by family
+PRETRAINED_FIELDS = {"lm": ("pretrained",), "diffusion": ("pretrained", "tokenizer")}
 
 
 def family_kind(family: str) -> str:
+    """What a family trains on and draws: "text" or "image"."""
     return "text" if family in TEXT_FAMILIES else "image"
+
+
+def generation_kind(family: str) -> str:
+    """What a family's models generate from: "text", "image" (a label at most) or
+    "text-to-image"."""
+    if family in PROMPTED_IMAGE_FAMILIES:
+        return "text-to-image"
+    return family_kind(family)
+
+
+def takes_prompts(family: str) -> bool:
+    """Whether the family's models generate for prompts (text, and text-to-image)."""
+    return family in TEXT_FAMILIES or family in PROMPTED_IMAGE_FAMILIES
 
 
 def canonical_family(family: str) -> str:
@@ -87,7 +104,8 @@ class TrainSpec(Strict):
 
         problems: list[str] = []
         if self.steps is None and self.epochs is None:
-            self.steps = 200
+            self._apply_recipe()
+            self.steps = self.steps or 200
         if self.steps is not None and self.epochs is not None:
             problems.append("epochs: give steps or epochs, not both")
         kind = family_kind(self.family)
@@ -96,8 +114,9 @@ class TrainSpec(Strict):
         if self.data.builtin and BUILTINS[self.data.builtin] != kind:
             problems.append(f"data.builtin: {self.data.builtin!r} is {BUILTINS[self.data.builtin]} "
                             f"data, family {self.family!r} needs {kind} data")
-        if canonical_family(self.family) == "lm" and isinstance(self.config.get("pretrained"), str):
-            self.config["pretrained"] = confine_pretrained(self.config["pretrained"], problems)
+        for name in PRETRAINED_FIELDS.get(canonical_family(self.family), ()):
+            if isinstance(self.config.get(name), str):
+                self.config[name] = confine_pretrained(self.config[name], problems, name)
         if self.adapter is not None and canonical_family(self.family) != "lm":
             problems.append(f"adapter: only the lm family takes an adapter, not {self.family!r}")
         if self.gradient_checkpointing and canonical_family(self.family) != "lm":
@@ -111,6 +130,17 @@ class TrainSpec(Strict):
             raise ValueError("; ".join(problems))
         return self
 
+    def _apply_recipe(self) -> None:
+        """With no config and no steps, the family's recipe fills the fields the spec left
+        out (the diffusion family's recipe trains a model that draws legible digits)."""
+        from common.ml.families import get_family
+
+        if self.config:
+            return
+        for name, value in get_family(self.family).RECIPE.items():
+            if name not in self.model_fields_set:
+                setattr(self, name, value)
+
     @property
     def data_source(self) -> dict[str, str]:
         """The data as the loader takes it: {"builtin": name} or {"path": local file}."""
@@ -118,7 +148,7 @@ class TrainSpec(Strict):
         return self.data.model_dump(exclude_none=True)
 
 
-def confine_pretrained(path: str, problems: list[str]) -> str:
+def confine_pretrained(path: str, problems: list[str], name: str = "pretrained") -> str:
     """A pretrained folder resolved inside GENQ_PRETRAINED_ROOT, never elsewhere; a hub id
     `org/name` with no such folder stays as it is, for the worker to resolve."""
     from common.ml.pretrained import is_hub_id
@@ -126,7 +156,7 @@ def confine_pretrained(path: str, problems: list[str]) -> str:
     root = get_settings().pretrained_dir
     resolved = (root / path).resolve()
     if not resolved.is_relative_to(root):
-        problems.append(f"config.pretrained: must be a folder inside {root} (GENQ_PRETRAINED_ROOT) "
+        problems.append(f"config.{name}: must be a folder inside {root} (GENQ_PRETRAINED_ROOT) "
                         "or a hub id org/name")
         return path
     if is_hub_id(path) and not resolved.exists():

@@ -256,11 +256,27 @@ def _zip_without_pngs() -> bytes:
     return archive.getvalue()
 
 
+def _imagefolder_without_a_caption() -> bytes:
+    import zipfile
+
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("metadata.jsonl", '{"file_name": "a.png", "text": "a square"}\n'
+                                     '{"file_name": "b.png"}\n')
+        for name in ("a.png", "b.png"):
+            png = io.BytesIO()
+            Image.new("RGB", (8, 8)).save(png, "PNG")
+            z.writestr(name, png.getvalue())
+    return archive.getvalue()
+
+
 BAD_DATASETS = {
     "notes.txt": (lambda: b"plain text, not pictures", "vae", "text data"),
     "broken.npz": (lambda: b"PK\x03\x04 not really a zip", "vae", "not a readable .npz"),
     "labels-only.npz": (lambda: _npz_labels_only(), "vae", "no 'images' array"),
     "nothing.zip": (_zip_without_pngs, "gan", "no .png files"),
+    "uncaptioned.zip": (_imagefolder_without_a_caption, "gan",
+                        "metadata.jsonl line 2: b.png: a missing caption"),
 }
 
 

@@ -3,10 +3,12 @@ and error files (OpenAI's JSONL lines) and completes the parent."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,18 @@ from common.batches.views import count_items
 from common.config import get_settings
 from common.db import rows_changed
 from common.fleet import this_worker
-from common.models import FINISHED, File, Item, ItemStatus, Job, JobStatus, JobType, new_id, utcnow
+from common.models import (
+    FINISHED,
+    Artifact,
+    File,
+    Item,
+    ItemStatus,
+    Job,
+    JobStatus,
+    JobType,
+    new_id,
+    utcnow,
+)
 from common.notices import announce_finished
 from common.storage import Storage, get_storage
 
@@ -136,6 +149,12 @@ def _write_lines(
 ) -> tuple[int, int]:
     """One output line per finished item, one error line per failed or unfinished one."""
     api_url = get_settings().api_url.rstrip("/")
+    storage = get_storage()
+
+    def read_artifact(artifact_id: str) -> bytes:
+        uri = session.scalar(select(Artifact.uri).where(Artifact.id == artifact_id))
+        return storage.get_bytes(storage.key_of(uri)) if uri else b""
+
     completed = failed = 0
     by_id = {shard.id: shard for shard in shards}
     with out_path.open("wb") as out, err_path.open("wb") as errors:
@@ -152,7 +171,7 @@ def _write_lines(
                 created = created_at.get(item.finished_at)
                 if created is None:
                     created = created_at[item.finished_at] = _epoch(item.finished_at)
-                body = response_body(item, line_id, api_url, created)
+                body = response_body(item, line_id, api_url, created, read_artifact)
                 row = {"id": line_id, "custom_id": item.custom_id,
                        "response": {"status_code": 200, "request_id": "req_" + line_id[10:],
                                     "body": body}, "error": None}
@@ -206,15 +225,22 @@ OUTPUT_COLUMNS = (
     type_coerce(Item.finished_at, String).label("finished_at"),  # parsed once per chunk
     Item.request["url"].as_string().label("url"),
     Item.request["model"].as_string().label("model"),
+    Item.request["response_format"].as_string().label("response_format"),
 )
 
 
-def response_body(item: Any, line_id: str, api_url: str, created: int) -> dict[str, Any]:
-    """A completion, chat.completion or images response body for a finished item row."""
+def response_body(item: Any, line_id: str, api_url: str, created: int,
+                  read_artifact: Callable[[str], bytes]) -> dict[str, Any]:
+    """A completion, chat.completion or images response body for a finished item row;
+    `read_artifact` gives an image's PNG bytes for response_format b64_json."""
     resp = orjson.loads(item.response_json or "null") or {}
     if item.url == IMAGE_ENDPOINT:
-        urls = [f"{api_url}/v1/artifacts/{a}" for a in resp.get("artifact_ids", [])]
-        return {"created": created, "data": [{"url": u} for u in urls]}
+        ids = resp.get("artifact_ids", [])
+        if item.response_format == "b64_json":
+            return {"created": created, "data": [
+                {"b64_json": base64.b64encode(read_artifact(a)).decode()} for a in ids]}
+        return {"created": created, "data": [{"url": f"{api_url}/v1/artifacts/{a}"}
+                                             for a in ids]}
     texts = resp.get("texts") or []
     reasons = resp.get("finish_reasons") or []
     usage = {"prompt_tokens": item.tokens_in, "completion_tokens": item.tokens_out,

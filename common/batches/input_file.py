@@ -21,12 +21,12 @@ from common.batches.schemas import (
 from common.chat import Render, as_dicts, render_fallback
 from common.config import get_settings
 from common.errors import NotFound, pydantic_problems
-from common.gen_params import ItemInput
+from common.gen_params import ItemInput, unsupported_fields
 from common.ml.prompt_ids import load_chat_render
 from common.models import Checkpoint, Model
 from common.results import find_model
 from common.storage import get_storage
-from common.train_spec import family_kind
+from common.train_spec import family_kind, generation_kind, takes_prompts
 
 MAX_REPORTED_ERRORS = 1000
 
@@ -139,7 +139,7 @@ def _check_line(
         return None
     base = {"model_id": model.id, "model": model.name, "url": endpoint, "body": body}
     if isinstance(spec, ImageBody):
-        return {**base, "gen": ItemInput(label=spec.label, n=spec.n, seed=spec.seed).model_dump()}
+        return _image_line(parsed, n, spec, model, base)
     chat = endpoint == "/v1/chat/completions"
     prompt = _prompt(parsed, n, spec, render=_render(session, parsed, model) if chat else None)
     if prompt is None:
@@ -151,6 +151,27 @@ def _check_line(
         parsed.error(n, "invalid_value", "; ".join(pydantic_problems(exc)), where)
         return None
     return {**base, "gen": gen.model_dump()}
+
+
+def _image_line(parsed: Parsed, n: int, spec: ImageBody, model: Model,
+                base: dict[str, Any]) -> dict[str, Any] | None:
+    """An images line's item: a prompt for a text-to-image model, else none; every field
+    the model cannot honour is an error naming it."""
+    gen = spec.gen
+    prompted = takes_prompts(model.family)
+    if prompted and gen.prompt is None:
+        parsed.error(n, "missing_required_parameter", "body.prompt is required", "body.prompt")
+        return None
+    if not prompted and gen.prompt is not None:
+        parsed.error(n, "invalid_value", f"body.prompt: a {model.family} model draws without "
+                     "a prompt (give label to condition it)", "body.prompt")
+        return None
+    problems = unsupported_fields(generation_kind(model.family), gen)
+    if problems:
+        parsed.error(n, "invalid_value", f"body.{problems[0]}",
+                     f"body.{problems[0].split(':', 1)[0]}")
+        return None
+    return {**base, "response_format": spec.response_format, "gen": gen.model_dump()}
 
 
 def _prompt(parsed: Parsed, n: int, spec: TextBody, *, render: Render | None) -> str | None:

@@ -7,7 +7,17 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from common.chat import ChatMessage
-from common.gen_params import GenParams, Label, MaxTokens, Seed
+from common.gen_params import (
+    GenParams,
+    GuidanceScale,
+    ImageSize,
+    ItemInput,
+    Label,
+    MaxTokens,
+    Prompt,
+    Seed,
+    Steps,
+)
 
 TEXT_ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
 IMAGE_ENDPOINT = "/v1/images/generations"
@@ -162,11 +172,24 @@ class TextBody(GenParams):
 
 
 class ImageBody(BaseModel):
-    """The body of a /v1/images/generations line for image families (vae, gan)."""
+    """The body of a /v1/images/generations line: OpenAI's Images body (prompt, n, size,
+    response_format) plus genq's seed, the diffusion fields (steps, guidance_scale,
+    negative_prompt) and, for the label-conditioned families (vae, gan), label."""
 
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = Field(None, min_length=1, max_length=128)
+    prompt: Prompt | None = None  # text-to-image models (diffusion)
     n: int = Field(1, ge=1, le=64)
+    size: ImageSize | None = None
+    response_format: Literal["url", "b64_json"] = "url"
     label: Label | None = None
     seed: Seed | None = None
+    steps: Steps | None = None
+    guidance_scale: GuidanceScale | None = None
+    negative_prompt: Prompt | None = None
+
+    @property
+    def gen(self) -> ItemInput:
+        """What the item stores: the request without its envelope fields."""
+        return ItemInput(**self.model_dump(exclude={"model", "response_format"}))

@@ -23,10 +23,17 @@ def to_pil(image: torch.Tensor, min_size: int = 64) -> Image.Image:
     return pil.resize((w * scale, h * scale), Image.Resampling.NEAREST) if scale > 1 else pil
 
 
-def png_bytes(image: torch.Tensor, min_size: int = 64) -> bytes:
-    """(C, H, W) in [0, 1] -> PNG bytes at least min_size x min_size."""
+def png_bytes(image: torch.Tensor, min_size: int = 64, size: str | None = None) -> bytes:
+    """(C, H, W) in [0, 1] -> PNG bytes at least min_size x min_size, or exactly `size`
+    ("WIDTHxHEIGHT"; whole multiples keep the pixels sharp, others are resampled bicubic)."""
     buf = io.BytesIO()
-    to_pil(image, min_size).save(buf, format="PNG")
+    pil = to_pil(image, min_size if size in (None, "auto") else 1)
+    if size not in (None, "auto"):
+        width, height = (int(v) for v in size.split("x"))
+        sharp = width % pil.width == 0 and height % pil.height == 0
+        pil = pil.resize((width, height), Image.Resampling.NEAREST if sharp
+                         else Image.Resampling.BICUBIC)
+    pil.save(buf, format="PNG")
     return buf.getvalue()
 
 

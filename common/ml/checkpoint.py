@@ -25,7 +25,7 @@ from safetensors.torch import save_model as save_weights
 from common.adapter_spec import AdapterSpec
 from common.errors import CheckpointError
 from common.ml.adapters import add_adapter, base_of, is_adapted, load_adapter, save_adapter
-from common.ml.families import AnyFamily, FamilyConfig, TextFamily, get_family
+from common.ml.families import AnyFamily, FamilyConfig, TextFamily, TextToImageFamily, get_family
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def save_checkpoint(path: Path, *, family: str, config: dict | FamilyConfig, mod
         else:
             save_weights(model, str(tmp / MODEL_FILE))
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, default=str))
-        if isinstance(module, TextFamily) and tokenizer_or_none is not None:
+        if isinstance(module, TextFamily | TextToImageFamily) and tokenizer_or_none is not None:
             module.save_tokenizer(tokenizer_or_none, tmp)
         if train_state is not None:
             torch.save(train_state, tmp / STATE_FILE)
@@ -179,8 +179,8 @@ def load_base(module: AnyFamily, meta: dict, config: FamilyConfig, tokenizer: An
 
 
 def load_tokenizer(module: AnyFamily, path: Path) -> Any | None:
-    """The checkpoint's tokenizer for a text family (None for image families)."""
-    if not isinstance(module, TextFamily):
+    """The checkpoint's tokenizer (None for the image families that take no prompt)."""
+    if not isinstance(module, TextFamily | TextToImageFamily):
         return None
     try:
         return module.load_tokenizer(Path(path))

@@ -4,13 +4,19 @@ A .jsonl file's first line decides its format, and every line must follow it: `{
 lines are one corpus (as a .txt file), `{"messages": [...]}` lines are chats and
 `{"prompt", "completion"}` lines are prompt/completion pairs; the last two are examples,
 trained one per sequence with the loss on assistant messages or on the completion.
+
+An image dataset is an .npz (`images`, optional `labels`), a folder of PNGs (flat, or in
+integer-named label folders) or a Hugging Face imagefolder: PNG and JPEG images (.png, .jpg,
+.jpeg; subfolders allowed) beside a `metadata.jsonl` whose `{"file_name", "text"}` lines name
+each image (relative to that file) and caption it, loaded in the lines' order and converted
+to the first image's mode. An uploaded .zip holding either folder is extracted first.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
@@ -18,11 +24,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from common.chat import ChatMessage, as_dicts, render_fallback
 from common.errors import DataError, pydantic_problems
+from common.gen_params import MAX_SIDE
 from common.ml.builtin_data import BUILTINS
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
 MODES = {1: "L", 3: "RGB", 4: "RGBA"}
-MAX_SIDE = 4096  # the image families' height/width bound
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+METADATA = "metadata.jsonl"  # an imagefolder's captions, as Hugging Face datasets names it
 
 
 class ChatExample(BaseModel):
@@ -70,11 +78,19 @@ class TextData:
 
 @dataclass
 class ImageData:
-    """Images (N, C, H, W) as float32 in [0, 1], with optional integer labels (N,)."""
+    """Images (N, C, H, W) as float32 in [0, 1], with optional integer labels (N,) and
+    captions (N strings, what the text-to-image family trains on)."""
 
     images: torch.Tensor
     labels: torch.Tensor | None
     source: str
+    captions: list[str] | None = None
+
+    def part(self, start: int, stop: int) -> ImageData:
+        """Images [start, stop) with their labels and captions."""
+        return ImageData(self.images[start:stop],
+                         None if self.labels is None else self.labels[start:stop], self.source,
+                         None if self.captions is None else self.captions[start:stop])
 
     @property
     def n_classes(self) -> int:
@@ -125,7 +141,16 @@ def _load_builtin(name: object, family_kind: str) -> Dataset:
     digits = load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N, 1, 8, 8)
     labels = torch.tensor(digits.target, dtype=torch.long)
-    return ImageData(images=images, labels=labels, source="builtin:digits")
+    return ImageData(images=images, labels=labels, source="builtin:digits",
+                     captions=[digit_caption(int(d)) for d in digits.target])
+
+
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def digit_caption(digit: int) -> str:
+    """The built-in digits' caption of an image: "a handwritten digit seven"."""
+    return f"a handwritten digit {DIGIT_WORDS[digit]}"
 
 
 def _load_path(raw: object, family_kind: str) -> Dataset:
@@ -137,12 +162,13 @@ def _load_path(raw: object, family_kind: str) -> Dataset:
     kind = "image" if path.is_dir() or path.suffix == ".npz" else "text"
     if not path.is_dir() and path.suffix not in (*TEXT_SUFFIXES, ".npz"):
         raise DataError([f"data.path: unsupported file type {path.suffix!r} "
-                         "(text: .txt, .jsonl; images: .npz or a directory of .png)"])
+                         "(text: .txt, .jsonl; images: .npz, or a directory of .png or "
+                         f"with a {METADATA})"])
     if kind != family_kind:
         raise DataError([f"data.path: {path.name} is {kind} data but the family needs "
                          f"{family_kind} data"])
     if path.is_dir():
-        return _load_png_dir(path)
+        return _load_image_folder(path) if (path / METADATA).is_file() else _load_png_dir(path)
     if path.suffix == ".npz":
         return _load_npz(path)
     return _load_text(path)
@@ -213,8 +239,7 @@ def _load_jsonl(path: Path, raw: str) -> TextData:
             assert isinstance(parsed, ChatExample | PromptCompletion)
             examples.append(parsed)
     if problems:
-        raise DataError(problems[:10] + ([f"... and {len(problems) - 10} more"]
-                                         if len(problems) > 10 else []))
+        raise DataError(_first_ten(problems))
     if line_type in (None, TextLine):
         text = "\n\n".join(texts)
         if len(text.strip()) < 2:
@@ -223,6 +248,10 @@ def _load_jsonl(path: Path, raw: str) -> TextData:
     return TextData(text="\n\n".join(e.rendered() for e in examples), source=str(path),
                     examples=examples)
 
+
+def _first_ten(problems: list[str]) -> list[str]:
+    """At most ten problems, and how many more there were."""
+    return problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
 
 
 def _load_npz(path: Path) -> ImageData:
@@ -278,10 +307,27 @@ def _to_tensor(images: np.ndarray) -> torch.Tensor:
     return x.permute(0, 3, 1, 2).contiguous()
 
 
-def _load_png_dir(path: Path) -> ImageData:
-    """PNGs directly in `path` (unlabeled) or in integer-named subfolders (labelled)."""
+def _read_image(file: Path, name: str, mode: str | None = None) -> np.ndarray:
+    """An image's pixels (H, W[, C]) in `mode` (default: its own if L, RGB or RGBA, else RGB);
+    a ValueError naming it as `name` if it is unreadable or past MAX_SIDE a side."""
     from PIL import Image
 
+    kind = "PNG" if file.suffix.lower() == ".png" else "JPEG"
+    try:
+        with Image.open(file) as im:  # reads the header only, until the pixels are asked
+            width, height = im.size
+            if max(width, height) <= MAX_SIDE:
+                mode = mode or (im.mode if im.mode in MODES.values() else "RGB")
+                return np.asarray(im if im.mode == mode else im.convert(mode))
+    except Exception as e:  # PIL raises many types for a bad file
+        said = str(e).replace(str(file), name)  # PIL names the file by its (temporary) path
+        raise ValueError(f"{name} is not a readable {kind} ({said})") from e
+    raise ValueError(f"{name} is {width}x{height}; images must be at most {MAX_SIDE} pixels "
+                     "a side")
+
+
+def _load_png_dir(path: Path) -> ImageData:
+    """PNGs directly in `path` (unlabeled) or in integer-named subfolders (labelled)."""
     files = sorted(path.glob("*.png"))
     labelled = sorted(p for p in path.glob("*/*.png") if p.parent.name.isdigit())
     if not files and not labelled:
@@ -290,15 +336,9 @@ def _load_png_dir(path: Path) -> ImageData:
     arrays, problems = [], []
     for file in use:
         try:
-            with Image.open(file) as im:  # reads the header only, until the pixels are asked
-                if max(im.size) > MAX_SIDE:
-                    problems.append(f"data.path: {file.name} is {im.width}x{im.height}; images "
-                                    f"must be at most {MAX_SIDE} pixels a side")
-                    continue
-                ok = im if im.mode in ("L", "RGB", "RGBA") else im.convert("RGB")
-                arrays.append(np.asarray(ok))
-        except Exception as e:  # PIL raises many types for a bad file
-            problems.append(f"data.path: {file.name} is not a readable PNG ({e})")
+            arrays.append(_read_image(file, file.name))
+        except ValueError as e:
+            problems.append(f"data.path: {e}")
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
         problems.append(f"data.path: all PNGs must have the same size and mode, "
@@ -307,3 +347,84 @@ def _load_png_dir(path: Path) -> ImageData:
         raise DataError(problems[:10])
     labels = None if files else torch.tensor([int(p.parent.name) for p in use])
     return ImageData(images=_to_tensor(np.stack(arrays)), labels=labels, source=str(path))
+
+
+class CaptionedImage(BaseModel):
+    """A metadata.jsonl line of an imagefolder: an image's path from the folder, its caption."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    file_name: str = Field(min_length=1)
+    text: str
+
+
+def _metadata_entries(path: Path) -> tuple[list[tuple[int, CaptionedImage]], list[str]]:
+    """The valid lines of `path`/metadata.jsonl with their line numbers, and every problem."""
+    try:
+        raw = (path / METADATA).read_text(encoding="utf-8-sig")  # a BOM is not part of line 1
+    except UnicodeDecodeError as e:
+        raise DataError([f"data.path: {METADATA} is not UTF-8 text ({e.reason})"]) from e
+    entries, problems = [], []
+    for n, line in enumerate(raw.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"data.path: {METADATA} line {n}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            problems.append(f"{where}: invalid JSON ({e.msg})")
+            continue
+        if not isinstance(row, dict):
+            problems.append(f"{where}: must be a JSON object")
+            continue
+        try:
+            entries.append((n, CaptionedImage.model_validate(row)))
+        except ValidationError as e:
+            if isinstance(row.get("file_name"), str) and row["file_name"]:
+                where += f": {row['file_name']}"
+            problems += [f"{where}: a missing caption (no 'text')" if p == "text: Field required"
+                         else f"{where}: {p}" for p in pydantic_problems(e)]
+    return entries, problems
+
+
+def _load_image_folder(path: Path) -> ImageData:
+    """The images metadata.jsonl names, in its order, captioned by its `text`; the folder's
+    other files are ignored. All must share a size; each takes the first one's mode."""
+    entries, problems = _metadata_entries(path)
+    if not entries and not problems:
+        raise DataError([f"data.path: {METADATA} has no lines (one per image: "
+                         '{"file_name": ..., "text": ...})'])
+    arrays, captions = [], []
+    mode, first = None, ""
+    for n, entry in entries:
+        where, name = f"data.path: {METADATA} line {n}", entry.file_name
+        relative = PurePosixPath(name)
+        if relative.is_absolute() or ".." in relative.parts:
+            problems.append(f"{where}: {name} leaves the folder of {METADATA} (file_name must "
+                            "be a relative path, without '..')")
+            continue
+        if relative.suffix.lower() not in IMAGE_SUFFIXES:
+            problems.append(f"{where}: {name} is not a PNG or JPEG "
+                            f"({', '.join(IMAGE_SUFFIXES)})")
+            continue
+        if not (path / relative).is_file():
+            problems.append(f"{where}: {name} does not exist")
+            continue
+        try:
+            pixels = _read_image(path / relative, name, mode)
+        except ValueError as e:
+            problems.append(f"{where}: {e}")
+            continue
+        if mode is None:  # the first readable image sets the mode and the size
+            mode, first = MODES[pixels.shape[2] if pixels.ndim == 3 else 1], f"line {n}'s {name}"
+        elif pixels.shape[:2] != arrays[0].shape[:2]:
+            problems.append(f"{where}: {name} is {pixels.shape[1]}x{pixels.shape[0]} but {first} "
+                            f"is {arrays[0].shape[1]}x{arrays[0].shape[0]} (all images must be "
+                            "the same size)")
+            continue
+        arrays.append(pixels)
+        captions.append(entry.text)
+    if problems:
+        raise DataError(_first_ten(problems))
+    return ImageData(images=_to_tensor(np.stack(arrays)), labels=None, source=str(path),
+                     captions=captions)

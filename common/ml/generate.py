@@ -9,12 +9,13 @@ from dataclasses import dataclass, field
 import torch
 
 from common.errors import InvalidRequests
-from common.gen_params import GenParams, ItemInput
+from common.gen_params import GenParams, ItemInput, unsupported_fields
 from common.ml.artifacts import png_bytes
 from common.ml.checkpoint import LoadedModel
-from common.ml.families import AnyFamily, ImageFamily, TextFamily, get_family
+from common.ml.families import AnyFamily, ImageFamily, TextFamily, TextToImageFamily, get_family
 from common.ml.packing import MAX_BATCH, starts_new_batch, unit_cost, unit_rows
 from common.ml.sampling import Completion, seed_torch
+from common.train_spec import generation_kind
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +61,13 @@ def validate_requests(loaded: LoadedModel, requests: list[GenRequest]) -> dict[s
     problems: dict[str, list[str]] = {}
     n_classes = getattr(loaded.config, "n_classes", 0)
     for r in requests:
-        if loaded.kind == "image" and r.label is not None and not 0 <= r.label < n_classes:
-            problems[r.key] = ["label: the model is unconditional (trained without labels)"
-                               if not n_classes else f"label: must be in [0, {n_classes - 1}]"]
+        found = unsupported_fields(generation_kind(loaded.family), r)
+        if generation_kind(loaded.family) == "image" and r.label is not None:
+            if not 0 <= r.label < n_classes:
+                found.append("label: the model is unconditional (trained without labels)"
+                             if not n_classes else f"label: must be in [0, {n_classes - 1}]")
+        if found:
+            problems[r.key] = found
     return problems
 
 
@@ -139,6 +144,10 @@ def _compute(loaded: LoadedModel, module: AnyFamily, batch: list[Unit]) -> list[
 
 def _forward(loaded: LoadedModel, module: AnyFamily, batch: list[Unit]) -> list[GenOutput]:
     outputs = []
+    if isinstance(module, TextToImageFamily):
+        prompts = [u.head.prompt or "" for u in batch for _ in range(u.head.n)]
+        return _image_outputs(batch, module.images_for(
+            loaded.model, loaded.tokenizer, loaded.config, prompts, batch[0].params))
     if isinstance(module, ImageFamily):
         n_classes = getattr(loaded.config, "n_classes", 0)
         labels = None
@@ -146,20 +155,24 @@ def _forward(loaded: LoadedModel, module: AnyFamily, batch: list[Unit]) -> list[
             labels = torch.cat([
                 torch.full((u.head.n,), u.head.label) if u.head.label is not None
                 else torch.randint(0, n_classes, (u.head.n,)) for u in batch])
-        images = module.sample_images(loaded.model, sum(u.head.n for u in batch), labels)
-        start = 0
-        for u in batch:
-            pngs = [png_bytes(img) for img in images[start:start + u.head.n]]
-            start += u.head.n
-            outputs += [GenOutput(r.key, None, list(pngs), 0, 0, ["stop"] * r.n)
-                        for r in u.requests]
-        return outputs
+        return _image_outputs(batch, module.sample_images(
+            loaded.model, sum(u.head.n for u in batch), labels))
     results: list[list[Completion]] = module.complete(
         loaded.model, loaded.tokenizer, [u.ids for u in batch], batch[0].params, batch[0].head.n)
     for u, completions in zip(batch, results, strict=True):
         outputs += [GenOutput(r.key, [c.text for c in completions], None, len(u.ids),
                               sum(c.tokens_out for c in completions),
                               [c.finish_reason for c in completions]) for r in u.requests]
+    return outputs
+
+
+def _image_outputs(batch: list[Unit], images: torch.Tensor) -> list[GenOutput]:
+    """Each unit's n images as PNGs of the size it asked for."""
+    outputs, start = [], 0
+    for u in batch:
+        pngs = [png_bytes(img, size=u.params.size) for img in images[start:start + u.head.n]]
+        start += u.head.n
+        outputs += [GenOutput(r.key, None, list(pngs), 0, 0, ["stop"] * r.n) for r in u.requests]
     return outputs
 
 

@@ -28,6 +28,7 @@ from common.errors import (
     StopReason,
     pydantic_problems,
 )
+from common.gen_params import GenParams
 from common.ml.adapters import base_of, load_adapter, merged, with_adapter
 from common.ml.artifacts import save_grid, save_loss_plot
 from common.ml.checkpoint import (
@@ -41,7 +42,7 @@ from common.ml.checkpoint import (
 )
 from common.ml.data import ImageData, TextData, load_data
 from common.ml.examples import encode_examples
-from common.ml.families import AnyFamily, ImageFamily, TextFamily, get_family
+from common.ml.families import AnyFamily, ImageFamily, TextFamily, TextToImageFamily, get_family
 from common.ml.sampling import seed_torch
 from common.retention import checkpoint_dirname, checkpoints_to_keep, step_of
 from common.train_spec import TrainSpec, canonical_family
@@ -103,16 +104,17 @@ def _mix(seed: int, n: int) -> int:
 class Batches:
     """The batch for micro-step m is a pure function of (seed, m): resuming replays it exactly.
 
-    Text is cut into random windows of `tokens`; images (with their labels) and examples
-    (`examples`: inputs and targets, common/ml/examples.py) are shuffled afresh each epoch.
+    Text is cut into random windows of `tokens`; rows (`rows`: examples' inputs and targets,
+    common/ml/examples.py, or images and caption ids; by default images and their labels)
+    are shuffled afresh each epoch.
     """
 
     def __init__(self, data: TextData | ImageData, tokens: torch.Tensor | None, batch_size: int,
                  seq_len: int, seed: int, device: str,
-                 examples: tuple[torch.Tensor, torch.Tensor] | None = None):
+                 rows: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.tokens, self.b, self.t = tokens, batch_size, seq_len
-        self.rows: tuple[torch.Tensor, torch.Tensor | None] | None = examples
-        if isinstance(data, ImageData):
+        self.rows: tuple[torch.Tensor, torch.Tensor | None] | None = rows
+        if isinstance(data, ImageData) and rows is None:
             self.rows = (data.images, data.labels)
         self.seed, self.device = seed, device
         self._perm: tuple[int, torch.Tensor] | None = None
@@ -337,6 +339,8 @@ class Run:
                 seq_len = len(tokens) - 1
             self._check_context(seq_len)
         if not s.eval_every:
+            if isinstance(data, ImageData):
+                return self._image_batches(data, s.seed), None
             return Batches(data, tokens, s.batch_size, seq_len, s.seed, self.device), None
         if tokens is not None:
             cut = len(tokens) - max(seq_len + 1, len(tokens) // 10)
@@ -348,10 +352,19 @@ class Run:
         cut = len(data.images) - max(1, len(data.images) // 10)
         if cut < 1:
             raise InvalidTrainSpec("eval_every: too few images to hold out a tenth")
-        parts = [ImageData(data.images[a:b], None if data.labels is None else data.labels[a:b],
-                           data.source) for a, b in ((0, cut), (cut, len(data.images)))]
-        return (Batches(parts[0], None, s.batch_size, seq_len, s.seed, self.device),
-                Batches(parts[1], None, s.batch_size, seq_len, s.seed + 1, self.device))
+        parts = [data.part(0, cut), data.part(cut, len(data.images))]
+        return (self._image_batches(parts[0], s.seed), self._image_batches(parts[1], s.seed + 1))
+
+    def _image_batches(self, data: ImageData, seed: int) -> Batches:
+        """Images with their labels, or (text-to-image) with their captions' token ids."""
+        s, module = self.s, self.module
+        if not isinstance(module, TextToImageFamily):
+            return Batches(data, None, s.batch_size, s.seq_len, seed, self.device)
+        assert data.captions is not None  # prepare() checked
+        ids = module.encode_captions(self.tokenizer, data.captions,
+                                     module.caption_length(self.model))
+        return Batches(data, None, s.batch_size, s.seq_len, seed, self.device,
+                       rows=(data.images, ids))
 
     def _example_batches(self, data: TextData) -> tuple[Batches, Batches | None]:
         """Chat or prompt/completion examples, one a sequence (the last tenth held out)."""
@@ -365,14 +378,14 @@ class Run:
         self._check_context(inputs.shape[1])
         if not s.eval_every:
             return Batches(data, None, s.batch_size, s.seq_len, s.seed, self.device,
-                           examples=(inputs, targets)), None
+                           rows=(inputs, targets)), None
         cut = len(inputs) - max(1, len(inputs) // 10)
         if cut < 1:
             raise InvalidTrainSpec("eval_every: too few examples to hold out a tenth")
         return (Batches(data, None, s.batch_size, s.seq_len, s.seed, self.device,
-                        examples=(inputs[:cut], targets[:cut])),
+                        rows=(inputs[:cut], targets[:cut])),
                 Batches(data, None, s.batch_size, s.seq_len, s.seed + 1, self.device,
-                        examples=(inputs[cut:], targets[cut:])))
+                        rows=(inputs[cut:], targets[cut:])))
 
     def _check_context(self, seq_len: int) -> None:
         assert isinstance(self.module, TextFamily)
@@ -425,6 +438,7 @@ class Run:
             scaler.step(opt)
             scaler.update()
             sched.step()
+        self.module.after_step(self.model)
         self.step += 1
         metrics["grad_norm"] = math.sqrt(sum(n * n for n in norms))
         return metrics
@@ -519,17 +533,31 @@ class Run:
         save_loss_plot(self.history["step"], self.history["loss"], plot,
                        f"{self.s.family} training loss")
         out.append(TrainArtifact("loss_plot", plot, "image/png"))
-        if isinstance(self.module, ImageFamily):
-            self.model.eval()
-            n_classes = getattr(self.cfg, "n_classes", 0)
-            labels = torch.arange(64) % n_classes if n_classes else None
-            with torch.random.fork_rng(devices=_devices(self.device)):
-                torch.manual_seed(self.s.seed)
-                images = self.module.sample_images(self.model, 64, labels)
+        if isinstance(self.module, ImageFamily | TextToImageFamily):
             grid = self.workdir / "samples.png"
-            save_grid(images, grid)
+            self.save_samples(grid)
             out.append(TrainArtifact("image_grid", grid, "image/png"))
         return out
+
+    def save_samples(self, path: Path) -> None:
+        """A grid of samples under the run's seed: 64 images (by label for a conditional
+        model), or a row of 8 for each validation prompt of a text-to-image model."""
+        module, nrow = self.module, 8
+        was_training = self.model.training
+        self.model.eval()
+        with torch.random.fork_rng(devices=_devices(self.device)), torch.no_grad():
+            torch.manual_seed(self.s.seed)
+            if isinstance(module, TextToImageFamily):
+                prompts = [p for p in self.cfg.validation_prompts for _ in range(nrow)]
+                images = module.images_for(self.model, self.tokenizer, self.cfg, prompts,
+                                           GenParams())
+            else:
+                assert isinstance(module, ImageFamily)
+                n_classes = getattr(self.cfg, "n_classes", 0)
+                labels = torch.arange(64) % n_classes if n_classes else None
+                images = module.sample_images(self.model, 64, labels)
+        self.model.train(was_training)
+        save_grid(images, path, nrow=nrow)
 
 
 T = TypeVar("T")

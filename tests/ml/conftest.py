@@ -23,6 +23,9 @@ TINY = {
     "gan": {"hidden": 32, "latent": 8, "conditional": True},
     "lstm": {"n_embd": 16, "hidden": 32},
     "gpt": {"vocab_size": 300, "n_positions": 64, "n_embd": 32, "n_layer": 2, "n_head": 2},
+    "diffusion": {"block_channels": [8, 16], "norm_groups": 4, "attention_head_dim": 4,
+                  "text_width": 16, "max_caption_tokens": 8, "ema_decay": 0.9,
+                  "sample_steps": 3},
     "lm": {"arch": "llama", "vocab_size": 300, "hidden_size": 32, "num_hidden_layers": 2,
            "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 64},
 }
@@ -39,7 +42,8 @@ def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _tiny_spec(text_file: Path, family: str, **overrides: object) -> dict:
-    data = {"builtin": "digits"} if family in IMAGE_FAMILIES else {"path": str(text_file)}
+    image = family in IMAGE_FAMILIES or family == "diffusion"
+    data = {"builtin": "digits"} if image else {"path": str(text_file)}
     spec = {"family": family, "config": dict(TINY[family]), "data": data, "steps": 20,
             "batch_size": 16, "lr": 3e-3, "seq_len": 32, "log_every": 5,
             "checkpoint_every": 1000}

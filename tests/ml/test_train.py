@@ -56,7 +56,7 @@ def test_gan_learns_the_data_mean(tiny_spec: Callable[..., dict], tmp_path: Path
     assert {"d_loss", "g_loss", "d_real", "d_fake", "grad_norm", "lr"} <= seen[-1].keys()
 
 
-@pytest.mark.parametrize("family", ["vae", "gan", "lstm", "gpt", "lm"])
+@pytest.mark.parametrize("family", ["vae", "gan", "diffusion", "lstm", "gpt", "lm"])
 def test_exact_resume(family: str, tiny_spec: Callable[..., dict], tmp_path: Path) -> None:
     """Stopping at step k and resuming gives bitwise the weights of an uninterrupted run
     (with held-out evaluation on, which must not disturb the training RNG)."""

@@ -24,11 +24,11 @@ def _text(data: dict) -> str:
 
 
 def test_registry() -> None:
-    assert set(FAMILIES) == {"vae", "gan", "lstm", "lm", "gpt"}
+    assert set(FAMILIES) == {"vae", "gan", "diffusion", "lstm", "lm", "gpt"}
     assert get_family("gpt") is get_family("lm")  # the old name is an alias
     assert {get_family(f).KIND for f in FAMILIES} == {"text", "image"}
-    with pytest.raises(ValueError, match="unknown family 'diffusion'"):
-        get_family("diffusion")
+    with pytest.raises(ValueError, match="unknown family 'dalle'"):
+        get_family("dalle")
 
 
 @pytest.mark.parametrize("family", ["vae", "gan", "lstm", "lm", "gpt"])

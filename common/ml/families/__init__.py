@@ -20,19 +20,22 @@ from common.ml.families.base import (
     FamilyConfig,
     ImageFamily,
     TextFamily,
+    TextToImageFamily,
 )
+from common.ml.families.diffusion import DiffusionFamily
 from common.ml.families.gan import GANFamily
 from common.ml.families.lm import LMFamily
 from common.ml.families.lstm import LSTMFamily
 from common.ml.families.vae import VAEFamily
 
 __all__ = ["FAMILIES", "AnyFamily", "Family", "FamilyConfig", "ImageFamily", "TextFamily",
-           "get_family", "validate_model_config"]
+           "TextToImageFamily", "get_family", "validate_model_config"]
 
 _LM = LMFamily()
 FAMILIES: dict[str, AnyFamily] = {
     "vae": VAEFamily(),
     "gan": GANFamily(),
+    "diffusion": DiffusionFamily(),
     "lstm": LSTMFamily(),
     "lm": _LM,
     "gpt": _LM,  # the name before `lm` took any architecture: old specs and models keep it
@@ -102,6 +105,10 @@ def _problem(error: ErrorDetails, config_type: type[FamilyConfig]) -> str:
         return f"config.{name}: must be {_type_names(field)}, got {error['input']!r}"
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         return f"config.{name}: must be {_bounds(field)}"
+    if kind in ("too_short", "too_long"):
+        least = kind == "too_short"
+        limit = error["ctx"]["min_length" if least else "max_length"]
+        return f"config.{name}: must hold at {'least' if least else 'most'} {limit} item(s)"
     if kind == "literal_error":
         return f"config.{name}: must be {error['ctx']['expected']}"
     if cause is not None:  # a field validator's ValueError says what is wrong

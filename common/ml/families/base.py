@@ -1,7 +1,8 @@
 """The family contract: what a model family gives training, checkpoints and generation.
 
 A family is one file: its config (a `FamilyConfig`), its modules, and one subclass of
-`TextFamily` or `ImageFamily`, registered by name in `common.ml.families`.
+`TextFamily`, `ImageFamily` or `TextToImageFamily`, registered by name in
+`common.ml.families`.
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ class Family(ABC, Generic[ConfigT, ModelT]):
     PHASES: ClassVar[tuple[str, ...]] = ("main",)  # one optimizer each, stepped in turn
     OPTIMIZER: ClassVar[str] = "adamw"  # used when the spec names none
     BETAS: ClassVar[tuple[float, float]] = (0.9, 0.999)
+    # the training spec's defaults for this family, used when a spec names no config and no
+    # steps (TrainSpec): a recipe known to train a useful model on the built-in data
+    RECIPE: ClassVar[dict[str, Any]] = {}
     Config: type[ConfigT]
 
     @abstractmethod
@@ -65,6 +69,9 @@ class Family(ABC, Generic[ConfigT, ModelT]):
     def phase_params(self, model: ModelT, phase: str) -> list[nn.Parameter]:
         """The parameters that `phase`'s optimizer steps."""
         return list(model.parameters())
+
+    def after_step(self, model: ModelT) -> None:
+        """Called after each optimizer step (e.g. to update an EMA copy of the weights)."""
 
     def enable_gradient_checkpointing(self, model: ModelT) -> None:
         """Recompute activations in the backward pass (TrainSpec.gradient_checkpointing)."""
@@ -117,5 +124,37 @@ class ImageFamily(Family[ConfigT, ModelT]):
         """n images (n, C, H, W) in [0, 1]; `labels` (n,) for a conditional model."""
 
 
-# What the registry holds: isinstance on one kind narrows it to the other.
-AnyFamily = TextFamily[Any, Any, Any] | ImageFamily[Any, Any]
+class TextToImageFamily(Family[ConfigT, ModelT]):
+    """An image model conditioned on a text prompt: batches are (images (B, C, H, W) in
+    [0, 1], caption token ids (B, L)); it generates images for prompts."""
+
+    KIND = "image"
+
+    @abstractmethod
+    def prepare(self, cfg: ConfigT, data: TextData | ImageData) -> tuple[ConfigT, Any]:
+        """Fit the config to the captioned images and build (or load) the tokenizer."""
+
+    @abstractmethod
+    def encode_captions(self, tokenizer: Any, captions: list[str], length: int) -> torch.Tensor:
+        """(N, length) token ids of the captions, padded and cut."""
+
+    @abstractmethod
+    def caption_length(self, model: ModelT) -> int:
+        """The number of tokens the model's text encoder takes."""
+
+    @abstractmethod
+    def images_for(self, model: ModelT, tokenizer: Any, cfg: ConfigT, prompts: list[str],
+                   params: GenParams) -> torch.Tensor:
+        """One image per prompt, (N, C, H, W) in [0, 1]."""
+
+    @abstractmethod
+    def save_tokenizer(self, tokenizer: Any, directory: Path) -> None:
+        """Write the tokenizer's files into a checkpoint directory."""
+
+    @abstractmethod
+    def load_tokenizer(self, directory: Path) -> Any:
+        """Read back what `save_tokenizer` wrote."""
+
+
+# What the registry holds: isinstance on one kind narrows it to the others.
+AnyFamily = TextFamily[Any, Any, Any] | ImageFamily[Any, Any] | TextToImageFamily[Any, Any]

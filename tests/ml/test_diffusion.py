@@ -1,0 +1,220 @@
+"""The diffusion family in-process: captions, the recipe, drawing for prompts, config
+problems, and a Stable Diffusion pipeline folder (tiny, random, built from configs)."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from common.config import get_settings
+from common.gen_params import GenParams
+from common.ml.checkpoint import LoadedModel, load_model
+from common.ml.data import load_data
+from common.ml.families import TextToImageFamily, get_family, validate_model_config
+from common.ml.generate import GenOutput, GenRequest, generate
+from common.ml.train import TrainHooks, TrainOutcome, run_training
+from common.train_spec import TrainSpec
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> TrainOutcome:
+    from tests.ml.conftest import TINY
+
+    spec = {"family": "diffusion", "config": dict(TINY["diffusion"]), "steps": 40, "lr": 3e-3,
+            "batch_size": 16, "checkpoint_every": 1000}
+    return run_training(spec, tmp_path_factory.mktemp("diffusion"), hooks=TrainHooks())
+
+
+def draw(loaded: LoadedModel, *requests: GenRequest) -> dict[str, GenOutput]:
+    out: list[GenOutput] = []
+    generate(loaded, list(requests), on_outputs=out.extend)
+    return {o.key: o for o in out}
+
+
+def test_digits_are_captioned_by_their_word() -> None:
+    data = load_data({"builtin": "digits"}, "image")
+    assert data.captions is not None and len(data.captions) == len(data.images)
+    assert data.captions[:3] == ["a handwritten digit zero", "a handwritten digit one",
+                                 "a handwritten digit two"]
+    assert data.labels is not None and data.captions[7].endswith(
+        ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
+         "nine"][int(data.labels[7])])
+
+
+def test_the_recipe_fills_a_spec_that_names_no_config_and_no_steps() -> None:
+    recipe = get_family("diffusion").RECIPE
+    bare = TrainSpec(family="diffusion")
+    assert bare.steps == recipe["steps"] and bare.batch_size == recipe["batch_size"]
+    assert TrainSpec(family="diffusion", batch_size=8).batch_size == 8  # given wins
+    assert TrainSpec(family="diffusion", steps=5).batch_size == 16  # steps given: no recipe
+    sized = TrainSpec(family="diffusion", config={"block_channels": [16, 32]})
+    assert sized.steps == 200 and sized.batch_size == 16
+    assert TrainSpec(family="vae").steps == 200  # other families have no recipe
+
+
+def test_trains_checkpoints_and_draws_for_prompts(trained: TrainOutcome) -> None:
+    kinds = {a.kind: a.path for a in trained.artifacts}
+    grid = Image.open(kinds["image_grid"])
+    assert grid.height > grid.width  # a row of 8 for each of the ten validation prompts
+    loaded = load_model(trained.checkpoint)
+    assert loaded.config.validation_prompts[0] == "a handwritten digit zero"
+    assert loaded.model.ema is not None  # ema_decay: generation draws with the EMA weights
+    three = GenRequest(key="a", prompt="a handwritten digit three", n=2, seed=5)
+    out = draw(loaded, three, GenRequest(key="b", prompt="a handwritten digit one"))
+    assert len(out["a"].images or []) == 2 and len(out["b"].images or []) == 1
+    again = draw(loaded, three)["a"]
+    assert again.images == out["a"].images  # seeded: the same pictures
+    image = Image.open(io.BytesIO((out["a"].images or [])[0]))
+    assert image.format == "PNG" and image.size == (64, 64)  # 8x8, upscaled by 8
+    sized = draw(loaded, GenRequest(key="s", prompt="a handwritten digit three", seed=5,
+                                    size="24x16"))["s"]
+    assert Image.open(io.BytesIO((sized.images or [])[0])).size == (24, 16)
+
+
+def test_every_drawing_parameter_reaches_the_unet(trained: TrainOutcome,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the UNet is asked (a barely trained model's pictures saturate, so the test
+    watches its calls): the steps, the guided batch and the negative prompt's context."""
+    loaded = load_model(trained.checkpoint)
+    module = get_family("diffusion")
+    assert isinstance(module, TextToImageFamily)
+    unet = loaded.model.ema.module  # ema_decay is set: generation draws with the EMA weights
+    calls: list[tuple[int, torch.Tensor]] = []
+    forward = unet.forward
+
+    def watched(x: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                **kw: object) -> object:
+        calls.append((len(x), encoder_hidden_states.detach().clone()))
+        return forward(x, t, encoder_hidden_states=encoder_hidden_states, **kw)
+
+    monkeypatch.setattr(unet, "forward", watched)
+
+    def images(prompt: str = "a handwritten digit five", **params: object) -> torch.Tensor:
+        calls.clear()
+        torch.manual_seed(0)
+        return module.images_for(loaded.model, loaded.tokenizer, loaded.config, [prompt] * 3,
+                                 GenParams.model_validate(params))
+
+    plain = images()
+    assert plain.shape == (3, 1, 8, 8)
+    assert float(plain.min()) >= 0 and float(plain.max()) <= 1
+    assert torch.equal(images(), plain)
+    assert [n for n, _ in calls] == [3] * loaded.config.sample_steps  # guidance 1: one pass
+    five = calls[0][1]
+    images("a handwritten digit one")
+    assert not torch.equal(calls[0][1], five)
+    images(steps=5)
+    assert len(calls) == 5
+    images(guidance_scale=3.0)
+    assert calls[0][0] == 6 and torch.equal(calls[0][1][3:], five)  # (unconditional, prompt)
+    empty = calls[0][1][:3]
+    images(guidance_scale=3.0, negative_prompt="a handwritten digit one")
+    assert not torch.equal(calls[0][1][:3], empty) and torch.equal(calls[0][1][3:], five)
+
+
+def test_a_request_the_model_cannot_honour_fails_by_its_field(trained: TrainOutcome) -> None:
+    from common.errors import InvalidRequests
+
+    loaded = load_model(trained.checkpoint)
+    with pytest.raises(InvalidRequests) as bad:
+        draw(loaded, GenRequest(key="x", prompt="a seven", label=7))
+    assert bad.value.problems["x"] == ["label: a text-to-image model draws for a prompt, "
+                                       "not a label"]
+
+
+@pytest.mark.parametrize(("config", "problem"), [
+    ({"block_channels": [12, 16]},
+     "config.block_channels: each must be in [1, 4096] and a multiple of norm_groups (8) and "
+     "attention_head_dim (8), got 12"),
+    ({"attention_levels": [True]}, "config.attention_levels: give one per entry of "
+                                   "block_channels (2)"),
+    ({"attention_levels": [False, False]}, "config.attention_levels: at least one level must "
+                                           "attend to the text"),
+    ({"text_width": 30, "text_heads": 4},
+     "config.text_width: must be a multiple of text_heads (4)"),
+    ({"sampler": "euler"}, "config.sampler: must be 'dpm-solver' or 'ddim'"),
+    ({"pretrained": "org/pipe", "block_channels": [32]},
+     "config.block_channels: a pretrained pipeline brings its own (give pretrained or sizes, "
+     "not both)"),
+    ({"pretrained": "not a hub id"}, "config.pretrained: 'not a hub id' is neither a folder "
+                                     "inside GENQ_PRETRAINED_ROOT nor a hub id org/name"),
+])
+def test_config_problems_name_their_field(config: dict, problem: str) -> None:
+    assert validate_model_config("diffusion", config) == [problem]
+
+
+# ------------------------------------------------------------ a Stable Diffusion pipeline
+
+
+@pytest.fixture
+def pipeline_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A tiny random Stable Diffusion pipeline saved with diffusers' own save_pretrained,
+    inside GENQ_PRETRAINED_ROOT; its tokenizer is a word-level one (a CLIP BPE tokenizer
+    needs vocabulary files the hub would provide)."""
+    from diffusers import (
+        AutoencoderKL,
+        DDPMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from common.ml.families.diffusion import _fit_tokenizer
+
+    monkeypatch.setenv("GENQ_PRETRAINED_ROOT", str(tmp_path))
+    get_settings.cache_clear()
+    torch.manual_seed(0)
+    tokenizer = _fit_tokenizer([f"a handwritten digit {w}" for w in ("one", "two")], 8)
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
+                          block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+                          down_block_types=("DownEncoderBlock2D",) * 2,
+                          up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16),
+        text_encoder=CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+            num_attention_heads=2, max_position_embeddings=8, pad_token_id=0, bos_token_id=0,
+            eos_token_id=2)),
+        tokenizer=tokenizer,
+        unet=UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=1,
+            norm_num_groups=4, attention_head_dim=4, cross_attention_dim=16),
+        scheduler=DDPMScheduler(num_train_timesteps=100, clip_sample=False, steps_offset=1),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(tmp_path / "tiny-sd")
+    yield tmp_path / "tiny-sd"
+    get_settings.cache_clear()
+
+
+def test_a_pipeline_folder_fine_tunes_in_latent_space_and_draws(pipeline_dir: Path,
+                                                                  tmp_path: Path) -> None:
+    spec = {"family": "diffusion", "config": {"pretrained": "tiny-sd", "sample_steps": 2},
+            "steps": 2, "batch_size": 4, "checkpoint_every": 1000}
+    outcome = run_training(spec, tmp_path / "run", hooks=TrainHooks())
+    meta = json.loads((outcome.checkpoint / "config.json").read_text())
+    assert meta["source"] == {"local_dir": str(pipeline_dir)}
+    assert meta["arch"]["vae"]["latent_channels"] == 4  # rebuilt without the folder
+    loaded = load_model(outcome.checkpoint)
+    assert loaded.model.vae is not None
+    # only the UNet trained: the VAE and the pipeline's text encoder are as saved
+    from diffusers import AutoencoderKL
+
+    saved_vae = AutoencoderKL.from_pretrained(pipeline_dir / "vae")
+    for name, tensor in saved_vae.state_dict().items():
+        assert torch.equal(loaded.model.vae.state_dict()[name], tensor), name
+    out = draw(loaded, GenRequest(key="a", prompt="a handwritten digit two", seed=1))["a"]
+    image = Image.open(io.BytesIO((out.images or [])[0]))
+    assert image.mode == "RGB" and image.size == (64, 64)  # 8x8 latents x 2 (VAE), upscaled
+
+
+def test_a_submitted_pipeline_must_be_a_pipeline_folder(pipeline_dir: Path) -> None:
+    (pipeline_dir.parent / "plain").mkdir()
+    with pytest.raises(ValueError, match="model_index.json not found"):
+        TrainSpec(family="diffusion", config={"pretrained": "plain"})

@@ -1,0 +1,129 @@
+"""Text to image through the queue: `genq train diffusion`, `genq generate MODEL "a
+handwritten digit three"`, and the official openai SDK's batch flow on
+/v1/images/generations (url and b64_json answers, in the OpenAI Images shape)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+
+import openai
+import pytest
+from PIL import Image
+
+from common.errors import GenqAPIError
+from tests.test_cli import genq
+
+TINY = {"block_channels": [8, 16], "norm_groups": 4, "attention_head_dim": 4, "text_width": 16,
+        "max_caption_tokens": 8, "sample_steps": 2}
+
+
+@pytest.fixture(scope="module")
+def cli_env(stack) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    return {**stack.env, "GENQ_API_URL": stack.api_url, "GENQ_API_KEY": stack.api_key}
+
+
+@pytest.fixture(scope="module")
+def model(stack, cli_env) -> str:  # type: ignore[no-untyped-def]
+    """A tiny diffusion model trained on the captioned digits with the CLI."""
+    done = genq("train", "diffusion", "--steps", "4", "--batch-size", "8", "--config",
+                json.dumps(TINY), "--watch", env=cli_env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    job_id = done.stdout.split()[1]
+    job = stack.client().get_job(job_id)
+    assert job["status"] == "succeeded", job
+    return job["result"]["model"]
+
+
+def test_cli_generate_saves_a_png_of_the_prompt(stack, model, cli_env, tmp_path):  # type: ignore[no-untyped-def]
+    done = genq("generate", model, "a handwritten digit three", "--seed", "3", "--size",
+                "32x32", "--steps", "2", "--guidance-scale", "2", "--out", str(tmp_path),
+                env=cli_env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    (png,) = tmp_path.glob("*.png")
+    image = Image.open(png)
+    assert image.format == "PNG" and image.size == (32, 32)
+    c = stack.client()
+    job = c.get_job(done.stdout.split()[1])
+    (item,) = c.items(job["id"])
+    assert item["request"]["gen"]["prompt"] == "a handwritten digit three"
+    assert item["request"]["gen"]["guidance_scale"] == 2.0
+
+
+def test_a_generate_job_draws_n_images_per_prompt(stack, model):  # type: ignore[no-untyped-def]
+    c = stack.client()
+    job = c.wait(c.create_job({"type": "generate", "model": model, "n": 2, "seed": 1,
+                               "prompts": ["a handwritten digit one",
+                                           "a handwritten digit seven"]})["id"], timeout=120)
+    assert job["status"] == "succeeded", job
+    items = list(c.items(job["id"]))
+    assert [len(i["response"]["artifact_ids"]) for i in items] == [2, 2]
+
+
+@pytest.mark.parametrize(("spec", "param"), [
+    ({"labels": [3]}, "labels"),  # a label-conditioned family's input
+    ({"n": 2}, "prompts"),  # no prompt
+    ({"prompts": ["a one"], "label_smoothing": 1}, "label_smoothing"),
+    ({"prompts": ["a one"], "size": "big"}, "size"),
+    ({"prompts": ["a one"], "steps": 0}, "steps"),
+])
+def test_bad_generate_specs_are_422_naming_the_field(stack, model, spec, param):  # type: ignore[no-untyped-def]
+    with pytest.raises(GenqAPIError) as bad:
+        stack.client().create_job({"type": "generate", "model": model, **spec})
+    assert bad.value.status == 422 and param in str(bad.value), bad.value
+
+
+def test_text_models_refuse_image_fields(stack, trained_lstm):  # type: ignore[no-untyped-def]
+    with pytest.raises(GenqAPIError) as bad:
+        stack.client().create_job({"type": "generate", "model": trained_lstm["result"]["model"],
+                                   "prompts": ["a"], "guidance_scale": 2.0})
+    assert bad.value.status == 422
+    assert bad.value.message.startswith("guidance_scale: a text model does not take it")
+
+
+def test_openai_sdk_batch_on_images_generations(stack, model):  # type: ignore[no-untyped-def]
+    sdk = openai.OpenAI(base_url=f"{stack.api_url}/v1", api_key=stack.api_key, max_retries=0)
+    body = {"model": model, "prompt": "a handwritten digit three", "size": "16x16", "seed": 2,
+            "steps": 2, "guidance_scale": 2.0, "negative_prompt": "a handwritten digit eight"}
+    rows = [
+        {"custom_id": "url", "method": "POST", "url": "/v1/images/generations",
+         "body": {**body, "n": 2}},
+        {"custom_id": "b64", "method": "POST", "url": "/v1/images/generations",
+         "body": {**body, "response_format": "b64_json"}},
+        {"custom_id": "no-prompt", "method": "POST", "url": "/v1/images/generations",
+         "body": {"model": model}},
+        {"custom_id": "label", "method": "POST", "url": "/v1/images/generations",
+         "body": {**body, "label": 3}},
+    ]
+    data = b"".join(json.dumps(r).encode() + b"\n" for r in rows)
+    upload = sdk.files.create(file=("in.jsonl", io.BytesIO(data)), purpose="batch")
+    batch = sdk.batches.create(input_file_id=upload.id, endpoint="/v1/images/generations",
+                               completion_window="24h")
+    assert batch.status == "failed"  # bad lines fail the file, as OpenAI does: none queued
+    errors = {e.line: (e.code, e.param, e.message) for e in batch.errors.data}
+    assert errors[3][:2] == ("missing_required_parameter", "body.prompt")
+    assert errors[4] == ("invalid_value", "body.label",
+                         "body.label: a text-to-image model draws for a prompt, not a label")
+
+    upload = sdk.files.create(file=("in.jsonl", io.BytesIO(b"".join(
+        json.dumps(r).encode() + b"\n" for r in rows[:2]))), purpose="batch")
+    batch = sdk.batches.create(input_file_id=upload.id, endpoint="/v1/images/generations",
+                               completion_window="24h")
+    deadline = time.monotonic() + 120
+    while batch.status not in ("completed", "failed", "cancelled", "expired"):
+        assert time.monotonic() < deadline, batch
+        time.sleep(0.3)
+        batch = sdk.batches.retrieve(batch.id)
+    assert batch.status == "completed" and batch.request_counts.completed == 2, batch
+    lines = {json.loads(line)["custom_id"]: json.loads(line)["response"]["body"]
+             for line in sdk.files.content(batch.output_file_id).text.splitlines()}
+    assert set(lines["url"]) == {"created", "data"} and len(lines["url"]["data"]) == 2
+    for entry in lines["url"]["data"]:
+        png = stack.client().request("GET", entry["url"].removeprefix(stack.api_url))
+        assert Image.open(io.BytesIO(png)).size == (16, 16)
+    (entry,) = lines["b64"]["data"]
+    assert set(entry) == {"b64_json"}
+    image = Image.open(io.BytesIO(base64.b64decode(entry["b64_json"])))
+    assert image.format == "PNG" and image.size == (16, 16)
