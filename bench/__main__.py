@@ -52,10 +52,20 @@ def gpu_section() -> Report:
     return report
 
 
+def quality_section() -> Report:
+    from bench.image_quality import bench_image_quality
+
+    report = Report("quality")
+    with bench_stack() as stack:
+        client, _ = clients(stack)
+        bench_image_quality(report, client)
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--only", choices=["cpu", "gpu"],
-                        help="measure one section; RESULTS.md keeps the other as it was")
+    parser.add_argument("--only", choices=["cpu", "gpu", "quality"],
+                        help="measure one section; RESULTS.md keeps the others as they were")
     args = parser.parse_args(argv)
     import torch
 
@@ -65,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     tune_malloc()
     start = time.perf_counter()
     reports = []
-    for name, run in (("cpu", cpu_section), ("gpu", gpu_section)):
+    for name, run in (("cpu", cpu_section), ("gpu", gpu_section), ("quality", quality_section)):
         if args.only not in (None, name):
             continue
         if name == "gpu" and not torch.cuda.is_available():

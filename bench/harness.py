@@ -95,6 +95,12 @@ class Figure:
     target: float | None = None  # the ratio it should reach
     note: str = ""
     rounds: list[float] | None = None  # per-round ratios of a paired() run: its median is the ratio
+    target_on_value: bool = False  # the target applies to the value itself (a share, a score)
+
+    @property
+    def scored(self) -> float | None:
+        """What the target is compared with: the ratio, or the value itself."""
+        return self.value if self.target_on_value else self.ratio
 
     @property
     def ratio(self) -> float | None:
@@ -107,15 +113,17 @@ class Figure:
         if self.ratio is None:
             return ""
         text = f"{self.ratio:.2f}"
-        if self.target is not None and (float(text) >= self.target) != (self.ratio >= self.target):
+        if (self.target is not None and not self.target_on_value
+                and (float(text) >= self.target) != (self.ratio >= self.target)):
             text = f"{self.ratio:.3f}"
         return text
 
     def row(self) -> str:
         ratio = self.ratio_text()
-        target = f"≥ {self.target:g}" if self.target is not None else ""
-        ok = "" if self.ratio is None or self.target is None else (
-            "yes" if self.ratio >= self.target else "**no**")
+        target = "" if self.target is None else (
+            f"value ≥ {self.target:g}" if self.target_on_value else f"≥ {self.target:g}")
+        ok = "" if self.scored is None or self.target is None else (
+            "yes" if self.scored >= self.target else "**no**")
         base = f"{self.baseline:.4g}" if self.baseline is not None else ""
         note = self.note
         if self.rounds:
@@ -128,7 +136,7 @@ class Figure:
 
 @dataclass
 class Report:
-    """The figures of one section of RESULTS.md (cpu or gpu), as one run measured them."""
+    """The figures of one section of RESULTS.md (cpu, gpu, quality), as one run measured them."""
 
     section: str = "cpu"
     figures: list[Figure] = field(default_factory=list)
@@ -147,7 +155,7 @@ class Report:
         gpu = self.section == "gpu" and torch.cuda.is_available()
         device = torch.cuda.get_device_name(0) if gpu else "CPU"
         return "\n".join([
-            f"## {self.section.upper()}",
+            f"## {TITLES.get(self.section, self.section.upper())}",
             "",
             f"- date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
             f"- machine: {platform.machine()}, {os.cpu_count()} cores, {device}, "
@@ -160,6 +168,8 @@ class Report:
         ])
 
 
+SECTIONS = ("cpu", "gpu", "quality")
+TITLES = {"quality": "Quality of generated digits (CPU)"}
 NO_GPU = ("## GPU\n\nNo GPU was lent to the runs that wrote this file. `make bench` adds this "
           "section where CUDA is present (`python -m bench --only gpu` runs it alone).")
 
@@ -168,7 +178,7 @@ def write_results(reports: list[Report], command: str) -> None:
     """Rewrite the sections these reports measured; keep the other section as it was."""
     old = RESULTS.read_text() if RESULTS.exists() else ""
     blocks = {}
-    for name in ("cpu", "gpu"):
+    for name in SECTIONS:
         found = re.search(f"<!-- {name} -->\n(.*?)\n<!-- /{name} -->", old, re.S)
         blocks[name] = found.group(1) if found else (NO_GPU if name == "gpu" else "")
     for report in reports:
@@ -177,10 +187,11 @@ def write_results(reports: list[Report], command: str) -> None:
         "# genq benchmarks",
         "",
         "Each ratio divides genq's figure by its baseline measured in the same run. "
-        "`make bench` measures the CPU section, and the GPU section where CUDA is present; "
-        "`python -m bench --only cpu|gpu` measures one and keeps the other as it was.",
+        "`make bench` measures the CPU section, the GPU section where CUDA is present, and "
+        "the quality of generated images; `python -m bench --only cpu|gpu|quality` measures "
+        "one and keeps the others as they were.",
         "",
-        *[f"<!-- {name} -->\n{blocks[name]}\n<!-- /{name} -->\n" for name in ("cpu", "gpu")],
+        *[f"<!-- {name} -->\n{blocks[name]}\n<!-- /{name} -->\n" for name in SECTIONS],
         NOTES,
     ]))
 

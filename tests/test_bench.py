@@ -84,3 +84,23 @@ def test_lora_training_bench_runs_at_a_tiny_size(stack_settings):
     (figure,) = report.figures
     assert figure.name.startswith("LoRA training steps/s through the queue")
     assert figure.value > 0 and figure.baseline and figure.baseline > 0 and figure.ratio
+
+
+def test_image_quality_bench_runs_at_a_tiny_size(stack_settings):
+    """The quality figures: each family trained, asked for each digit, and classified."""
+    from bench.image_quality import QualitySizes, bench_image_quality, digit_classifier
+
+    tiny = {"steps": 2, "batch_size": 8}
+    sizes = QualitySizes(per_digit=1, labelled={
+        "vae": {"config": {"conditional": True, "hidden": 16, "latent": 2}, **tiny}},
+        diffusion={"config": {"block_channels": [8, 16], "norm_groups": 4,
+                              "attention_head_dim": 4, "text_width": 8, "sample_steps": 2},
+                   **tiny}, timeout_s=300, grid=None)
+    report = Report("quality")
+    bench_image_quality(report, stack_settings.client(), sizes)
+    assert [f.name.split(" digits")[0] for f in report.figures] == ["diffusion", "vae"]
+    _, real = digit_classifier()
+    for figure in report.figures:
+        assert 0 <= figure.value <= 1 and figure.baseline == real > 0.9
+        assert "(10 images" in figure.name and figure.target_on_value
+        assert "| value ≥ 0.8 |" in figure.row()

@@ -127,3 +127,32 @@ def test_openai_sdk_batch_on_images_generations(stack, model):  # type: ignore[n
     assert set(entry) == {"b64_json"}
     image = Image.open(io.BytesIO(base64.b64decode(entry["b64_json"])))
     assert image.format == "PNG" and image.size == (16, 16)
+
+
+def test_trains_on_an_uploaded_imagefolder_zip(stack, tmp_path):  # type: ignore[no-untyped-def]
+    """The Hugging Face imagefolder layout: images beside a metadata.jsonl of captions."""
+    import zipfile
+
+    archive = tmp_path / "shapes.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        lines = []
+        for i, (colour, rgb) in enumerate([("red", (255, 0, 0)), ("blue", (0, 0, 255))] * 3):
+            buf = io.BytesIO()
+            Image.new("RGB", (8, 8), rgb).save(buf, format="PNG")
+            z.writestr(f"images/{i}.png", buf.getvalue())
+            lines.append(json.dumps({"file_name": f"images/{i}.png", "text": f"a {colour} square"}))
+        z.writestr("metadata.jsonl", "\n".join(lines) + "\n")
+    c = stack.client()
+    file_id = c.upload_file(archive, purpose="dataset")["id"]
+    job = c.wait(c.create_job({"type": "train", "family": "diffusion", "steps": 2,
+                               "batch_size": 4, "data": {"file_id": file_id},
+                               "config": TINY})["id"], timeout=300)
+    assert job["status"] == "succeeded", job
+    grid = next(a for a in c.artifacts(job["id"]) if a["kind"] == "image_grid")
+    image = Image.open(io.BytesIO(c.request("GET", f"/v1/artifacts/{grid['id']}")))
+    assert image.mode == "RGB"  # a row for each of the two captions
+    gen = c.wait(c.create_job({"type": "generate", "model": job["result"]["model"],
+                               "prompts": ["a red square"], "seed": 1})["id"], timeout=120)
+    (item,) = c.items(gen["id"])
+    (art,) = item["response"]["artifact_ids"]
+    assert Image.open(io.BytesIO(c.request("GET", f"/v1/artifacts/{art}"))).mode == "RGB"
