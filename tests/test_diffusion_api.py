@@ -34,6 +34,8 @@ def model(stack, cli_env) -> str:  # type: ignore[no-untyped-def]
     job_id = done.stdout.split()[1]
     job = stack.client().get_job(job_id)
     assert job["status"] == "succeeded", job
+    kinds = sorted(a["kind"] for a in stack.client().artifacts(job_id))
+    assert kinds == ["checkpoint_grid", "image_grid", "loss_plot"]  # one checkpoint, at step 4
     return job["result"]["model"]
 
 

@@ -12,8 +12,9 @@ from common.errors import InvalidSpec, pydantic_problems, raise_if_stopped
 from common.files import dataset_path
 from common.ml.checkpoint import read_meta
 from common.ml.data import validate_data
-from common.ml.train import TrainHooks, run_training
+from common.ml.train import SAMPLES_FILE, TrainHooks, run_training
 from common.models import Checkpoint, File
+from common.retention import checkpoint_dirname
 from common.schemas import TrainJobSpec
 from common.train_spec import DataSpec, family_kind
 from worker.context import JobContext
@@ -49,6 +50,11 @@ def execute_training(ctx: JobContext) -> dict[str, Any]:
             keep_last=spec.keep_last,
         )
         ctx.log(f"checkpoint {last['ckpt'].id} at step {step}")
+        grid = local / SAMPLES_FILE  # text to image: the validation prompts at this step
+        if grid.is_file():
+            results.add_artifact(ctx.session, ctx.storage, job=job, kind="checkpoint_grid",
+                                 filename=f"samples-{checkpoint_dirname(step)}.png",
+                                 data=grid.read_bytes(), content_type="image/png")
 
     def on_metrics(step: int, values: dict[str, float]) -> None:
         ctx.write_metrics(step, values)

@@ -97,6 +97,9 @@ def parse_spec(spec: TrainSpec | dict) -> TrainSpec:
         raise InvalidTrainSpec("; ".join(pydantic_problems(e))) from e
 
 
+SAMPLES_FILE = "samples.png"  # a text-to-image checkpoint's grid of its validation prompts
+
+
 def _mix(seed: int, n: int) -> int:
     return (seed * SEED_MIX + n) % (2**63 - 1)
 
@@ -460,6 +463,8 @@ class Run:
                         tokenizer_or_none=self.tokenizer, train_state=state,
                         metrics={"step": self.step, **metrics}, adapter=self.adapter,
                         base=self.base)
+        if isinstance(self.module, TextToImageFamily):  # how the validation prompts look now
+            self.save_samples(path / SAMPLES_FILE)
         self.hooks.on_checkpoint(self.step, path, {**metrics})
         _prune(path.parent, self.s.keep_last)
         return path
