@@ -155,8 +155,11 @@ class TextToImage(nn.Module):
         if self.vae is None:
             return x
         size = self.unet.config.sample_size * self.scale
-        if x.shape[1] != self.vae.config.in_channels:
-            x = x[:, :1].expand(-1, self.vae.config.in_channels, -1, -1)
+        wanted = self.vae.config.in_channels
+        if x.shape[1] == 1:  # greyscale to the VAE's channels
+            x = x.expand(-1, wanted, -1, -1)
+        elif x.shape[1] > wanted:  # RGBA to RGB: the alpha channel is dropped
+            x = x[:, :wanted]
         if tuple(x.shape[2:]) != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
         latents = self.vae.encode(x).latent_dist.sample()
@@ -225,7 +228,8 @@ class DiffusionFamily(TextToImageFamily[DiffusionConfig, TextToImage]):
         levels = cfg.attention_levels
         return {
             "unet": {
-                "sample_size": max(cfg.height, cfg.width), "in_channels": cfg.channels,
+                "sample_size": max(cfg.height, cfg.width),  # any size is taken, square or not
+                "in_channels": cfg.channels,
                 "out_channels": cfg.channels, "block_out_channels": list(cfg.block_channels),
                 "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D"
                                      for a in levels],
@@ -356,9 +360,11 @@ class DiffusionFamily(TextToImageFamily[DiffusionConfig, TextToImage]):
             negative = [params.negative_prompt or ""] * len(prompts)
             context = torch.cat([self._context(model, tokenizer, negative, length, device),
                                  context])
-        c = unet.config.in_channels
-        side = unet.config.sample_size
-        x = torch.randn(len(prompts), c, side, side, device=device) * sampler.init_noise_sigma
+        # pixel space: the data's own size; latent space: the UNet's
+        shape = ((cfg.height, cfg.width) if model.vae is None
+                 else (unet.config.sample_size, unet.config.sample_size))
+        x = torch.randn(len(prompts), unet.config.in_channels, *shape, device=device)
+        x = x * sampler.init_noise_sigma
         for t in sampler.timesteps:
             inputs = sampler.scale_model_input(torch.cat([x, x]) if guided else x, t)
             eps = unet(inputs, t, encoder_hidden_states=context).sample
@@ -366,10 +372,7 @@ class DiffusionFamily(TextToImageFamily[DiffusionConfig, TextToImage]):
                 uncond, cond = eps.chunk(2)
                 eps = uncond + guidance * (cond - uncond)
             x = sampler.step(eps, t, x).prev_sample
-        images = model.to_images(x)
-        if model.vae is None:
-            images = images[:, :, :cfg.height, :cfg.width]
-        return images.float()
+        return model.to_images(x).float()
 
     def _context(self, model: TextToImage, tokenizer: Any, prompts: list[str], length: int,
                  device: torch.device) -> torch.Tensor:
