@@ -65,3 +65,15 @@ def __getattr__(name: str) -> Celery:
     if name in ("app", "celery"):
         return get_celery()
     raise AttributeError(name)
+
+
+def messages_waiting(queue: str) -> int:
+    """Messages in the broker's queue not yet delivered to any worker."""
+    from kombu.exceptions import ChannelError
+
+    with get_celery().connection_for_write() as conn:
+        try:
+            return int(conn.default_channel.queue_declare(queue=queue, passive=True)
+                       .message_count)
+        except ChannelError:  # Redis: a queue with no message has no list, "not found"
+            return 0

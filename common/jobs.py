@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -233,6 +234,41 @@ def sweep_outbox(session: Session, *, min_age_s: float = 10.0) -> int:
         .limit(500)
     ).all()
     return sum(dispatch(session, job) for job in jobs)
+
+
+def resend_stranded(session: Session, *, lease_s: float, waiting: Callable[[str], int],
+                    now: datetime | None = None) -> list[str]:
+    """Send again the queued jobs whose message left the broker a lease ago but was never
+    claimed: a worker that died after its main process fetched the message (before the
+    pool child claimed the job) leaves it in Redis's unacked hash until the visibility
+    timeout (12 h). Only a queue with no message waiting (`waiting(queue)` is 0) is
+    looked at, so a backlog is never sent twice; the stranded message, should it come
+    back, finds the job claimed and is dropped. A job still reserved by a live worker
+    busy on a long task is sent again too, for an idle worker to take (once a lease)."""
+    now = now or utcnow()
+    candidates = session.scalars(
+        select(Job)
+        .where(
+            Job.status == JobStatus.queued,
+            Job.enqueued_at.is_not(None),
+            Job.enqueued_at < now - timedelta(seconds=lease_s),
+            Job.type != JobType.batch,
+            Job.cancel_requested.is_(False),
+            or_(Job.not_before.is_(None), Job.not_before <= now),
+        )
+        .order_by(Job.priority.desc(), Job.created_at)
+        .limit(500)
+    ).all()
+    idle: dict[str, bool] = {}
+    sent = []
+    for job in candidates:
+        if job.queue not in idle:
+            idle[job.queue] = waiting(job.queue) == 0
+        if idle[job.queue] and dispatch(session, job):
+            log.warning("job %s: queued %s ago and never claimed; sent again", job.id,
+                        now - job.enqueued_at if job.enqueued_at else "?")
+            sent.append(job.id)
+    return sent
 
 
 # ---------------------------------------------------------------- claim & run

@@ -95,6 +95,7 @@ def _reliability_stack(db: str, aof_redis: RedisServer) -> Iterator[Stack]:
     stack = start_stack(db, aof_redis.url, env_extra={
         "GENQ_LEASE_S": "4", "GENQ_ITEM_CHUNK": "4", "GENQ_CANCEL_GRACE_S": "1",
         "GENQ_TOKEN_BUDGET": "256",  # small generation batches: a kill lands mid-job
+        "GENQ_QUEUES": "gpu,cpu,strand",  # strand: no worker until a test starts one
     })
     for name in ("a", "b"):
         spawn_worker(stack, name)
@@ -559,6 +560,45 @@ def test_outbox_sweep_sends_a_job_that_never_reached_the_broker(rstack):
     assert done["status"] == "succeeded", done
 
 
+THIEF = """
+import sys, time
+from common.celery_app import get_celery
+
+with get_celery().connection_for_read() as conn:
+    queue = conn.SimpleQueue(sys.argv[1], no_ack=False)
+    queue.get(timeout=60)  # delivered, so in Redis's unacked hash; never acked
+    print("fetched", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_message_fetched_by_a_worker_killed_before_the_claim_is_sent_again(rstack):
+    """Hole 1: a worker killed after its main process fetched a message but before a pool
+    child claimed the job left it queued until the 12 h visibility timeout."""
+    ensure_two_workers(rstack)  # they run the reaper; neither consumes the strand queue
+    thief = subprocess.Popen([sys.executable, "-c", THIEF, "strand"], env=rstack.env, cwd=ROOT,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        c = rstack.client()
+        job = c.create_job({**SPEC, "steps": 3, "queue": "strand"})
+        assert thief.stdout is not None and thief.stdout.readline().strip() == "fetched"
+        thief.kill()
+        thief.wait(10)
+        assert row(rstack, job["id"]).status == "queued"
+        name = f"strand{uuid.uuid4().hex[:4]}"
+        rstack.spawn(name, [sys.executable, "-m", "api.cli", "worker", "--queues", "strand",
+                            "--name", name])
+        rstack.wait_worker(name)
+        done = c.wait(job["id"], timeout=90)  # the lease is 4 s; the visibility timeout 12 h
+        assert done["status"] == "succeeded" and done["attempt"] == 1, done
+        logs = "".join(rstack.log(n) for n in rstack.procs if n != "api")
+        assert f"job {job['id']}: queued" in logs and "never claimed; sent again" in logs
+        rstack.stop(name)
+    finally:
+        if thief.poll() is None:
+            thief.kill()
+
+
 # ---------------------------------------------------------------- reaper and back-off (SQL level)
 
 
@@ -594,6 +634,34 @@ def test_only_one_reaper_holds_the_lease(session):
     with factory() as s:  # an expired lease passes on
         assert jobs.take_lease(s, name, winner, ttl_s=-1)
     assert attempt("late")
+
+
+def test_only_old_unclaimed_jobs_of_idle_queues_are_sent_again(session):
+    """resend_stranded asks the broker about a queue only for a job queued a lease ago, and
+    sends nothing where messages still wait (a backlog is not a stranded message)."""
+    from common import jobs
+    from common.models import Job, utcnow
+
+    def queued(queue: str, age_s: float, **values):  # type: ignore[no-untyped-def]
+        job = Job(id=f"job_{uuid.uuid4().hex}", owner="strand-test", type="train",
+                  family="lstm", spec={}, queue=queue, status="queued", max_attempts=3,
+                  enqueued_at=utcnow() - timedelta(seconds=age_s), **values)
+        session.add(job)
+        session.commit()
+        return job
+
+    queued("q-old", 300)
+    queued("q-young", 5)
+    queued("q-cancelled", 300, cancel_requested=True)
+    queued("q-later", 300, not_before=utcnow() + timedelta(seconds=60))
+    asked: list[str] = []
+
+    def waiting(queue: str) -> int:
+        asked.append(queue)
+        return 3  # a backlog: nothing is sent
+
+    assert jobs.resend_stranded(session, lease_s=120, waiting=waiting) == []
+    assert [q for q in asked if q.startswith("q-")] == ["q-old"]
 
 
 def test_reaper_requeues_then_fails_worker_lost(session):

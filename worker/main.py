@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from common import fleet, jobs
 from common.batches.finalize import finalize_stalled
-from common.celery_app import get_celery
+from common.celery_app import get_celery, messages_waiting
 from common.config import get_settings
 from common.db import get_engine, session_factory
 from common.errors import Conflict
@@ -138,6 +138,8 @@ def _housekeeping(hostname: str) -> None:
                     jobs.reap(session, lease_s=settings.lease_s)
                     finalize_stalled(session)
                     jobs.sweep_outbox(session)
+                    jobs.resend_stranded(session, lease_s=settings.lease_s,
+                                         waiting=messages_waiting)
                     if time.monotonic() - uploads_checked >= min(60.0, settings.stale_upload_s):
                         uploads_checked = time.monotonic()
                         removed = get_storage().remove_stale_parts(
