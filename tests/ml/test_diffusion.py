@@ -97,6 +97,7 @@ def test_every_drawing_parameter_reaches_the_unet(trained: TrainOutcome,
 
     def images(prompt: str = "a handwritten digit five", **params: object) -> torch.Tensor:
         calls.clear()
+        params = {"guidance_scale": 1.0, **params}
         torch.manual_seed(0)
         return module.images_for(loaded.model, loaded.tokenizer, loaded.config, [prompt] * 3,
                                  GenParams.model_validate(params))
@@ -129,13 +130,14 @@ def test_a_request_the_model_cannot_honour_fails_by_its_field(trained: TrainOutc
 
 
 @pytest.mark.parametrize(("config", "problem"), [
-    ({"block_channels": [12, 16]},
+    ({"block_channels": [12, 16], "attention_levels": [False, True]},
      "config.block_channels: each must be in [1, 4096] and a multiple of norm_groups (8) and "
      "attention_head_dim (8), got 12"),
     ({"attention_levels": [True]}, "config.attention_levels: give one per entry of "
                                    "block_channels (2)"),
-    ({"attention_levels": [False, False]}, "config.attention_levels: at least one level must "
-                                           "attend to the text"),
+    ({"attention_levels": [False, False], "text_embedding": False},
+     "config.attention_levels: the text must reach the UNet: let a level attend to it, or keep "
+     "text_embedding on"),
     ({"text_width": 30, "text_heads": 4},
      "config.text_width: must be a multiple of text_heads (4)"),
     ({"sampler": "euler"}, "config.sampler: must be 'dpm-solver' or 'ddim'"),
