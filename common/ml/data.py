@@ -15,6 +15,7 @@ to the first image's mode. An uploaded .zip holding either folder is extracted f
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -205,24 +206,31 @@ def _line_format(row: dict) -> type[BaseModel]:
     return next((LINE_FORMATS[k] for k in LINE_FORMATS if k in row), TextLine)
 
 
+def _json_objects(raw: str, name: str, problems: list[str]) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each JSON-object line of a .jsonl text; a line that is
+    not one is a problem naming it (blank lines are skipped)."""
+    for n, line in enumerate(raw.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            problems.append(f"data.path: {name} line {n}: invalid JSON ({e.msg})")
+            continue
+        if not isinstance(row, dict):
+            problems.append(f"data.path: {name} line {n}: must be a JSON object")
+            continue
+        yield n, row
+
+
 def _load_jsonl(path: Path, raw: str) -> TextData:
     """`text`, chat or prompt/completion lines, the format set by the first line."""
     texts: list[str] = []
     examples: list[Example] = []
     problems: list[str] = []
     line_type: type[BaseModel] | None = None
-    for n, line in enumerate(raw.splitlines(), start=1):
-        if not line.strip():
-            continue
+    for n, row in _json_objects(raw, path.name, problems):
         where = f"data.path: {path.name} line {n}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            problems.append(f"{where}: invalid JSON ({e.msg})")
-            continue
-        if not isinstance(row, dict):
-            problems.append(f"{where}: must be a JSON object")
-            continue
         line_type = line_type or _line_format(row)
         if _line_format(row) is not line_type:
             problems.append(f"{where}: a {FORMAT_NAMES[_line_format(row)]} line in a "
@@ -364,19 +372,10 @@ def _metadata_entries(path: Path) -> tuple[list[tuple[int, CaptionedImage]], lis
         raw = (path / METADATA).read_text(encoding="utf-8-sig")  # a BOM is not part of line 1
     except UnicodeDecodeError as e:
         raise DataError([f"data.path: {METADATA} is not UTF-8 text ({e.reason})"]) from e
-    entries, problems = [], []
-    for n, line in enumerate(raw.splitlines(), start=1):
-        if not line.strip():
-            continue
+    entries: list[tuple[int, CaptionedImage]] = []
+    problems: list[str] = []
+    for n, row in _json_objects(raw, METADATA, problems):
         where = f"data.path: {METADATA} line {n}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            problems.append(f"{where}: invalid JSON ({e.msg})")
-            continue
-        if not isinstance(row, dict):
-            problems.append(f"{where}: must be a JSON object")
-            continue
         try:
             entries.append((n, CaptionedImage.model_validate(row)))
         except ValidationError as e:

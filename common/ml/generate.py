@@ -90,7 +90,7 @@ def _units(loaded: LoadedModel, module: AnyFamily, requests: list[GenRequest]) -
                 log.warning("request %s: prompt/max_tokens cut to the %d-token context",
                             r.key, limit)
         if _isolated(loaded, r):
-            sig = (tuple(ids), r.label, params, r.seed, r.n)
+            sig = (tuple(ids), r.prompt, r.label, params, r.seed, r.n)
             if sig in seeded:
                 seeded[sig].requests.append(r)
                 continue

@@ -77,6 +77,20 @@ def test_trains_checkpoints_and_draws_for_prompts(trained: TrainOutcome) -> None
     assert Image.open(io.BytesIO((sized.images or [])[0])).size == (24, 16)
 
 
+def test_seeded_requests_share_a_draw_only_when_their_prompts_are_equal(
+        trained: TrainOutcome) -> None:
+    """Identical seeded requests are drawn once; the prompt is part of what is identical
+    (it once was not, and ten digits asked with one seed all came out as the first)."""
+    from common.ml.generate import _units
+
+    loaded = load_model(trained.checkpoint)
+    requests = [GenRequest(key=k, prompt=p, seed=5) for k, p in
+                (("a", "a handwritten digit one"), ("b", "a handwritten digit two"),
+                 ("c", "a handwritten digit one"))]
+    units = _units(loaded, get_family("diffusion"), requests)
+    assert [[r.key for r in u.requests] for u in units] == [["a", "c"], ["b"]]
+
+
 def test_every_drawing_parameter_reaches_the_unet(trained: TrainOutcome,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """What the UNet is asked (a barely trained model's pictures saturate, so the test
