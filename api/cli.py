@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import httpx
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -55,8 +56,8 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
             )
         except httpx.HTTPError as exc:
             err.print(f"[red]error:[/red] talking to {get_settings().api_url}: {exc}")
-        except (StackError, DemoFailed) as exc:
-            err.print(f"[red]error:[/red] {exc}")
+        except (StackError, DemoFailed) as exc:  # may quote a log: no markup in it
+            err.print(f"[red]error:[/red] {escape(str(exc))}")
         except FileNotFoundError as exc:
             err.print(f"[red]error:[/red] {exc.strerror}: {exc.filename}")
         raise typer.Exit(1)
@@ -97,7 +98,7 @@ def up(
     try:
         stack.start()
         print_stack(stack)
-        stack.watch()
+        stack.watch(say=lambda line: console.print(f"[yellow]{line}[/yellow]"))
     except KeyboardInterrupt:
         console.print("\nstopping (running jobs checkpoint and re-queue)…")
     finally:

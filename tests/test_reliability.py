@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from common.schemas import TrainJobSpec
 from common.train_spec import DataSpec
@@ -217,6 +217,43 @@ def test_kill9_pool_child_resumes_from_checkpoint(rstack, reference):
     assert row(rstack, job["id"]).worker_pid != pid
     assert any("resuming from checkpoint" in m for m in job_logs(rstack, job["id"]))
     assert_same_weights(final_weights(rstack, done["result"]["checkpoint_id"]), reference)
+
+
+def test_a_pool_child_killed_under_a_backlog_is_queued_again_at_once(aof_redis, reference):
+    """Issue 25 hole 2: the worker's main process re-queues its dead child's job itself.
+    Celery's rejected message went to the back of the queue, so under a backlog the job
+    sat `running` under a dead pid until the reaper's lease (here 10 minutes) came first;
+    and after one takeover the redelivered message was stale. Two kills, each recovered at
+    once, and the weights still equal an uninterrupted run's."""
+    broker = aof_redis.url.rsplit("/", 1)[0] + "/3"  # rstack's workers listen on db 0
+    with fresh_database("sqlite") as db:
+        stack = start_stack(db, broker, env_extra={"GENQ_LEASE_S": "600",
+                                                   "GENQ_CANCEL_GRACE_S": "1"})
+        try:
+            spawn_worker(stack, "solo")
+            stack.wait_worker("solo")
+            c = stack.client()
+            job = c.create_job(SPEC)
+            first = running_at(stack, job["id"], 12).worker_pid
+            backlog = c.create_job({**SPEC, "steps": 100_000, "checkpoint_every": 1000})
+            os.kill(first, signal.SIGKILL)
+            # the backlog job takes the worker; the killed job waits queued as attempt 2
+            wait_for(lambda: row(stack, backlog["id"]).status == "running", timeout=60)
+            again = row(stack, job["id"])
+            assert (again.status, again.attempt) == ("queued", 2), (again.status, again.error)
+            assert again.attempts_log[0]["error"]["message"] == f"pool process {first} died"
+            c.cancel(backlog["id"])
+            second = running_at(stack, job["id"], again.progress_done + 5).worker_pid
+            os.kill(second, signal.SIGKILL)
+            done = c.wait(job["id"], timeout=240)
+            assert done["status"] == "succeeded", done
+            assert [a["error"]["message"] for a in done["attempts"]] == [
+                f"pool process {first} died", f"pool process {second} died"]
+            assert done["attempt"] == 3
+            assert_same_weights(final_weights(stack, done["result"]["checkpoint_id"]), reference)
+            assert c.get_job(backlog["id"])["status"] == "cancelled"
+        finally:
+            stack.stop_all()
 
 
 def test_kill9_whole_worker_resumes_on_another(rstack, reference):
@@ -855,3 +892,97 @@ def test_kill9_pool_child_resumes_a_lora_run_exactly(rstack, tmp_path):
     resumed = load_model(Path(uri.removeprefix("file://")),
                          locate=lambda base: Path(base.removeprefix("file://")))
     assert_same_weights(resumed.model.state_dict(), load_model(out.checkpoint).model.state_dict())
+
+
+# ---------------------------------------------------------------- fault injection
+
+
+def test_random_kills_during_a_multi_shard_batch_lose_and_double_nothing(aof_redis):
+    """Issue 25: pool children and whole workers killed at random while two workers run a
+    batch of many shards. Every custom_id comes out exactly once, nothing fails, and no
+    shard stays `running` under a dead process for longer than the lease and a margin.
+    A victim is always a shard that committed items in its current attempt: attempts that
+    made no progress may legitimately spend max_attempts (a poison job)."""
+    import io
+    import random
+
+    from common.models import Item, Job
+    from tests.test_batches import jsonl, lines_for, read_jsonl, sdk
+
+    lease_s = 4
+    broker = aof_redis.url.rsplit("/", 1)[0] + "/4"
+    with fresh_database("sqlite") as db:
+        stack = start_stack(db, broker, env_extra={
+            "GENQ_LEASE_S": str(lease_s), "GENQ_REAPER_INTERVAL_S": "1",
+            "GENQ_RETRY_BACKOFF_S": "0.5", "GENQ_SHARD_SIZE": "10", "GENQ_ITEM_CHUNK": "1",
+            "GENQ_TOKEN_BUDGET": "64"})
+        try:
+            for name in ("f0", "f1"):
+                spawn_worker(stack, name)
+            for name in ("f0", "f1"):
+                stack.wait_worker(name)
+            c = stack.client()
+            trained = c.wait(c.create_job({**SPEC, "steps": 10})["id"], timeout=120)
+            rows = lines_for(trained["result"]["model"], 160, max_tokens=300)
+            client = sdk(stack)
+            upload = client.files.create(file=("in.jsonl", io.BytesIO(jsonl(rows))),
+                                         purpose="batch")
+            batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/completions",
+                                          completion_window="24h")
+            rng = random.Random(25)
+            kills = ["pool child", "pool child", "pool child", "worker", "worker", "worker"]
+            rng.shuffle(kills)
+            done_kills: list[str] = []
+            orphaned_since: dict[tuple[str, int], float] = {}
+            longest_orphan = 0.0
+            next_kill = time.monotonic() + rng.uniform(0.5, 1.5)
+            engine_url = stack.env["GENQ_DATABASE_URL"]
+            from common.db import engine_for, session_factory
+
+            deadline = time.monotonic() + 400
+            while client.batches.retrieve(batch.id).status not in ("completed", "failed"):
+                assert time.monotonic() < deadline, "the batch did not finish"
+                with session_factory(engine_for(engine_url))() as s:
+                    running = list(s.scalars(select(Job).where(
+                        Job.parent_id == batch.id, Job.status == "running")))
+                    committed = {shard.id: s.scalar(
+                        select(func.count()).select_from(Item).where(
+                            Item.job_id == shard.id, Item.status != "pending"))
+                        for shard in running}
+                now = time.monotonic()
+                for shard in running:
+                    key = (shard.id, shard.attempt)
+                    if shard.worker_pid and not _alive(shard.worker_pid):
+                        orphaned_since.setdefault(key, now)
+                        longest_orphan = max(longest_orphan, now - orphaned_since[key])
+                victims = [shard for shard in running if shard.worker_pid
+                           and _alive(shard.worker_pid) and committed[shard.id]
+                           > max([e.get("progress", 0) for e in shard.attempts_log] or [0])]
+                if kills and victims and now >= next_kill:
+                    shard, how = rng.choice(victims), kills.pop()
+                    if how == "pool child":
+                        os.kill(shard.worker_pid, signal.SIGKILL)
+                    else:
+                        stack.stop(node_of(shard), sig=signal.SIGKILL)
+                        spawn_worker(stack, f"f{len(done_kills) + 2}")
+                    done_kills.append(how)
+                    next_kill = now + rng.uniform(0.5, 2.0)
+                time.sleep(0.1)
+            final = client.batches.retrieve(batch.id)
+            assert final.status == "completed", final
+            assert done_kills.count("pool child") == 3 and done_kills.count("worker") == 3, (
+                done_kills, "the batch finished before every kill landed")
+            out = read_jsonl(client, final.output_file_id)
+            ids = [o["custom_id"] for o in out]
+            assert sorted(ids) == sorted(r["custom_id"] for r in rows)  # each exactly once
+            assert read_jsonl(client, final.error_file_id) == []
+            assert final.request_counts.completed == 160  # type: ignore[union-attr]
+            with session_factory(engine_for(engine_url))() as s:
+                left = list(s.scalars(select(Job.status).where(
+                    Job.status.in_(["queued", "running"]))))
+                retried = s.scalar(select(func.count()).select_from(Job).where(
+                    Job.parent_id == batch.id, Job.attempt > 1))
+            assert left == [] and retried >= 1
+            assert longest_orphan < lease_s + 20, longest_orphan
+        finally:
+            stack.stop_all()

@@ -12,7 +12,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from billiard.einfo import ExceptionWithTraceback
+from billiard.exceptions import WorkerLostError
 from celery import signals
+from celery.worker.request import Request
+from celery.worker.state import task_ready
 from sqlalchemy.orm import Session
 
 from common import fleet, jobs
@@ -186,3 +190,35 @@ def _on_child_start(**_: Any) -> None:
     # Everything imported so far (Celery, torch, transformers) lives as long as the child:
     # keep it out of the cyclic collector, whose full passes otherwise walk it all.
     gc.freeze()
+
+
+class LostChildRequest(Request):
+    """A task request whose pool child died mid-job (kill -9, the OOM killer): the main
+    process fails that attempt as worker_lost in SQL and acknowledges the message, so the
+    job is queued again at once. Celery's own handling rejects the message to the back of
+    the queue, where under a backlog the reaper's lease came first and, after a takeover,
+    the redelivered message was stale."""
+
+    def on_failure(self, exc_info: Any, send_failed_event: bool = True,
+                   return_ok: bool = False) -> None:
+        exc = exc_info.exception
+        if isinstance(exc, ExceptionWithTraceback):
+            exc = exc.exc
+        if isinstance(exc, WorkerLostError) and len(self.args) >= 2:
+            job_id, attempt = self.args[0], self.args[1]
+            try:
+                with main_session() as session:
+                    outcome = jobs.recover_lost_child(session, job_id, int(attempt),
+                                                      worker=self.hostname)
+            except Exception as err:  # the database is down: the reaper recovers it
+                log.warning("job %s: could not re-queue after its pool child died: %s",
+                            job_id, err)
+                outcome = None
+            if outcome is not None:
+                log.warning("job %s attempt %s: pool child died (%s); %s", job_id, attempt,
+                            exc, outcome)
+                task_ready(self)
+                self.acknowledge()
+                self.send_event("task-failed", exception=repr(exc))
+                return
+        super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)

@@ -31,6 +31,8 @@ from worker.frame_stack import call_on_fresh_chunk
 log = logging.getLogger(__name__)
 app = get_celery()
 CLAIM_RETRY_S = 5
+# runs in the main process when a pool child dies mid-job (worker/main.py)
+LOST_CHILD = "worker.main:LostChildRequest"
 
 Body = Callable[[JobContext], dict[str, Any]]
 
@@ -151,7 +153,7 @@ def summary(result: dict[str, Any]) -> str:
     return ", ".join(f"{k}={result[k]}" for k in keys if result.get(k) is not None)
 
 
-@app.task(name="genq.train", bind=True)
+@app.task(name="genq.train", bind=True, Request=LOST_CHILD)
 def train(self: Any, job_id: str, attempt: int, **meta: Any) -> str:
     """Run one training job (args: job id, attempt; kwargs: family, model)."""
     from worker.training import execute_training
@@ -159,7 +161,7 @@ def train(self: Any, job_id: str, attempt: int, **meta: Any) -> str:
     return run_job(self, job_id, attempt, execute_training)
 
 
-@app.task(name="genq.generate", bind=True)
+@app.task(name="genq.generate", bind=True, Request=LOST_CHILD)
 def generate(self: Any, job_id: str, attempt: int, **meta: Any) -> str:
     """Run one generation job."""
     from worker.generation import execute_items
@@ -167,7 +169,7 @@ def generate(self: Any, job_id: str, attempt: int, **meta: Any) -> str:
     return run_job(self, job_id, attempt, execute_items)
 
 
-@app.task(name="genq.batch_shard", bind=True)
+@app.task(name="genq.batch_shard", bind=True, Request=LOST_CHILD)
 def batch_shard(self: Any, job_id: str, attempt: int, **meta: Any) -> str:
     """Run one shard of a batch."""
     from worker.generation import execute_items
