@@ -260,11 +260,13 @@ def train(
     batch_size: Annotated[int | None, typer.Option(help="Default 16 (or the recipe's)")] = None,
     lr: Annotated[float | None, typer.Option(help="Default 0.001 (or the recipe's)")] = None,
     queue: str = "auto",
+    priority: Annotated[int | None, typer.Option(help="0-9, 9 most urgent (default 0)")] = None,
     watch_: Annotated[bool, typer.Option("--watch", help="Follow progress")] = False,
 ) -> None:
     """Submit a training job."""
     spec: dict[str, Any] = {"type": "train", "family": family, "queue": queue}
-    for key, value in (("steps", steps), ("batch_size", batch_size), ("lr", lr)):
+    for key, value in (("steps", steps), ("batch_size", batch_size), ("lr", lr),
+                       ("priority", priority)):
         if value is not None:  # unset: the server's default, or the family's recipe
             spec[key] = value
     if name:
@@ -313,6 +315,7 @@ def generate(
     negative_prompt: Annotated[str | None, typer.Option(
         help="What to guide away from (diffusion)")] = None,
     out: Annotated[Path, typer.Option(help="Folder for images")] = Path("genq-results"),
+    priority: Annotated[int | None, typer.Option(help="0-9, 9 most urgent (default 0)")] = None,
 ) -> None:
     """Generate from a model and print (or save) the results."""
     if label and n is not None and len(label) not in (1, n):
@@ -337,6 +340,7 @@ def generate(
         ("steps", steps),
         ("guidance_scale", guidance_scale),
         ("negative_prompt", negative_prompt),
+        ("priority", priority),
     ):
         if value is not None and value != []:  # seed 0 and top_k 0 are values, not absences
             spec[key] = value

@@ -19,6 +19,7 @@ from prometheus_client.core import (
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from common.celery_app import redis_lists
 from common.config import get_settings
 from common.db import session_factory
 from common.errors import GpuUnreadable
@@ -154,7 +155,10 @@ def queue_depths() -> Iterator[Metric]:
     try:
         redis = broker_client()
         for queue in get_settings().queue_names:
-            depth.add_metric([queue], int(redis.llen(queue)))
+            with redis.pipeline(transaction=False) as pipe:
+                for name in redis_lists(queue):
+                    pipe.llen(name)
+                depth.add_metric([queue], sum(int(n) for n in pipe.execute()))
     except Exception as exc:  # the scrape still answers with what SQL knows
         log.warning("queue depth unavailable: %s", exc)
         up = 0

@@ -25,7 +25,7 @@ def raw_celery_rate(n: int) -> float:
     """genq.noop sent with send_task to the same Redis and worker; time until drained."""
     import redis
 
-    from common.celery_app import get_celery
+    from common.celery_app import get_celery, redis_lists
     from common.config import get_settings
 
     app = get_celery()
@@ -33,7 +33,8 @@ def raw_celery_rate(n: int) -> float:
     start = time.perf_counter()
     for _ in range(n):
         app.send_task("genq.noop", queue="cpu")
-    while r.llen("cpu") or r.hlen("unacked"):
+    lists = redis_lists("cpu")  # genq.noop goes at the default (lowest) priority
+    while any(r.llen(name) for name in lists) or r.hlen("unacked"):
         time.sleep(0.005)
     return n / (time.perf_counter() - start)
 

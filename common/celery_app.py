@@ -10,6 +10,13 @@ from kombu import Queue
 from common.config import get_settings
 
 TASK_FOR_TYPE = {"train": "genq.train", "generate": "genq.generate", "shard": "genq.batch_shard"}
+# A job's priority is 0-9 with 9 the most urgent; on Redis priority 0 is served first.
+LOWEST_BROKER_PRIORITY = 9
+
+
+def broker_priority(priority: int) -> int:
+    """The Redis priority step of a job priority (9 most urgent -> 0, served first)."""
+    return LOWEST_BROKER_PRIORITY - max(0, min(9, priority))
 
 
 @lru_cache
@@ -21,6 +28,9 @@ def get_celery() -> Celery:
         "visibility_timeout": settings.visibility_timeout_s,
         "socket_connect_timeout": 5,
         "socket_timeout": 10,
+        # one Redis list per priority (kombu's default steps 0, 3, 6, 9 would merge them);
+        # a worker pops the lists in priority order, across all its queues
+        "priority_steps": list(range(LOWEST_BROKER_PRIORITY + 1)),
     }
     app.conf.update(
         task_queues=[Queue(name, routing_key=name) for name in settings.queue_names],
@@ -29,6 +39,9 @@ def get_celery() -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
+        # a message without a priority (a raw Celery task) must not jump the queue: kombu
+        # puts it on the priority-0 list, the first one served
+        task_default_priority=LOWEST_BROKER_PRIORITY,
         broker_transport_options=transport,
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=5,
@@ -52,10 +65,13 @@ def get_celery() -> Celery:
     return app
 
 
-def send_job(job_id: str, attempt: int, *, job_type: str, queue: str, kwargs: dict) -> str:
-    """Publish the message for one attempt of a job; returns the Celery task id."""
+def send_job(job_id: str, attempt: int, *, job_type: str, queue: str, kwargs: dict,
+             priority: int = 0) -> str:
+    """Publish the message for one attempt of a job at its priority (0-9, 9 most urgent);
+    returns the Celery task id."""
     result = get_celery().send_task(
-        TASK_FOR_TYPE[job_type], args=[job_id, attempt], kwargs=kwargs, queue=queue
+        TASK_FOR_TYPE[job_type], args=[job_id, attempt], kwargs=kwargs, queue=queue,
+        priority=broker_priority(priority),
     )
     return str(result.id)
 
@@ -65,6 +81,15 @@ def __getattr__(name: str) -> Celery:
     if name in ("app", "celery"):
         return get_celery()
     raise AttributeError(name)
+
+
+def redis_lists(queue: str) -> list[str]:
+    """The Redis lists that hold a queue's messages, one per priority step (kombu names the
+    priority-0 list after the queue and the others `queue<sep>step`)."""
+    from kombu.transport.redis import Channel
+
+    return [queue, *(f"{queue}{Channel.sep}{step}"
+                     for step in range(1, LOWEST_BROKER_PRIORITY + 1))]
 
 
 def messages_waiting(queue: str) -> int:

@@ -204,7 +204,8 @@ def dispatch(session: Session, job: Job) -> bool:
     """Send the job's current attempt to Celery; False (job stays in the outbox) if it fails."""
     kwargs = {"family": job.family, "model": job.model_id}
     try:
-        task_id = send_job(job.id, job.attempt, job_type=job.type, queue=job.queue, kwargs=kwargs)
+        task_id = send_job(job.id, job.attempt, job_type=job.type, queue=job.queue, kwargs=kwargs,
+                           priority=job.priority)
     except Exception as exc:  # broker down: the outbox sweep re-sends later
         log.warning("job %s: broker unreachable, left in outbox: %s", job.id, exc)
         return False
