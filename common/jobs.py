@@ -18,10 +18,11 @@ from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from common.batches.finalize import shard_finished
-from common.celery_app import get_celery, send_job
+from common.celery_app import get_celery
 from common.chat import as_dicts, render_fallback
 from common.config import get_settings
 from common.db import rows_changed
+from common.dispatch import dispatch
 from common.errors import Conflict, InvalidSpec, pydantic_problems
 from common.files import get_file
 from common.fleet import resolve_queue
@@ -200,35 +201,18 @@ def generate_requests(spec: GenerateSpec, *, prompts: list[str] | None) -> list[
     return [{"gen": ItemInput(label=label, **params).model_dump()} for label in labels]
 
 
-def dispatch(session: Session, job: Job) -> bool:
-    """Send the job's current attempt to Celery; False (job stays in the outbox) if it fails."""
-    kwargs = {"family": job.family, "model": job.model_id}
-    try:
-        task_id = send_job(job.id, job.attempt, job_type=job.type, queue=job.queue, kwargs=kwargs,
-                           priority=job.priority)
-    except Exception as exc:  # broker down: the outbox sweep re-sends later
-        log.warning("job %s: broker unreachable, left in outbox: %s", job.id, exc)
-        return False
-    session.execute(
-        update(Job)
-        .where(Job.id == job.id, Job.attempt == job.attempt)
-        .values(enqueued_at=utcnow(), celery_task_id=task_id)
-    )
-    session.commit()
-    return True
-
-
 def sweep_outbox(session: Session, *, min_age_s: float = 10.0) -> int:
     """Send queued jobs whose message never reached the broker or whose back-off is over.
     A job younger than min_age_s is left to the API that is sending it, unless it waits
-    out a retry back-off: nobody else sends that one, so it goes as soon as the wait ends."""
+    out a retry back-off: nobody else sends that one, so it goes as soon as the wait ends.
+    Batch shards without a message are release_shards' (common/dispatch.py), not this."""
     now = utcnow()
     jobs = session.scalars(
         select(Job)
         .where(
             Job.status == JobStatus.queued,
             Job.enqueued_at.is_(None),
-            Job.type != JobType.batch,
+            Job.type.not_in([JobType.batch, JobType.shard]),
             Job.cancel_requested.is_(False),
             or_(Job.not_before.is_(None), Job.not_before <= now),
             or_(Job.not_before.is_not(None),

@@ -53,3 +53,63 @@ def test_an_urgent_job_is_the_next_one_a_busy_worker_takes(redis_server):
             assert order == [urgent["id"], *(j["id"] for j in waiting)], order
         finally:
             stack.stop_all()
+
+
+def test_a_later_small_batch_of_another_owner_is_not_stuck_behind_a_big_one(redis_server):
+    """Owner A's 15-shard batch, then owner B's 1-shard batch, on one worker: B's completes
+    while A's still has most of its shards to go, and A's output has every custom_id once."""
+    import io
+
+    from sqlalchemy import select
+
+    from common.auth import create_key
+    from common.db import engine_for, session_factory
+    from common.models import Job
+    from tests.test_batches import jsonl, lines_for, read_jsonl, sdk
+
+    with fresh_database("sqlite") as db:
+        stack = start_stack(db, redis_server.rsplit("/", 1)[0] + "/11",
+                            env_extra={"GENQ_SHARD_SIZE": "4"})
+        try:
+            stack.start_worker("s1", queues="cpu")
+            with session_factory(engine_for(db))() as s:
+                _, key_b = create_key(s, owner="owner-b")
+            clients = {}
+            for owner, key in (("a", stack.api_key), ("b", key_b)):
+                c = stack.client(key)
+                model = c.wait(c.create_job({**TINY_LSTM, "queue": "cpu"})["id"],
+                               timeout=120)["result"]["model"]
+                clients[owner] = (c, model)
+
+            def submit(owner: str, n: int):  # type: ignore[no-untyped-def]
+                c, model = clients[owner]
+                openai_client = sdk(stack)
+                openai_client.api_key = c.api_key
+                rows = lines_for(model, n, max_tokens=300)  # seeded: one by one, ~0.1 s each
+                upload = openai_client.files.create(file=("in.jsonl", io.BytesIO(jsonl(rows))),
+                                                    purpose="batch")
+                batch = openai_client.batches.create(
+                    input_file_id=upload.id, endpoint="/v1/completions",
+                    completion_window="24h")
+                return openai_client, batch, rows
+
+            client_a, big, rows_a = submit("a", 60)
+            client_b, small, _ = submit("b", 4)
+
+            def shards_done(batch_id: str) -> int:
+                with session_factory(engine_for(db))() as s:
+                    return len(list(s.scalars(select(Job.id).where(
+                        Job.parent_id == batch_id, Job.status == "succeeded"))))
+
+            done_b = wait_for(lambda: (b := client_b.batches.retrieve(small.id)).status
+                              in ("completed", "failed") and b, timeout=120)
+            assert done_b.status == "completed", done_b
+            assert shards_done(big.id) <= 7, "B waited for most of A's batch"
+            done_a = wait_for(lambda: (b := client_a.batches.retrieve(big.id)).status
+                              in ("completed", "failed") and b, timeout=300)
+            assert done_a.status == "completed", done_a
+            ids = [o["custom_id"] for o in read_jsonl(client_a, done_a.output_file_id)]
+            assert sorted(ids) == sorted(r["custom_id"] for r in rows_a)
+            assert shards_done(big.id) == 15
+        finally:
+            stack.stop_all()

@@ -13,6 +13,7 @@ from api.waiting import WaitSeconds, read_when_finished
 from common import jobs
 from common.batches import create, views
 from common.batches.schemas import BATCH_FINISHED, BatchCreate, BatchList, BatchOut
+from common.dispatch import release_shards
 from common.storage import get_storage
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"], route_class=GenqRoute)
@@ -29,8 +30,8 @@ def create_batch(
     require_broker()
     parent, shards = create.create_batch(session, get_storage(), owner=owner, spec=spec,
                                          idempotency_key=idempotency_key)
-    for shard in shards:
-        jobs.dispatch(session, shard)
+    if shards:  # the first ones; the rest as workers free up (common/dispatch.py)
+        release_shards(session, parent.queue)
     return views.batch_out(session, parent)
 
 

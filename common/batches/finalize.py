@@ -21,6 +21,7 @@ from common.batches.schemas import IMAGE_ENDPOINT
 from common.batches.views import count_items
 from common.config import get_settings
 from common.db import rows_changed
+from common.dispatch import release_shards
 from common.fleet import this_worker
 from common.models import (
     FINISHED,
@@ -61,7 +62,9 @@ def shard_finished(session: Session, shard: Job) -> None:
         select(Job.shards_done, Job.shards_total).where(Job.id == shard.parent_id)
     ).one()
     session.commit()
-    if done >= total:
+    if done < total:
+        release_shards(session, shard.queue)  # its worker's next one, or another owner's
+    else:
         try:
             finalize_batch(session, shard.parent_id or "")
         except Exception:  # the reaper's finalize_stalled retries
