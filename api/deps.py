@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -9,6 +10,9 @@ from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, Request
+from limits import RateLimitItemPerMinute
+from limits.storage import RedisStorage
+from limits.strategies import SlidingWindowCounterRateLimiter
 from sqlalchemy.orm import Session
 
 from api.errors import json_type
@@ -16,6 +20,8 @@ from common.auth import hash_key, owner_of
 from common.config import get_settings
 from common.db import session_factory
 from common.errors import RateLimited, TooLarge, Unauthorized
+
+log = logging.getLogger(__name__)
 
 
 def get_session() -> Iterator[Session]:
@@ -30,22 +36,34 @@ SessionDep = Annotated[Session, Depends(get_session)]
 
 
 class RateLimiter:
-    """A per-key token bucket (per API process)."""
+    """Requests per key per minute, counted in Redis by the `limits` library (a sliding
+    window), so every API process and a restarted one share one count. While Redis is
+    unreachable nothing is limited: the broker check answers 503 for submissions anyway."""
 
     def __init__(self) -> None:
-        self._buckets: dict[str, tuple[float, float]] = {}
+        self._strategy: SlidingWindowCounterRateLimiter | None = None
         self._lock = threading.Lock()
 
-    def take(self, key: str, per_minute: int) -> bool:
-        now = time.monotonic()
+    def strategy(self) -> SlidingWindowCounterRateLimiter:
         with self._lock:
-            tokens, last = self._buckets.get(key, (float(per_minute), now))
-            tokens = min(float(per_minute), tokens + (now - last) * per_minute / 60.0)
-            if tokens < 1:
-                self._buckets[key] = (tokens, now)
-                return False
-            self._buckets[key] = (tokens - 1, now)
-            return True
+            if self._strategy is None:
+                store = RedisStorage(get_settings().broker_url, socket_timeout=1,
+                                     socket_connect_timeout=1)
+                self._strategy = SlidingWindowCounterRateLimiter(store)
+            return self._strategy
+
+    def take(self, key: str, per_minute: int) -> float | None:
+        """None if the request may go ahead; else seconds until the key may send again."""
+        item = RateLimitItemPerMinute(per_minute)
+        try:
+            strategy = self.strategy()
+            if strategy.hit(item, "genq-key", key):
+                return None
+            reset = strategy.get_window_stats(item, "genq-key", key).reset_time
+        except Exception as exc:  # Redis away: serve, and say so once per failure
+            log.warning("rate limit not counted (Redis unreachable): %s", exc)
+            return None
+        return max(1.0, reset - time.time())
 
 
 limiter = RateLimiter()
@@ -59,9 +77,10 @@ def get_owner(request: Request, session: SessionDep) -> str:
         raise Unauthorized("missing API key: send Authorization: Bearer <key>")
     owner = owner_of(session, key.strip())
     per_minute = get_settings().rate_limit_per_minute
-    if per_minute and not limiter.take(hash_key(key.strip()), per_minute):
+    wait_s = limiter.take(hash_key(key.strip()), per_minute) if per_minute else None
+    if wait_s is not None:
         raise RateLimited(f"more than {per_minute} requests a minute for this key",
-                          retry_after_s=math.ceil(60 / per_minute))
+                          retry_after_s=math.ceil(wait_s))
     return owner
 
 

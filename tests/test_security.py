@@ -24,6 +24,14 @@ def auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
+def make_key(stack: Stack, owner: str) -> str:
+    from common.auth import create_key
+    from common.db import engine_for, session_factory
+
+    with session_factory(engine_for(stack.env["GENQ_DATABASE_URL"]))() as s:
+        return create_key(s, owner=f"{owner}-{uuid.uuid4().hex[:6]}")[1]
+
+
 @pytest.fixture(scope="module", params=BACKENDS)
 def quiet_stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
     """An API with no workers on its own Redis and database: fuzzed jobs just stay queued."""
@@ -107,19 +115,26 @@ def spawn_api(base: Stack, **env: str) -> Stack:
     raise RuntimeError(api.log("api"))
 
 
-def test_rate_limit_is_429(quiet_stack):
-    limited = spawn_api(quiet_stack, GENQ_RATE_LIMIT_PER_MINUTE="5")
-    headers = auth(limited.api_key)
+def test_rate_limit_is_429_and_shared_by_every_api_process(quiet_stack):
+    """The count lives in Redis: two API processes (replicas) together allow the limit once,
+    and a restarted one does not start from zero."""
+    limited = [spawn_api(quiet_stack, GENQ_RATE_LIMIT_PER_MINUTE="5") for _ in range(2)]
+    headers = auth(quiet_stack.api_key)
     try:
-        codes = [httpx.get(f"{limited.api_url}/v1/jobs", headers=headers).status_code
-                 for _ in range(7)]
-        assert codes[:5] == [200] * 5 and codes[-1] == 429, codes
-        resp = httpx.get(f"{limited.api_url}/v1/jobs", headers=headers)
-        assert resp.json()["error"]["code"] == "rate_limited"
-        assert resp.headers["Retry-After"] == "12"  # a token comes back every 60/5 s
-        assert httpx.get(f"{limited.api_url}/healthz").status_code == 200  # probes are free
+        codes = [httpx.get(f"{limited[i % 2].api_url}/v1/jobs", headers=headers).status_code
+                 for i in range(7)]
+        assert codes[:5] == [200] * 5 and codes[5:] == [429, 429], codes
+        limited[0].stop_all()
+        limited[0] = spawn_api(quiet_stack, GENQ_RATE_LIMIT_PER_MINUTE="5")
+        resp = httpx.get(f"{limited[0].api_url}/v1/jobs", headers=headers)
+        assert resp.status_code == 429 and resp.json()["error"]["code"] == "rate_limited"
+        assert 1 <= int(resp.headers["Retry-After"]) <= 60
+        assert httpx.get(f"{limited[1].api_url}/healthz").status_code == 200  # probes are free
+        other = auth(make_key(quiet_stack, "other-owner"))  # another key has its own count
+        assert httpx.get(f"{limited[1].api_url}/v1/jobs", headers=other).status_code == 200
     finally:
-        limited.stop_all()
+        for api in limited:
+            api.stop_all()
 
 
 @pytest.mark.parametrize(
