@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import signal
 import subprocess
 import time
 from collections import Counter
@@ -88,13 +87,10 @@ def up(
     flower: Annotated[bool, typer.Option(help="Start Flower")] = True,
 ) -> None:
     """Start Redis, the API, workers and Flower in this folder (.genq/); Ctrl-C stops all."""
-    from api.stack import Stack
+    from api.stack import Stack, stop_on_termination
 
     stack = Stack(get_settings(), gpus=count_gpus() if gpus is None else gpus, with_flower=flower)
-    # Ctrl-C, systemd's stop and a closed terminal all stop the stack cleanly; SIGINT too,
-    # since a shell that starts us in the background without job control ignores it.
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    stop_on_termination()  # Ctrl-C, systemd's stop and a closed terminal: a clean stop
     try:
         stack.start()
         print_stack(stack)

@@ -10,10 +10,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import httpx
 
@@ -24,6 +26,20 @@ log = logging.getLogger(__name__)
 
 RESTART_DELAYS_S = (1, 2, 4, 8, 16, 30)  # after a child's 1st, 2nd, … exit in the window
 CRASH_WINDOW_S = 300.0
+
+
+def _interrupt(*_: object) -> NoReturn:
+    raise KeyboardInterrupt
+
+
+def stop_on_termination() -> None:
+    """SIGTERM and SIGHUP (a CI runner, `timeout`, systemd's stop, a closed terminal) end
+    the process that started a stack as Ctrl-C does, so its `finally` stops the children,
+    which run in sessions of their own and would otherwise be left running. SIGINT too,
+    since a shell that starts us in the background without job control ignores it."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, _interrupt)
 
 
 def redis_binary() -> str:
@@ -98,6 +114,7 @@ class Stack:
 
     def start(self) -> None:
         s = self.settings
+        stop_on_termination()
         for what, port in (("API", s.api_port), ("Redis", s.redis_port), ("Flower", s.flower_port)):
             if (what != "Flower" or self.with_flower) and not port_free(port):
                 raise StackError(

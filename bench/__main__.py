@@ -91,4 +91,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (api/stack.py): the stack is stopped
+        print("interrupted: nothing written; the benchmark's stack is stopped", flush=True)
+        sys.exit(130)

@@ -104,3 +104,35 @@ def test_image_quality_bench_runs_at_a_tiny_size(stack_settings):
         assert 0 <= figure.value <= 1 and figure.baseline == real > 0.9
         assert "(10 images" in figure.name and figure.target_on_value
         assert "| value ≥ 0.8 |" in figure.row()
+
+
+def test_a_sigterm_stops_the_benchmark_and_its_stack(tmp_path):
+    """`make bench` stopped as a CI runner or `timeout` stops it leaves no Redis, API or
+    worker behind (they run in sessions of their own, so nothing else would stop them)."""
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, wait_for
+    from tests.test_cli import alive, descendants, up_env
+
+    proc = subprocess.Popen([sys.executable, "-m", "bench", "--only", "quality"], cwd=ROOT,
+                            env=up_env(), stdout=open(tmp_path / "bench.log", "w"),
+                            stderr=subprocess.STDOUT)
+    children: set[int] = set()
+    try:
+        def stack_up() -> bool:
+            assert proc.poll() is None, (tmp_path / "bench.log").read_text()
+            children.update(descendants(proc.pid))
+            return len(children) >= 3  # redis, the API, the worker (and its pool child)
+
+        wait_for(stack_up, timeout=120, interval=0.2)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    output = (tmp_path / "bench.log").read_text()
+    assert code == 130, output
+    assert "Traceback" not in output and "nothing written" in output
+    wait_for(lambda: not any(alive(pid) for pid in children), timeout=10)
