@@ -586,6 +586,30 @@ def cancel_job(session: Session, *, owner: str, job_id: str) -> Job:
     return job
 
 
+def schedule_force_cancel(session: Session, job: Job, *, grace_s: float) -> bool:
+    """cancel?force=true: note in SQL when the running attempt is to be terminated, so the
+    reaper does it even if the API that was asked restarts; False if it is not running."""
+    scheduled = rows_changed(
+        session,
+        update(Job)
+        .where(Job.id == job.id, Job.attempt == job.attempt, Job.status == JobStatus.running)
+        .values(force_cancel_at=utcnow() + timedelta(seconds=grace_s))
+    )
+    session.commit()
+    return scheduled == 1
+
+
+def force_overdue(session: Session) -> list[str]:
+    """Terminate the running attempts whose forced cancel is due (the reaper's round)."""
+    due = session.execute(
+        select(Job.id, Job.attempt).where(Job.status == JobStatus.running,
+                                          Job.force_cancel_at <= utcnow())
+    ).all()
+    session.commit()
+    return [job_id for job_id, attempt in due
+            if force_cancel(session, job_id=job_id, attempt=attempt)]
+
+
 def force_cancel(session: Session, *, job_id: str, attempt: int) -> bool:
     """After the grace period: terminate an attempt that ignored its cancel flag; True if it did.
 

@@ -289,6 +289,24 @@ def start_stack(db_url: str, broker_url: str, env_extra: dict[str, str] | None =
     raise RuntimeError(f"API did not start:\n{stack.log('api')}")
 
 
+def spawn_api(base: Stack, **env: str) -> Stack:
+    """One more API process on base's settings with some overridden; waits for /healthz."""
+    port = _free_port()
+    home = _TMP / f"api-{uuid.uuid4().hex[:6]}"
+    home.mkdir()
+    api = Stack(home=home, env={**base.env, "GENQ_HOME": str(home), **env},
+                api_url=f"http://127.0.0.1:{port}", api_key=base.api_key)
+    api.spawn("api", [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1",
+                      "--port", str(port), "--log-level", "info"])
+    for _ in range(300):
+        try:
+            httpx.get(f"{api.api_url}/healthz", timeout=1)
+            return api
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    raise RuntimeError(api.log("api"))
+
+
 @pytest.fixture(scope="session")
 def stack(db_url: str, redis_server: str) -> Iterator[Stack]:
     """API + one worker on this session's database and Redis."""

@@ -16,7 +16,15 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 
 from common.errors import GenqAPIError
-from tests.conftest import _TMP, BACKENDS, ROOT, Stack, _free_port, fresh_database, start_stack
+from tests.conftest import (
+    BACKENDS,
+    ROOT,
+    Stack,
+    _free_port,
+    fresh_database,
+    spawn_api,
+    start_stack,
+)
 from tests.test_reliability import RedisServer
 
 
@@ -95,24 +103,6 @@ def test_revoked_key_is_401(stack):
                    cwd=ROOT, check=True, capture_output=True)
     resp = httpx.get(f"{stack.api_url}/v1/jobs", headers=auth(key))
     assert resp.status_code == 401 and resp.json()["error"]["code"] == "invalid_api_key"
-
-
-def spawn_api(base: Stack, **env: str) -> Stack:
-    """One more API process on base's settings with some overridden; waits for /healthz."""
-    port = _free_port()
-    home = _TMP / f"api-{uuid.uuid4().hex[:6]}"
-    home.mkdir()
-    api = Stack(home=home, env={**base.env, "GENQ_HOME": str(home), **env},
-                api_url=f"http://127.0.0.1:{port}", api_key=base.api_key)
-    api.spawn("api", [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1",
-                      "--port", str(port), "--log-level", "info"])
-    for _ in range(300):
-        try:
-            httpx.get(f"{api.api_url}/healthz", timeout=1)
-            return api
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    raise RuntimeError(api.log("api"))
 
 
 def test_rate_limit_is_429_and_shared_by_every_api_process(quiet_stack):

@@ -140,6 +140,7 @@ def _housekeeping(hostname: str) -> None:
             with main_session() as session:
                 fleet.worker_heartbeat(session, hostname=hostname)
                 if jobs.take_lease(session, "reaper", hostname, settings.reaper_interval_s * 3):
+                    jobs.force_overdue(session)  # before reap: a frozen child is terminated
                     jobs.reap(session, lease_s=settings.lease_s)
                     finalize_stalled(session)
                     jobs.sweep_outbox(session)

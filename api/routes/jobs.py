@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import time
 from typing import Annotated
 
-from fastapi import APIRouter, BackgroundTasks, Body, Header, Query, Response
+from fastapi import APIRouter, Body, Header, Query, Response
 from sqlalchemy import select
 
 from api.broker import require_broker
@@ -16,7 +15,6 @@ from api.waiting import WaitSeconds, read_when_finished
 from common import jobs
 from common.batches.views import item_counts
 from common.config import get_settings
-from common.db import session_factory
 from common.models import FINISHED, Item, Job, JobStatus, JobType
 from common.paging import keyset_page
 from common.schemas import ItemList, ItemOut, JobList, JobOut, JobSpec
@@ -89,7 +87,6 @@ def cancel_job(
     job_id: str,
     session: SessionDep,
     owner: OwnerDep,
-    background: BackgroundTasks,
     force: Annotated[
         bool, Query(description="also terminate it if still running after GENQ_CANCEL_GRACE_S")
     ] = False,
@@ -97,14 +94,8 @@ def cancel_job(
     """Cancel: queued jobs at once, running ones at their next step or batch."""
     job = jobs.cancel_job(session, owner=owner, job_id=job_id)
     if force and job.status == JobStatus.running and job.type != JobType.batch:
-        background.add_task(_force_after_grace, job.id, job.attempt)
+        jobs.schedule_force_cancel(session, job, grace_s=get_settings().cancel_grace_s)
     return job_out(job)
-
-
-def _force_after_grace(job_id: str, attempt: int) -> None:
-    time.sleep(get_settings().cancel_grace_s)
-    with session_factory()() as session:
-        jobs.force_cancel(session, job_id=job_id, attempt=attempt)
 
 
 @router.get("/{job_id}/items", response_model=ItemList)
