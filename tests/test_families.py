@@ -81,9 +81,26 @@ def test_image_family_trains_generates_pngs_and_artifacts(stack, family):
     assert bad.value.status == 422 and "labels" in bad.value.message
 
 
+def test_a_gan_on_labelled_digits_is_conditional_by_default(stack):
+    """Issue 24: `genq train gan` on the labelled digits, then "a 7": it conditions on the
+    labels without being told to (an unconditional model failed the items)."""
+    c = stack.client()
+    job = train(stack, "gan", 5)  # TINY's gan config says nothing of `conditional`
+    model = job["result"]["model"]
+    gen = c.wait(c.create_job({"type": "generate", "model": model, "n": 2,
+                               "labels": [7]})["id"], timeout=120)
+    assert gen["status"] == "succeeded", gen
+    assert [item["status"] for item in c.items(gen["id"])] == ["succeeded", "succeeded"]
+    with session_factory(engine_for(stack.env["GENQ_DATABASE_URL"]))() as s:
+        uri = s.get(Checkpoint, job["result"]["checkpoint_id"]).uri
+    config = load_model(Path(uri.removeprefix("file://"))).config
+    assert config.conditional is True and config.n_classes == 10
+
+
 def test_label_for_an_unconditional_model_fails_each_item_by_its_own_name(stack):
     c = stack.client()
-    model = train(stack, "gan", 5)["result"]["model"]
+    model = train(stack, "gan", 5, config={"hidden": 32, "latent": 8,
+                                           "conditional": False})["result"]["model"]
     gen = c.wait(c.create_job({"type": "generate", "model": model, "n": 2,
                                "labels": [3]})["id"], timeout=120)
     items = list(c.items(gen["id"]))

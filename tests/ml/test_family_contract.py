@@ -130,6 +130,6 @@ def test_pretrained_is_checked_when_submitted_not_when_read_back(tmp_path: Path)
 
 def test_config_is_stored_as_a_plain_dict() -> None:
     cfg = get_family("vae").Config(hidden=16, beta=1)
-    assert cfg.model_dump() == {"conditional": False, "channels": 1, "height": 8, "width": 8,
+    assert cfg.model_dump() == {"conditional": None, "channels": 1, "height": 8, "width": 8,
                                 "n_classes": 0, "hidden": 16, "latent": 8, "beta": 1.0}
     assert get_family("vae").Config.model_validate(cfg.model_dump()) == cfg

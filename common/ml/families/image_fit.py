@@ -15,7 +15,8 @@ from common.ml.families.base import FamilyConfig
 class ImageConfig(FamilyConfig):
     """The fields every image family takes from its dataset at train time."""
 
-    conditional: bool = False  # condition on a one-hot label (the dataset needs labels)
+    # condition on a one-hot label (the dataset needs labels); None: when the data has them
+    conditional: bool | None = None
     # fitted to the data at train time
     channels: Literal[1, 3, 4] = 1
     height: int = Field(8, ge=1, le=4096)
@@ -36,9 +37,11 @@ def fit_to_images(cfg: ImageConfigT, data: TextData | ImageData) -> ImageConfigT
         raise ValueError("data: this family needs image data")
     if cfg.conditional and data.labels is None:
         raise ValueError("config.conditional: the dataset has no labels to condition on")
+    conditional = data.labels is not None if cfg.conditional is None else cfg.conditional
     _, c, h, w = data.images.shape
     return cfg.model_copy(update={"channels": c, "height": h, "width": w,
-                                  "n_classes": data.n_classes if cfg.conditional else 0})
+                                  "conditional": conditional,
+                                  "n_classes": data.n_classes if conditional else 0})
 
 
 def one_hot(labels: torch.Tensor | None, n_classes: int, batch: int,
