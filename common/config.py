@@ -38,6 +38,10 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(3.0, description="Heartbeat interval of a running job.")
     reaper_interval_s: float = Field(15.0, description="How often a worker's reaper looks.")
     cancel_grace_s: float = Field(10.0, description="Force cancel revokes after this.")
+    preempt_after_s: float = Field(
+        600.0, ge=0, description="A queued job waiting this long while every worker of its "
+                                 "queue runs a lower-priority preemptible job preempts the "
+                                 "lowest (0 = never).")
     max_attempts: int = Field(3, description="Attempts before a transient failure is final.")
     retry_backoff_s: float = Field(2.0, description="First retry delay; doubles per attempt.")
     worker_max_tasks_per_child: int = 0

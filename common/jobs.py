@@ -25,7 +25,7 @@ from common.db import rows_changed
 from common.dispatch import dispatch
 from common.errors import Conflict, InvalidSpec, pydantic_problems
 from common.files import get_file
-from common.fleet import resolve_queue
+from common.fleet import live_workers, resolve_queue
 from common.gen_params import ItemInput, unsupported_fields
 from common.idempotency import create_once
 from common.ml.prompt_ids import load_chat_render
@@ -307,6 +307,7 @@ def claim_job(
             started_at=func.coalesce(Job.started_at, now),
             heartbeat_at=now,
             shutdown_requested=False,
+            preempt_requested=False,
         )
         .execution_options(synchronize_session=False)
     )
@@ -392,6 +393,7 @@ def recover_lost_child(session: Session, job_id: str, attempt: int, *, worker: s
 class Signals:
     cancel: bool = False
     shutdown: bool = False
+    preempt: bool = False  # stop as for a shutdown; the attempt ends `preempted`
     lost: bool = False  # the job is no longer ours (reaped, finished or re-queued)
 
 
@@ -427,14 +429,14 @@ def heartbeat(
 def read_signals(session: Session, job: Job) -> Signals:
     """The cancel / shutdown flags of the job's current attempt (lost if it is not ours)."""
     row = session.execute(
-        select(Job.cancel_requested, Job.shutdown_requested, Job.attempt, Job.status).where(
-            Job.id == job.id
-        )
+        select(Job.cancel_requested, Job.shutdown_requested, Job.preempt_requested,
+               Job.attempt, Job.status).where(Job.id == job.id)
     ).one()
     session.commit()  # end the read transaction: SQLite must not pin an old snapshot
-    if row[2] != job.attempt or row[3] != JobStatus.running:
+    if row.attempt != job.attempt or row.status != JobStatus.running:
         return Signals(lost=True)
-    return Signals(cancel=bool(row[0]), shutdown=bool(row[1]))
+    return Signals(cancel=bool(row.cancel_requested), shutdown=bool(row.shutdown_requested),
+                   preempt=bool(row.preempt_requested))
 
 
 def finish_job(
@@ -505,6 +507,7 @@ def requeue_job(
         "worker_pid": None,
         "enqueued_at": None,
         "shutdown_requested": False,
+        "preempt_requested": False,
         "not_before": utcnow() + timedelta(seconds=delay_s) if delay_s else None,
         "attempts_log": [*job.attempts_log,
                          {"attempt": job.attempt, "error": reason, "progress": progress}],
@@ -623,6 +626,60 @@ def force_cancel(session: Session, *, job_id: str, attempt: int) -> bool:
         get_celery().control.revoke(job.celery_task_id, terminate=True, signal="SIGTERM")
     log.warning("job %s attempt %s: still running after cancel; revoked", job.id, attempt)
     return finish_job(session, job, status=JobStatus.cancelled, result={"forced": True})
+
+
+def preempt_for_urgent(session: Session, *, after_s: float,
+                       now: datetime | None = None) -> list[str]:
+    """Ask running jobs to give their worker to an urgent one (the reaper's round).
+
+    On each queue, the most urgent job sent at least `after_s` ago and still waiting takes
+    a worker when every live worker of the queue runs a job of lower priority: the lowest
+    of those that is preemptible (its spec allows it, priority below 9), the latest started
+    among equals, is flagged. It stops at its next step or item chunk as for a soft
+    shutdown (training checkpoints first), goes back to `queued` without spending an
+    attempt, and resumes later; the freed worker takes the urgent job, whose message comes
+    first. One preemption per queue at a time."""
+    if after_s <= 0:
+        return []
+    now = now or utcnow()
+    waiting = session.scalars(
+        select(Job)
+        .where(Job.status == JobStatus.queued, Job.type != JobType.batch,
+               Job.enqueued_at.is_not(None),
+               Job.enqueued_at < now - timedelta(seconds=after_s),
+               Job.cancel_requested.is_(False))
+        .order_by(Job.queue, Job.priority.desc(), Job.enqueued_at)
+    ).all()
+    urgent: dict[str, Job] = {}
+    for job in waiting:
+        urgent.setdefault(job.queue, job)
+    live = live_workers(session)
+    flagged = []
+    for queue, job in urgent.items():
+        hosts = [w.hostname for w in live if queue in w.queues.split(",")]
+        if not hosts:
+            continue  # nobody to preempt for: the job waits for a worker
+        running = session.scalars(
+            select(Job).where(Job.status == JobStatus.running, Job.worker.in_(hosts))
+        ).all()
+        busy = {r.worker for r in running}
+        if (set(hosts) - busy or any(r.preempt_requested for r in running)
+                or any(r.priority >= job.priority for r in running)):
+            continue  # a worker is free or about to be, or one runs work as urgent
+        victims = [r for r in running if r.priority < 9 and r.spec.get("preemptible", True)
+                   and r.type != JobType.batch]
+        if not victims:
+            continue
+        victim = min(victims, key=lambda r: (r.priority, -(r.started_at or now).timestamp()))
+        if rows_changed(session, update(Job).where(
+                Job.id == victim.id, Job.attempt == victim.attempt,
+                Job.status == JobStatus.running).values(preempt_requested=True)):
+            log.warning("job %s (priority %s) preempted for job %s (priority %s, waiting "
+                        "since %s)", victim.id, victim.priority, job.id, job.priority,
+                        job.enqueued_at)
+            flagged.append(victim.id)
+        session.commit()
+    return flagged
 
 
 def request_shutdown(session: Session, *, worker: str) -> int:

@@ -117,6 +117,8 @@ class Job(Base):
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     shutdown_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # an urgent job needs the worker: stop like a soft shutdown, attempts say `preempted`
+    preempt_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     # cancel?force=true: when the reaper terminates the attempt if it is still running
     force_cancel_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

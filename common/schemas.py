@@ -23,6 +23,9 @@ class JobOptions(BaseModel):
     queue: str = "auto"
     priority: int = Field(0, ge=0, le=9)
     max_attempts: int | None = Field(None, ge=1, le=20)
+    # an urgent job waiting longer than GENQ_PREEMPT_AFTER_S may take this one's worker:
+    # it checkpoints (training) or stops at an item chunk and resumes later; priority 9 never
+    preemptible: bool = True
 
     @field_validator("queue")
     @classmethod

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import fresh_database, start_stack, wait_for
@@ -113,3 +114,78 @@ def test_a_later_small_batch_of_another_owner_is_not_stuck_behind_a_big_one(redi
             assert shards_done(big.id) == 15
         finally:
             stack.stop_all()
+
+
+# As long as needed for the urgent job to land mid-run (seconds on two cores)
+PREEMPTED = {"type": "train", "family": "lstm", "steps": 2000, "batch_size": 8, "seq_len": 32,
+             "checkpoint_every": 50, "log_every": 50, "seed": 11,
+             "data": {"builtin": "python-docs"}, "queue": "cpu"}
+
+
+@pytest.mark.timeout(900)  # two runs of PREEMPTED (the queue's, the reference) on 2 loaded cores
+def test_an_urgent_job_preempts_a_long_low_priority_run_which_resumes_exactly(
+        redis_server, tmp_path):
+    """A long priority-0 training run on the only worker, then a priority-9 job: after
+    GENQ_PREEMPT_AFTER_S the run checkpoints and steps aside (without spending an attempt),
+    the urgent job runs, and the run resumes to weights bit-equal to an uninterrupted one."""
+    from common.ml.checkpoint import load_model
+    from common.ml.train import TrainHooks, run_training
+    from common.schemas import TrainJobSpec
+    from tests.test_reliability import assert_same_weights, final_weights, workers_thread_count
+
+    with fresh_database("sqlite") as db:
+        stack = start_stack(db, redis_server.rsplit("/", 1)[0] + "/12",
+                            env_extra={"GENQ_PREEMPT_AFTER_S": "1"})
+        try:
+            stack.start_worker("e1", queues="cpu")
+            c = stack.client()
+            long = c.create_job(PREEMPTED)
+            wait_for(lambda: c.get_job(long["id"])["progress"]["done"] >= 50, timeout=120)
+            kept = c.create_job({**TINY_LSTM, "queue": "cpu", "priority": 9,
+                                 "preemptible": False})
+            done_urgent = c.wait(kept["id"], timeout=120)
+            assert done_urgent["status"] == "succeeded", done_urgent
+            done = c.wait(long["id"], timeout=300)
+            assert done["status"] == "succeeded", done
+            assert [a["error"]["code"] for a in done["attempts"]] == ["preempted"]
+            assert done["attempts"][0]["error"]["checkpoint_id"]
+            assert done_urgent["finished_at"] < done["finished_at"]
+            assert done_urgent["started_at"] > done["started_at"]
+            with workers_thread_count():
+                spec = TrainJobSpec.model_validate(PREEMPTED)
+                out = run_training(spec, tmp_path / "ref", hooks=TrainHooks())
+            reference = load_model(out.checkpoint).model.state_dict()
+            assert_same_weights(final_weights(stack, done["result"]["checkpoint_id"]), reference)
+        finally:
+            stack.stop_all()
+
+
+def test_priority_9_and_non_preemptible_jobs_are_never_preempted(session):  # type: ignore[no-untyped-def]
+    """SQL level: who the reaper's preemption picks, and when it holds back."""
+    from datetime import timedelta
+
+    from common import jobs
+    from common.models import Job, Worker, utcnow
+
+    now = utcnow()
+    session.add(Worker(hostname="x@h", queues="cpu", pid=1, version="t", heartbeat_at=now))
+    old = now - timedelta(seconds=60)
+
+    def job(**values):  # type: ignore[no-untyped-def]
+        row = Job(id=f"job_{len(session.new)}{values.get('priority', 0)}x", owner="o",
+                  type="train", queue="cpu", spec={}, **values)
+        session.add(row)
+        return row
+
+    runner = job(status="running", worker="x@h", priority=9, started_at=old, heartbeat_at=now)
+    job(status="queued", priority=9, enqueued_at=old)
+    session.commit()
+    assert jobs.preempt_for_urgent(session, after_s=1) == []  # as urgent: it waits its turn
+    runner.priority, runner.spec = 3, {"preemptible": False}
+    session.commit()
+    assert jobs.preempt_for_urgent(session, after_s=1) == []  # its spec forbids it
+    runner.spec = {}
+    session.commit()
+    assert jobs.preempt_for_urgent(session, after_s=100) == []  # not waiting long enough
+    assert jobs.preempt_for_urgent(session, after_s=1) == [runner.id]
+    assert jobs.preempt_for_urgent(session, after_s=1) == []  # one at a time

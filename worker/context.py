@@ -122,12 +122,17 @@ class JobContext:
             return StopReason.lost
         if s.cancel:
             return StopReason.cancel
-        if s.shutdown:
+        if s.shutdown or s.preempt:
             return StopReason.shutdown
         timeout = self.job.spec.get("timeout_s")
         if timeout and time.monotonic() - self._started > timeout:
             return StopReason.timeout
         return None
+
+    @property
+    def preempted(self) -> bool:
+        """Whether the stop asked for is a preemption (an urgent job wants the worker)."""
+        return self._signals.preempt and not self._signals.shutdown
 
     def progress(self, done: int, total: int, metrics: dict[str, Any] | None = None) -> None:
         """Record progress (written by the heartbeat) and tell Flower about once a second."""

@@ -145,6 +145,7 @@ def _housekeeping(hostname: str) -> None:
                     finalize_stalled(session)
                     jobs.sweep_outbox(session)
                     release_shards(session)
+                    jobs.preempt_for_urgent(session, after_s=settings.preempt_after_s)
                     jobs.resend_stranded(session, lease_s=settings.lease_s,
                                          waiting=messages_waiting)
                     if time.monotonic() - uploads_checked >= min(60.0, settings.stale_upload_s):

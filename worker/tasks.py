@@ -87,9 +87,13 @@ def record(session: Any, ctx: JobContext, body: Body) -> str:
         jobs.finish_job(session, job, status=JobStatus.cancelled, result=stop.partial)
         return "cancelled"
     except ShutdownRequested as stop:
-        reason = {"code": "shutdown", "message": "worker shut down", "retryable": True}
+        if ctx.preempted:
+            reason = {"code": "preempted", "message": "a more urgent job needed the worker",
+                      "retryable": True}
+        else:
+            reason = {"code": "shutdown", "message": "worker shut down", "retryable": True}
         jobs.requeue_job(session, job, reason={**reason, **stop.partial}, spend=False)
-        return "re-queued by worker shutdown"
+        return f"re-queued: {reason['code']}"
     except StopForTimeout as stop:
         error = {"code": "timeout", "message": f"ran past timeout_s={job.spec.get('timeout_s')}"}
         jobs.finish_job(session, job, status=JobStatus.failed, error=error, result=stop.partial)
