@@ -366,12 +366,23 @@ def jobs(
             j["id"],
             j["type"],
             j["family"] or "",
-            colour(j["status"]),
+            colour(j["status"]) + waiting_note(j.get("waiting")),
             f"{p['done']}/{p['total']} {p['unit']}s",
             str(j["attempt"]),
             j["created_at"][:19].replace("T", " "),
         )
     console.print(table)
+
+
+def waiting_note(waiting: dict[str, Any] | None) -> str:
+    """' (#3 in queue)', ' (no worker)'…: why a queued job waits, for the jobs table."""
+    if not waiting:
+        return ""
+    reason = waiting["reason"]
+    if reason == "priority":
+        return f" (#{waiting['position']} in queue)"
+    return " (" + {"fair_share": "fair share", "no_worker": "no worker",
+                   "backoff": "retry back-off"}.get(reason, reason) + ")"
 
 
 def colour(status: str) -> str:

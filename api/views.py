@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import inspect
 
 from common.adapter_spec import AdapterSpec
@@ -13,9 +15,10 @@ from common.schemas import JobOut, ModelAdapter, ModelOut, Progress
 JOB_COLUMNS = sorted(JobOut.model_fields.keys() & inspect(Job).columns.keys())
 
 
-def job_out(job: Job) -> JobOut:
+def job_out(job: Job, waiting: dict[str, Any] | None = None) -> JobOut:
     return JobOut.model_validate({
         **{name: getattr(job, name) for name in JOB_COLUMNS},
+        "waiting": waiting,
         "attempts": job.attempts_log or [],
         "progress": progress_of(job),
         "metrics": job.metrics or {},

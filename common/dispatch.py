@@ -62,6 +62,26 @@ def held_shards(now: datetime) -> ColumnElement[bool]:
     )
 
 
+def why_waiting(session: Session, job: Job) -> dict[str, Any] | None:
+    """Why a queued job has not started (common/schemas.py Waiting); None if not queued."""
+    if job.status != JobStatus.queued:
+        return None
+    now = utcnow()
+    if job.not_before is not None and job.not_before > now:
+        return {"reason": "backoff", "until": job.not_before}
+    if job.type == JobType.shard and job.enqueued_at is None:
+        return {"reason": "fair_share"}
+    if not any(job.queue in w.queues.split(",") for w in live_workers(session)):
+        return {"reason": "no_worker"}
+    sent_before = Job.enqueued_at < job.enqueued_at if job.enqueued_at else Job.id != job.id
+    ahead = session.scalar(
+        select(func.count()).select_from(Job).where(
+            Job.queue == job.queue, Job.status == JobStatus.queued, Job.id != job.id,
+            Job.enqueued_at.is_not(None),
+            or_(Job.priority > job.priority, (Job.priority == job.priority) & sent_before)))
+    return {"reason": "priority", "position": int(ahead or 0) + 1}
+
+
 def release_shards(session: Session, queue: str | None = None) -> int:
     """Send the held shards that fit on each queue (all queues with held shards, or one);
     returns how many were sent."""

@@ -88,6 +88,16 @@ class Progress(BaseModel):
     eta_s: float | None = None
 
 
+class Waiting(BaseModel):
+    """Why a queued job has not started: `priority` (messages ahead of it on its queue, the
+    1-based `position`), `fair_share` (a batch shard released as workers free up),
+    `no_worker` (no live worker listens on its queue) or `backoff` (a retry, `until`)."""
+
+    reason: Literal["priority", "fair_share", "no_worker", "backoff"]
+    position: int | None = None
+    until: datetime | None = None
+
+
 class JobOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
@@ -108,6 +118,7 @@ class JobOut(BaseModel):
     result: dict[str, Any]
     error: dict[str, Any] | None
     cancel_requested: bool
+    waiting: Waiting | None = None  # queued jobs only (GET /v1/jobs/{id} and lists)
     model_id: str | None
     parent_id: str | None
     created_at: datetime

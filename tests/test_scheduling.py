@@ -38,15 +38,25 @@ def test_an_urgent_job_is_the_next_one_a_busy_worker_takes(redis_server):
             waiting = [c.create_job({**TINY_LSTM, "queue": "cpu", "priority": 0})
                        for _ in range(5)]
             # the urgent one from the CLI, as a user would send it
+            cli = {**stack.env, "GENQ_API_URL": stack.api_url, "GENQ_API_KEY": stack.api_key}
             sent = genq("train", "lstm", "--steps", "10", "--batch-size", "4", "--queue", "cpu",
                         "--config", json.dumps(TINY_LSTM["config"]), "--priority", "9",
-                        env={**stack.env, "GENQ_API_URL": stack.api_url,
-                             "GENQ_API_KEY": stack.api_key})
+                        env=cli)
             assert sent.returncode == 0, sent.stderr
             urgent = c.get_job(sent.stdout.split()[1])
             assert urgent["priority"] == 9
             # every message waits in Redis, across the priority lists of the queue
             assert queue_depth(stack, "cpu") == 6
+            # and each says why it waits, with its place in the queue
+            assert c.get_job(urgent["id"])["waiting"] == {"reason": "priority", "position": 1,
+                                                           "until": None}
+            assert c.get_job(waiting[-1]["id"])["waiting"]["position"] == 6
+            stranded = c.create_job({**TINY_LSTM, "queue": "gpu"})  # no GPU worker here
+            assert c.get_job(stranded["id"])["waiting"]["reason"] == "no_worker"
+            c.cancel(stranded["id"])
+            listed = genq("jobs", "--status", "queued", env=cli)
+            assert "(#1 in queue)" in listed.stdout and "(#6 in queue)" in listed.stdout, (
+                listed.stdout)
             c.cancel(busy["id"])
             done = {j["id"]: c.wait(j["id"], timeout=180) for j in [*waiting, urgent]}
             assert all(j["status"] == "succeeded" for j in done.values()), done

@@ -15,6 +15,7 @@ from api.waiting import WaitSeconds, read_when_finished
 from common import jobs
 from common.batches.views import item_counts
 from common.config import get_settings
+from common.dispatch import why_waiting
 from common.models import FINISHED, Item, Job, JobStatus, JobType
 from common.paging import keyset_page
 from common.schemas import ItemList, ItemOut, JobList, JobOut, JobSpec
@@ -61,8 +62,8 @@ def list_jobs(
         start = (cursor.created_at, cursor.id)
     page = keyset_page(session, query, (Job.created_at, Job.id), after=start, limit=limit,
                        newest_first=True)
-    return JobList(data=[job_out(j) for j in page.rows], has_more=page.has_more,
-                   next_cursor=page.next_cursor)
+    return JobList(data=[job_out(j, waiting=why_waiting(session, j)) for j in page.rows],
+                   has_more=page.has_more, next_cursor=page.next_cursor)
 
 
 @router.get("/{job_id}", response_model=JobOut)
@@ -73,7 +74,7 @@ async def get_job(
 
     def read() -> JobOut:
         job = jobs.get_job(session, owner=owner, job_id=job_id)
-        out = job_out(job)
+        out = job_out(job, waiting=why_waiting(session, job))
         if job.type == JobType.batch and job.status == JobStatus.running:
             out.progress.done = sum(item_counts(session, batch_id=job.id))
         return out
