@@ -642,20 +642,20 @@ def preempt_for_urgent(session: Session, *, after_s: float,
     if after_s <= 0:
         return []
     now = now or utcnow()
-    waiting = session.scalars(
-        select(Job)
-        .where(Job.status == JobStatus.queued, Job.type != JobType.batch,
-               Job.enqueued_at.is_not(None),
-               Job.enqueued_at < now - timedelta(seconds=after_s),
-               Job.cancel_requested.is_(False))
-        .order_by(Job.queue, Job.priority.desc(), Job.enqueued_at)
-    ).all()
-    urgent: dict[str, Job] = {}
-    for job in waiting:
-        urgent.setdefault(job.queue, job)
     live = live_workers(session)
     flagged = []
-    for queue, job in urgent.items():
+    for queue in get_settings().queue_names:
+        job = session.scalars(
+            select(Job)
+            .where(Job.queue == queue, Job.status == JobStatus.queued,
+                   Job.type != JobType.batch, Job.enqueued_at.is_not(None),
+                   Job.enqueued_at < now - timedelta(seconds=after_s),
+                   Job.cancel_requested.is_(False))
+            .order_by(Job.priority.desc(), Job.enqueued_at)
+            .limit(1)
+        ).first()
+        if job is None:
+            continue
         hosts = [w.hostname for w in live if queue in w.queues.split(",")]
         if not hosts:
             continue  # nobody to preempt for: the job waits for a worker
