@@ -3,13 +3,29 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import fresh_database, start_stack, wait_for
+from tests.conftest import Stack, fresh_database, start_stack, wait_for
 from tests.test_cli import TINY_LSTM, genq
+
+
+@contextmanager
+def one_worker_stack(redis_server: str, redis_db: int, worker: str,
+                     env: dict[str, str]) -> Iterator[tuple[Stack, str]]:
+    """An API and one worker on the cpu queue, on a database and a Redis db of their own."""
+    with fresh_database("sqlite") as db:
+        stack = start_stack(db, f"{redis_server.rsplit('/', 1)[0]}/{redis_db}", env_extra=env)
+        try:
+            stack.start_worker(worker, queues="cpu")
+            yield stack, db
+        finally:
+            stack.stop_all()
+
 
 LONG = {**TINY_LSTM, "steps": 100_000, "checkpoint_every": 1000, "log_every": 10}
 
@@ -27,43 +43,37 @@ def queue_depth(stack, queue: str) -> float:  # type: ignore[no-untyped-def]
 def test_an_urgent_job_is_the_next_one_a_busy_worker_takes(redis_server):
     """One worker busy; five priority-0 jobs, then one priority-9 job: the urgent one runs
     next, and the others in the order they came."""
-    with fresh_database("sqlite") as db:
-        stack = start_stack(db, redis_server.rsplit("/", 1)[0] + "/10",
-                            env_extra={"GENQ_CANCEL_GRACE_S": "1"})
-        try:
-            stack.start_worker("p1", queues="cpu")
-            c = stack.client()
-            busy = c.create_job({**LONG, "queue": "cpu"})
-            wait_for(lambda: c.get_job(busy["id"])["status"] == "running", timeout=60)
-            waiting = [c.create_job({**TINY_LSTM, "queue": "cpu", "priority": 0})
-                       for _ in range(5)]
-            # the urgent one from the CLI, as a user would send it
-            cli = {**stack.env, "GENQ_API_URL": stack.api_url, "GENQ_API_KEY": stack.api_key}
-            sent = genq("train", "lstm", "--steps", "10", "--batch-size", "4", "--queue", "cpu",
-                        "--config", json.dumps(TINY_LSTM["config"]), "--priority", "9",
-                        env=cli)
-            assert sent.returncode == 0, sent.stderr
-            urgent = c.get_job(sent.stdout.split()[1])
-            assert urgent["priority"] == 9
-            # every message waits in Redis, across the priority lists of the queue
-            assert queue_depth(stack, "cpu") == 6
-            # and each says why it waits, with its place in the queue
-            assert c.get_job(urgent["id"])["waiting"] == {"reason": "priority", "position": 1,
-                                                           "until": None}
-            assert c.get_job(waiting[-1]["id"])["waiting"]["position"] == 6
-            stranded = c.create_job({**TINY_LSTM, "queue": "gpu"})  # no GPU worker here
-            assert c.get_job(stranded["id"])["waiting"]["reason"] == "no_worker"
-            c.cancel(stranded["id"])
-            listed = genq("jobs", "--status", "queued", env=cli)
-            assert "(#1 in queue)" in listed.stdout and "(#6 in queue)" in listed.stdout, (
-                listed.stdout)
-            c.cancel(busy["id"])
-            done = {j["id"]: c.wait(j["id"], timeout=180) for j in [*waiting, urgent]}
-            assert all(j["status"] == "succeeded" for j in done.values()), done
-            order = sorted(done, key=lambda job_id: done[job_id]["started_at"])
-            assert order == [urgent["id"], *(j["id"] for j in waiting)], order
-        finally:
-            stack.stop_all()
+    with one_worker_stack(redis_server, 10, "p1", {"GENQ_CANCEL_GRACE_S": "1"}) as (stack, db):
+        c = stack.client()
+        busy = c.create_job({**LONG, "queue": "cpu"})
+        wait_for(lambda: c.get_job(busy["id"])["status"] == "running", timeout=60)
+        waiting = [c.create_job({**TINY_LSTM, "queue": "cpu", "priority": 0})
+                   for _ in range(5)]
+        # the urgent one from the CLI, as a user would send it
+        cli = {**stack.env, "GENQ_API_URL": stack.api_url, "GENQ_API_KEY": stack.api_key}
+        sent = genq("train", "lstm", "--steps", "10", "--batch-size", "4", "--queue", "cpu",
+                    "--config", json.dumps(TINY_LSTM["config"]), "--priority", "9",
+                    env=cli)
+        assert sent.returncode == 0, sent.stderr
+        urgent = c.get_job(sent.stdout.split()[1])
+        assert urgent["priority"] == 9
+        # every message waits in Redis, across the priority lists of the queue
+        assert queue_depth(stack, "cpu") == 6
+        # and each says why it waits, with its place in the queue
+        assert c.get_job(urgent["id"])["waiting"] == {"reason": "priority", "position": 1,
+                                                       "until": None}
+        assert c.get_job(waiting[-1]["id"])["waiting"]["position"] == 6
+        stranded = c.create_job({**TINY_LSTM, "queue": "gpu"})  # no GPU worker here
+        assert c.get_job(stranded["id"])["waiting"]["reason"] == "no_worker"
+        c.cancel(stranded["id"])
+        listed = genq("jobs", "--status", "queued", env=cli)
+        assert "(#1 in queue)" in listed.stdout and "(#6 in queue)" in listed.stdout, (
+            listed.stdout)
+        c.cancel(busy["id"])
+        done = {j["id"]: c.wait(j["id"], timeout=180) for j in [*waiting, urgent]}
+        assert all(j["status"] == "succeeded" for j in done.values()), done
+        order = sorted(done, key=lambda job_id: done[job_id]["started_at"])
+        assert order == [urgent["id"], *(j["id"] for j in waiting)], order
 
 
 def test_a_later_small_batch_of_another_owner_is_not_stuck_behind_a_big_one(redis_server):
@@ -78,52 +88,46 @@ def test_a_later_small_batch_of_another_owner_is_not_stuck_behind_a_big_one(redi
     from common.models import Job
     from tests.test_batches import jsonl, lines_for, read_jsonl, sdk
 
-    with fresh_database("sqlite") as db:
-        stack = start_stack(db, redis_server.rsplit("/", 1)[0] + "/11",
-                            env_extra={"GENQ_SHARD_SIZE": "4"})
-        try:
-            stack.start_worker("s1", queues="cpu")
+    with one_worker_stack(redis_server, 11, "s1", {"GENQ_SHARD_SIZE": "4"}) as (stack, db):
+        with session_factory(engine_for(db))() as s:
+            _, key_b = create_key(s, owner="owner-b")
+        clients = {}
+        for owner, key in (("a", stack.api_key), ("b", key_b)):
+            c = stack.client(key)
+            model = c.wait(c.create_job({**TINY_LSTM, "queue": "cpu"})["id"],
+                           timeout=120)["result"]["model"]
+            clients[owner] = (c, model)
+
+        def submit(owner: str, n: int):  # type: ignore[no-untyped-def]
+            c, model = clients[owner]
+            openai_client = sdk(stack)
+            openai_client.api_key = c.api_key
+            rows = lines_for(model, n, max_tokens=300)  # seeded: one by one, ~0.1 s each
+            upload = openai_client.files.create(file=("in.jsonl", io.BytesIO(jsonl(rows))),
+                                                purpose="batch")
+            batch = openai_client.batches.create(
+                input_file_id=upload.id, endpoint="/v1/completions",
+                completion_window="24h")
+            return openai_client, batch, rows
+
+        client_a, big, rows_a = submit("a", 60)
+        client_b, small, _ = submit("b", 4)
+
+        def shards_done(batch_id: str) -> int:
             with session_factory(engine_for(db))() as s:
-                _, key_b = create_key(s, owner="owner-b")
-            clients = {}
-            for owner, key in (("a", stack.api_key), ("b", key_b)):
-                c = stack.client(key)
-                model = c.wait(c.create_job({**TINY_LSTM, "queue": "cpu"})["id"],
-                               timeout=120)["result"]["model"]
-                clients[owner] = (c, model)
+                return len(list(s.scalars(select(Job.id).where(
+                    Job.parent_id == batch_id, Job.status == "succeeded"))))
 
-            def submit(owner: str, n: int):  # type: ignore[no-untyped-def]
-                c, model = clients[owner]
-                openai_client = sdk(stack)
-                openai_client.api_key = c.api_key
-                rows = lines_for(model, n, max_tokens=300)  # seeded: one by one, ~0.1 s each
-                upload = openai_client.files.create(file=("in.jsonl", io.BytesIO(jsonl(rows))),
-                                                    purpose="batch")
-                batch = openai_client.batches.create(
-                    input_file_id=upload.id, endpoint="/v1/completions",
-                    completion_window="24h")
-                return openai_client, batch, rows
-
-            client_a, big, rows_a = submit("a", 60)
-            client_b, small, _ = submit("b", 4)
-
-            def shards_done(batch_id: str) -> int:
-                with session_factory(engine_for(db))() as s:
-                    return len(list(s.scalars(select(Job.id).where(
-                        Job.parent_id == batch_id, Job.status == "succeeded"))))
-
-            done_b = wait_for(lambda: (b := client_b.batches.retrieve(small.id)).status
-                              in ("completed", "failed") and b, timeout=120)
-            assert done_b.status == "completed", done_b
-            assert shards_done(big.id) <= 7, "B waited for most of A's batch"
-            done_a = wait_for(lambda: (b := client_a.batches.retrieve(big.id)).status
-                              in ("completed", "failed") and b, timeout=300)
-            assert done_a.status == "completed", done_a
-            ids = [o["custom_id"] for o in read_jsonl(client_a, done_a.output_file_id)]
-            assert sorted(ids) == sorted(r["custom_id"] for r in rows_a)
-            assert shards_done(big.id) == 15
-        finally:
-            stack.stop_all()
+        done_b = wait_for(lambda: (b := client_b.batches.retrieve(small.id)).status
+                          in ("completed", "failed") and b, timeout=120)
+        assert done_b.status == "completed", done_b
+        assert shards_done(big.id) <= 7, "B waited for most of A's batch"
+        done_a = wait_for(lambda: (b := client_a.batches.retrieve(big.id)).status
+                          in ("completed", "failed") and b, timeout=300)
+        assert done_a.status == "completed", done_a
+        ids = [o["custom_id"] for o in read_jsonl(client_a, done_a.output_file_id)]
+        assert sorted(ids) == sorted(r["custom_id"] for r in rows_a)
+        assert shards_done(big.id) == 15
 
 
 # As long as needed for the urgent job to land mid-run (seconds on two cores)
@@ -143,31 +147,25 @@ def test_an_urgent_job_preempts_a_long_low_priority_run_which_resumes_exactly(
     from common.schemas import TrainJobSpec
     from tests.test_reliability import assert_same_weights, final_weights, workers_thread_count
 
-    with fresh_database("sqlite") as db:
-        stack = start_stack(db, redis_server.rsplit("/", 1)[0] + "/12",
-                            env_extra={"GENQ_PREEMPT_AFTER_S": "1"})
-        try:
-            stack.start_worker("e1", queues="cpu")
-            c = stack.client()
-            long = c.create_job(PREEMPTED)
-            wait_for(lambda: c.get_job(long["id"])["progress"]["done"] >= 50, timeout=120)
-            kept = c.create_job({**TINY_LSTM, "queue": "cpu", "priority": 9,
-                                 "preemptible": False})
-            done_urgent = c.wait(kept["id"], timeout=120)
-            assert done_urgent["status"] == "succeeded", done_urgent
-            done = c.wait(long["id"], timeout=300)
-            assert done["status"] == "succeeded", done
-            assert [a["error"]["code"] for a in done["attempts"]] == ["preempted"]
-            assert done["attempts"][0]["error"]["checkpoint_id"]
-            assert done_urgent["finished_at"] < done["finished_at"]
-            assert done_urgent["started_at"] > done["started_at"]
-            with workers_thread_count():
-                spec = TrainJobSpec.model_validate(PREEMPTED)
-                out = run_training(spec, tmp_path / "ref", hooks=TrainHooks())
-            reference = load_model(out.checkpoint).model.state_dict()
-            assert_same_weights(final_weights(stack, done["result"]["checkpoint_id"]), reference)
-        finally:
-            stack.stop_all()
+    with one_worker_stack(redis_server, 12, "e1", {"GENQ_PREEMPT_AFTER_S": "1"}) as (stack, db):
+        c = stack.client()
+        long = c.create_job(PREEMPTED)
+        wait_for(lambda: c.get_job(long["id"])["progress"]["done"] >= 50, timeout=120)
+        kept = c.create_job({**TINY_LSTM, "queue": "cpu", "priority": 9,
+                             "preemptible": False})
+        done_urgent = c.wait(kept["id"], timeout=120)
+        assert done_urgent["status"] == "succeeded", done_urgent
+        done = c.wait(long["id"], timeout=300)
+        assert done["status"] == "succeeded", done
+        assert [a["error"]["code"] for a in done["attempts"]] == ["preempted"]
+        assert done["attempts"][0]["error"]["checkpoint_id"]
+        assert done_urgent["finished_at"] < done["finished_at"]
+        assert done_urgent["started_at"] > done["started_at"]
+        with workers_thread_count():
+            spec = TrainJobSpec.model_validate(PREEMPTED)
+            out = run_training(spec, tmp_path / "ref", hooks=TrainHooks())
+        reference = load_model(out.checkpoint).model.state_dict()
+        assert_same_weights(final_weights(stack, done["result"]["checkpoint_id"]), reference)
 
 
 def test_priority_9_and_non_preemptible_jobs_are_never_preempted(session):  # type: ignore[no-untyped-def]
