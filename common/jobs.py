@@ -252,9 +252,9 @@ def resend_stranded(session: Session, *, lease_s: float, waiting: Callable[[str]
     for job in candidates:
         if job.queue not in idle:
             idle[job.queue] = waiting(job.queue) == 0
+        age = now - job.enqueued_at if job.enqueued_at else None  # before dispatch resets it
         if idle[job.queue] and dispatch(session, job):
-            log.warning("job %s: queued %s ago and never claimed; sent again", job.id,
-                        now - job.enqueued_at if job.enqueued_at else "?")
+            log.warning("job %s: queued %s ago and never claimed; sent again", job.id, age)
             sent.append(job.id)
     return sent
 

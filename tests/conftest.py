@@ -337,6 +337,22 @@ def trained_lstm(stack: Stack) -> dict:
     return job
 
 
+def finish(c, job_id: str, *, stalled_s: float = 120) -> dict:  # type: ignore[no-untyped-def]
+    """The job once finished, waiting as long as it moves (its status, attempt or step
+    changes): a loaded machine makes it slower, not a failure. Once it has stood still
+    for stalled_s (a hang), the job as it stands, for the caller's assert to show."""
+    seen, since = None, time.monotonic()
+    while True:
+        job = c.get_job(job_id, wait=2)
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            return job
+        mark = (job["status"], job["attempt"], job["progress"]["done"])
+        if mark != seen:
+            seen, since = mark, time.monotonic()
+        elif time.monotonic() - since > stalled_s:
+            return job
+
+
 def wait_for(predicate, timeout: float = 60, interval: float = 0.2):  # type: ignore[no-untyped-def]
     """Poll until predicate() is truthy; returns its value or fails the test."""
     deadline = time.monotonic() + timeout

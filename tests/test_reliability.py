@@ -30,6 +30,7 @@ from tests.conftest import (
     ROOT,
     Stack,
     _free_port,
+    finish,
     fresh_database,
     spawn_api,
     start_stack,
@@ -211,7 +212,7 @@ def test_kill9_pool_child_resumes_from_checkpoint(rstack, reference):
     # a kill at step 8 or 9 found no checkpoint to resume from on a fast day
     pid = running_at(rstack, job["id"], 12).worker_pid
     os.kill(pid, signal.SIGKILL)
-    done = c.wait(job["id"], timeout=120)
+    done = finish(c, job["id"])
     assert done["status"] == "succeeded", done
     assert done["attempt"] >= 2
     assert done["attempts"][0]["error"]["code"] == "worker_lost"
@@ -220,6 +221,7 @@ def test_kill9_pool_child_resumes_from_checkpoint(rstack, reference):
     assert_same_weights(final_weights(rstack, done["result"]["checkpoint_id"]), reference)
 
 
+@pytest.mark.timeout(900)  # minutes on a loaded machine: it waits on progress
 def test_a_pool_child_killed_under_a_backlog_is_queued_again_at_once(aof_redis, reference):
     """Issue 25 hole 2: the worker's main process re-queues its dead child's job itself.
     Celery's rejected message went to the back of the queue, so under a backlog the job
@@ -246,7 +248,7 @@ def test_a_pool_child_killed_under_a_backlog_is_queued_again_at_once(aof_redis, 
             c.cancel(backlog["id"])
             second = running_at(stack, job["id"], again.progress_done + 5).worker_pid
             os.kill(second, signal.SIGKILL)
-            done = c.wait(job["id"], timeout=240)
+            done = finish(c, job["id"])
             assert done["status"] == "succeeded", done
             assert [a["error"]["message"] for a in done["attempts"]] == [
                 f"pool process {first} died", f"pool process {second} died"]
@@ -263,7 +265,7 @@ def test_kill9_whole_worker_resumes_on_another(rstack, reference):
     job = c.create_job(SPEC)
     victim = node_of(running_at(rstack, job["id"], 8))
     rstack.stop(victim, sig=signal.SIGKILL)
-    done = c.wait(job["id"], timeout=120)
+    done = finish(c, job["id"])
     assert done["status"] == "succeeded", done
     assert node_of(row(rstack, job["id"])) != victim
     assert done["attempts"][0]["error"]["code"] == "worker_lost"
@@ -298,7 +300,7 @@ def test_kill9_pool_child_resumes_a_chat_run_exactly(rstack, tmp_path):
     job = c.create_job({**CHAT_SPEC, "data": {"file_id": file_id}})
     pid = running_at(rstack, job["id"], 12).worker_pid  # past the step-10 checkpoint
     os.kill(pid, signal.SIGKILL)
-    done = c.wait(job["id"], timeout=120)
+    done = finish(c, job["id"])
     assert done["status"] == "succeeded" and done["attempt"] >= 2, done
     assert any("resuming from checkpoint" in m for m in job_logs(rstack, job["id"]))
     assert_same_weights(final_weights(rstack, done["result"]["checkpoint_id"]),
@@ -310,7 +312,7 @@ def model_name(rstack) -> str:
     c = rstack.client()
     name = f"lstm-{uuid.uuid4().hex[:6]}"
     job = c.create_job({**SPEC, "steps": 10, "name": name})
-    assert c.wait(job["id"], timeout=120)["status"] == "succeeded"
+    assert finish(c, job["id"])["status"] == "succeeded"
     return name
 
 
@@ -323,7 +325,7 @@ def test_kill9_mid_generation_every_item_exactly_once(rstack, model_name):
     first = running_at(rstack, job["id"], 8)
     os.kill(first.worker_pid, signal.SIGKILL)
     before_kill = finished_items(rstack, job["id"])
-    done = c.wait(job["id"], timeout=120)
+    done = finish(c, job["id"])
     assert done["status"] == "succeeded", done
     assert done["attempt"] >= 2
     items = list(c.items(job["id"]))
@@ -359,7 +361,7 @@ def test_sigterm_checkpoints_and_requeues_without_spending_an_attempt(rstack, re
     os.kill(proc.pid, signal.SIGTERM)  # the main process only, as docker stop does
     proc.wait(60)
     rstack.procs.pop(victim)
-    done = c.wait(job["id"], timeout=120)
+    done = finish(c, job["id"])
     assert done["status"] == "succeeded", done
     final = row(rstack, job["id"])
     assert final.failures == 0 and node_of(final) != victim
@@ -375,7 +377,7 @@ def test_sigterm_to_the_process_group_loses_nothing(rstack, reference):
     job = c.create_job(SPEC)
     victim = node_of(running_at(rstack, job["id"], 8))
     rstack.stop(victim, sig=signal.SIGTERM)
-    done = c.wait(job["id"], timeout=120)
+    done = finish(c, job["id"])
     assert done["status"] == "succeeded", done
     assert node_of(row(rstack, job["id"])) != victim
     assert {a["error"]["code"] for a in done["attempts"]} <= {"shutdown", "worker_lost"}
@@ -413,10 +415,10 @@ def test_force_cancel_revokes_a_stuck_task(rstack):
     is kept in SQL, not in that process)."""
     ensure_two_workers(rstack)
     c = rstack.client()
+    replica = spawn_api(rstack)  # first: while the child is stopped its lease runs out
     job = c.create_job({**SPEC, "steps": 2000})
     running = running_at(rstack, job["id"], 5)
     os.kill(running.worker_pid, signal.SIGSTOP)
-    replica = spawn_api(rstack)
     try:
         resp = replica.client().request("POST", f"/v1/jobs/{job['id']}/cancel",
                                         params={"force": "true"})
@@ -428,7 +430,7 @@ def test_force_cancel_revokes_a_stuck_task(rstack):
     assert done["status"] == "cancelled" and done["result"]["forced"] is True
     wait_for(lambda: not _alive(running.worker_pid), timeout=20)  # terminated, not resumed
     after = c.create_job({**SPEC, "steps": 2})
-    assert c.wait(after["id"], timeout=60)["status"] == "succeeded"
+    assert finish(c, after["id"])["status"] == "succeeded"
     assert c.get_job(job["id"])["status"] == "cancelled"
 
 
@@ -477,7 +479,7 @@ def test_duplicate_message_runs_once_and_stale_attempt_is_dropped(rstack):
     c = rstack.client()
     job = c.create_job({**SPEC, "steps": 20})
     send_in_stack(rstack, job["id"], 1)  # the same (job, attempt) again: both workers race
-    done = c.wait(job["id"], timeout=120)
+    done = finish(c, job["id"])
     assert done["status"] == "succeeded" and done["attempt"] == 1 and done["attempts"] == []
     assert sum("registered model" in m for m in job_logs(rstack, job["id"])) == 1
     send_in_stack(rstack, job["id"], 0)  # an attempt that is long gone
@@ -494,13 +496,13 @@ def test_deterministic_error_fails_at_once(rstack):
     from common.models import Checkpoint
 
     c = rstack.client()
-    base = c.wait(c.create_job({**SPEC, "steps": 2})["id"], timeout=60)
+    base = finish(c, c.create_job({**SPEC, "steps": 2})["id"])
     with session_factory(engine_for(rstack.env["GENQ_DATABASE_URL"]))() as s:
         uri = s.get(Checkpoint, base["result"]["checkpoint_id"]).uri
     (Path(uri.removeprefix("file://")) / "config.json").unlink()
     job = c.create_job({**SPEC, "steps": 4, "resume_from": base["result"]["checkpoint_id"],
                         "max_attempts": 3})
-    done = c.wait(job["id"], timeout=60)
+    done = finish(c, job["id"])
     assert done["status"] == "failed" and done["error"]["retryable"] is False, done
     assert done["error"]["code"] == "checkpoint_unreadable"
     assert done["attempt"] == 1 and row(rstack, job["id"]).failures == 1
@@ -521,7 +523,7 @@ def test_transient_error_retries_with_backoff_then_fails(rstack):
         s.get(Job, job["id"]).queue = "cpu"
         s.get(Job, job["id"]).enqueued_at = None  # the outbox sweep sends it to cpu
         s.commit()
-    done = c.wait(job["id"], timeout=90)
+    done = finish(c, job["id"])
     assert done["status"] == "failed", done
     codes = [a["error"]["code"] for a in done["attempts"]]
     assert len(codes) == 3 and len(set(codes)) == 1 and done["attempts"][0]["error"]["retryable"]
@@ -531,7 +533,7 @@ def test_transient_error_retries_with_backoff_then_fails(rstack):
 def test_timeout_checkpoints_then_fails(rstack):
     c = rstack.client()
     job = c.create_job({**SPEC, "steps": 5000, "timeout_s": 3})
-    done = c.wait(job["id"], timeout=60)
+    done = finish(c, job["id"])
     assert done["status"] == "failed" and done["error"]["code"] == "timeout", done
     assert done["result"]["checkpoint_id"]
     c.request("GET", f"/v1/checkpoints/{done['result']['checkpoint_id']}")
@@ -556,7 +558,7 @@ def test_redis_restart_loses_nothing(rstack, aof_redis):
     # the parked messages are still in Redis: a gpu worker now takes them
     spawn_worker_on(rstack, "g1", "gpu")
     for job in parked:
-        assert c.wait(job["id"], timeout=90)["status"] == "succeeded"
+        assert finish(c, job["id"])["status"] == "succeeded"
     rstack.stop("g1")
 
 
@@ -570,11 +572,11 @@ def test_redis_restart_mid_training_loses_nothing(rstack, aof_redis, reference):
     aof_redis.stop()
     time.sleep(2)
     aof_redis.start()
-    done = c.wait(job["id"], timeout=120)
+    done = finish(c, job["id"])
     assert done["status"] == "succeeded", done
     assert_same_weights(final_weights(rstack, done["result"]["checkpoint_id"]), reference)
     after = c.create_job({**SPEC, "steps": 3})
-    assert c.wait(after["id"], timeout=90)["status"] == "succeeded"
+    assert finish(c, after["id"])["status"] == "succeeded"
 
 
 def spawn_worker_on(stack: Stack, name: str, queues: str) -> None:
@@ -599,7 +601,7 @@ def test_outbox_sweep_sends_a_job_that_never_reached_the_broker(rstack):
         s.commit()
         job_id = job.id
     assert row(rstack, job_id).enqueued_at is None
-    done = rstack.client().wait(job_id, timeout=60)
+    done = finish(rstack.client(), job_id)
     assert done["status"] == "succeeded", done
 
 
@@ -632,7 +634,7 @@ def test_a_message_fetched_by_a_worker_killed_before_the_claim_is_sent_again(rst
         rstack.spawn(name, [sys.executable, "-m", "api.cli", "worker", "--queues", "strand",
                             "--name", name])
         rstack.wait_worker(name)
-        done = c.wait(job["id"], timeout=90)  # the lease is 4 s; the visibility timeout 12 h
+        done = finish(c, job["id"])  # the lease is 4 s; the visibility timeout 12 h
         assert done["status"] == "succeeded" and done["attempt"] == 1, done
         logs = "".join(rstack.log(n) for n in rstack.procs if n != "api")
         assert f"job {job['id']}: queued" in logs and "never claimed; sent again" in logs
@@ -783,21 +785,7 @@ def test_retry_backoff_doubles(session):
     assert [round(d / base) for d in delays] == [1, 2, 4], delays
 
 
-def wait_while_progressing(c, job_id: str, *, stalled_s: float) -> dict:  # type: ignore[no-untyped-def]
-    """The job once finished, or as it stands once its progress stood still for stalled_s
-    (a hung pool child): how fast it runs depends on the machine, a hang does not."""
-    seen, since = None, time.monotonic()
-    while True:
-        job = c.get_job(job_id, wait=2)
-        if job["status"] in ("succeeded", "failed", "cancelled"):
-            return job
-        mark = (job["status"], job["attempt"], job["progress"]["done"])
-        if mark != seen:
-            seen, since = mark, time.monotonic()
-        elif time.monotonic() - since > stalled_s:
-            return job
-
-
+@pytest.mark.timeout(900)  # eight runs: minutes on a loaded machine; a hang is what fails
 def test_pool_child_forked_during_housekeeping_is_not_stuck(redis_server):
     """The worker's main process does its SQL (reaper, heartbeats) while it forks new pool
     children; a child forked mid-query once inherited a locked SQLite mutex and hung forever.
@@ -808,11 +796,11 @@ def test_pool_child_forked_during_housekeeping_is_not_stuck(redis_server):
         try:
             stack.start_worker("f1", queues="cpu")
             c = stack.client()
-            spec = {**SPEC, "checkpoint_every": 20}
+            spec = {**SPEC, "steps": 100, "checkpoint_every": 20}  # each run: a fork and a kill
             for _ in range(8):
                 job = c.create_job(spec)
                 os.kill(running_at(stack, job["id"], 3).worker_pid, signal.SIGKILL)
-                done = wait_while_progressing(c, job["id"], stalled_s=30)
+                done = finish(c, job["id"], stalled_s=30)
                 assert done["status"] == "succeeded", (done, stack.log("f1")[-2000:])
         finally:
             stack.stop_all()
@@ -890,7 +878,7 @@ def test_kill9_pool_child_resumes_a_lora_run_exactly(rstack, tmp_path):
     job = c.create_job(LORA_SPEC)
     pid = running_at(rstack, job["id"], 12).worker_pid  # past the step-10 checkpoint
     os.kill(pid, signal.SIGKILL)
-    done = c.wait(job["id"], timeout=120)
+    done = finish(c, job["id"])
     assert done["status"] == "succeeded" and done["attempt"] >= 2, done
     assert any("resuming from checkpoint" in m for m in job_logs(rstack, job["id"]))
     with session_factory(engine_for(rstack.env["GENQ_DATABASE_URL"]))() as s:
@@ -903,6 +891,7 @@ def test_kill9_pool_child_resumes_a_lora_run_exactly(rstack, tmp_path):
 # ---------------------------------------------------------------- fault injection
 
 
+@pytest.mark.timeout(900)  # minutes on a loaded machine: it waits on progress
 def test_random_kills_during_a_multi_shard_batch_lose_and_double_nothing(aof_redis):
     """Issue 25: pool children and whole workers killed at random while two workers run a
     batch of many shards. Every custom_id comes out exactly once, nothing fails, and no
@@ -928,7 +917,7 @@ def test_random_kills_during_a_multi_shard_batch_lose_and_double_nothing(aof_red
             for name in ("f0", "f1"):
                 stack.wait_worker(name)
             c = stack.client()
-            trained = c.wait(c.create_job({**SPEC, "steps": 10})["id"], timeout=120)
+            trained = finish(c, c.create_job({**SPEC, "steps": 10})["id"])
             rows = lines_for(trained["result"]["model"], 160, max_tokens=300)
             client = sdk(stack)
             upload = client.files.create(file=("in.jsonl", io.BytesIO(jsonl(rows))),
@@ -945,7 +934,7 @@ def test_random_kills_during_a_multi_shard_batch_lose_and_double_nothing(aof_red
             engine_url = stack.env["GENQ_DATABASE_URL"]
             from common.db import engine_for, session_factory
 
-            deadline = time.monotonic() + 400
+            deadline = time.monotonic() + 800
             while client.batches.retrieve(batch.id).status not in ("completed", "failed"):
                 assert time.monotonic() < deadline, "the batch did not finish"
                 with session_factory(engine_for(engine_url))() as s:
