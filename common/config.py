@@ -45,6 +45,10 @@ class Settings(BaseSettings):
     max_attempts: int = Field(3, description="Attempts before a transient failure is final.")
     retry_backoff_s: float = Field(2.0, description="First retry delay; doubles per attempt.")
     worker_max_tasks_per_child: int = 0
+    torch_threads: int = Field(
+        0, ge=0, le=1024, description="Threads of torch in each worker's pool child (0: torch's "
+                                      "default, one per core); fewer beside other CPU-heavy "
+                                      "processes, whose spinning threads otherwise crawl.")
     worker_max_memory_per_child_kb: int = 0
     pretrained_root: Path | None = Field(
         None,

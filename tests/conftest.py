@@ -39,6 +39,9 @@ os.environ.update(
         "GENQ_REAPER_INTERVAL_S": "1",
         "GENQ_RETRY_BACKOFF_S": "0.2",
         "GENQ_RATE_LIMIT_PER_MINUTE": "0",
+        # one torch thread per worker: several workers, the API and pytest share two cores,
+        # and two-thread torch beside a busy process ran 100x slower (spinning OpenMP)
+        "GENQ_TORCH_THREADS": "1",
     }
 )
 

@@ -156,10 +156,14 @@ def final_weights(stack: Stack, checkpoint_id: str) -> dict[str, torch.Tensor]:
 
 @contextlib.contextmanager
 def workers_thread_count() -> Iterator[None]:
-    """torch's default thread count, as workers run: other tests may have changed this
-    process's, and float sums depend on it."""
-    probe = "import torch; print(torch.get_num_threads())"
-    default = int(subprocess.check_output([sys.executable, "-c", probe], text=True))
+    """The thread count workers run torch with (GENQ_TORCH_THREADS, else torch's default):
+    other tests may have changed this process's, and float sums depend on it."""
+    from common.config import Settings
+
+    default = Settings().torch_threads
+    if not default:
+        probe = "import torch; print(torch.get_num_threads())"
+        default = int(subprocess.check_output([sys.executable, "-c", probe], text=True))
     before = torch.get_num_threads()
     torch.set_num_threads(default)
     try:

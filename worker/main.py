@@ -190,6 +190,11 @@ def _on_shutdown(**_: Any) -> None:
 def _on_child_start(**_: Any) -> None:
     """A forked pool child must not reuse the parent's database connections."""
     get_engine().dispose(close=False)
+    threads = get_settings().torch_threads
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     tune_malloc()  # the child runs the models: their tensors stay in the heap (worker/malloc.py)
     # Everything imported so far (Celery, torch, transformers) lives as long as the child:
     # keep it out of the cyclic collector, whose full passes otherwise walk it all.
