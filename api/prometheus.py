@@ -1,13 +1,17 @@
 """Prometheus metrics computed from SQL and Redis at scrape time.
 
 No in-process counters: the API may run as several processes, and the truth is in SQL.
+A scrape's cost does not grow with history: a job finished a while ago is folded once into
+the `rollups` table (its count, run time and items), and each scrape reads those totals plus
+the jobs not folded yet (queued, running, recently finished).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from typing import Any
+from datetime import datetime, timedelta
+from typing import Any, NamedTuple
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -16,7 +20,7 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from common.celery_app import redis_lists
@@ -25,7 +29,16 @@ from common.db import session_factory
 from common.errors import GpuUnreadable
 from common.fleet import live_workers
 from common.gpus import gpu_count, read_gpu
-from common.models import FINISHED, Item, ItemStatus, Job, JobStatus, JobType
+from common.models import (
+    FINISHED,
+    Item,
+    ItemStatus,
+    Job,
+    JobStatus,
+    JobType,
+    Rollup,
+    utcnow,
+)
 from common.notices import redis_client as broker_client
 
 log = logging.getLogger(__name__)
@@ -33,26 +46,120 @@ log = logging.getLogger(__name__)
 DURATION_BUCKETS = (1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0, 24 * 3600.0)
 
 
+# A job finished this long ago is folded into the rollups: items a cancelled batch's last
+# shard writes just after the batch ended are still counted live until then.
+FOLD_AFTER = timedelta(seconds=60)
+FOLD_AT_MOST = 5000  # jobs folded by one scrape; more wait for the next
+
+
 class GenqCollector:
     """Reads jobs, items, workers and queues on every scrape."""
 
     def collect(self) -> Iterator[Metric]:
         with session_factory()() as session:
-            yield from jobs_by_status(session)
-            yield from items_and_tokens(session)
-            yield from training_rates(session)
-            yield from job_durations(session)
-            yield from workers(session)
+            yield from sql_metrics(session)
         yield from queue_depths()
         yield from gpus()
 
 
-def jobs_by_status(session: Session) -> Iterator[Metric]:
+def sql_metrics(session: Session) -> Iterator[Metric]:
+    """Every series SQL knows; the fold and the reads are one transaction under the fold lock."""
+    fold_finished(session)
+    totals = rollup_totals(session)
+    yield from jobs_by_status(session, totals)
+    yield from items_and_tokens(session, totals)
+    yield from training_rates(session)
+    yield from job_durations(session, totals)
+    yield from workers(session)
+    session.commit()
+
+
+class Finished(NamedTuple):
+    type: str
+    status: str
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    def seconds(self) -> float | None:
+        if self.started_at is None or self.finished_at is None:
+            return None
+        return max((self.finished_at - self.started_at).total_seconds(), 0.0)
+
+
+def fold_finished(session: Session) -> int:
+    """Fold jobs finished over FOLD_AFTER ago into the rollups, each once; how many.
+
+    The fold lock row is updated first and held until the caller commits, so concurrent
+    scrapes (several API processes) fold and read one after another: no row a fold adds to
+    is inserted twice, and no scrape sees a job in both the rollups and the live rows, or
+    in neither."""
+    session.execute(update(Rollup).where(Rollup.name == "lock").values(value=Rollup.value + 1))
+    rows = session.execute(
+        select(Job.id, Job.type, Job.status, Job.started_at, Job.finished_at)
+        .where(Job.rolled_up.is_(False), Job.status.in_(FINISHED),
+               Job.finished_at < utcnow() - FOLD_AFTER)
+        .limit(FOLD_AT_MOST)
+    ).all()
+    if not rows:
+        return 0
+    ids = [r.id for r in rows]
+    add: dict[tuple[str, str], float] = {}
+    for r in rows:
+        for name, labels, value in job_rollup(Finished(str(r.type), str(r.status),
+                                                       r.started_at, r.finished_at)):
+            add[(name, labels)] = add.get((name, labels), 0.0) + value
+    made, tokens_in, tokens_out = session.execute(
+        select(func.count(), func.coalesce(func.sum(Item.tokens_in), 0),
+               func.coalesce(func.sum(Item.tokens_out), 0))
+        .where(Item.job_id.in_(ids), Item.status == ItemStatus.succeeded)
+    ).one()
+    for name, labels, value in (("items", "", made), ("tokens", "in", tokens_in),
+                                ("tokens", "out", tokens_out)):
+        add[(name, labels)] = add.get((name, labels), 0.0) + float(value)
+    session.execute(update(Job).where(Job.id.in_(ids)).values(rolled_up=True))
+    present = set(session.execute(select(Rollup.name, Rollup.labels)
+                                  .where(Rollup.name.in_({n for n, _ in add}))).tuples())
+    for (name, labels), value in add.items():
+        if (name, labels) in present:
+            session.execute(update(Rollup).where(Rollup.name == name, Rollup.labels == labels)
+                            .values(value=Rollup.value + value))
+        else:
+            session.add(Rollup(name=name, labels=labels, value=value))
+    session.flush()
+    return len(rows)
+
+
+def job_rollup(job: Finished) -> Iterator[tuple[str, str, float]]:
+    """The (name, labels, amount) a finished job adds to the rollups."""
+    key = f"{job.type}|{job.status}"
+    yield "jobs", key, 1.0
+    seconds = job.seconds()
+    if seconds is None:
+        return
+    for bound in DURATION_BUCKETS:
+        if seconds <= bound:
+            yield "duration", f"{key}|{bound}", 1.0
+    yield "duration", f"{key}|+Inf", 1.0
+    yield "duration_sum", key, seconds
+
+
+def rollup_totals(session: Session) -> dict[tuple[str, str], float]:
+    rows = session.execute(select(Rollup.name, Rollup.labels, Rollup.value)
+                           .where(Rollup.name != "lock"))
+    return {(str(n), str(labels)): float(v) for n, labels, v in rows}
+
+
+def jobs_by_status(session: Session, totals: dict[tuple[str, str], float]) -> Iterator[Metric]:
     g = GaugeMetricFamily("genq_jobs", "Jobs by status and type.", labels=["status", "type"])
     counts = session.execute(
-        select(Job.status, Job.type, func.count()).group_by(Job.status, Job.type)
+        select(Job.status, Job.type, func.count()).where(Job.rolled_up.is_(False))
+        .group_by(Job.status, Job.type)
     )
     seen = {(str(s), str(t)): int(n) for s, t, n in counts}
+    for (name, labels), n in totals.items():
+        if name == "jobs":
+            jtype, status = labels.split("|")
+            seen[(status, jtype)] = seen.get((status, jtype), 0) + int(n)
     for known_status in JobStatus:
         for known_type in JobType:
             key = (known_status.value, known_type.value)
@@ -72,17 +179,19 @@ def jobs_by_status(session: Session) -> Iterator[Metric]:
     yield q
 
 
-def items_and_tokens(session: Session) -> Iterator[Metric]:
+def items_and_tokens(session: Session, totals: dict[tuple[str, str], float]) -> Iterator[Metric]:
+    """Succeeded items and their tokens: the rollups' plus those of jobs not folded yet."""
     row = session.execute(
         select(func.count(), func.coalesce(func.sum(Item.tokens_in), 0),
                func.coalesce(func.sum(Item.tokens_out), 0))
-               .where(Item.status == ItemStatus.succeeded)
+        .join(Job, Job.id == Item.job_id)
+        .where(Job.rolled_up.is_(False), Item.status == ItemStatus.succeeded)
     ).one()
     yield CounterMetricFamily("genq_items_generated", "Generated items (all jobs).",
-                              value=int(row[0]))
+                              value=int(row[0]) + int(totals.get(("items", ""), 0)))
     tokens = CounterMetricFamily("genq_tokens", "Tokens of generated items.", labels=["direction"])
-    tokens.add_metric(["in"], int(row[1]))
-    tokens.add_metric(["out"], int(row[2]))
+    tokens.add_metric(["in"], int(row[1]) + int(totals.get(("tokens", "in"), 0)))
+    tokens.add_metric(["out"], int(row[2]) + int(totals.get(("tokens", "out"), 0)))
     yield tokens
 
 
@@ -106,23 +215,24 @@ def training_rates(session: Session) -> Iterator[Metric]:
     yield items
 
 
-def job_durations(session: Session) -> Iterator[Metric]:
-    """Run time (started → finished) of finished jobs, as a histogram per type."""
+def job_durations(session: Session, totals: dict[tuple[str, str], float]) -> Iterator[Metric]:
+    """Run time (started → finished) of finished jobs, as a histogram per type and status."""
     h = HistogramMetricFamily("genq_job_duration_seconds", "Run time of finished jobs.",
                               labels=["type", "status"])
-    rows = session.execute(
+    live = session.execute(
         select(Job.type, Job.status, Job.started_at, Job.finished_at)
-        .where(Job.status.in_(FINISHED), Job.started_at.is_not(None), Job.finished_at.is_not(None))
+        .where(Job.rolled_up.is_(False), Job.status.in_(FINISHED))
     )
-    series: dict[tuple[str, str], list[float]] = {}
-    for jtype, status, started, finished in rows:
-        if started is not None and finished is not None:
-            series.setdefault((str(jtype), str(status)), []).append(
-                max((finished - started).total_seconds(), 0.0))
-    for (jtype, status), values in sorted(series.items()):
-        buckets = [(str(b), float(sum(v <= b for v in values))) for b in DURATION_BUCKETS]
-        buckets.append(("+Inf", float(len(values))))
-        h.add_metric([jtype, status], buckets, sum_value=sum(values))
+    counts = {(name, labels): v for (name, labels), v in totals.items()
+              if name in ("duration", "duration_sum")}
+    for jtype, status, started, finished in live:
+        for name, labels, value in job_rollup(Finished(str(jtype), str(status), started, finished)):
+            if name != "jobs":
+                counts[(name, labels)] = counts.get((name, labels), 0.0) + value
+    for key in sorted(labels for name, labels in counts if name == "duration_sum"):
+        buckets = [(str(b), counts.get(("duration", f"{key}|{b}"), 0.0)) for b in DURATION_BUCKETS]
+        buckets.append(("+Inf", counts.get(("duration", f"{key}|+Inf"), 0.0)))
+        h.add_metric(key.split("|"), buckets, sum_value=counts[("duration_sum", key)])
     yield h
 
 

@@ -92,6 +92,7 @@ class Job(Base):
         UniqueConstraint("owner", "idempotency_key", name="uq_jobs_owner_idem"),
         Index("ix_jobs_owner_created", "owner", "created_at"),
         Index("ix_jobs_status_heartbeat", "status", "heartbeat_at"),
+        Index("ix_jobs_rolled_up_status", "rolled_up", "status"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
@@ -121,6 +122,8 @@ class Job(Base):
     preempt_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     # cancel?force=true: when the reaper terminates the attempt if it is still running
     force_cancel_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # folded into `rollups` (api/prometheus.py): metrics read it there, not from this row
+    rolled_up: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     not_before: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -259,6 +262,18 @@ class ApiKey(Base):
     name: Mapped[str] = mapped_column(String(128), default="")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class Rollup(Base):
+    """A running total over finished jobs (job counts, run-time buckets, items, tokens),
+    each job folded in once, so a metrics scrape never reads the whole history. The row
+    named `lock` is updated first by every fold: folds run one at a time."""
+
+    __tablename__ = "rollups"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    labels: Mapped[str] = mapped_column(String(128), primary_key=True, default="")
+    value: Mapped[float] = mapped_column(Float, default=0.0)
 
 
 class Lock(Base):

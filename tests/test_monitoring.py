@@ -122,7 +122,7 @@ def test_queued_jobs_are_one_sample_per_queue(session):
 
     class Jobs:
         def collect(self):  # type: ignore[no-untyped-def]
-            return prometheus.jobs_by_status(session)
+            return prometheus.jobs_by_status(session, {})
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(Jobs())  # type: ignore[arg-type]
@@ -130,6 +130,77 @@ def test_queued_jobs_are_one_sample_per_queue(session):
     [queued] = [f for f in text_string_to_metric_families(text) if f.name == "genq_jobs_queued"]
     by_queue = [(s.labels["queue"], s.value) for s in queued.samples]
     assert sorted(by_queue) == [("cpu", 0.0), ("gpu", 2.0)]
+
+
+def scrape(session) -> dict[tuple[str, tuple], float]:  # type: ignore[no-untyped-def]
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from api import prometheus
+
+    class Sql:
+        def collect(self):  # type: ignore[no-untyped-def]
+            return prometheus.sql_metrics(session)
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Sql())  # type: ignore[arg-type]
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(generate_latest(registry).decode())
+            for s in f.samples}
+
+
+def test_a_scrape_does_not_read_the_history_again(session):
+    """Issue 24: jobs finished a while ago are folded into the rollups once; later scrapes
+    read the rollups and the jobs not folded yet, so their cost does not grow with history.
+    Proof: after the first scrape the old rows are changed behind its back (run times
+    stretched, items deleted), and the next scrape still reads the same totals."""
+    import uuid
+    from datetime import timedelta
+
+    from sqlalchemy import delete, update
+
+    from common.models import Item, Job, utcnow
+
+    long_ago, now = utcnow() - timedelta(hours=2), utcnow()
+
+    def finished(jtype: str, seconds: float, at=long_ago) -> str:  # type: ignore[no-untyped-def]
+        jid = f"job_{uuid.uuid4().hex}"
+        session.add(Job(id=jid, owner="rollup-test", type=jtype, spec={}, status="succeeded",
+                        started_at=at - timedelta(seconds=seconds), finished_at=at))
+        return jid
+
+    old = [finished("train", 10) for _ in range(30)]
+    gen = finished("generate", 2)
+    session.flush()
+    session.add_all(Item(job_id=gen, index=i, custom_id=str(i), request={}, status="succeeded",
+                         tokens_in=3, tokens_out=5) for i in range(4))
+    recent = finished("train", 1, at=now)  # finished just now: still read live
+    session.add(Job(id=f"job_{uuid.uuid4().hex}", owner="rollup-test", type="train", spec={},
+                    status="queued"))
+    session.commit()
+
+    jobs = ("genq_jobs", (("status", "succeeded"), ("type", "train")))
+    count = ("genq_job_duration_seconds_count", (("status", "succeeded"), ("type", "train")))
+    total = ("genq_job_duration_seconds_sum", (("status", "succeeded"), ("type", "train")))
+    under_15 = ("genq_job_duration_seconds_bucket",
+                (("le", "15.0"), ("status", "succeeded"), ("type", "train")))
+    items, out = ("genq_items_generated_total", ()), ("genq_tokens_total", (("direction", "out"),))
+    queued = ("genq_jobs", (("status", "queued"), ("type", "train")))
+    first = scrape(session)
+    assert (first[jobs], first[count], first[under_15], first[total]) == (31, 31, 31, 301)
+    assert (first[items], first[out], first[queued]) == (4, 20, 1)
+    assert session.get(Job, old[0]).rolled_up and not session.get(Job, recent).rolled_up
+
+    stretched = long_ago - timedelta(days=9)
+    session.execute(update(Job).where(Job.id.in_(old)).values(started_at=stretched))
+    session.execute(delete(Item).where(Item.job_id == gen))
+    session.commit()
+    again = scrape(session)
+    assert {k: again[k] for k in first} == first  # the folded rows were not read again
+
+    finished("train", 100)
+    session.commit()
+    more = scrape(session)
+    assert (more[jobs], more[count], more[under_15], more[total]) == (32, 32, 31, 401)
 
 
 def test_metrics_can_be_public(db_url, redis_server):
