@@ -815,8 +815,11 @@ def test_pool_child_forked_during_housekeeping_is_not_stuck(redis_server):
                 job = c.create_job(spec)
                 killed = running_at(stack, job["id"], 1).worker_pid
                 os.kill(killed, signal.SIGKILL)
-                wait_for(lambda: (r := row(stack, job["id"])).status == "running"
-                         and r.worker_pid not in (None, killed), timeout=120, interval=0.1)
+                def taken_again(job_id: str = job["id"], killed: int = killed) -> bool:
+                    again = row(stack, job_id)
+                    return again.status == "running" and again.worker_pid not in (None, killed)
+
+                wait_for(taken_again, timeout=120, interval=0.1)
                 c.cancel(job["id"])
                 done = finish(c, job["id"], stalled_s=30)
                 assert done["status"] == "cancelled", (done, stack.log("f1")[-2000:])

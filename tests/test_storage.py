@@ -246,3 +246,101 @@ def test_whole_stack_on_s3(s3_endpoint, db_url, redis_server, tmp_path):
         assert [json.loads(line)["custom_id"] for line in out.text.splitlines()] == ["a"]
     finally:
         stack.stop_all()
+
+
+def _can_hide_folders() -> bool:
+    """Whether this process may make a mount namespace (root on Linux, util-linux unshare)."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("unshare"):
+        return False
+    probe = subprocess.run(["unshare", "-m", "--propagation", "private", "true"],
+                           capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not os.environ.get("GENQ_TEST_POSTGRES_URL"),
+                    reason="a worker sharing no disk needs a network database: set "
+                           "GENQ_TEST_POSTGRES_URL")
+@pytest.mark.skipif(not _can_hide_folders(), reason="needs a mount namespace (unshare -m)")
+def test_a_worker_shares_no_disk_with_the_api(s3_endpoint, redis_server, tmp_path):
+    """Issue 24: workers on other hosts need nothing of the API's disk. Each worker runs in a
+    mount namespace of its own where the API's home and the client's folder are empty
+    tmpfs mounts, with its own GENQ_HOME, TMPDIR and HF_HOME, against PostgreSQL, Redis and
+    S3 (moto); it trains from an uploaded dataset, is killed -9 whole mid-run, a second
+    such worker resumes the job from its S3 checkpoint, and it serves a batch."""
+    import signal
+    import sys
+
+    import boto3
+
+    from tests.conftest import _TMP, finish, fresh_database, start_stack, wait_for
+
+    bucket = f"genq-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
+    client_dir = tmp_path / "client"
+    client_dir.mkdir()
+    with fresh_database("postgresql") as db:
+        stack = start_stack(db, redis_server.rsplit("/", 1)[0] + "/12", env_extra={
+            "GENQ_STORAGE_URL": f"s3://{bucket}/genq", "GENQ_S3_ENDPOINT_URL": s3_endpoint,
+            "GENQ_LEASE_S": "5"})
+
+        def remote_worker(name: str) -> Path:
+            home = _TMP / f"host-{name}-{uuid.uuid4().hex[:6]}"
+            (home / "tmp").mkdir(parents=True)
+            hide = " && ".join(f"mount -t tmpfs none {folder}"
+                               for folder in (stack.home, client_dir))
+            stack.env.update({"GENQ_HOME": str(home), "TMPDIR": str(home / "tmp"),
+                              "HF_HOME": str(home / "hf")})
+            stack.spawn(name, ["unshare", "-m", "--propagation", "private", "sh", "-c",
+                               f"{hide} && exec {sys.executable} -m api.cli worker "
+                               f"--queues cpu --name {name}"])
+            stack.wait_worker(name)
+            return home
+
+        try:
+            c = stack.client()
+            corpus = client_dir / "corpus.txt"
+            corpus.write_text("the quick brown fox jumps over the lazy dog. " * 300)
+            dataset = c.upload_file(corpus, purpose="dataset")["id"]
+            remote_worker("far1")
+            spec = {"type": "train", "family": "lstm", "steps": 400, "batch_size": 4,
+                    "seq_len": 16, "checkpoint_every": 10, "log_every": 10, "name": "far-lstm",
+                    "data": {"file_id": dataset},
+                    "config": {"hidden": 16, "n_embd": 8, "n_layer": 1}}
+            job = c.create_job(spec)
+
+            def past_a_checkpoint() -> bool:
+                now = c.get_job(job["id"])
+                assert now["status"] in ("queued", "running"), now
+                return now["status"] == "running" and now["progress"]["done"] >= 12
+
+            wait_for(past_a_checkpoint, timeout=120, interval=0.1)
+            stack.stop("far1", sig=signal.SIGKILL)
+            far2 = remote_worker("far2")
+            done = finish(c, job["id"])
+            assert done["status"] == "succeeded" and done["attempt"] >= 2, (
+                done, stack.log("far2")[-2000:])
+            logs = [line["message"] for line in c.logs(job["id"])]
+            assert any("resuming from checkpoint" in m for m in logs), logs
+
+            lines = client_dir / "batch.jsonl"
+            lines.write_text("".join(json.dumps({
+                "custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
+                "body": {"model": "far-lstm", "prompt": "the ", "max_tokens": 6}}) + "\n"
+                for i in range(5)))
+            batch = c.wait_batch(c.create_batch(c.upload_file(lines)["id"])["id"], timeout=120)
+            assert batch["status"] == "completed", batch
+            out = c.file_content(batch["output_file_id"]).decode().splitlines()
+            assert sorted(json.loads(line)["custom_id"] for line in out) == [
+                f"r{i}" for i in range(5)]
+            # the API's home holds its log, its own copy of the dataset (checked at submit)
+            # and the logs this test opened there; the worker fetched its copy from S3
+            assert not (stack.home / "storage").exists()
+            assert sorted(p.name for p in stack.home.iterdir()) == [
+                "api.log", "cache", "far1.log", "far2.log"]
+            assert [p.name for p in (far2 / "cache" / "datasets").iterdir()] == [
+                p.name for p in (stack.home / "cache" / "datasets").iterdir()]
+        finally:
+            stack.stop_all()
