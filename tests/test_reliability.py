@@ -263,15 +263,22 @@ def test_a_pool_child_killed_under_a_backlog_is_queued_again_at_once(aof_redis, 
             stack.stop_all()
 
 
-def test_kill9_whole_worker_resumes_on_another(rstack, reference):
+def run_past_a_dead_worker(rstack: Stack, sig: int) -> dict:
+    """SPEC on one of two workers, whose whole process group gets `sig` mid-run: the job as
+    it finished, which must have succeeded on the other worker."""
     ensure_two_workers(rstack)
     c = rstack.client()
     job = c.create_job(SPEC)
     victim = node_of(running_at(rstack, job["id"], 8))
-    rstack.stop(victim, sig=signal.SIGKILL)
+    rstack.stop(victim, sig=sig)
     done = finish(c, job["id"])
     assert done["status"] == "succeeded", done
     assert node_of(row(rstack, job["id"])) != victim
+    return done
+
+
+def test_kill9_whole_worker_resumes_on_another(rstack, reference):
+    done = run_past_a_dead_worker(rstack, signal.SIGKILL)
     assert done["attempts"][0]["error"]["code"] == "worker_lost"
     assert_same_weights(final_weights(rstack, done["result"]["checkpoint_id"]), reference)
 
@@ -376,14 +383,7 @@ def test_sigterm_checkpoints_and_requeues_without_spending_an_attempt(rstack, re
 
 def test_sigterm_to_the_process_group_loses_nothing(rstack, reference):
     """systemd's default stop signals every process of the worker; the job still finishes."""
-    ensure_two_workers(rstack)
-    c = rstack.client()
-    job = c.create_job(SPEC)
-    victim = node_of(running_at(rstack, job["id"], 8))
-    rstack.stop(victim, sig=signal.SIGTERM)
-    done = finish(c, job["id"])
-    assert done["status"] == "succeeded", done
-    assert node_of(row(rstack, job["id"])) != victim
+    done = run_past_a_dead_worker(rstack, signal.SIGTERM)
     assert {a["error"]["code"] for a in done["attempts"]} <= {"shutdown", "worker_lost"}
     assert_same_weights(final_weights(rstack, done["result"]["checkpoint_id"]), reference)
 

@@ -31,6 +31,14 @@ TINY = {
 }
 
 
+def stopped_at(spec: dict, step: int, workdir: Path, **kwargs: object) -> TrainOutcome:
+    """A run of `spec` told to shut down (as a worker's SIGTERM does) once it reaches `step`."""
+    done = {"step": 0}
+    hooks = TrainHooks(should_stop=lambda: "shutdown" if done["step"] >= step else None,
+                       on_progress=lambda at, total, m: done.update(step=at))
+    return run_training(spec, workdir, hooks=hooks, **kwargs)  # type: ignore[arg-type]
+
+
 @pytest.fixture(scope="session")
 def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """About 20 kB of the built-in python-docs text: small enough for fast BPE."""

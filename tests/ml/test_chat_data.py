@@ -21,6 +21,7 @@ from common.ml.families.lstm import CharTokenizer
 from common.ml.prompt_ids import load_chat_render
 from common.ml.train import TrainHooks, run_training
 from common.storage import Storage
+from tests.ml.conftest import stopped_at
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -188,10 +189,7 @@ def test_exact_resume_on_chat_examples(family: str, tiny_spec: Callable[..., dic
     spec = tiny_spec(family, steps=8, batch_size=8, checkpoint_every=3, eval_every=2, seq_len=64,
                      data={"path": str(_chat_file(tmp_path / "chat.jsonl"))})
     straight = run_training(spec, tmp_path / "straight", hooks=TrainHooks())
-    done = {"step": 0}
-    hooks = TrainHooks(should_stop=lambda: "shutdown" if done["step"] >= 5 else None,
-                       on_progress=lambda step, total, m: done.update(step=step))
-    stopped = run_training(spec, tmp_path / "first", hooks=hooks)
+    stopped = stopped_at(spec, 5, tmp_path / "first")
     assert stopped.step == 5
     resumed = run_training(spec, tmp_path / "second", hooks=TrainHooks(),
                            resume_from=stopped.checkpoint)

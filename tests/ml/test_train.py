@@ -17,6 +17,7 @@ from common.ml.checkpoint import load_model, load_train_state
 from common.ml.families import get_family
 from common.ml.train import TrainHooks, on_helper_thread, run_training
 from common.retention import checkpoint_dirname
+from tests.ml.conftest import stopped_at
 
 
 def _mean(xs: list[float]) -> float:
@@ -66,10 +67,7 @@ def test_exact_resume(family: str, tiny_spec: Callable[..., dict], tmp_path: Pat
     spec["config"].update(dropout)
     straight = run_training(spec, tmp_path / "straight", hooks=TrainHooks())
 
-    done = {"step": 0}
-    hooks = TrainHooks(should_stop=lambda: "shutdown" if done["step"] >= 5 else None,
-                       on_progress=lambda step, total, m: done.update(step=step))
-    stopped = run_training(spec, tmp_path / "first", hooks=hooks)
+    stopped = stopped_at(spec, 5, tmp_path / "first")
     assert stopped.stopped == "shutdown" and stopped.step == 5
     assert stopped.artifacts == []
     assert load_train_state(stopped.checkpoint)["step"] == 5

@@ -9,7 +9,13 @@ from pydantic import Field
 
 from common.ml.data import ImageData, TextData
 from common.ml.families.base import ImageFamily
-from common.ml.families.image_fit import ImageConfig, fit_to_images, one_hot
+from common.ml.families.image_fit import (
+    ImageConfig,
+    as_images,
+    fit_to_images,
+    one_hot,
+    prior_draw,
+)
 
 
 class GANConfig(ImageConfig):
@@ -97,9 +103,5 @@ class GANFamily(ImageFamily[GANConfig, GAN]):
     @torch.no_grad()
     def sample_images(self, model: GAN, n: int, labels: torch.Tensor | None) -> torch.Tensor:
         """Generate n images -> (n, C, H, W) in [0, 1]."""
-        cfg = model.cfg
-        device = next(model.parameters()).device
-        z = torch.randn(n, cfg.latent, device=device)
-        y = one_hot(labels, cfg.n_classes, n, device)
-        x = (model.generator(z, y).float() + 1) / 2
-        return x.view(n, cfg.channels, cfg.height, cfg.width)
+        z, y = prior_draw(model.cfg, model.cfg.latent, n, labels, next(model.parameters()).device)
+        return as_images(model.cfg, (model.generator(z, y).float() + 1) / 2)

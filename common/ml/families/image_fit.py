@@ -1,4 +1,5 @@
-"""What the image families share: the config fields fitted to the images, and label one-hots."""
+"""What the image families share: the config fields fitted to the images, label one-hots,
+and the draw of a prior sample."""
 
 from __future__ import annotations
 
@@ -52,3 +53,14 @@ def one_hot(labels: torch.Tensor | None, n_classes: int, batch: int,
     if labels is None:  # unconditional request to a conditional model: pick labels at random
         labels = torch.randint(0, n_classes, (batch,), device=device)
     return F.one_hot(labels.to(device), n_classes).float()
+
+
+def prior_draw(cfg: ImageConfig, latent: int, n: int, labels: torch.Tensor | None,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """n noise vectors z (n, latent) and their label one-hots y (n, n_classes)."""
+    return torch.randn(n, latent, device=device), one_hot(labels, cfg.n_classes, n, device)
+
+
+def as_images(cfg: ImageConfig, flat: torch.Tensor) -> torch.Tensor:
+    """(n, D) pixels in [0, 1] -> (n, C, H, W)."""
+    return flat.view(flat.size(0), cfg.channels, cfg.height, cfg.width)

@@ -9,7 +9,13 @@ from pydantic import Field
 
 from common.ml.data import ImageData, TextData
 from common.ml.families.base import ImageFamily
-from common.ml.families.image_fit import ImageConfig, fit_to_images, one_hot
+from common.ml.families.image_fit import (
+    ImageConfig,
+    as_images,
+    fit_to_images,
+    one_hot,
+    prior_draw,
+)
 
 
 class VAEConfig(ImageConfig):
@@ -63,9 +69,5 @@ class VAEFamily(ImageFamily[VAEConfig, VAE]):
     @torch.no_grad()
     def sample_images(self, model: VAE, n: int, labels: torch.Tensor | None) -> torch.Tensor:
         """Decode n draws from the prior -> (n, C, H, W) in [0, 1]."""
-        cfg = model.cfg
-        device = next(model.parameters()).device
-        z = torch.randn(n, cfg.latent, device=device)
-        y = one_hot(labels, cfg.n_classes, n, device)
-        x = torch.sigmoid(model.decode(z, y).float())
-        return x.view(n, cfg.channels, cfg.height, cfg.width)
+        z, y = prior_draw(model.cfg, model.cfg.latent, n, labels, next(model.parameters()).device)
+        return as_images(model.cfg, torch.sigmoid(model.decode(z, y).float()))
