@@ -163,11 +163,16 @@ def worker(
 
 @app.command()
 @friendly
-def demo(steps: Annotated[int, typer.Option(help="Training steps")] = 300) -> None:
-    """Train a small model on built-in data, generate from it, print the results."""
+def demo(
+    steps: Annotated[int, typer.Option(help="Training steps of the text model", min=1)] = 800,
+    digit_steps: Annotated[int, typer.Option(help="Training steps of the digits model",
+                                             min=1)] = 3000,
+    out: Annotated[Path, typer.Option(help="Folder for the digits grid")] = Path("genq-demo"),
+) -> None:
+    """Train a text model and a digits model on built-in data, generate from both."""
     from api.demo import run_demo
 
-    run_demo(console, steps=steps)
+    run_demo(console, steps=steps, digit_steps=digit_steps, out=out)
 
 
 @db_app.command("upgrade")

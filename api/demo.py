@@ -1,7 +1,14 @@
-"""`genq demo`: train a small model on built-in data, generate from it, show where to look."""
+"""`genq demo`: train two small models on built-in data, generate from them, show where to look.
+
+The first minute should show something that visibly works: a small GPT-2-shaped `lm` on
+Python's docs (its byte-level BPE tokens are word pieces, so a few hundred steps already
+write words), then a label-conditioned `vae` on the digits, asked for each digit 0-9, whose
+images are laid out as one PNG grid.
+"""
 
 from __future__ import annotations
 
+import io
 import json
 import tempfile
 from pathlib import Path
@@ -17,7 +24,13 @@ from common.errors import DemoFailed
 PROMPTS = ["The ", "Python ", "def ", "A class ", "Exceptions "]
 
 
-def run_demo(console: Console, *, steps: int = 300) -> None:
+TEXT_CONFIG = {"n_embd": 128, "n_layer": 2, "n_head": 4, "n_positions": 128, "vocab_size": 1024}
+DIGITS = range(10)
+PER_DIGIT = 4  # rows of the grid
+
+
+def run_demo(console: Console, *, steps: int = 800, digit_steps: int = 3000,
+             out: Path = Path("genq-demo")) -> None:
     """Use a running stack, else start one here and stop it afterwards."""
     from api.stack import Stack
 
@@ -31,31 +44,66 @@ def run_demo(console: Console, *, steps: int = 300) -> None:
             stack.start()
             stack.wait_for_worker()
             c = Client(api_key=stack.api_key)
-        console.print(f"[bold]1. training[/bold] a character LSTM on Python's docs ({steps} steps)")
-        job = c.create_job(
-            {
-                "type": "train",
-                "family": "lstm",
-                "steps": steps,
-                "batch_size": 32,
-                "lr": 3e-3,
-                "seq_len": 64,
-                "checkpoint_every": 100,
-                "config": {"hidden": 128, "n_embd": 64, "n_layer": 1},
-            }
-        )
-        job = follow(c, job["id"])
-        if job["status"] != "succeeded":
-            raise DemoFailed(f"training job {job['id']} ended {job['status']}: {job.get('error')}")
-        model = job["result"]["model"]
-        console.print(f"[bold]2. generating[/bold] from model {model!r} through the Batch API")
-        text = generate_texts(c, model)
-        for prompt, completion in text:
+        console.print(f"[bold]1. training[/bold] a small GPT-2-shaped language model on "
+                      f"Python's docs ({steps} steps)")
+        model = train(c, {"type": "train", "family": "lm", "steps": steps, "batch_size": 32,
+                          "lr": 3e-3, "seq_len": 64, "checkpoint_every": max(steps // 2, 1),
+                          "config": TEXT_CONFIG})
+        console.print(f"[bold]2. generating[/bold] from model {model['name']!r} through the "
+                      "Batch API")
+        for prompt, completion in generate_texts(c, model["name"]):
             console.print(f"  [dim]{prompt}[/dim]{completion!r}")
-        show_where(console, settings, job["id"], model, stack is not None)
+        console.print(f"[bold]3. training[/bold] a label-conditioned VAE on the digits "
+                      f"({digit_steps} steps), then drawing each digit {PER_DIGIT} times")
+        digits = train(c, {"type": "train", "family": "vae", "steps": digit_steps,
+                           "batch_size": 64, "checkpoint_every": digit_steps,
+                           "data": {"builtin": "digits"},
+                           "config": {"hidden": 256, "latent": 16}})
+        grid = draw_digits(c, digits["name"], out / "digits.png")
+        console.print(f"  saved {grid.resolve()}  (columns 0-9, {PER_DIGIT} draws each)")
+        show_where(console, settings, model["job_id"], model["name"], stack is not None)
     finally:
         if stack is not None and stack.procs:
             stack.stop()
+
+
+def train(c: Client, spec: dict[str, Any]) -> dict[str, str]:
+    """Run a training job with a progress bar; the model it registered and the job's id."""
+    job = follow(c, c.create_job(spec)["id"])
+    if job["status"] != "succeeded":
+        raise DemoFailed(f"training job {job['id']} ended {job['status']}: {job.get('error')}")
+    return {"name": job["result"]["model"], "job_id": job["id"]}
+
+
+def draw_digits(c: Client, model: str, path: Path) -> Path:
+    """Ask `model` for each digit PER_DIGIT times and lay the PNGs out as one grid."""
+    from PIL import Image
+
+    labels = [d for d in DIGITS for _ in range(PER_DIGIT)]
+    job = c.wait(c.create_job({"type": "generate", "model": model, "n": len(labels),
+                               "labels": labels, "seed": 0})["id"], timeout=600)
+    if job["status"] != "succeeded":
+        raise DemoFailed(f"generation job {job['id']} ended {job['status']}: {job.get('error')}")
+    drawn: dict[int, list[Image.Image]] = {d: [] for d in DIGITS}
+    for item in c.items(job["id"]):
+        label = int(item["request"]["gen"]["label"])
+        for art in (item.get("response") or {}).get("artifact_ids", []):
+            png = c.request("GET", f"/v1/artifacts/{art}")
+            drawn[label].append(Image.open(io.BytesIO(png)).convert("L"))
+    if any(len(images) < PER_DIGIT for images in drawn.values()):
+        raise DemoFailed(f"generation job {job['id']} drew {sum(map(len, drawn.values()))} of "
+                         f"{len(labels)} images")
+    side = max(max(im.size) for images in drawn.values() for im in images)
+    scale = max(1, 48 // side)  # an 8x8 digit shown at 48x48
+    cell, pad = side * scale, 4
+    grid = Image.new("L", (len(drawn) * (cell + pad) + pad, PER_DIGIT * (cell + pad) + pad), 255)
+    for col, images in enumerate(drawn.values()):
+        for row, im in enumerate(images[:PER_DIGIT]):
+            big = im.resize((im.width * scale, im.height * scale), Image.Resampling.NEAREST)
+            grid.paste(big, (pad + col * (cell + pad), pad + row * (cell + pad)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    return path
 
 
 def generate_texts(c: Client, model: str) -> list[tuple[str, str]]:

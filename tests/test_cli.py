@@ -290,12 +290,18 @@ def test_genq_demo_on_a_fresh_folder(tmp_path):
     """`make demo`'s command: trains, bulk-generates, prints texts, stops its own stack."""
     ports = {"api": _free_port(), "redis": _free_port(), "flower": _free_port()}
     env = up_env(**ports)
-    done = genq("demo", "--steps", "40", env=env, cwd=tmp_path, timeout=240)
+    done = genq("demo", "--steps", "40", "--digit-steps", "100", env=env, cwd=tmp_path,
+                timeout=600)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
     assert "Traceback" not in output
     shown = [line for line in done.stdout.splitlines() if line.startswith("  ") and "'" in line]
     assert len(shown) >= 5 and all(not line.rstrip().endswith("''") for line in shown[:5])
+    from PIL import Image
+
+    grid = tmp_path / "genq-demo" / "digits.png"  # ten columns of four 64x64 draws, 4 apart
+    assert f"saved {grid}" in " ".join(done.stdout.split()), done.stdout
+    assert Image.open(grid).size == (10 * 68 + 4, 4 * 68 + 4)
     assert "Flower" in done.stdout and "genq up" in done.stdout
     from api.stack import port_free
 
