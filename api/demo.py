@@ -138,7 +138,7 @@ def generate_texts(c: Client, model: str) -> list[tuple[str, str]]:
 
 def show_where(console: Console, settings: Any, job_id: str, model: str, temporary: bool) -> None:
     api = f"http://{settings.api_host}:{settings.api_port}"
-    console.print("[bold]3. where to look[/bold]")
+    console.print("[bold]4. where to look[/bold]")
     console.print(f"  API      {api}/v1/jobs/{job_id}   (docs at {api}/docs)")
     console.print(
         f"  Flower   http://127.0.0.1:{settings.flower_port}   (user {settings.flower_user}, "
