@@ -192,18 +192,88 @@ def redact(url: str) -> str:
     return url
 
 
+MaxRunning = Annotated[list[str] | None, typer.Option(
+    "--max-running", help="QUEUE=N: at most N of the owner's jobs in flight on QUEUE (repeat "
+    "per queue)")]
+GpuSeconds = Annotated[float | None, typer.Option(
+    "--gpu-seconds-per-day", min=0, help="GPU-seconds the owner's jobs may run per rolling day")]
+
+
 @keys_app.command("create")
 @friendly
-def keys_create(owner: str = "default", name: str = "") -> None:
-    """Create an API key (printed once)."""
+def keys_create(owner: str = "default", name: str = "", max_running: MaxRunning = None,
+                gpu_seconds_per_day: GpuSeconds = None) -> None:
+    """Create an API key (printed once), optionally with quotas for its owner."""
     from common.auth import create_key
     from common.db import session_scope
     from common.migrate import upgrade
 
+    limits = parse_max_running(max_running)
     upgrade()
     with session_scope() as session:
         row, plain = create_key(session, owner=owner, name=name)
+        quota = apply_quota(session, owner, limits, gpu_seconds_per_day, clear=False)
     console.print(f"{plain}\n[dim]id {row.id}, owner {owner}; shown once, stored hashed[/dim]")
+    if quota:
+        console.print(f"quota of {owner}: {quota}")
+
+
+@keys_app.command("update")
+@friendly
+def keys_update(
+    owner: str,
+    max_running: MaxRunning = None,
+    gpu_seconds_per_day: GpuSeconds = None,
+    no_limits: Annotated[bool, typer.Option("--no-limits", help="Drop every limit first")] = False,
+) -> None:
+    """Set an owner's quotas (every key of that owner shares them)."""
+    from common.db import session_scope
+    from common.migrate import upgrade
+
+    limits = parse_max_running(max_running)
+    if not (limits or gpu_seconds_per_day is not None or no_limits):
+        err.print("[red]error:[/red] give --max-running QUEUE=N, --gpu-seconds-per-day S "
+                  "or --no-limits")
+        raise typer.Exit(2)
+    upgrade()
+    with session_scope() as session:
+        quota = apply_quota(session, owner, limits, gpu_seconds_per_day, clear=no_limits)
+    console.print(f"quota of {owner}: {quota or 'no limits'}")
+
+
+def parse_max_running(values: list[str] | None) -> dict[str, int]:
+    """--max-running gpu=1 --max-running cpu=4 -> {"gpu": 1, "cpu": 4}; a CLI error naming
+    the option for a bad value or a queue that is not configured."""
+    queues = get_settings().queue_names
+    limits: dict[str, int] = {}
+    for value in values or []:
+        queue, _, n = value.partition("=")
+        if queue not in queues or not n.isdigit() or int(n) < 1:
+            err.print(f"[red]error:[/red] --max-running: {value!r} is not QUEUE=N with QUEUE "
+                      f"one of {', '.join(queues)} and N a whole number >= 1")
+            raise typer.Exit(2)
+        limits[queue] = int(n)
+    return limits
+
+
+def apply_quota(session: Any, owner: str, limits: dict[str, int], gpu_seconds: float | None,
+                *, clear: bool) -> str:
+    """Store the limits; what the owner's quota is now, as one line ('' for none)."""
+    from common.quotas import get_quota, set_quota
+
+    if limits or gpu_seconds is not None or clear:
+        set_quota(session, owner, max_running=limits, gpu_seconds_per_day=gpu_seconds,
+                  clear=clear)
+    return describe_quota(get_quota(session, owner))
+
+
+def describe_quota(quota: Any) -> str:
+    if quota is None:
+        return ""
+    parts = [f"{q}: {n} in flight" for q, n in sorted((quota.max_running or {}).items())]
+    if quota.gpu_seconds_per_day is not None:
+        parts.append(f"{quota.gpu_seconds_per_day:g} GPU-s/day")
+    return ", ".join(parts)
 
 
 @keys_app.command("revoke")
@@ -229,10 +299,12 @@ def keys_list() -> None:
     """List API keys (ids and owners, never the keys)."""
     from common.auth import list_keys
     from common.db import session_scope
+    from common.models import Quota
 
     with session_scope() as session:
         rows = list_keys(session)
-    table = Table("id", "owner", "name", "created", "revoked")
+        quotas = {q.owner: describe_quota(q) for q in session.query(Quota)}
+    table = Table("id", "owner", "name", "created", "revoked", "quota")
     for r in rows:
         table.add_row(
             r.id,
@@ -240,6 +312,7 @@ def keys_list() -> None:
             r.name,
             f"{r.created_at:%Y-%m-%d %H:%M}",
             f"{r.revoked_at:%Y-%m-%d %H:%M}" if r.revoked_at else "",
+            quotas.get(r.owner, ""),
         )
     console.print(table)
 
@@ -386,7 +459,7 @@ def waiting_note(waiting: dict[str, Any] | None) -> str:
     reason = waiting["reason"]
     if reason == "priority":
         return f" (#{waiting['position']} in queue)"
-    return " (" + {"fair_share": "fair share", "no_worker": "no worker",
+    return " (" + {"fair_share": "fair share", "no_worker": "no worker", "quota": "over quota",
                    "backoff": "retry back-off"}.get(reason, reason) + ")"
 
 

@@ -5,7 +5,8 @@ the broker at once would hold every worker until it is done, and a colleague's l
 batch would wait behind all of it. Shards wait in SQL (`queued`, no message) and
 `release_shards` sends, per queue, only as many as keep each live worker busy with one
 more waiting (so a batch alone still runs at full speed), choosing by priority, then the
-owner with the fewest shards sent or running, then the oldest batch.
+owner with the fewest shards sent or running, then the oldest batch. An owner at its
+quota (common/quotas.py) sends no shard until under it again.
 
 It runs after a batch is created (in the API), after a shard finishes (in the process
 that finished it, before its worker takes the next message), and in the reaper leader's
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import ColumnElement, func, or_, select, update
@@ -25,7 +26,8 @@ from sqlalchemy.orm import Session
 
 from common.celery_app import send_job
 from common.fleet import live_workers
-from common.models import Job, JobStatus, JobType, utcnow
+from common.models import Job, JobStatus, JobType, Quota, utcnow
+from common.quotas import QuotaCheck, held_by_quota
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,41 @@ def dispatch(session: Session, job: Job) -> bool:
     return True
 
 
+def dispatch_within_quota(session: Session, job: Job) -> bool:
+    """Send a new job unless its owner is over quota (then it waits in SQL for
+    release_held); True if it was sent."""
+    if held_by_quota(session, job) is not None:
+        session.commit()  # ends the quota row's lock
+        return False
+    return dispatch(session, job)
+
+
+def release_held(session: Session, owner: str | None = None, *, min_age_s: float = 2.0,
+                 per_owner: int = 100) -> int:
+    """Send the jobs held by a quota that now fit (one owner's, or every owner with a quota);
+    how many were sent. Jobs younger than min_age_s are left to the API creating them."""
+    now = utcnow()
+    owners = [owner] if owner else list(session.scalars(select(Quota.owner)))
+    sent = 0
+    for name in owners:
+        held = session.scalars(
+            select(Job).where(
+                Job.owner == name, Job.status == JobStatus.queued, Job.enqueued_at.is_(None),
+                Job.type.not_in([JobType.batch, JobType.shard]),
+                Job.cancel_requested.is_(False),
+                or_(Job.not_before.is_(None), Job.not_before <= now),
+                Job.created_at <= now - timedelta(seconds=min_age_s))
+            .order_by(Job.priority.desc(), Job.created_at).limit(per_owner)
+        ).all()
+        check = QuotaCheck(session)
+        for job in held:
+            if check.blocked(job.owner, job.queue) is None and dispatch(session, job):
+                check.sent(job.owner, job.queue)
+                sent += 1
+        session.commit()
+    return sent
+
+
 def held_shards(now: datetime) -> ColumnElement[bool]:
     """The condition of a shard waiting in SQL to be released (its back-off over)."""
     return (
@@ -69,6 +106,10 @@ def why_waiting(session: Session, job: Job) -> dict[str, Any] | None:
     now = utcnow()
     if job.not_before is not None and job.not_before > now:
         return {"reason": "backoff", "until": job.not_before}
+    if job.enqueued_at is None and job.type != JobType.batch:
+        quota = held_by_quota(session, job, lock=False)
+        if quota is not None:
+            return quota
     if job.type == JobType.shard and job.enqueued_at is None:
         return {"reason": "fair_share"}
     if not any(job.queue in w.queues.split(",") for w in live_workers(session)):
@@ -121,11 +162,16 @@ def _release_on(session: Session, queue: str, *, slots: int, now: datetime) -> i
     for row in candidates:
         by_owner.setdefault(row.owner, []).append(row)
     picked: list[str] = []
+    quotas = QuotaCheck(session, lock=False)  # an owner at quota sends none this round
     while len(picked) < free and any(by_owner.values()):
         owner = min((o for o, rows in by_owner.items() if rows), key=lambda o: (
             -by_owner[o][0].priority, sent_by_owner[o], by_owner[o][0].created_at, o))
+        if quotas.blocked(owner, queue) is not None:
+            by_owner[owner] = []
+            continue
         picked.append(by_owner[owner].pop(0).id)
         sent_by_owner[owner] += 1
+        quotas.sent(owner, queue)
     session.commit()  # no transaction held while sending
     released = 0
     for job_id in picked:

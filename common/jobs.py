@@ -22,7 +22,7 @@ from common.celery_app import get_celery
 from common.chat import as_dicts, render_fallback
 from common.config import get_settings
 from common.db import rows_changed
-from common.dispatch import dispatch
+from common.dispatch import dispatch, release_held
 from common.errors import Conflict, InvalidSpec, pydantic_problems
 from common.files import get_file
 from common.fleet import live_workers, resolve_queue
@@ -39,11 +39,13 @@ from common.models import (
     JobType,
     Lock,
     Model,
+    Quota,
     new_id,
     utcnow,
 )
 from common.notices import announce_finished
 from common.owned import get_owned
+from common.quotas import get_quota
 from common.results import find_model, insert_items
 from common.schemas import GenerateSpec, TrainJobSpec
 from common.storage import get_storage
@@ -205,7 +207,8 @@ def sweep_outbox(session: Session, *, min_age_s: float = 10.0) -> int:
     """Send queued jobs whose message never reached the broker or whose back-off is over.
     A job younger than min_age_s is left to the API that is sending it, unless it waits
     out a retry back-off: nobody else sends that one, so it goes as soon as the wait ends.
-    Batch shards without a message are release_shards' (common/dispatch.py), not this."""
+    Batch shards without a message are release_shards' (common/dispatch.py), and jobs of
+    owners with a quota release_held's, not this."""
     now = utcnow()
     jobs = session.scalars(
         select(Job)
@@ -214,6 +217,7 @@ def sweep_outbox(session: Session, *, min_age_s: float = 10.0) -> int:
             Job.enqueued_at.is_(None),
             Job.type.not_in([JobType.batch, JobType.shard]),
             Job.cancel_requested.is_(False),
+            Job.owner.not_in(select(Quota.owner)),  # those are release_held's
             or_(Job.not_before.is_(None), Job.not_before <= now),
             or_(Job.not_before.is_not(None),
                 Job.created_at <= now - timedelta(seconds=min_age_s)),
@@ -459,6 +463,8 @@ def finish_job(
         announce_finished(job.id)
     if done and job.parent_id:
         shard_finished(session, job)
+    if done and get_quota(session, job.owner) is not None:
+        release_held(session, job.owner)  # its place under the quota goes to the next
     return done
 
 

@@ -264,6 +264,18 @@ class ApiKey(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
+class Quota(Base):
+    """An owner's limits (common/quotas.py); no row: no limits."""
+
+    __tablename__ = "quotas"
+
+    owner: Mapped[str] = mapped_column(String(64), primary_key=True)
+    # queue -> most jobs on the broker or running at once
+    max_running: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    gpu_seconds_per_day: Mapped[float | None] = mapped_column(Float)  # rolling 24 hours
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
 class Rollup(Base):
     """A running total over finished jobs (job counts, run-time buckets, items, tokens),
     each job folded in once, so a metrics scrape never reads the whole history. The row

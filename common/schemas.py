@@ -5,7 +5,15 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Generic, Literal, Self, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from common.adapter_spec import AdapterSpec
 from common.chat import ChatMessage
@@ -90,12 +98,24 @@ class Progress(BaseModel):
 
 class Waiting(BaseModel):
     """Why a queued job has not started: `priority` (messages ahead of it on its queue, the
-    1-based `position`), `fair_share` (a batch shard released as workers free up),
-    `no_worker` (no live worker listens on its queue) or `backoff` (a retry, `until`)."""
+    1-based `position`), `quota` (its owner's `limit` on `queue` is reached: `max_running`
+    with `in_flight` of `max`, or `gpu_seconds_per_day` with `used` of `max`), `fair_share`
+    (a batch shard released as workers free up), `no_worker` (no live worker listens on
+    its queue) or `backoff` (a retry, `until`)."""
 
-    reason: Literal["priority", "fair_share", "no_worker", "backoff"]
+    reason: Literal["priority", "quota", "fair_share", "no_worker", "backoff"]
     position: int | None = None
     until: datetime | None = None
+    limit: Literal["max_running", "gpu_seconds_per_day"] | None = None
+    queue: str | None = None
+    in_flight: int | None = None
+    used: float | None = None
+    max: float | None = None
+
+    @model_serializer(mode="wrap")
+    def _set_fields_only(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Only the fields of its reason: {"reason": "priority", "position": 3}."""
+        return {k: v for k, v in handler(self).items() if v is not None}
 
 
 class JobOut(BaseModel):

@@ -60,8 +60,7 @@ def test_an_urgent_job_is_the_next_one_a_busy_worker_takes(redis_server):
         # every message waits in Redis, across the priority lists of the queue
         assert queue_depth(stack, "cpu") == 6
         # and each says why it waits, with its place in the queue
-        assert c.get_job(urgent["id"])["waiting"] == {"reason": "priority", "position": 1,
-                                                       "until": None}
+        assert c.get_job(urgent["id"])["waiting"] == {"reason": "priority", "position": 1}
         assert c.get_job(waiting[-1]["id"])["waiting"]["position"] == 6
         stranded = c.create_job({**TINY_LSTM, "queue": "gpu"})  # no GPU worker here
         assert c.get_job(stranded["id"])["waiting"]["reason"] == "no_worker"
@@ -197,3 +196,105 @@ def test_priority_9_and_non_preemptible_jobs_are_never_preempted(session):  # ty
     assert jobs.preempt_for_urgent(session, after_s=100) == []  # not waiting long enough
     assert jobs.preempt_for_urgent(session, after_s=1) == [runner.id]
     assert jobs.preempt_for_urgent(session, after_s=1) == []  # one at a time
+
+
+def test_a_quota_holds_an_owners_jobs_until_it_is_under_it_again(redis_server):
+    """A quota of one job in flight on cpu (set with `genq keys update`): the second job is
+    accepted, waits in SQL with reason `quota` (no broker message), and runs by itself
+    once the first ends. A GPU-seconds quota used up holds a gpu job the same way, until
+    `--no-limits` lets the reaper send it."""
+    from datetime import timedelta
+
+    from common.auth import owner_of
+    from common.db import engine_for, session_factory
+    from common.models import Job, new_id, utcnow
+
+    with one_worker_stack(redis_server, 13, "q1", {"GENQ_REAPER_INTERVAL_S": "1"}) as (
+            stack, db):
+        c = stack.client()
+        with session_factory(engine_for(db))() as s:
+            owner = owner_of(s, stack.api_key)
+        cli = {**stack.env, "GENQ_API_URL": stack.api_url, "GENQ_API_KEY": stack.api_key}
+        bad = genq("keys", "update", owner, "--max-running", "cpu=0", env=cli)
+        assert bad.returncode == 2 and "--max-running" in bad.stderr, bad.stderr
+        assert "Traceback" not in bad.stderr
+        set_ = genq("keys", "update", owner, "--max-running", "cpu=1", env=cli)
+        assert set_.returncode == 0 and "cpu: 1 in flight" in set_.stdout, set_.stderr
+        assert "cpu: 1 in flight" in genq("keys", "list", env=cli).stdout
+
+        first = c.create_job({**LONG, "queue": "cpu"})
+        wait_for(lambda: c.get_job(first["id"])["status"] == "running", timeout=60)
+        second = c.create_job({**TINY_LSTM, "queue": "cpu"})
+        assert c.get_job(second["id"])["waiting"] == {
+            "reason": "quota", "limit": "max_running", "queue": "cpu", "in_flight": 1, "max": 1}
+        assert queue_depth(stack, "cpu") == 0  # held in SQL, not on the broker
+        assert "(over quota)" in genq("jobs", "--status", "queued", env=cli).stdout
+        c.cancel(first["id"])
+        done = c.wait(second["id"], timeout=180)
+        assert done["status"] == "succeeded", done
+
+        # GPU-seconds: 20 s ran on gpu an hour ago; the quota is 10 s a day
+        with session_factory(engine_for(db))() as s:
+            ago = utcnow() - timedelta(hours=1)
+            s.add(Job(id=new_id("job_"), owner=owner, type="train", family="lstm", spec={},
+                      queue="gpu", status="succeeded", started_at=ago - timedelta(seconds=20),
+                      finished_at=ago))
+            s.commit()
+        assert genq("keys", "update", owner, "--gpu-seconds-per-day", "10",
+                    env=cli).returncode == 0
+        gpu_job = c.create_job({**TINY_LSTM, "queue": "gpu"})
+        waiting = c.get_job(gpu_job["id"])["waiting"]
+        assert (waiting["reason"], waiting["limit"], waiting["used"], waiting["max"]) == (
+            "quota", "gpu_seconds_per_day", 20.0, 10.0), waiting
+        cleared = genq("keys", "update", owner, "--no-limits", env=cli)
+        assert cleared.returncode == 0 and "no limits" in cleared.stdout
+        # the reaper's outbox sweep sends it now; no GPU worker listens here to take it
+        wait_for(lambda: queue_depth(stack, "gpu") == 1, timeout=60)
+        assert c.get_job(gpu_job["id"])["waiting"]["reason"] == "no_worker"
+        c.cancel(gpu_job["id"])
+
+
+def test_quota_counts_on_every_backend(session):  # type: ignore[no-untyped-def]
+    """What a quota counts, in SQL on SQLite and PostgreSQL: jobs on the broker or running
+    on that queue (not held ones, not batch parents), and GPU run time within the last
+    24 hours (a run that began 30 hours ago counts from 24 hours ago; running ones to now)."""
+    from datetime import timedelta
+
+    from common.dispatch import why_waiting
+    from common.models import Job, new_id, utcnow
+    from common.quotas import gpu_seconds, held_by_quota, set_quota
+
+    now = utcnow()
+
+    def job(queue: str, status: str, sent: bool = True, type: str = "train",
+            started: float | None = None, ended: float | None = None) -> Job:
+        row = Job(id=new_id("job_"), owner="quota-owner", type=type, spec={}, queue=queue,
+                  status=status, enqueued_at=now if sent else None,
+                  started_at=None if started is None else now - timedelta(hours=started),
+                  finished_at=None if ended is None else now - timedelta(hours=ended))
+        session.add(row)
+        return row
+
+    job("cpu", "running", started=0.5)
+    job("cpu", "queued")
+    job("cpu", "running", type="batch")
+    held = job("cpu", "queued", sent=False)
+    job("gpu", "succeeded", started=30, ended=20)  # 4 of its 10 hours in the last day
+    job("gpu", "running", started=1)
+    job("gpu", "succeeded", started=50, ended=40)  # a day ago and more: not counted
+    session.commit()
+    assert held_by_quota(session, held) is None  # no quota row: no limits
+    set_quota(session, "quota-owner", max_running={"cpu": 2})
+    assert held_by_quota(session, held) == {"reason": "quota", "limit": "max_running",
+                                            "queue": "cpu", "in_flight": 2, "max": 2}
+    assert why_waiting(session, held) == held_by_quota(session, held, lock=False)
+    set_quota(session, "quota-owner", max_running={"cpu": 3})
+    assert held_by_quota(session, held) is None
+    assert abs(gpu_seconds(session, "quota-owner", now) - 5 * 3600) < 1
+    gpu_held = job("gpu", "queued", sent=False)
+    set_quota(session, "quota-owner", gpu_seconds_per_day=5 * 3600 + 60)
+    assert held_by_quota(session, gpu_held) is None
+    set_quota(session, "quota-owner", gpu_seconds_per_day=3600)
+    assert held_by_quota(session, gpu_held)["limit"] == "gpu_seconds_per_day"
+    assert set_quota(session, "quota-owner", clear=True) is None
+    assert held_by_quota(session, gpu_held) is None

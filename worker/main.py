@@ -24,7 +24,7 @@ from common.batches.finalize import finalize_stalled
 from common.celery_app import get_celery, messages_waiting
 from common.config import get_settings
 from common.db import get_engine, session_factory
-from common.dispatch import release_shards
+from common.dispatch import release_held, release_shards
 from common.errors import Conflict
 from common.jobs import pid_alive
 from common.models import Worker
@@ -144,6 +144,7 @@ def _housekeeping(hostname: str) -> None:
                     jobs.reap(session, lease_s=settings.lease_s)
                     finalize_stalled(session)
                     jobs.sweep_outbox(session)
+                    release_held(session)
                     release_shards(session)
                     jobs.preempt_for_urgent(session, after_s=settings.preempt_after_s)
                     jobs.resend_stranded(session, lease_s=settings.lease_s,

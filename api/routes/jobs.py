@@ -15,7 +15,7 @@ from api.waiting import WaitSeconds, read_when_finished
 from common import jobs
 from common.batches.views import item_counts
 from common.config import get_settings
-from common.dispatch import why_waiting
+from common.dispatch import dispatch_within_quota, why_waiting
 from common.models import FINISHED, Item, Job, JobStatus, JobType
 from common.paging import keyset_page
 from common.schemas import ItemList, ItemOut, JobList, JobOut, JobSpec
@@ -35,7 +35,7 @@ def create_job(
     require_broker()
     job, created = jobs.create_job(session, owner=owner, spec=spec, idempotency_key=idempotency_key)
     if created:
-        jobs.dispatch(session, job)
+        dispatch_within_quota(session, job)
     else:
         response.status_code = 200
     return job_out(job)

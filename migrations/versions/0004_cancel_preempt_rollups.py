@@ -1,6 +1,6 @@
 """jobs.force_cancel_at (a forced cancel kept in SQL, done by the reaper after the grace),
 jobs.preempt_requested (an urgent job asks a running one for its worker), and the metrics
-rollup: jobs.rolled_up and the rollups table, seeded with its fold lock
+rollup: jobs.rolled_up and the rollups table, seeded with its fold lock; quotas per owner
 
 Revision ID: 0004
 Revises: 0003
@@ -33,9 +33,17 @@ def upgrade() -> None:
         sa.Column("value", sa.Float(), nullable=False),
     )
     op.bulk_insert(rollups, [{"name": "lock", "labels": "", "value": 0.0}])
+    op.create_table(
+        "quotas",
+        sa.Column("owner", sa.String(64), primary_key=True),
+        sa.Column("max_running", sa.JSON(), nullable=False),
+        sa.Column("gpu_seconds_per_day", sa.Float(), nullable=True),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("quotas")
     op.drop_table("rollups")
     with op.batch_alter_table("jobs", schema=None) as batch_op:
         batch_op.drop_index("ix_jobs_rolled_up_status")
