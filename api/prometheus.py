@@ -36,6 +36,7 @@ from common.models import (
     Job,
     JobStatus,
     JobType,
+    Quota,
     Rollup,
     utcnow,
 )
@@ -70,6 +71,7 @@ def sql_metrics(session: Session) -> Iterator[Metric]:
     yield from items_and_tokens(session, totals)
     yield from training_rates(session)
     yield from job_durations(session, totals)
+    yield from scheduling(session, totals)
     yield from workers(session)
     session.commit()
 
@@ -79,6 +81,11 @@ class Finished(NamedTuple):
     status: str
     started_at: datetime | None
     finished_at: datetime | None
+    attempts_log: list[Any] | None = None
+
+    def preemptions(self) -> int:
+        return sum(1 for a in self.attempts_log or []
+                   if (a.get("error") or {}).get("code") == "preempted")
 
     def seconds(self) -> float | None:
         if self.started_at is None or self.finished_at is None:
@@ -95,7 +102,7 @@ def fold_finished(session: Session) -> int:
     in neither."""
     session.execute(update(Rollup).where(Rollup.name == "lock").values(value=Rollup.value + 1))
     rows = session.execute(
-        select(Job.id, Job.type, Job.status, Job.started_at, Job.finished_at)
+        select(Job.id, Job.type, Job.status, Job.started_at, Job.finished_at, Job.attempts_log)
         .where(Job.rolled_up.is_(False), Job.status.in_(FINISHED),
                Job.finished_at < utcnow() - FOLD_AFTER)
         .limit(FOLD_AT_MOST)
@@ -106,7 +113,8 @@ def fold_finished(session: Session) -> int:
     add: dict[tuple[str, str], float] = {}
     for r in rows:
         for name, labels, value in job_rollup(Finished(str(r.type), str(r.status),
-                                                       r.started_at, r.finished_at)):
+                                                       r.started_at, r.finished_at,
+                                                       r.attempts_log)):
             add[(name, labels)] = add.get((name, labels), 0.0) + value
     made, tokens_in, tokens_out = session.execute(
         select(func.count(), func.coalesce(func.sum(Item.tokens_in), 0),
@@ -133,6 +141,8 @@ def job_rollup(job: Finished) -> Iterator[tuple[str, str, float]]:
     """The (name, labels, amount) a finished job adds to the rollups."""
     key = f"{job.type}|{job.status}"
     yield "jobs", key, 1.0
+    if job.preemptions():
+        yield "preemptions", "", float(job.preemptions())
     seconds = job.seconds()
     if seconds is None:
         return
@@ -227,13 +237,50 @@ def job_durations(session: Session, totals: dict[tuple[str, str], float]) -> Ite
               if name in ("duration", "duration_sum")}
     for jtype, status, started, finished in live:
         for name, labels, value in job_rollup(Finished(str(jtype), str(status), started, finished)):
-            if name != "jobs":
+            if name.startswith("duration"):
                 counts[(name, labels)] = counts.get((name, labels), 0.0) + value
     for key in sorted(labels for name, labels in counts if name == "duration_sum"):
         buckets = [(str(b), counts.get(("duration", f"{key}|{b}"), 0.0)) for b in DURATION_BUCKETS]
         buckets.append(("+Inf", counts.get(("duration", f"{key}|+Inf"), 0.0)))
         h.add_metric(key.split("|"), buckets, sum_value=counts[("duration_sum", key)])
     yield h
+
+
+def scheduling(session: Session, totals: dict[tuple[str, str], float]) -> Iterator[Metric]:
+    """Queued jobs by priority, how many owners wait, quota waits and preemptions."""
+    by_priority = GaugeMetricFamily("genq_jobs_queued_by_priority",
+                                    "Queued jobs (shards included) per queue and priority.",
+                                    labels=["queue", "priority"])
+    rows = session.execute(
+        select(Job.queue, Job.priority, func.count())
+        .where(Job.status == JobStatus.queued, Job.type != JobType.batch)
+        .group_by(Job.queue, Job.priority))
+    for queue, priority, n in rows:
+        by_priority.add_metric([str(queue), str(priority)], int(n))
+    yield by_priority
+    owners = GaugeMetricFamily("genq_queued_owners", "Owners with a queued job, per queue.",
+                               labels=["queue"])
+    for queue, n in session.execute(
+            select(Job.queue, func.count(func.distinct(Job.owner)))
+            .where(Job.status == JobStatus.queued, Job.type != JobType.batch)
+            .group_by(Job.queue)):
+        owners.add_metric([str(queue)], int(n))
+    yield owners
+    held = GaugeMetricFamily("genq_jobs_waiting_for_quota",
+                             "Jobs held in SQL by their owner's quota, per queue.",
+                             labels=["queue"])
+    for queue, n in session.execute(
+            select(Job.queue, func.count())
+            .where(Job.status == JobStatus.queued, Job.enqueued_at.is_(None),
+                   Job.type.not_in([JobType.batch, JobType.shard]),
+                   Job.owner.in_(select(Quota.owner)))
+            .group_by(Job.queue)):
+        held.add_metric([str(queue)], int(n))
+    yield held
+    live = sum(Finished("", "", None, None, log).preemptions() for (log,) in session.execute(
+        select(Job.attempts_log).where(Job.rolled_up.is_(False))))
+    yield CounterMetricFamily("genq_preemptions", "Attempts ended to free a worker for a "
+                              "more urgent job.", value=live + totals.get(("preemptions", ""), 0))
 
 
 def workers(session: Session) -> Iterator[Metric]:

@@ -30,14 +30,19 @@ def one_worker_stack(redis_server: str, redis_db: int, worker: str,
 LONG = {**TINY_LSTM, "steps": 100_000, "checkpoint_every": 1000, "log_every": 10}
 
 
-def queue_depth(stack, queue: str) -> float:  # type: ignore[no-untyped-def]
+def metric(stack, name: str, **labels: str) -> float:  # type: ignore[no-untyped-def]
+    """One sample of the stack's /metrics."""
     r = httpx.get(f"{stack.api_url}/metrics",
                   headers={"Authorization": f"Bearer {stack.api_key}"}, timeout=10)
     for family in text_string_to_metric_families(r.text):
         for sample in family.samples:
-            if sample.name == "genq_queue_depth" and sample.labels == {"queue": queue}:
+            if sample.name == name and sample.labels == labels:
                 return sample.value
-    raise AssertionError(f"no genq_queue_depth for {queue}")
+    raise AssertionError(f"no {name} {labels} in\n{r.text}")
+
+
+def queue_depth(stack, queue: str) -> float:  # type: ignore[no-untyped-def]
+    return metric(stack, "genq_queue_depth", queue=queue)
 
 
 def test_an_urgent_job_is_the_next_one_a_busy_worker_takes(redis_server):
@@ -158,6 +163,7 @@ def test_an_urgent_job_preempts_a_long_low_priority_run_which_resumes_exactly(
         assert done["status"] == "succeeded", done
         assert [a["error"]["code"] for a in done["attempts"]] == ["preempted"]
         assert done["attempts"][0]["error"]["checkpoint_id"]
+        assert metric(stack, "genq_preemptions_total") == 1
         assert done_urgent["finished_at"] < done["finished_at"]
         assert done_urgent["started_at"] > done["started_at"]
         with workers_thread_count():
@@ -228,6 +234,9 @@ def test_a_quota_holds_an_owners_jobs_until_it_is_under_it_again(redis_server):
         assert c.get_job(second["id"])["waiting"] == {
             "reason": "quota", "limit": "max_running", "queue": "cpu", "in_flight": 1, "max": 1}
         assert queue_depth(stack, "cpu") == 0  # held in SQL, not on the broker
+        assert metric(stack, "genq_jobs_waiting_for_quota", queue="cpu") == 1
+        assert metric(stack, "genq_jobs_queued_by_priority", queue="cpu", priority="0") == 1
+        assert metric(stack, "genq_queued_owners", queue="cpu") == 1
         assert "(over quota)" in genq("jobs", "--status", "queued", env=cli).stdout
         c.cancel(first["id"])
         done = c.wait(second["id"], timeout=180)
