@@ -233,6 +233,11 @@ def test_a_quota_holds_an_owners_jobs_until_it_is_under_it_again(redis_server):
         second = c.create_job({**TINY_LSTM, "queue": "cpu"})
         assert c.get_job(second["id"])["waiting"] == {
             "reason": "quota", "limit": "max_running", "queue": "cpu", "in_flight": 1, "max": 1}
+        with httpx.stream("GET", f"{stack.api_url}/v1/jobs/{second['id']}/events",
+                          headers={"Authorization": f"Bearer {stack.api_key}"},
+                          timeout=30) as stream:  # the live stream says it too
+            first_event = next(line for line in stream.iter_lines() if line.startswith("data:"))
+        assert json.loads(first_event[5:])["waiting"]["reason"] == "quota"
         assert queue_depth(stack, "cpu") == 0  # held in SQL, not on the broker
         assert metric(stack, "genq_jobs_waiting_for_quota", queue="cpu") == 1
         assert metric(stack, "genq_jobs_queued_by_priority", queue="cpu", priority="0") == 1

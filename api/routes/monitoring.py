@@ -23,8 +23,10 @@ from api.waiting import until_event, waiters
 from common import jobs
 from common.config import get_settings
 from common.db import session_factory
+from common.dispatch import why_waiting
 from common.models import FINISHED, JobLog, Metric
 from common.paging import keyset_page
+from common.schemas import Waiting
 
 router = APIRouter(tags=["monitoring"], route_class=GenqRoute)
 
@@ -118,8 +120,10 @@ def job_events(
 def _snapshot(owner: str, job_id: str) -> dict[str, Any]:
     with session_factory()() as session:
         job = jobs.get_job(session, owner=owner, job_id=job_id)
+        waiting = why_waiting(session, job)
         return {
             "id": job.id, "status": job.status, "attempt": job.attempt,
+            "waiting": None if waiting is None else Waiting.model_validate(waiting).model_dump(),
             "progress": progress_of(job).model_dump(), "metrics": job.metrics or {},
             "error": job.error, "worker": job.worker,
         }
@@ -145,9 +149,12 @@ async def _stream(request: Request, owner: str, job_id: str) -> AsyncIterator[st
 
 
 def _change(last: dict[str, Any] | None, snap: dict[str, Any]) -> str | None:
-    """`status` for a new status or attempt, `progress` for new progress, else None."""
+    """`status` for a new status or attempt, `waiting` for a queued job's new reason or
+    place in its queue, `progress` for new progress, else None."""
     if last is None or (last["status"], last["attempt"]) != (snap["status"], snap["attempt"]):
         return "status"
+    if last["waiting"] != snap["waiting"]:
+        return "waiting"
     before, now = last["progress"], snap["progress"]
     if (before["done"], before["total"]) != (now["done"], now["total"]):
         return "progress"
