@@ -37,7 +37,8 @@ SENT_PER_WORKER = 2  # shards on the broker or running per live worker of a queu
 
 def dispatch(session: Session, job: Job) -> bool:
     """Send the job's current attempt to Celery; False (job stays in the outbox) if it fails."""
-    kwargs = {"family": job.family, "model": job.model_id}
+    # the priority rides along for Flower, whose task views show kwargs (the worker ignores it)
+    kwargs = {"family": job.family, "model": job.model_id, "priority": job.priority}
     try:
         task_id = send_job(job.id, job.attempt, job_type=job.type, queue=job.queue, kwargs=kwargs,
                            priority=job.priority)

@@ -262,7 +262,7 @@ def test_flower_shows_tasks_progress_and_worker_queues(stack, flower):
     auth = ("u", "p")
     assert httpx.get(f"{flower}/api/tasks").status_code == 401
     c = stack.client()
-    job = c.create_job(SHORT_TRAIN)
+    job = c.create_job({**SHORT_TRAIN, "priority": 7})
     assert c.wait(job["id"], timeout=90)["status"] == "succeeded"
 
     def task_of_job():
@@ -273,6 +273,7 @@ def test_flower_shows_tasks_progress_and_worker_queues(stack, flower):
 
     task = wait_for(task_of_job, timeout=30, interval=0.5)
     assert "'lstm'" in str(task["kwargs"]) and "succeeded: model=" in str(task["result"])
+    assert "'priority': 7" in str(task["kwargs"])  # each task's priority, in Flower
 
     long = c.create_job({**SHORT_TRAIN, "steps": 5000})
 
