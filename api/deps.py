@@ -76,6 +76,10 @@ def get_owner(request: Request, session: SessionDep) -> str:
     if scheme.lower() != "bearer" or not key.strip():
         raise Unauthorized("missing API key: send Authorization: Bearer <key>")
     owner = owner_of(session, key.strip())
+    # end the read: the connection goes back to the pool now, not when the route next
+    # needs a thread (held requests waiting on the pool for threads that wait on the pool
+    # deadlocked a process under a few hundred of them)
+    session.commit()
     per_minute = get_settings().rate_limit_per_minute
     wait_s = limiter.take(hash_key(key.strip()), per_minute) if per_minute else None
     if wait_s is not None:
@@ -87,7 +91,7 @@ def get_owner(request: Request, session: SessionDep) -> str:
 OwnerDep = Annotated[str, Depends(get_owner)]
 
 
-def limit_json_body(request: Request) -> None:
+async def limit_json_body(request: Request) -> None:
     """413 for a JSON body over GENQ_MAX_JSON_BYTES, before it is read (uploads are streamed)."""
     if not json_type(request.headers.get("content-type", "")):
         return  # uploads stream under their own cap; any other body is capped as it is read

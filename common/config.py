@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     max_model_params: int = Field(
         1_000_000_000, description="Most parameters a training spec's model may have.")
     rate_limit_per_minute: int = Field(600, description="Requests per key per minute (0 = off).")
+    max_held_per_owner: int = Field(
+        50, ge=0, description="Held requests (?wait=) and event streams open at once per owner, "
+        "per API process (0 = no cap); past it a 429.")
     metrics_public: bool = Field(False, description="Serve /metrics without an API key.")
 
     up_max_restarts: int = Field(

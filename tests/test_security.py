@@ -301,3 +301,55 @@ def test_a_workers_current_job_shows_to_its_owner_only(stack):
     finally:
         c.request("POST", f"/v1/jobs/{job['id']}/cancel")
         c.wait(job["id"], timeout=60)
+
+
+def test_one_key_holding_many_waits_leaves_the_api_to_everyone_else(quiet_stack):
+    """Issue 26 item 2: 130 held `?wait=` reads from one key (cap 100 in this API process):
+    30 answer 429 at once with Retry-After, the 100 hold no thread and no connection, and
+    meanwhile health probes, another key's reads and submits, and its event stream answer;
+    the same key's stream is refused while its cap is full."""
+    import asyncio
+
+    api = spawn_api(quiet_stack, GENQ_MAX_HELD_PER_OWNER="100", GENQ_RATE_LIMIT_PER_MINUTE="0")
+    holder, other = auth(make_key(quiet_stack, "holder")), auth(make_key(quiet_stack, "other"))
+    spec = {"type": "train", "family": "lstm", "steps": 5, "config": {"hidden": 8, "n_embd": 8}}
+    try:
+        waited = httpx.post(f"{api.api_url}/v1/jobs", json=spec, headers=holder,
+                            timeout=120).json()["id"]
+
+        async def run() -> tuple[list[httpx.Response], dict[str, int]]:
+            limits = httpx.Limits(max_connections=300, max_keepalive_connections=0)
+            async with httpx.AsyncClient(base_url=api.api_url, limits=limits,
+                                         timeout=120) as client:
+                holds = [asyncio.create_task(client.get(f"/v1/jobs/{waited}?wait=30",
+                                                        headers=holder)) for _ in range(130)]
+                while sum(t.done() for t in holds) < 30:  # the refused ones come back first
+                    await asyncio.sleep(0.1)
+                codes = {
+                    "healthz": (await client.get("/healthz", timeout=20)).status_code,
+                    "readyz": (await client.get("/readyz", timeout=20)).status_code,
+                    "models": (await client.get("/v1/models", headers=other,
+                                                timeout=20)).status_code,
+                    "submit": (await client.post("/v1/jobs", json=spec, headers=other,
+                                                 timeout=20)).status_code,
+                    "own_stream": (await client.get(f"/v1/jobs/{waited}/events",
+                                                    headers=holder, timeout=20)).status_code,
+                }
+                mine = (await client.post("/v1/jobs", json=spec, headers=other)).json()["id"]
+                async with client.stream("GET", f"/v1/jobs/{mine}/events", headers=other,
+                                         timeout=20) as stream:
+                    codes["other_stream"] = stream.status_code
+                assert all(not t.done() or t.result().status_code == 429 for t in holds), (
+                    "a held read answered before its wait was over")
+                return list(await asyncio.gather(*holds)), codes
+
+        answers, codes = asyncio.run(run())
+        assert codes == {"healthz": 200, "readyz": 200, "models": 200, "submit": 201,
+                         "own_stream": 429, "other_stream": 200}, codes
+        refused = [r for r in answers if r.status_code == 429]
+        assert len(refused) == 30 and all(r.headers["Retry-After"] for r in refused)
+        assert all(r.json()["error"]["code"] == "rate_limited" for r in refused)
+        assert sorted(r.status_code for r in answers) == [200] * 100 + [429] * 30
+        assert all(r.json()["status"] == "queued" for r in answers if r.status_code == 200)
+    finally:
+        api.stop_all()

@@ -59,7 +59,7 @@ async def get_batch(
         return views.batch_out(session, views.get_batch(session, owner=owner, batch_id=batch_id))
 
     return await read_when_finished(batch_id, read, lambda b: b.status in BATCH_FINISHED, wait,
-                                    session=session)
+                                    owner=owner, session=session)
 
 
 @router.post("/{batch_id}/cancel", response_model=BatchOut)

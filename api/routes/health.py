@@ -14,8 +14,8 @@ router = APIRouter(tags=["health"], route_class=GenqRoute)
 
 
 @router.get("/healthz")
-def healthz() -> dict[str, str]:
-    """The API process is up."""
+async def healthz() -> dict[str, str]:
+    """The API process is up (on the event loop: no thread or connection it could wait for)."""
     return {"status": "ok"}
 
 

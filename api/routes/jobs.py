@@ -80,7 +80,7 @@ async def get_job(
         return out
 
     return await read_when_finished(job_id, read, lambda j: j.status in FINISHED, wait,
-                                    session=session)
+                                    owner=owner, session=session)
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -12,6 +12,7 @@ from fastapi.responses import StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 from sqlalchemy import select
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
@@ -19,7 +20,7 @@ from api.deps import OwnerDep, SessionDep, get_owner
 from api.json_body import GenqRoute
 from api.prometheus import render_metrics
 from api.views import progress_of
-from api.waiting import until_event, waiters
+from api.waiting import held, until_event, waiters
 from common import jobs
 from common.config import get_settings
 from common.db import session_factory
@@ -110,10 +111,12 @@ def job_events(
     """Server-sent events: `status` and `progress` until the job finishes."""
     jobs.get_job(session, owner=owner, job_id=job_id)
     session.close()  # the stream polls with short sessions of its own
+    release = held.take(owner)  # a 429 past the owner's cap of held requests and streams
     return StreamingResponse(
-        _stream(request, owner, job_id),
+        _stream(request, owner, job_id, release),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        background=BackgroundTask(release),  # should the stream never start
     )
 
 
@@ -129,7 +132,16 @@ def _snapshot(owner: str, job_id: str) -> dict[str, Any]:
         }
 
 
-async def _stream(request: Request, owner: str, job_id: str) -> AsyncIterator[str]:
+async def _stream(request: Request, owner: str, job_id: str,
+                  release: Callable[[], None]) -> AsyncIterator[str]:
+    try:
+        async for event in _events(request, owner, job_id):
+            yield event
+    finally:
+        release()
+
+
+async def _events(request: Request, owner: str, job_id: str) -> AsyncIterator[str]:
     last: dict[str, Any] | None = None
     quiet = 0.0
     with waiters.watch(job_id) as finish_notice:  # the last event comes at once, not at a poll
