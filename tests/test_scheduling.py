@@ -10,15 +10,15 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Stack, fresh_database, start_stack, wait_for
+from tests.conftest import BACKENDS, Stack, fresh_database, start_stack, wait_for
 from tests.test_cli import TINY_LSTM, genq
 
 
 @contextmanager
-def one_worker_stack(redis_server: str, redis_db: int, worker: str,
-                     env: dict[str, str]) -> Iterator[tuple[Stack, str]]:
+def one_worker_stack(redis_server: str, redis_db: int, worker: str, env: dict[str, str],
+                     backend: str = "sqlite") -> Iterator[tuple[Stack, str]]:
     """An API and one worker on the cpu queue, on a database and a Redis db of their own."""
-    with fresh_database("sqlite") as db:
+    with fresh_database(backend) as db:
         stack = start_stack(db, f"{redis_server.rsplit('/', 1)[0]}/{redis_db}", env_extra=env)
         try:
             stack.start_worker(worker, queues="cpu")
@@ -204,7 +204,8 @@ def test_priority_9_and_non_preemptible_jobs_are_never_preempted(session):  # ty
     assert jobs.preempt_for_urgent(session, after_s=1) == []  # one at a time
 
 
-def test_a_quota_holds_an_owners_jobs_until_it_is_under_it_again(redis_server):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_quota_holds_an_owners_jobs_until_it_is_under_it_again(redis_server, backend):
     """A quota of one job in flight on cpu (set with `genq keys update`): the second job is
     accepted, waits in SQL with reason `quota` (no broker message), and runs by itself
     once the first ends. A GPU-seconds quota used up holds a gpu job the same way, until
@@ -215,8 +216,9 @@ def test_a_quota_holds_an_owners_jobs_until_it_is_under_it_again(redis_server):
     from common.db import engine_for, session_factory
     from common.models import Job, new_id, utcnow
 
-    with one_worker_stack(redis_server, 13, "q1", {"GENQ_REAPER_INTERVAL_S": "1"}) as (
-            stack, db):
+    redis_db = 13 if backend == "sqlite" else 15
+    with one_worker_stack(redis_server, redis_db, "q1", {"GENQ_REAPER_INTERVAL_S": "1"},
+                          backend) as (stack, db):
         c = stack.client()
         with session_factory(engine_for(db))() as s:
             owner = owner_of(s, stack.api_key)

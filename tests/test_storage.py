@@ -282,7 +282,7 @@ def test_a_worker_shares_no_disk_with_the_api(s3_endpoint, redis_server, tmp_pat
     client_dir = tmp_path / "client"
     client_dir.mkdir()
     with fresh_database("postgresql") as db:
-        stack = start_stack(db, redis_server.rsplit("/", 1)[0] + "/12", env_extra={
+        stack = start_stack(db, redis_server.rsplit("/", 1)[0] + "/14", env_extra={
             "GENQ_STORAGE_URL": f"s3://{bucket}/genq", "GENQ_S3_ENDPOINT_URL": s3_endpoint,
             "GENQ_LEASE_S": "5"})
 
