@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from sqlalchemy.exc import DataError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException
@@ -20,6 +21,33 @@ log = logging.getLogger(__name__)
 HTTP_CODES = {400: "invalid_request", 401: "invalid_api_key", 404: "not_found",
               405: "method_not_allowed", 409: "conflict", 413: "too_large",
               422: "invalid_request", 429: "rate_limited", 503: "unavailable"}
+
+
+class ErrorProblem(BaseModel):
+    param: str | None = None
+    message: str
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+    errors: list[ErrorProblem] | None = None  # 422: every problem, each naming its field
+
+
+class ErrorBody(BaseModel):
+    """Every error the API answers: {"error": {"code", "message", "param"}}."""
+
+    error: ErrorDetail
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": description} for status, description in (
+        (400, "Bad request"), (401, "Missing, unknown or revoked API key"),
+        (404, "Not found (or another owner's)"), (409, "Conflict"),
+        (413, "Body or upload over its cap"), (422, "Invalid input; `param` names the field"),
+        (429, "Rate limited, or too many held requests; see Retry-After"),
+        (503, "The broker or the database is unavailable; see Retry-After"))}
 
 
 def error_body(code: str, message: str, param: str | None = None, **extra: Any) -> dict[str, Any]:

@@ -7,7 +7,7 @@ import logging
 from fastapi import Depends, FastAPI
 
 from api.deps import limit_json_body
-from api.errors import install_error_handlers
+from api.errors import ERROR_RESPONSES, install_error_handlers
 from api.routes import batches, files, health, jobs, models, monitoring, workers
 from common.config import get_settings
 
@@ -19,6 +19,7 @@ def create_app() -> FastAPI:
     )
     app = FastAPI(
         dependencies=[Depends(limit_json_body)],
+        responses=ERROR_RESPONSES,  # every route may answer these, all in one JSON shape
         title="genq",
         version="0.1.0",
         description="A distributed asynchronous job queue for generative models.",

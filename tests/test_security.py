@@ -250,7 +250,16 @@ def test_celery_gets_child_limits():
 
 
 def test_fuzz_no_5xx(quiet_stack):
-    """Schemathesis over every operation of /openapi.json, authorised: nothing answers 5xx."""
+    """Schemathesis over every operation of /openapi.json, authorised: nothing answers 5xx,
+    and every answer conforms to the schema (a declared status, content type and body)."""
+    from schemathesis.specs.openapi.checks import (
+        content_type_conformance,
+        response_schema_conformance,
+        status_code_conformance,
+    )
+
+    CONFORMANCE = [status_code_conformance, content_type_conformance,  # noqa: N806
+                   response_schema_conformance]
     from common.auth import create_key
     from common.db import engine_for, session_factory
 
@@ -272,6 +281,11 @@ def test_fuzz_no_5xx(quiet_stack):
             if resp.status_code >= 500:
                 failures.append(f"{case.method} {case.formatted_path} -> {resp.status_code}: "
                                 f"{resp.text[:300]}")
+            try:  # the answer is one the schema declares: its status, content type and shape
+                case.validate_response(resp, checks=CONFORMANCE)
+            except Exception as exc:  # schemathesis' failure group, one line per check
+                failures.append(f"{case.method} {case.formatted_path} -> {resp.status_code}: "
+                                f"{str(exc)[:400]}")
 
         check()
     assert not failures, "\n".join(failures[:10])
