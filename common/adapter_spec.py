@@ -14,6 +14,8 @@ from pydantic import (
     field_validator,
 )
 
+from common.gen_params import NotTiny
+
 # A module name as peft matches it: a suffix of a dotted module path (q_proj, attn.c_attn)
 ModuleName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.]+$")]
 
@@ -26,7 +28,7 @@ class AdapterSpec(BaseModel):
     method: Literal["lora"] = "lora"
     r: int = Field(8, ge=1, le=1024)  # the rank of each update B @ A
     alpha: int = Field(16, ge=1, le=65_536)  # the update is scaled by alpha / r
-    dropout: float = Field(0.0, ge=0, lt=1)  # on the adapter's input
+    dropout: Annotated[float, NotTiny] = Field(0.0, ge=0, lt=1)  # on the adapter's input
     # None: peft's default modules for the architecture; "all-linear": every linear but the head
     target_modules: list[ModuleName] | Literal["all-linear"] | None = None
     merge: bool = False  # register the merged full weights instead of base + adapter

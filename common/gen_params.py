@@ -43,7 +43,20 @@ MAX_SIDE = 4096  # of a generated image
 MaxTokens = Annotated[int, Field(ge=1), AfterValidator(_within_token_cap)]
 ImageSize = Annotated[str, Field(max_length=16), AfterValidator(_image_size)]
 Steps = Annotated[int, Field(ge=1, le=1000)]  # denoising steps
-GuidanceScale = Annotated[float, Field(ge=0, le=50)]  # classifier-free guidance
+SMALLEST = 1e-12
+
+
+def not_vanishing(v: float) -> float:
+    """A positive value under 1e-12 (down to 1e-320, a subnormal) is a typo or an attack:
+    nothing trains or samples sensibly there, and subnormal arithmetic is slow on CPUs."""
+    if 0 < abs(v) < SMALLEST:
+        raise ValueError(f"{v:g} is vanishingly small: use 0 where allowed, else at least "
+                         f"{SMALLEST:g}")
+    return v
+
+
+NotTiny = AfterValidator(not_vanishing)  # for float fields: Annotated[float, NotTiny]
+GuidanceScale = Annotated[float, Field(ge=0, le=50), NotTiny]  # classifier-free guidance
 Prompt = Annotated[str, AfterValidator(_within_prompt_cap)]
 Seed = Annotated[int, Field(ge=0, le=2**31 - 1)]
 Label = Annotated[int, Field(ge=0, le=100_000)]  # a class of a conditional image model
@@ -63,7 +76,7 @@ class GenParams(BaseModel):
     max_tokens: MaxTokens = 32
     temperature: float = Field(1.0, ge=0, le=5)  # 0 => greedy; else at least MIN_TEMPERATURE
     top_k: int | None = Field(None, ge=1, le=100_000)
-    top_p: float | None = Field(None, gt=0, le=1)
+    top_p: Annotated[float, NotTiny] | None = Field(None, gt=0, le=1)
     num_beams: int = Field(1, ge=1, le=16)
     seed: Seed | None = None  # seeded sampling runs alone, so its output never depends on others
     # images: the PNG's width x height ("auto": the model's own, upscaled to 64 at least)

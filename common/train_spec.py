@@ -6,13 +6,13 @@ the worker parses a job's stored spec with that same class, so the two cannot dr
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from common.adapter_spec import AdapterSpec
 from common.config import get_settings
-from common.gen_params import Seed
+from common.gen_params import NotTiny, Seed
 from common.ml.builtin_data import BUILTINS
 
 Family = Literal["vae", "gan", "diffusion", "lstm", "lm", "gpt"]
@@ -77,14 +77,14 @@ class TrainSpec(Strict):
     steps: int | None = Field(None, ge=1, le=10_000_000)  # default 200 unless epochs is given
     epochs: int | None = Field(None, ge=1, le=100_000)
     batch_size: int = Field(16, ge=1, le=4096)
-    lr: float = Field(1e-3, gt=0, le=10)
+    lr: Annotated[float, NotTiny] = Field(1e-3, gt=0, le=10)
     warmup_steps: int = Field(0, ge=0, le=10_000_000)
     schedule: Literal["cosine", "constant"] = "cosine"
     optimizer: Literal["adamw", "adam", "sgd"] | None = None  # None: the family's default
-    weight_decay: float = Field(0.0, ge=0, le=10)
+    weight_decay: Annotated[float, NotTiny] = Field(0.0, ge=0, le=10)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     grad_accum: int = Field(1, ge=1, le=1024)
-    clip: float | None = Field(1.0, gt=0, le=1e6)  # null: no gradient clipping
+    clip: Annotated[float, NotTiny] | None = Field(1.0, gt=0, le=1e6)  # null: no gradient clipping
     seed: Seed = 0
     seq_len: int = Field(64, ge=2, le=8192)  # text families
     checkpoint_every: int = Field(50, ge=1, le=10_000_000)
@@ -92,7 +92,7 @@ class TrainSpec(Strict):
     log_every: int = Field(10, ge=1, le=10_000_000)
     # held-out loss every N steps (a tenth of the data is held out)
     eval_every: int | None = Field(None, ge=1, le=10_000_000)
-    timeout_s: float | None = Field(None, gt=0, le=30 * 86_400)
+    timeout_s: Annotated[float, NotTiny] | None = Field(None, gt=0, le=30 * 86_400)
     resume_from: str | None = Field(None, min_length=1, max_length=64)  # a checkpoint id
     adapter: AdapterSpec | None = None  # LoRA fine-tuning (lm only); None: every weight trains
     # lm: recompute activations in the backward pass (less memory for large bases)

@@ -367,3 +367,90 @@ def test_one_key_holding_many_waits_leaves_the_api_to_everyone_else(quiet_stack)
         assert all(r.json()["status"] == "queued" for r in answers if r.status_code == 200)
     finally:
         api.stop_all()
+
+
+def _leaves(schema: dict, defs: dict, path: tuple[str, ...] = ()) -> Iterator[
+        tuple[tuple[str, ...], str]]:
+    """(path, type) of every integer, number and string field of a JSON schema."""
+    if "$ref" in schema:
+        schema = defs[schema["$ref"].split("/")[-1]]
+    for option in schema.get("anyOf", []):
+        if option.get("type") != "null":
+            yield from _leaves(option, defs, path)
+    kind = schema.get("type")
+    if kind == "object":
+        for name, field in schema.get("properties", {}).items():
+            yield from _leaves(field, defs, (*path, name))
+    elif kind in ("integer", "number", "string"):
+        yield path, kind
+
+
+ABSURD = {"integer": [2**64, -(2**64)], "number": [1e308, -1e308, 1e-320],
+          "string": ["x" * 100_000]}
+SPEC_BASES = {"train": {"type": "train", "family": "lstm"},
+              "generate": {"type": "generate", "model": "no-such-model", "prompts": ["a"]}}
+
+
+def absurd_cases() -> list[tuple[str, dict, str]]:
+    """(name, spec, field) for every numeric and string field of both specs and of every
+    family's config, each set to each absurd value of its type."""
+    from common.ml.families import FAMILIES
+    from common.schemas import GenerateSpec, TrainJobSpec
+
+    cases = []
+    walks = [("train", TrainJobSpec.model_json_schema(), ()),
+             ("generate", GenerateSpec.model_json_schema(), ())]
+    walks += [(f"train:{name}", family.Config.model_json_schema(), ("config",))
+              for name, family in FAMILIES.items()]
+    for base, schema, prefix in walks:
+        for path, kind in _leaves(schema, schema.get("$defs", {}), prefix):
+            if path in (("type",), ("family",)) or path[-1] == "arch":
+                continue  # the discriminators: an unknown one is its own 422
+            if path == ("data", "path"):
+                continue  # the worker's own field: any value from the API is refused
+            for value in ABSURD[kind]:
+                kind_of_spec, _, family = base.partition(":")
+                spec = json.loads(json.dumps(SPEC_BASES[kind_of_spec]))
+                if family:
+                    spec["family"] = family
+                node = spec
+                for key in path[:-1]:
+                    node = node.setdefault(key, {})
+                node[path[-1]] = value
+                cases.append((f"{base} {'.'.join(path)}={str(value)[:12]}", spec,
+                              ".".join(path)))
+    return cases
+
+
+def test_every_absurd_value_of_every_spec_field_is_a_422_naming_it(quiet_stack):
+    """Issue 26: 2**64, -2**64, 1e308, -1e308, 1e-320 and 100,000-character strings in every
+    field of the training and generation specs and of every family's config answer 422
+    naming that field, and nothing is stored."""
+    from sqlalchemy import func, select
+
+    from common.db import engine_for, session_factory
+    from common.models import Job
+
+    api = spawn_api(quiet_stack, GENQ_RATE_LIMIT_PER_MINUTE="0")
+    headers = auth(quiet_stack.api_key)
+    engine = engine_for(quiet_stack.env["GENQ_DATABASE_URL"])
+    with session_factory(engine)() as s:
+        before = s.scalar(select(func.count()).select_from(Job))
+    wrong = []
+    cases = absurd_cases()
+    assert len(cases) > 150
+    try:
+        with httpx.Client(base_url=api.api_url, headers=headers, timeout=60) as client:
+            for name, spec, field in cases:
+                resp = client.post("/v1/jobs", json=spec)
+                error = resp.json().get("error", {}) if resp.status_code == 422 else {}
+                params = {error.get("param")} | {e.get("param") for e in error.get("errors", [])}
+                if resp.status_code != 422 or not any(
+                        p and (p == field or p.startswith(field + ".") or p.startswith(field + "["))
+                        for p in params):
+                    wrong.append(f"{name}: {resp.status_code} {resp.text[:200]}")
+    finally:
+        api.stop_all()
+    assert not wrong, f"{len(wrong)} of {len(cases)}:\n" + "\n".join(wrong[:20])
+    with session_factory(engine)() as s:
+        assert s.scalar(select(func.count()).select_from(Job)) == before

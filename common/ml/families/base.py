@@ -13,9 +13,9 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
 import torch.nn as nn
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
-from common.gen_params import GenParams
+from common.gen_params import GenParams, not_vanishing
 from common.ml.data import ImageData, TextData
 from common.ml.pretrained import ModelSource
 from common.ml.sampling import Completion
@@ -27,9 +27,15 @@ SUBMITTED: dict[str, Any] = {"submitted": True}
 
 
 class FamilyConfig(BaseModel):
-    """A family's hyperparameters: strict types, bounds on each field, no unknown keys."""
+    """A family's hyperparameters: strict types, bounds on each field, no unknown keys, and
+    no float so small that it is a typo or an attack (gen_params.NotTiny)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _no_vanishing_float(cls, value: Any) -> Any:
+        return not_vanishing(value) if isinstance(value, float) else value
 
 
 ConfigT = TypeVar("ConfigT", bound=FamilyConfig)

@@ -48,7 +48,8 @@ class DiffusionConfig(FamilyConfig):
     pretrained: str | None = Field(None, max_length=1024)
     revision: str | None = Field(None, min_length=1, max_length=255,
                                  pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")  # hub ids only
-    commit: str | None = None  # set by the worker: the commit `revision` resolved to
+    # set by the worker: the commit `revision` resolved to
+    commit: str | None = Field(None, max_length=64)
     # a CLIP tokenizer for a from-config model (folder or hub id); None: fitted on the captions
     tokenizer: str | None = Field(None, max_length=1024)
     # the UNet: channels per resolution level, and which levels cross-attend to the text
