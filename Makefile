@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench lint clean
+.PHONY: install demo test test-fast bench fuzz lint clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -24,6 +24,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+# every schemathesis check, 60 examples an operation (over 1,000 cases), on SQLite (and
+# PostgreSQL where GENQ_TEST_POSTGRES_URL is set)
+fuzz: $(STAMP)
+	GENQ_DEEP_FUZZ=60 $(BIN)/python -m pytest -q -ra tests/test_security.py -k deep_fuzz
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

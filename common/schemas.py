@@ -44,8 +44,18 @@ class JobOptions(BaseModel):
         return queue
 
 
+def _type_required(schema: dict[str, Any]) -> None:
+    """POST /v1/jobs picks the spec by its `type`, so the schema says `type` is required
+    (in Python it defaults, for callers that build one spec kind)."""
+    required = schema.setdefault("required", [])
+    if "type" not in required:
+        required.insert(0, "type")
+
+
 class TrainJobSpec(TrainSpec, JobOptions):
     """A training job: POST /v1/jobs with type `train`."""
+
+    model_config = ConfigDict(json_schema_extra=_type_required)
 
     type: Literal["train"] = "train"
     name: str | None = Field(None, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
@@ -59,6 +69,8 @@ class TrainJobSpec(TrainSpec, JobOptions):
 
 class GenerateSpec(GenParams, JobOptions):
     """A generation job: POST /v1/jobs with type `generate`."""
+
+    model_config = ConfigDict(json_schema_extra=_type_required)
 
     type: Literal["generate"] = "generate"
     model: str = Field(min_length=1, max_length=128)

@@ -89,31 +89,57 @@ def test_finished_jobs_and_batches_announce_themselves(stack, trained_lstm, redi
 
 
 def test_held_read_falls_back_to_sql_without_redis(monkeypatch):
-    """Redis unreachable: no notice ever comes, and the held read still sees the finish."""
+    """Redis unreachable: no notice ever comes, and the held read still sees the finish,
+    through the one SQL re-check the API process makes for every job waited on."""
+    import threading
+
+    from sqlalchemy import update
+
     from api import waiting
     from common import notices
     from common.config import get_settings
+    from common.db import engine_for, session_factory
+    from common.models import Job, new_id
+    from tests.conftest import fresh_database
 
-    monkeypatch.setenv("GENQ_BROKER_URL", f"redis://127.0.0.1:{_free_port()}/0")
-    get_settings.cache_clear()
-    notices.redis_client.cache_clear()
-    states = iter(["running", "running", "succeeded"])
-    reads: list[str] = []
-
-    def read() -> str:
-        reads.append(next(states))
-        return reads[-1]
-
-    async def held() -> tuple[str, float]:
-        start = time.monotonic()
-        out = await waiting.read_when_finished("job_x", read, lambda s: s == "succeeded", 30)
-        return out, time.monotonic() - start
-
-    try:
-        out, took = asyncio.run(held())
-    finally:
-        monkeypatch.undo()
+    with fresh_database("sqlite") as db:
+        monkeypatch.setenv("GENQ_BROKER_URL", f"redis://127.0.0.1:{_free_port()}/0")
+        monkeypatch.setenv("GENQ_DATABASE_URL", db)
         get_settings.cache_clear()
         notices.redis_client.cache_clear()
-    assert out == "succeeded" and reads == ["running", "running", "succeeded"]
-    assert took < 30  # the re-checks found it, long before the wait ran out
+        job_id = new_id("job_")
+        sessions = session_factory(engine_for(db))
+        with sessions() as s:
+            s.add(Job(id=job_id, owner="waiter", type="train", spec={}, status="running"))
+            s.commit()
+        reads: list[str] = []
+
+        def read() -> str:
+            with sessions() as s:
+                reads.append(str(s.get(Job, job_id).status))
+            return reads[-1]
+
+        def finish_later() -> None:
+            time.sleep(1.5)
+            with sessions() as s:
+                s.execute(update(Job).where(Job.id == job_id).values(status="succeeded"))
+                s.commit()
+
+        async def held() -> tuple[str, float]:
+            start = time.monotonic()
+            out = await waiting.read_when_finished(job_id, read, lambda st: st == "succeeded",
+                                                   30, owner="waiter")
+            return out, time.monotonic() - start
+
+        finisher = threading.Thread(target=finish_later)
+        finisher.start()
+        try:
+            out, took = asyncio.run(held())
+        finally:
+            finisher.join()
+            monkeypatch.undo()
+            get_settings.cache_clear()
+            notices.redis_client.cache_clear()
+    assert out == "succeeded" and reads[0] == "running"
+    assert len(reads) <= 3  # no read a second: the shared re-check woke it
+    assert took < 30  # found long before the wait ran out

@@ -23,7 +23,8 @@ from common.schemas import ItemList, ItemOut, JobList, JobOut, JobSpec
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=GenqRoute)
 
 
-@router.post("", status_code=201, response_model=JobOut)
+@router.post("", status_code=201, response_model=JobOut, responses={
+    200: {"model": JobOut, "description": "An Idempotency-Key used before: the job it made"}})
 def create_job(
     spec: Annotated[JobSpec, Body()],
     session: SessionDep,
