@@ -463,9 +463,20 @@ def finish_job(
         announce_finished(job.id)
     if done and job.parent_id:
         shard_finished(session, job)
-    if done and get_quota(session, job.owner) is not None:
-        release_held(session, job.owner)  # its place under the quota goes to the next
+    if done:
+        _release_owners_next(session, job.owner)
     return done
+
+
+def _release_owners_next(session: Session, owner: str) -> None:
+    """The place the finished job held under its owner's quota goes to their next job; on
+    any failure the reaper's round sends it instead."""
+    try:
+        if get_quota(session, owner) is not None:
+            release_held(session, owner)
+    except Exception as exc:
+        session.rollback()
+        log.warning("owner %s: held jobs left to the reaper's round: %s", owner, exc)
 
 
 def fail_job(session: Session, job: Job, error: dict[str, Any], *, final: bool = False) -> str:
