@@ -11,7 +11,7 @@ import subprocess
 import httpx
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, fresh_database, start_stack
 
 pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="needs the curl command")
 
@@ -41,7 +41,7 @@ def run_curl(command: str, *, api_url: str, key: str, job_id: str | None = None)
 
 def test_readme_curl_examples_run_as_written(stack):
     commands = readme_curl_commands()
-    posts = [c for c in commands if "-X POST" in c]
+    posts = [c for c in commands if "-X POST" in c and "pretrained" not in c]
     reads = [c for c in commands if "-X POST" not in c]
     assert len(posts) == 2 and len(reads) >= 4, commands  # the tour's train, then generate
     c = stack.client()
@@ -58,6 +58,22 @@ def test_readme_curl_examples_run_as_written(stack):
         else:
             body = json.loads(out)
             assert not isinstance(body, dict) or body.get("error") is None, (command, out)
+
+
+def test_readme_hub_model_examples_are_accepted_as_written(redis_server):
+    """The README's curl examples that name a hub model (no network here) are sent to a
+    stack of its own with no worker: the API takes each as written, and nothing runs it."""
+    hub_posts = [c for c in readme_curl_commands() if "-X POST" in c and "pretrained" in c]
+    assert hub_posts, "the README shows a hub model trained through the API"
+    with fresh_database("sqlite") as db:
+        lone = start_stack(db, redis_server.rsplit("/", 1)[0] + "/13")
+        try:
+            for command in hub_posts:
+                job = json.loads(run_curl(command, api_url=lone.api_url, key=lone.api_key))
+                assert job.get("status") == "queued", (command, job)
+                assert job["spec"]["config"]["pretrained"], job
+        finally:
+            lone.stop_all()
 
 
 def test_a_body_that_is_not_json_says_to_send_json(stack):

@@ -148,6 +148,7 @@ def no_token_anywhere(stack: Stack, job: dict) -> None:
         row = s.get(Job, job["id"])
         stored = json.dumps([row.spec, row.error, row.result, row.attempts_log], default=str)
     assert TOKEN not in shown and TOKEN not in stored
+    assert TOKEN not in stack.log("hub1")
 
 
 def test_hub_id_resolves_from_the_offline_cache_and_records_its_commit(offline_stack):
@@ -193,3 +194,27 @@ def test_unknown_hub_id_fails_at_once_with_model_not_found(offline_stack):
     job = train(offline_stack, {"pretrained": "genq-test/tiny-llama", "revision": "v9"})
     assert job["error"]["code"] == "model_not_found" and job["attempt"] == 1, job
     assert "genq-test/tiny-llama@v9" in job["error"]["message"]
+
+
+def test_the_readme_path_lora_on_a_hub_model_from_the_cli_then_an_sdk_batch(offline_stack):
+    """What the README shows a user: `genq train lm` with a hub id and `--adapter`, then a
+    `/v1/chat/completions` batch naming the LoRA model through the official openai SDK."""
+    from tests.test_batches import lines_for, read_jsonl, run_batch, sdk
+    from tests.test_cli import genq
+
+    env = {**offline_stack.env, "GENQ_API_URL": offline_stack.api_url,
+           "GENQ_API_KEY": offline_stack.api_key}
+    name = f"smol-lora-{uuid.uuid4().hex[:6]}"
+    done = genq("train", "lm", "--config", json.dumps({"pretrained": "genq-test/tiny-llama"}),
+                "--adapter", json.dumps({"r": 8}), "--steps", "3", "--batch-size", "2",
+                "--name", name, "--watch", env=env, timeout=600)
+    assert done.returncode == 0, (done.stdout, done.stderr, offline_stack.log("hub1")[-3000:])
+    model = offline_stack.client().request("GET", f"/v1/models/{name}")
+    assert model["adapter"]["spec"]["r"] == 8 and model["source"]["commit"] == COMMIT
+
+    rows = lines_for(name, 6, endpoint="/v1/chat/completions", max_tokens=4)
+    batch = run_batch(sdk(offline_stack), rows, "/v1/chat/completions", timeout=300)
+    assert batch.status == "completed", (batch, offline_stack.log("hub1")[-3000:])
+    out = read_jsonl(sdk(offline_stack), batch.output_file_id)
+    assert sorted(o["custom_id"] for o in out) == sorted(r["custom_id"] for r in rows)
+    assert all(o["response"]["body"]["model"] == name for o in out)
