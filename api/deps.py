@@ -70,22 +70,42 @@ limiter = RateLimiter()
 
 
 def get_owner(request: Request, session: SessionDep) -> str:
-    """The owner of the Bearer key; 401 without one, 429 past the rate limit."""
+    """The owner of the Bearer key; 401 without one, 429 past the rate limit.
+
+    A key is counted before it is looked up, so a flood of one bad key is limited like a
+    good one; missing and unknown keys also count against the client's address, so a
+    flood of made-up keys is limited too (a valid key never counts there)."""
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")
-    if scheme.lower() != "bearer" or not key.strip():
+    key = key.strip()
+    if scheme.lower() != "bearer" or not key:
+        _limit_address(request)
         raise Unauthorized("missing API key: send Authorization: Bearer <key>")
-    owner = owner_of(session, key.strip())
+    _limit(hash_key(key), "for this key")
+    try:
+        owner = owner_of(session, key)
+    except Unauthorized:
+        _limit_address(request)
+        raise
     # end the read: the connection goes back to the pool now, not when the route next
     # needs a thread (held requests waiting on the pool for threads that wait on the pool
     # deadlocked a process under a few hundred of them)
     session.commit()
-    per_minute = get_settings().rate_limit_per_minute
-    wait_s = limiter.take(hash_key(key.strip()), per_minute) if per_minute else None
-    if wait_s is not None:
-        raise RateLimited(f"more than {per_minute} requests a minute for this key",
-                          retry_after_s=math.ceil(wait_s))
     return owner
+
+
+def _limit(counted: str, whose: str) -> None:
+    """429 with Retry-After once `counted` is past GENQ_RATE_LIMIT_PER_MINUTE."""
+    per_minute = get_settings().rate_limit_per_minute
+    wait_s = limiter.take(counted, per_minute) if per_minute else None
+    if wait_s is not None:
+        raise RateLimited(f"more than {per_minute} requests a minute {whose}",
+                          retry_after_s=math.ceil(wait_s))
+
+
+def _limit_address(request: Request) -> None:
+    address = request.client.host if request.client else "unknown"
+    _limit(f"address:{address}", "with a missing or unknown key from this address")
 
 
 OwnerDep = Annotated[str, Depends(get_owner)]

@@ -8,12 +8,12 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from sqlalchemy.exc import DataError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException
 
+from api.json_response import AnyTextJSONResponse
 from common.errors import GenqError, RateLimited
 
 log = logging.getLogger(__name__)
@@ -104,42 +104,43 @@ def json_type(content_type: str) -> bool:
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(GenqError)
-    async def _genq(_: Request, exc: GenqError) -> JSONResponse:
+    async def _genq(_: Request, exc: GenqError) -> AnyTextJSONResponse:
         headers = ({"Retry-After": str(exc.retry_after_s)} if isinstance(exc, RateLimited)
                    else None)
-        return JSONResponse(error_body(exc.code, exc.message, exc.param), status_code=exc.status,
-                            headers=headers)
+        return AnyTextJSONResponse(error_body(exc.code, exc.message, exc.param),
+                                   status_code=exc.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: Request, exc: RequestValidationError) -> AnyTextJSONResponse:
         sent = request.headers.get("content-type", "")
         if request.method in ("POST", "PUT", "PATCH") and not json_type(sent) and any(
             tuple(e.get("loc", ())) == ("body",) for e in exc.errors()
         ):  # e.g. curl -d without a header sends a form: say what to change
             message = (f"send the body as JSON with the header 'Content-Type: application/json' "
                        f"(got {sent or 'no content type'!r})")
-            return JSONResponse(error_body("invalid_request", message, "body"), status_code=422)
+            return AnyTextJSONResponse(error_body("invalid_request", message, "body"),
+                                       status_code=422)
         errors = [problem for e in exc.errors() for problem in validation_problems(e)]
         first = errors[0] if errors else {"param": None, "message": "invalid request"}
         message = "; ".join(
             f"{e['param']}: {e['message']}" if e["param"] else e["message"] for e in errors
         )
         body = error_body("invalid_request", message, first["param"], errors=errors)
-        return JSONResponse(body, status_code=422)
+        return AnyTextJSONResponse(body, status_code=422)
 
     @app.exception_handler(HTTPException)
-    async def _http(_: Request, exc: HTTPException) -> JSONResponse:
+    async def _http(_: Request, exc: HTTPException) -> AnyTextJSONResponse:
         code = HTTP_CODES.get(exc.status_code, "error")
-        return JSONResponse(
+        return AnyTextJSONResponse(
             error_body(code, str(exc.detail), getattr(exc, "param", None)),
             status_code=exc.status_code, headers=exc.headers,
         )
 
     @app.exception_handler(DataError)
-    async def _unstorable(_: Request, exc: DataError) -> JSONResponse:
+    async def _unstorable(_: Request, exc: DataError) -> AnyTextJSONResponse:
         # e.g. a NUL byte, which PostgreSQL text cannot hold: the input is bad, not the server
         log.info("rejected a value the database cannot store: %s", exc.orig)
-        return JSONResponse(
+        return AnyTextJSONResponse(
             error_body("invalid_request", "the request holds a value the database cannot store "
                        "(such as a NUL character)"),
             status_code=422,
@@ -147,15 +148,16 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(PoolTimeout)
-    async def _db_down(_: Request, exc: Exception) -> JSONResponse:
+    async def _db_down(_: Request, exc: Exception) -> AnyTextJSONResponse:
         log.warning("database unavailable: %s", exc)
-        return JSONResponse(
+        return AnyTextJSONResponse(
             error_body("database_unavailable", "the database is unavailable; try again shortly"),
             status_code=503,
             headers={"Retry-After": "5"},
         )
 
     @app.exception_handler(Exception)
-    async def _crash(_: Request, exc: Exception) -> JSONResponse:
+    async def _crash(_: Request, exc: Exception) -> AnyTextJSONResponse:
         log.exception("unhandled error")
-        return JSONResponse(error_body("internal_error", "internal server error"), status_code=500)
+        return AnyTextJSONResponse(error_body("internal_error", "internal server error"),
+                                   status_code=500)

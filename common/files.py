@@ -6,6 +6,7 @@ import re
 import shutil
 import zipfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from sqlalchemy import select
@@ -33,17 +34,21 @@ def check_upload(purpose: str, filename: str) -> None:
         raise InvalidSpec(f"a {purpose} file must end in {' or '.join(suffixes)}", param="file")
 
 
-def store_file(
-    session: Session,
-    storage: Storage,
-    *,
-    owner: str,
-    purpose: str,
-    filename: str,
-    chunks: Iterator[bytes],
-    limit: int | None = None,
-) -> File:
-    """Stream chunks to storage (413 past the size limit), then record the file."""
+@dataclass(frozen=True)
+class StoredBytes:
+    """An upload's bytes in storage, not yet recorded as a file."""
+
+    file_id: str
+    key: str
+    uri: str
+    size: int
+    filename: str
+
+
+def store_bytes(storage: Storage, *, filename: str, chunks: Iterator[bytes],
+                limit: int | None = None) -> StoredBytes:
+    """Stream chunks to storage, 413 at the first byte past the size limit; whatever the
+    stream raises, nothing is left behind."""
     file_id = new_id("file-")
     key = f"files/{file_id}"
     cap = get_settings().max_upload_bytes if limit is None else limit
@@ -58,12 +63,22 @@ def store_file(
 
     try:
         uri, size, _ = storage.put_stream(key, capped())
-    except TooLarge:
+    except BaseException:  # over the cap, a malformed or cut body, a client gone
         storage.delete(key + ".tmp")
         storage.delete(key)
         raise
-    row = File(id=file_id, owner=owner, purpose=purpose, filename=safe_filename(filename),
-               bytes=size, uri=uri, created_at=utcnow())
+    return StoredBytes(file_id=file_id, key=key, uri=uri, size=size, filename=filename)
+
+
+def discard_bytes(storage: Storage, stored: StoredBytes) -> None:
+    storage.delete(stored.key)
+
+
+def record_file(session: Session, stored: StoredBytes, *, owner: str, purpose: str) -> File:
+    """The stored bytes as the owner's file (committed)."""
+    row = File(id=stored.file_id, owner=owner, purpose=purpose,
+               filename=safe_filename(stored.filename), bytes=stored.size, uri=stored.uri,
+               created_at=utcnow())
     session.add(row)
     session.commit()
     return row

@@ -155,6 +155,47 @@ def test_idempotency_key_holds_under_a_race_and_refuses_an_empty_key(stack, trai
     assert again.status_code == 409  # the key belongs to the job: never a 500
 
 
+def test_a_batch_idempotency_key_answers_the_first_batch_also_under_a_race(
+        stack, trained_lstm, tmp_path):
+    """Issue 26 item 5: POST /v1/batches sent again with its Idempotency-Key answers the
+    first batch, sequentially and when ten race; with another request it is a 409."""
+    import json
+    import uuid
+    from concurrent.futures import ThreadPoolExecutor
+
+    c = stack.client()
+    lines = "".join(json.dumps({"custom_id": str(i), "method": "POST", "url": "/v1/completions",
+                                "body": {"model": trained_lstm["result"]["model"], "prompt": "a",
+                                         "max_tokens": 2}}) + "\n" for i in range(3))
+    upload = tmp_path / "in.jsonl"
+    upload.write_text(lines)
+    batch = {"input_file_id": c.upload_file(upload)["id"], "endpoint": "/v1/completions",
+             "completion_window": "24h"}
+
+    def create(key: str, body: dict = batch) -> httpx.Response:
+        return httpx.post(f"{stack.api_url}/v1/batches", json=body, timeout=120,
+                          headers={"Authorization": f"Bearer {stack.api_key}",
+                                   "Idempotency-Key": key})
+
+    first, again = create("batch-seq"), create("batch-seq")
+    assert first.status_code == again.status_code == 200, (first.text, again.text)
+    assert again.json()["id"] == first.json()["id"]
+    other = create("batch-seq", {**batch, "metadata": {"run": "2"}})
+    assert other.status_code == 409, other.text
+    assert other.json()["error"]["code"] == "idempotency_conflict"
+
+    raced = f"batch-race-{uuid.uuid4().hex[:6]}"
+    with ThreadPoolExecutor(10) as pool:
+        answers = list(pool.map(lambda _: create(raced), range(10)))
+    assert [r.status_code for r in answers] == [200] * 10, [r.text[:200] for r in answers]
+    ids = {r.json()["id"] for r in answers}
+    assert len(ids) == 1  # every racer got the one batch
+    listed = c.request("GET", "/v1/batches", params={"limit": 100})["data"]
+    assert sum(b["id"] in ids | {first.json()["id"]} for b in listed) == 2
+    done = c.wait_batch(ids.pop(), timeout=300)
+    assert done["request_counts"] == {"total": 3, "completed": 3, "failed": 0}, done
+
+
 def test_list_jobs_filters_and_pages(stack, trained_lstm):
     c = stack.client()
     page = c.list_jobs(type="train", status="succeeded", limit=1)

@@ -129,6 +129,27 @@ def test_rate_limit_is_429_and_shared_by_every_api_process(quiet_stack):
             api.stop_all()
 
 
+def test_unknown_keys_are_rate_limited_too(quiet_stack):
+    """Issue 26 item 6: a key is counted before it is looked up, so one bad key sent again
+    and again gets 401s, then 429 with Retry-After; made-up keys and missing ones count
+    against the address too; a valid key keeps its own count."""
+    api = spawn_api(quiet_stack, GENQ_RATE_LIMIT_PER_MINUTE="5")
+    try:
+        def get(headers: dict[str, str]) -> httpx.Response:
+            return httpx.get(f"{api.api_url}/v1/jobs", headers=headers, timeout=60)
+
+        answers = [get(auth("gq-bogus-key")) for _ in range(7)]
+        assert [r.status_code for r in answers] == [401] * 5 + [429] * 2, answers
+        assert all(1 <= int(r.headers["Retry-After"]) <= 60 for r in answers[5:])
+        assert answers[-1].json()["error"]["code"] == "rate_limited"
+        fresh = get(auth(f"gq-{uuid.uuid4().hex}"))  # a new made-up key: its address is over
+        assert fresh.status_code == 429 and fresh.headers["Retry-After"], fresh.text
+        assert get({}).status_code == 429
+        assert get(auth(make_key(quiet_stack, "valid"))).status_code == 200
+    finally:
+        api.stop_all()
+
+
 @pytest.mark.parametrize(
     ("body", "status", "param"),
     [
@@ -187,6 +208,58 @@ def test_upload_and_batch_line_caps(stack, trained_lstm, tmp_path):
         capped.stop_all()
 
 
+def test_an_upload_is_capped_as_it_streams_and_read_only_after_the_key(quiet_stack, tmp_path):
+    """Issue 26 item 4: a chunked upload of many MB is cut at GENQ_MAX_UPLOAD_BYTES with a
+    413 naming `file` before the client has sent it all, an announced one at once, one
+    without a valid key is a 401 unread; none leaves bytes in storage or the temp dir."""
+    storage, tmp = tmp_path / "storage", tmp_path / "tmp"
+    tmp.mkdir()
+    api = spawn_api(quiet_stack, GENQ_MAX_UPLOAD_BYTES="2000", GENQ_STORAGE_URL=str(storage),
+                    TMPDIR=str(tmp))
+    key = make_key(quiet_stack, "uploader")
+    boundary = "genq-upload-test"
+    form = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    total = 256 << 20
+
+    def upload(headers: dict[str, str], sent: list[int]) -> httpx.Response:
+        def body() -> Iterator[bytes]:
+            head = (f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\n'
+                    f'batch\r\n--{boundary}\r\nContent-Disposition: form-data; name="file"; '
+                    f'filename="big.jsonl"\r\n\r\n')
+            yield head.encode()
+            chunk = b"x" * (64 << 10)
+            while sent[0] < total:
+                sent[0] += len(chunk)
+                yield chunk
+            yield f"\r\n--{boundary}--\r\n".encode()
+
+        return httpx.post(f"{api.api_url}/v1/files", content=body(), headers={**form, **headers},
+                          timeout=300)
+
+    try:
+        for headers, status in [(auth(key), 413), ({}, 401), (auth("gq-bogus"), 401)]:
+            sent = [0]
+            resp = upload(headers, sent)
+            assert resp.status_code == status, resp.text[:300]
+            assert sent[0] < total, "the API read the whole upload before answering"
+        assert resp.json()["error"]["code"] == "invalid_api_key"
+        capped = upload(auth(key), [0])
+        assert capped.json()["error"]["param"] == "file"
+        announced = httpx.post(f"{api.api_url}/v1/files", headers=auth(key),
+                               data={"purpose": "batch"},
+                               files={"file": ("big.jsonl", b"x" * (1 << 20))})
+        assert announced.status_code == 413 and announced.json()["error"]["param"] == "file"
+        small = httpx.post(f"{api.api_url}/v1/files", headers=auth(key),
+                           files={"file": ("ok.jsonl", b"{}\n")}, data={"purpose": "batch"})
+        assert small.status_code == 200 and small.json()["bytes"] == 3, small.text
+        listed = httpx.get(f"{api.api_url}/v1/files", headers=auth(key)).json()["data"]
+        assert [f["id"] for f in listed] == [small.json()["id"]]
+        kept = [p for folder in (storage, tmp) for p in folder.rglob("*") if p.is_file()]
+        assert [p.stat().st_size for p in kept] == [3], kept
+    finally:
+        api.stop_all()
+
+
 def test_oversized_json_body_is_413(stack):
     body = b'{"type": "generate", "model": "m", "prompts": ["' + b"x" * (33 << 20) + b'"]}'
     resp = httpx.post(f"{stack.api_url}/v1/jobs", content=body, timeout=60,
@@ -213,6 +286,48 @@ def test_json_cap_holds_for_chunked_bodies_and_any_case(quiet_stack):
         assert small.status_code == 404, small.text  # under the cap: read, then looked up
     finally:
         capped.stop_all()
+
+
+def test_text_stored_by_another_writer_always_reads_back(quiet_stack, tmp_path):
+    """Issue 26 item 3: a lone surrogate already in a row (written before the API refused
+    them, or by another writer) reads back as valid JSON from every read of it."""
+    from sqlalchemy import update
+
+    from common.db import engine_for, session_factory
+    from common.models import Item, Job
+
+    key = make_key(quiet_stack, "surrogates")
+    c = quiet_stack.client(key)
+    job = c.create_job({"type": "train", "family": "lstm", "steps": 5,
+                        "config": {"hidden": 8, "n_embd": 8}})
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("not json\n")
+    batch = c.create_batch(c.upload_file(bad)["id"], metadata={"k": "v"})
+    lone = "a\ud800b"
+    with session_factory(engine_for(quiet_stack.env["GENQ_DATABASE_URL"]))() as s:
+        spec = s.get(Job, job["id"]).spec
+        s.execute(update(Job).where(Job.id == job["id"]).values(
+            spec={**spec, "name": lone}, error={"code": "x", "message": lone}))
+        batch_spec = s.get(Job, batch["id"]).spec
+        s.execute(update(Job).where(Job.id == batch["id"]).values(
+            spec={**batch_spec, "metadata": {"k": lone}}))
+        s.add(Item(job_id=job["id"], index=0, custom_id="0", status="succeeded",
+                   request={"prompt": lone}, response={"text": lone}))
+        s.commit()
+    reads = {f"/v1/jobs/{job['id']}": lambda b: b["spec"]["name"],
+             f"/v1/jobs/{job['id']}/items": lambda b: b["data"][0]["response"]["text"],
+             "/v1/jobs?limit=100": lambda b: next(
+                 j["error"]["message"] for j in b["data"] if j["id"] == job["id"]),
+             f"/v1/batches/{batch['id']}": lambda b: b["metadata"]["k"],
+             "/v1/batches?limit=100": lambda b: b["data"][0]["metadata"]["k"]}
+    for path, value in reads.items():
+        resp = httpx.get(quiet_stack.api_url + path, headers=auth(key))
+        assert resp.status_code == 200, (path, resp.text[:300])
+        assert value(json.loads(resp.content)) == lone, path  # valid JSON, the text as stored
+    with httpx.stream("GET", f"{quiet_stack.api_url}/v1/jobs/{job['id']}/events",
+                      headers=auth(key), timeout=60) as events:
+        data = next(line for line in events.iter_lines() if line.startswith("data: "))
+    assert json.loads(data.removeprefix("data: "))["error"]["message"] == lone
 
 
 def test_database_outage_is_503_and_password_not_logged(stack):
@@ -349,10 +464,10 @@ def test_a_workers_current_job_shows_to_its_owner_only(stack):
 
 
 def test_one_key_holding_many_waits_leaves_the_api_to_everyone_else(quiet_stack):
-    """Issue 26 item 2: 130 held `?wait=` reads from one key (cap 100 in this API process):
-    30 answer 429 at once with Retry-After, the 100 hold no thread and no connection, and
-    meanwhile health probes, another key's reads and submits, and its event stream answer;
-    the same key's stream is refused while its cap is full."""
+    """Issue 26 item 2: one key holds 25 `/events` streams and 105 `?wait=` reads (cap 100
+    in this API process): 30 reads and a 26th stream answer 429 at once with Retry-After,
+    the held ones hold no thread and no connection, and meanwhile health probes, another
+    key's reads and submits, and its event stream answer."""
     import asyncio
 
     api = spawn_api(quiet_stack, GENQ_MAX_HELD_PER_OWNER="100", GENQ_RATE_LIMIT_PER_MINUTE="0")
@@ -362,39 +477,58 @@ def test_one_key_holding_many_waits_leaves_the_api_to_everyone_else(quiet_stack)
         waited = httpx.post(f"{api.api_url}/v1/jobs", json=spec, headers=holder,
                             timeout=120).json()["id"]
 
-        async def run() -> tuple[list[httpx.Response], dict[str, int]]:
+        async def run() -> tuple[list[int], list[httpx.Response], dict[str, int]]:
             limits = httpx.Limits(max_connections=300, max_keepalive_connections=0)
             async with httpx.AsyncClient(base_url=api.api_url, limits=limits,
                                          timeout=120) as client:
-                holds = [asyncio.create_task(client.get(f"/v1/jobs/{waited}?wait=30",
-                                                        headers=holder)) for _ in range(130)]
+                opened, done = asyncio.Semaphore(0), asyncio.Event()
+
+                async def hold_stream() -> int:
+                    async with client.stream("GET", f"/v1/jobs/{waited}/events",
+                                             headers=holder) as stream:
+                        lines = stream.aiter_lines()
+                        while not (await anext(lines)).startswith("event: status"):
+                            pass
+                        opened.release()  # its first event came: it is held
+                        await done.wait()
+                        return stream.status_code
+
+                streams = [asyncio.create_task(hold_stream()) for _ in range(25)]
+                for _ in streams:
+                    await asyncio.wait_for(opened.acquire(), timeout=120)
+                holds = [asyncio.create_task(client.get(f"/v1/jobs/{waited}?wait=60",
+                                                        headers=holder)) for _ in range(105)]
                 while sum(t.done() for t in holds) < 30:  # the refused ones come back first
                     await asyncio.sleep(0.1)
                 codes = {
-                    "healthz": (await client.get("/healthz", timeout=20)).status_code,
-                    "readyz": (await client.get("/readyz", timeout=20)).status_code,
+                    "healthz": (await client.get("/healthz", timeout=30)).status_code,
+                    "readyz": (await client.get("/readyz", timeout=30)).status_code,
                     "models": (await client.get("/v1/models", headers=other,
-                                                timeout=20)).status_code,
+                                                timeout=30)).status_code,
                     "submit": (await client.post("/v1/jobs", json=spec, headers=other,
-                                                 timeout=20)).status_code,
+                                                 timeout=30)).status_code,
                     "own_stream": (await client.get(f"/v1/jobs/{waited}/events",
-                                                    headers=holder, timeout=20)).status_code,
+                                                    headers=holder, timeout=30)).status_code,
                 }
                 mine = (await client.post("/v1/jobs", json=spec, headers=other)).json()["id"]
                 async with client.stream("GET", f"/v1/jobs/{mine}/events", headers=other,
-                                         timeout=20) as stream:
+                                         timeout=30) as stream:
                     codes["other_stream"] = stream.status_code
                 assert all(not t.done() or t.result().status_code == 429 for t in holds), (
                     "a held read answered before its wait was over")
-                return list(await asyncio.gather(*holds)), codes
+                assert not any(t.done() for t in streams), "a held stream ended early"
+                done.set()
+                return (list(await asyncio.gather(*streams)), list(await asyncio.gather(*holds)),
+                        codes)
 
-        answers, codes = asyncio.run(run())
+        streamed, answers, codes = asyncio.run(run())
         assert codes == {"healthz": 200, "readyz": 200, "models": 200, "submit": 201,
                          "own_stream": 429, "other_stream": 200}, codes
+        assert streamed == [200] * 25
         refused = [r for r in answers if r.status_code == 429]
         assert len(refused) == 30 and all(r.headers["Retry-After"] for r in refused)
         assert all(r.json()["error"]["code"] == "rate_limited" for r in refused)
-        assert sorted(r.status_code for r in answers) == [200] * 100 + [429] * 30
+        assert sorted(r.status_code for r in answers) == [200] * 75 + [429] * 30
         assert all(r.json()["status"] == "queued" for r in answers if r.status_code == 200)
     finally:
         api.stop_all()
