@@ -144,6 +144,10 @@ def test_rate_limit_is_429_and_shared_by_every_api_process(quiet_stack):
         ({"type": "train", "family": "lstm", "config": {"hidden": 65_536, "n_layer": 64}}, 422,
          "config"),  # each field in bounds, but trillions of parameters together
         ({"type": "train", "family": "vae", "config": {"latent": 2**63}}, 422, "config.latent"),
+        # each in bounds, but tens of GB of activations (GENQ_MAX_TRAIN_MEMORY_BYTES)
+        ({"type": "train", "family": "lstm", "batch_size": 4096, "seq_len": 8192}, 422,
+         "batch_size"),
+        ({"type": "train", "family": "lm", "batch_size": 16, "seq_len": 8192}, 422, "seq_len"),
         ({"type": "train", "family": "lstm", "log_every": 2**63}, 422, "log_every"),
         ({"type": "train", "family": "lstm", "timeout_s": 1e300}, 422, "timeout_s"),
         ({"type": "train", "family": "lstm", "data": {"file_id": ""}}, 422, "data.file_id"),

@@ -50,7 +50,7 @@ from common.ml.examples import encode_examples
 from common.ml.families import AnyFamily, ImageFamily, TextFamily, TextToImageFamily, get_family
 from common.ml.sampling import seed_torch
 from common.retention import checkpoint_dirname, checkpoints_to_keep, step_of
-from common.train_spec import TrainSpec, canonical_family
+from common.train_spec import TrainSpec, canonical_family, memory_problems
 
 log = logging.getLogger(__name__)
 
@@ -286,6 +286,16 @@ class Run:
         here, between phases that can each take long: nothing trained, nothing saved."""
         raise_if_stopped(self.hooks.should_stop(), {"step": 0})
 
+    def _check_memory(self, cfg: Any, data: TextData | ImageData) -> None:
+        """The spec was checked with the config it gave; this checks the config fitted to
+        the data (an image family's size, a vocabulary), with the rows a batch really takes."""
+        s = self.s
+        rows = min(s.batch_size, len(data.images)) if isinstance(data, ImageData) \
+            else s.batch_size
+        problems = memory_problems(self.module, cfg, rows, s.seq_len)
+        if problems:
+            raise InvalidTrainSpec(problems[0])
+
     def _build(self, resume_from: Path | None) -> None:
         s, module = self.s, self.module
         self._stop_if_asked()
@@ -303,6 +313,7 @@ class Run:
                                        f"{'with' if 'adapter' in meta else 'without'} one; "
                                        "resume it the same way")
             cfg = module.Config(**meta["config"])
+            self._check_memory(cfg, data)
             tokenizer = load_tokenizer(module, Path(resume_from))
             if "adapter" in meta:
                 self.adapter = AdapterSpec.model_validate(meta["adapter"])
@@ -317,6 +328,7 @@ class Run:
         else:
             with blamed_on_spec("config"):  # the config was validated with the spec
                 cfg, tokenizer = module.prepare(module.Config(**s.config), data)
+            self._check_memory(cfg, data)
             self._stop_if_asked()
             torch.manual_seed(s.seed)
             with blamed_on_spec("config"):

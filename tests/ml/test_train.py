@@ -333,3 +333,28 @@ def test_helper_thread_returns_and_raises() -> None:
     assert on_helper_thread(threading.current_thread) is not threading.main_thread()
     with pytest.raises(ZeroDivisionError):
         on_helper_thread(lambda: 1 / 0)
+
+
+def test_training_memory_is_budgeted_at_submit_and_on_the_fitted_config(
+        tiny_spec: Callable[..., dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 26: a batch past GENQ_MAX_TRAIN_MEMORY_BYTES is refused naming batch_size or
+    seq_len, from the spec's config at submit and, before the model is built, from the
+    config fitted to the data (here 32x32 images where the spec's config says 8x8)."""
+    import numpy as np
+
+    monkeypatch.setenv("GENQ_MAX_TRAIN_MEMORY_BYTES", "100000")
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="batch_size: a batch of 64 images would need"):
+            TrainSpec.model_validate(tiny_spec("vae", batch_size=64))
+        with pytest.raises(ValueError, match=r"seq_len: a batch of 2 sequences of 4096 tokens"):
+            TrainSpec.model_validate(tiny_spec("lstm", batch_size=2, seq_len=4096))
+        np.savez(tmp_path / "big.npz", images=np.zeros((20, 32, 32), dtype=np.uint8),
+                 labels=np.arange(20) % 2)
+        spec = TrainSpec.model_validate(tiny_spec("vae", batch_size=16,
+                                                  data={"path": str(tmp_path / "big.npz")}))
+        monkeypatch.setattr(type(get_family("vae")), "build_model", _no_build)
+        with pytest.raises(InvalidTrainSpec, match="^batch_size: a batch of 16 images"):
+            run_training(spec, tmp_path / "run", hooks=TrainHooks())
+    finally:
+        get_settings.cache_clear()

@@ -262,7 +262,7 @@ def test_pngs_over_the_decoded_budget_are_refused_from_their_headers(
     Image.new("RGBA", (1024, 1024)).save(one / "big.png")  # 16.8 MB as float32
     monkeypatch.setattr(data, "_read_image", _never)
     problems = validate_data({"path": str(many)}, "image")
-    assert problems == [f"data.path: many decodes to 2,359,296 bytes (12 images as float32), "
+    assert problems == ["data.path: many decodes to 2,359,296 bytes (12 images as float32), "
                         "more than GENQ_MAX_DECODED_BYTES (1,048,576)"]
     problems = validate_data({"path": str(one)}, "image")
     assert problems == ["data.path: big.png decodes to 16,777,216 bytes (1024x1024 RGBA), "
