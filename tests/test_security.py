@@ -160,7 +160,9 @@ def test_rate_limit_is_429_and_shared_by_every_api_process(quiet_stack):
     ],
 )
 def test_oversized_input_names_the_field(stack, body, status, param):
-    resp = httpx.post(f"{stack.api_url}/v1/jobs", json=body, headers=auth(stack.api_key))
+    # a generous timeout: the first training spec imports torch in the API process
+    resp = httpx.post(f"{stack.api_url}/v1/jobs", json=body, headers=auth(stack.api_key),
+                      timeout=120)
     assert resp.status_code == status, resp.text
     assert resp.json()["error"]["param"] == param
 
