@@ -74,6 +74,13 @@ class Settings(BaseSettings):
     max_tokens_cap: int = Field(4096, description="Largest accepted max_tokens.")
     max_model_params: int = Field(
         1_000_000_000, description="Most parameters a training spec's model may have.")
+    max_decoded_bytes: int = Field(
+        1 << 30, ge=1, description="Most bytes an image dataset (and each file of it) may "
+                                   "decode to as float32, checked from the headers first.")
+    max_train_memory_bytes: int = Field(
+        32 << 30, ge=1, description="Most activation memory a training spec's batch may need, "
+                                    "estimated from its family, config, batch_size and "
+                                    "seq_len.")
     rate_limit_per_minute: int = Field(600, description="Requests per key per minute (0 = off).")
     max_held_per_owner: int = Field(
         50, ge=0, description="Held requests (?wait=) and event streams open at once per owner, "

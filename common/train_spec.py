@@ -122,6 +122,12 @@ class TrainSpec(Strict):
         if self.gradient_checkpointing and canonical_family(self.family) != "lm":
             problems.append(f"gradient_checkpointing: lm only, not {self.family!r}")
         problems += validate_model_config(self.family, self.config)
+        if not problems:
+            from common.ml.families import get_family
+
+            family = get_family(self.family)
+            problems += memory_problems(family, family.Config.model_validate(self.config),
+                                        self.batch_size, self.seq_len)
         if not problems and self.adapter is not None:
             from common.ml.adapters import adapter_problems
 
@@ -146,6 +152,25 @@ class TrainSpec(Strict):
         """The data as the loader takes it: {"builtin": name} or {"path": local file}."""
         assert self.data is not None  # the validator fills it
         return self.data.model_dump(exclude_none=True)
+
+
+def memory_problems(family: Any, cfg: Any, batch_size: int, seq_len: int) -> list[str]:
+    """A batch whose activations the family estimates past GENQ_MAX_TRAIN_MEMORY_BYTES, on
+    the field most to blame: seq_len where it is further past its default than batch_size
+    (text families), else batch_size. `family` is a Family, `cfg` its Config."""
+    need = family.train_memory(cfg, batch_size, seq_len)
+    cap = get_settings().max_train_memory_bytes
+    if need is None or need <= cap:
+        return []
+    fields = TrainSpec.model_fields
+    longer = seq_len / fields["seq_len"].default > batch_size / fields["batch_size"].default
+    field = "seq_len" if family.KIND == "text" and longer else "batch_size"
+    batch = (f"{batch_size} sequences of {seq_len} tokens" if family.KIND == "text"
+             else f"{batch_size} images")
+    size = f"{need / 2**30:,.1f} GiB" if need >= 2**30 else f"{need / 2**20:,.1f} MiB"
+    return [f"{field}: a batch of {batch} would need about {size} of "
+            f"activation memory, more than GENQ_MAX_TRAIN_MEMORY_BYTES ({cap:,}), so lower "
+            f"{field} (grad_accum keeps the effective batch)"]
 
 
 def confine_pretrained(path: str, problems: list[str], name: str = "pretrained") -> str:

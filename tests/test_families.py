@@ -287,8 +287,42 @@ def _imagefolder_without_a_caption() -> bytes:
     return archive.getvalue()
 
 
+def _zeros_npz() -> bytes:
+    """Issue 26: 300 MB of uint8 zeros (1.2 GB as float32, past the default 1 GiB of
+    GENQ_MAX_DECODED_BYTES) in an .npz of some 300 KB."""
+    import zipfile
+
+    import numpy as np
+
+    archive = io.BytesIO()
+    header = {"descr": "|u1", "fortran_order": False, "shape": (4_800, 250, 250)}
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as z, \
+            z.open("images.npy", "w", force_zip64=True) as out:
+        np.lib.format.write_array_header_1_0(out, header)
+        for _ in range(300):
+            out.write(bytes(1_000_000))
+    return archive.getvalue()
+
+
+def _zip_of_large_pngs() -> bytes:
+    """Issue 26: six black 4096x4096 RGB PNGs (each 201 MB as float32, 1.2 GB together) in a
+    zip of some 300 KB."""
+    import zipfile
+
+    png = io.BytesIO()
+    Image.new("RGB", (4096, 4096)).save(png, "PNG", compress_level=1)
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as z:
+        for i in range(6):
+            z.writestr(f"{i}.png", png.getvalue())
+    return archive.getvalue()
+
+
 BAD_DATASETS = {
     "notes.txt": (lambda: b"plain text, not pictures", "vae", "text data"),
+    "zeros.npz": (_zeros_npz, "vae", "more than GENQ_MAX_DECODED_BYTES (1,073,741,824)"),
+    "large-pngs.zip": (_zip_of_large_pngs, "gan",
+                       "more than GENQ_MAX_DECODED_BYTES (1,073,741,824)"),
     "broken.npz": (lambda: b"PK\x03\x04 not really a zip", "vae", "not a readable .npz"),
     "labels-only.npz": (lambda: _npz_labels_only(), "vae", "no 'images' array"),
     "nothing.zip": (_zip_without_pngs, "gan", "no .png files"),

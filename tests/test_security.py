@@ -165,6 +165,10 @@ def test_unknown_keys_are_rate_limited_too(quiet_stack):
         ({"type": "train", "family": "lstm", "config": {"hidden": 65_536, "n_layer": 64}}, 422,
          "config"),  # each field in bounds, but trillions of parameters together
         ({"type": "train", "family": "vae", "config": {"latent": 2**63}}, 422, "config.latent"),
+        # each in bounds, but tens of GB of activations (GENQ_MAX_TRAIN_MEMORY_BYTES)
+        ({"type": "train", "family": "lstm", "batch_size": 4096, "seq_len": 8192}, 422,
+         "batch_size"),
+        ({"type": "train", "family": "lm", "batch_size": 16, "seq_len": 8192}, 422, "seq_len"),
         ({"type": "train", "family": "lstm", "log_every": 2**63}, 422, "log_every"),
         ({"type": "train", "family": "lstm", "timeout_s": 1e300}, 422, "timeout_s"),
         ({"type": "train", "family": "lstm", "data": {"file_id": ""}}, 422, "data.file_id"),
@@ -177,7 +181,9 @@ def test_unknown_keys_are_rate_limited_too(quiet_stack):
     ],
 )
 def test_oversized_input_names_the_field(stack, body, status, param):
-    resp = httpx.post(f"{stack.api_url}/v1/jobs", json=body, headers=auth(stack.api_key))
+    # a generous timeout: the first training spec imports torch in the API process
+    resp = httpx.post(f"{stack.api_url}/v1/jobs", json=body, headers=auth(stack.api_key),
+                      timeout=120)
     assert resp.status_code == status, resp.text
     assert resp.json()["error"]["param"] == param
 

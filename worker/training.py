@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from common import results
-from common.errors import InvalidSpec, pydantic_problems, raise_if_stopped
+from common.errors import InvalidSpec, Stopped, pydantic_problems, raise_if_stopped
 from common.files import dataset_path
 from common.ml.checkpoint import read_meta
 from common.ml.data import validate_data
@@ -75,8 +75,13 @@ def execute_training(ctx: JobContext) -> dict[str, Any]:
         locate=lambda uri: ctx.storage.local_dir(ctx.storage.key_of(uri), ctx.cache_dir),
     )
     device = current_device()
-    outcome = run_training(spec, ctx.workdir, hooks=hooks, resume_from=resume_dir,
-                           device=device, base_dtype=inference_dtype(device))
+    try:
+        outcome = run_training(spec, ctx.workdir, hooks=hooks, resume_from=resume_dir,
+                               device=device, base_dtype=inference_dtype(device))
+    except Stopped as stop:  # stopped while building: this job's last checkpoint stands
+        earlier = results.latest_checkpoint(ctx.session, job_id=job.id)
+        raise type(stop)({"checkpoint_id": earlier.id if earlier else None,
+                          "step": earlier.step if earlier else 0}) from None
     ckpt = last.get("ckpt") or results.latest_checkpoint(ctx.session, job_id=job.id)
     partial = {"checkpoint_id": ckpt.id if ckpt else None, "step": outcome.step}
     raise_if_stopped(outcome.stopped, partial)

@@ -9,7 +9,7 @@ import random
 import shutil
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,11 +22,16 @@ from pydantic import ValidationError
 
 from common.adapter_spec import AdapterSpec
 from common.errors import (
+    CheckpointError,
     DataError,
+    GenqError,
     InvalidTrainSpec,
     NanLoss,
+    RetryableError,
+    Stopped,
     StopReason,
     pydantic_problems,
+    raise_if_stopped,
 )
 from common.gen_params import GenParams
 from common.ml.adapters import base_of, load_adapter, merged, with_adapter
@@ -45,7 +50,7 @@ from common.ml.examples import encode_examples
 from common.ml.families import AnyFamily, ImageFamily, TextFamily, TextToImageFamily, get_family
 from common.ml.sampling import seed_torch
 from common.retention import checkpoint_dirname, checkpoints_to_keep, step_of
-from common.train_spec import TrainSpec, canonical_family
+from common.train_spec import TrainSpec, canonical_family, memory_problems
 
 log = logging.getLogger(__name__)
 
@@ -215,6 +220,33 @@ def _lr_lambda(s: TrainSpec, total: int) -> Callable[[int], float]:
     return factor
 
 
+# What a failure of the machine, not of the spec, raises while a run is built: kept as it is,
+# so the worker retries it (OSError covers storage and hub downloads).
+ENVIRONMENT_ERRORS = (OSError, MemoryError, ConnectionError, TimeoutError, RetryableError,
+                      CheckpointError, GenqError, Stopped)
+ENVIRONMENT_MESSAGES = ("out of memory", "can't allocate memory", "CUDA")
+
+
+@contextlib.contextmanager
+def blamed_on_spec(what: str) -> Iterator[None]:
+    """Turn an error raised while loading the job's data or building the model its config
+    describes into InvalidTrainSpec (invalid_spec, never retried): torch's RuntimeError or
+    IndexError on a config it cannot build, a tokenizer's error on odd text. The machine's
+    errors (storage, memory, CUDA) keep their type, so a retry can still cure them."""
+    try:
+        yield
+    except DataError as e:
+        raise InvalidTrainSpec("; ".join(e.problems)) from e
+    except (InvalidTrainSpec, *ENVIRONMENT_ERRORS):
+        raise
+    except ValueError as e:  # already says which field
+        raise InvalidTrainSpec(str(e)) from e
+    except Exception as e:
+        if any(m in str(e) for m in ENVIRONMENT_MESSAGES):
+            raise
+        raise InvalidTrainSpec(f"{what}: {type(e).__name__}: {e}") from e
+
+
 def _prune(directory: Path, keep_last: int) -> None:
     """Delete the local checkpoints the retention rule does not keep (common/retention.py)."""
     by_step = {step: p for p in directory.iterdir()
@@ -249,12 +281,27 @@ class Run:
                         tokenizer_or_none=tokenizer, train_state=None, metrics={})
         return self.hooks.on_base(path)
 
+    def _stop_if_asked(self) -> None:
+        """A cancel (or shutdown, timeout, lost lease) while the run is being built ends it
+        here, between phases that can each take long: nothing trained, nothing saved."""
+        raise_if_stopped(self.hooks.should_stop(), {"step": 0})
+
+    def _check_memory(self, cfg: Any, data: TextData | ImageData) -> None:
+        """The spec was checked with the config it gave; this checks the config fitted to
+        the data (an image family's size, a vocabulary), with the rows a batch really takes."""
+        s = self.s
+        rows = min(s.batch_size, len(data.images)) if isinstance(data, ImageData) \
+            else s.batch_size
+        problems = memory_problems(self.module, cfg, rows, s.seq_len)
+        if problems:
+            raise InvalidTrainSpec(problems[0])
+
     def _build(self, resume_from: Path | None) -> None:
         s, module = self.s, self.module
-        try:
+        self._stop_if_asked()
+        with blamed_on_spec("data"):
             data = load_data(s.data_source, module.KIND)
-        except DataError as e:
-            raise InvalidTrainSpec("; ".join(e.problems)) from e
+        self._stop_if_asked()
         state = None
         if resume_from is not None:
             meta = read_meta(resume_from)
@@ -266,6 +313,7 @@ class Run:
                                        f"{'with' if 'adapter' in meta else 'without'} one; "
                                        "resume it the same way")
             cfg = module.Config(**meta["config"])
+            self._check_memory(cfg, data)
             tokenizer = load_tokenizer(module, Path(resume_from))
             if "adapter" in meta:
                 self.adapter = AdapterSpec.model_validate(meta["adapter"])
@@ -278,21 +326,26 @@ class Run:
                 load_weights_into(model, Path(resume_from))
             state = load_train_state(resume_from)
         else:
-            try:  # the config was validated with the spec
+            with blamed_on_spec("config"):  # the config was validated with the spec
                 cfg, tokenizer = module.prepare(module.Config(**s.config), data)
-            except ValueError as e:
-                raise InvalidTrainSpec(str(e)) from e
+            self._check_memory(cfg, data)
+            self._stop_if_asked()
             torch.manual_seed(s.seed)
-            model = module.build_model(cfg, tokenizer)
+            with blamed_on_spec("config"):
+                model = module.build_model(cfg, tokenizer)
             if s.adapter is not None:
                 self.adapter = s.adapter
                 if module.source(cfg) is None:  # random weights: keep them, once
                     self.base = {"uri": self._save_base(cfg, model, tokenizer)}
-                model = with_adapter(model.to(dtype=self.base_dtype), s.adapter)
+                with blamed_on_spec("adapter"):
+                    model = with_adapter(model.to(dtype=self.base_dtype), s.adapter)
         if s.gradient_checkpointing:
             module.enable_gradient_checkpointing(base_of(model))
+        self._stop_if_asked()
         self.cfg, self.tokenizer, self.model = cfg, tokenizer, model.to(self.device)
-        self.batches, self.held_out = self._batches(data)
+        self._stop_if_asked()
+        with blamed_on_spec("data"):
+            self.batches, self.held_out = self._batches(data)
         total = s.steps or (s.epochs or 1) * self.batches.steps_per_epoch(s.grad_accum)
         self.total: int = total
         opt_name = self.optimizer_name = s.optimizer or module.OPTIMIZER
@@ -588,6 +641,8 @@ def run_training(spec: TrainSpec | dict, workdir: Path, *, hooks: TrainHooks,
                  resume_from: Path | None = None, device: str = "cpu",
                  base_dtype: torch.dtype | None = None) -> TrainOutcome:
     """Train `spec` in `workdir` (optionally resuming a checkpoint); see DESIGN.md section 6.
-    `base_dtype` casts a LoRA run's frozen base (bf16 on a GPU); its adapter stays fp32."""
+    `base_dtype` casts a LoRA run's frozen base (bf16 on a GPU); its adapter stays fp32.
+    A stop asked before the first step (while the data loads or the model builds) raises
+    its Stopped exception (common.errors), with no checkpoint written."""
     Path(workdir).mkdir(parents=True, exist_ok=True)
     return Run(spec, Path(workdir), hooks, resume_from, device, base_dtype).run()

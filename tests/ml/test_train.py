@@ -12,11 +12,18 @@ import torch
 from PIL import Image
 
 from common.config import get_settings
-from common.errors import InvalidTrainSpec, NanLoss
+from common.errors import (
+    Cancelled,
+    InvalidTrainSpec,
+    NanLoss,
+    ShutdownRequested,
+    StopForTimeout,
+)
 from common.ml.checkpoint import load_model, load_train_state
 from common.ml.families import get_family
 from common.ml.train import TrainHooks, on_helper_thread, run_training
 from common.retention import checkpoint_dirname
+from common.train_spec import TrainSpec
 from tests.ml.conftest import stopped_at
 
 
@@ -123,12 +130,73 @@ def test_nan_loss_raises_with_step_and_keeps_last_checkpoint(tiny_spec: Callable
     assert load_model(last).model is not None
 
 
-def test_stop_before_any_step_still_checkpoints(tiny_spec: Callable[..., dict],
-                                                tmp_path: Path) -> None:
-    outcome = run_training(tiny_spec("lstm"), tmp_path,
-                           hooks=TrainHooks(should_stop=lambda: "cancel"))
-    assert outcome.stopped == "cancel" and outcome.step == 0
-    assert (outcome.checkpoint / "model.safetensors").is_file()
+def _no_build(*args: object, **kwargs: object) -> None:
+    raise AssertionError("the model was built after the stop")
+
+
+@pytest.mark.parametrize(("reason", "stop"), [
+    ("cancel", Cancelled), ("shutdown", ShutdownRequested), ("timeout", StopForTimeout)])
+def test_a_stop_while_building_ends_the_run_before_the_model_is_built(
+        reason: str, stop: type[Exception], tiny_spec: Callable[..., dict], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 26: a cancel asked while the job loads its data or builds its model lands
+    before the next phase, and no half checkpoint is written."""
+    spec = TrainSpec.model_validate(tiny_spec("lstm"))  # validating builds on the meta device
+    monkeypatch.setattr(type(get_family("lstm")), "build_model", _no_build)
+    with pytest.raises(stop) as info:
+        run_training(spec, tmp_path, hooks=TrainHooks(should_stop=lambda: reason))
+    assert info.value.args[0] == {"step": 0}
+    assert not (tmp_path / "checkpoints").exists()
+
+    asked = []  # the stop lands after the data, before the model: prepare ran, build did not
+
+    def after_the_data() -> str | None:
+        asked.append(1)
+        return reason if len(asked) > 1 else None
+
+    with pytest.raises(stop):
+        run_training(spec, tmp_path, hooks=TrainHooks(should_stop=after_the_data))
+    assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(("raised", "becomes"), [
+    (RuntimeError("mat1 and mat2 shapes cannot be multiplied"), InvalidTrainSpec),
+    (IndexError("index out of range in self"), InvalidTrainSpec),
+    (KeyError("n_head"), InvalidTrainSpec),
+    (OSError("storage timed out"), OSError),
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 30.00 GiB"),
+     torch.OutOfMemoryError),
+    (RuntimeError("DefaultCPUAllocator: can't allocate memory"), RuntimeError),
+])
+def test_an_error_building_the_users_model_is_the_specs(
+        raised: Exception, becomes: type[Exception], tiny_spec: Callable[..., dict],
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 26: what torch raises on a config it cannot build is InvalidTrainSpec (the
+    worker's invalid_spec, never retried); the machine's own failures keep their type, so
+    the worker still retries them."""
+    def build(*args: object, **kwargs: object) -> None:
+        raise raised
+
+    spec = TrainSpec.model_validate(tiny_spec("lstm"))  # validating builds on the meta device
+    monkeypatch.setattr(type(get_family("lstm")), "build_model", build)
+    with pytest.raises(becomes) as info:
+        run_training(spec, tmp_path, hooks=TrainHooks())
+    assert type(info.value) is becomes
+    if becomes is InvalidTrainSpec:
+        assert str(info.value).startswith(f"config: {type(raised).__name__}: ")
+
+
+def test_an_unreadable_image_is_the_specs(tiny_spec: Callable[..., dict], tmp_path: Path) -> None:
+    """A PNG whose header reads but whose pixels do not is a DataError naming it (in the
+    worker: invalid_spec), not PIL's OSError (which the worker would retry)."""
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    Image.new("L", (8, 8), 3).save(folder / "a.png")
+    good = (folder / "a.png").read_bytes()
+    (folder / "b.png").write_bytes(good[:len(good) // 2])  # the header, half the pixels
+    with pytest.raises(InvalidTrainSpec, match="b.png is not a readable PNG"):
+        run_training(tiny_spec("vae", data={"path": str(folder)}), tmp_path / "run",
+                     hooks=TrainHooks())
 
 
 def test_invalid_spec_lists_problems(tiny_spec: Callable[..., dict], tmp_path: Path) -> None:
@@ -265,3 +333,28 @@ def test_helper_thread_returns_and_raises() -> None:
     assert on_helper_thread(threading.current_thread) is not threading.main_thread()
     with pytest.raises(ZeroDivisionError):
         on_helper_thread(lambda: 1 / 0)
+
+
+def test_training_memory_is_budgeted_at_submit_and_on_the_fitted_config(
+        tiny_spec: Callable[..., dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 26: a batch past GENQ_MAX_TRAIN_MEMORY_BYTES is refused naming batch_size or
+    seq_len, from the spec's config at submit and, before the model is built, from the
+    config fitted to the data (here 32x32 images where the spec's config says 8x8)."""
+    import numpy as np
+
+    monkeypatch.setenv("GENQ_MAX_TRAIN_MEMORY_BYTES", "100000")
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="batch_size: a batch of 64 images would need"):
+            TrainSpec.model_validate(tiny_spec("vae", batch_size=64))
+        with pytest.raises(ValueError, match=r"seq_len: a batch of 2 sequences of 4096 tokens"):
+            TrainSpec.model_validate(tiny_spec("lstm", batch_size=2, seq_len=4096))
+        np.savez(tmp_path / "big.npz", images=np.zeros((20, 32, 32), dtype=np.uint8),
+                 labels=np.arange(20) % 2)
+        spec = TrainSpec.model_validate(tiny_spec("vae", batch_size=16,
+                                                  data={"path": str(tmp_path / "big.npz")}))
+        monkeypatch.setattr(type(get_family("vae")), "build_model", _no_build)
+        with pytest.raises(InvalidTrainSpec, match="^batch_size: a batch of 16 images"):
+            run_training(spec, tmp_path / "run", hooks=TrainHooks())
+    finally:
+        get_settings.cache_clear()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from common.errors import DataError
 from common.ml.data import ImageData, TextData, load_data, validate_data
 from common.ml.families import FAMILIES, get_family, validate_model_config
 
@@ -172,3 +174,96 @@ def test_image_shapes_are_bounded(tmp_path: Path) -> None:
     Image.new("L", (MAX_SIDE + 1, 1)).save(folder / "wide.png")
     with pytest.raises(DataError, match="wide.png is 4097x1"):
         load_data({"path": str(folder)}, "image")
+
+
+def zeros_npz(path: Path, shape: tuple[int, ...], member: str = "images.npy") -> Path:
+    """An .npz whose one array is uint8 zeros of `shape`: kilobytes compressed, any size
+    decoded; written a megabyte at a time, so the test never holds it."""
+    import zipfile
+
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+              "fortran_order": False, "shape": shape}
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z, \
+            z.open(member, "w", force_zip64=True) as out:
+        np.lib.format.write_array_header_1_0(out, header)
+        left, block = int(np.prod(shape)), bytes(1 << 20)
+        while left:
+            out.write(block[:min(left, len(block))])
+            left -= min(left, len(block))
+    return path
+
+
+@pytest.fixture
+def small_budget(monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
+    """GENQ_MAX_DECODED_BYTES at 1 MB."""
+    from common.config import get_settings
+
+    monkeypatch.setenv("GENQ_MAX_DECODED_BYTES", str(1 << 20))
+    get_settings.cache_clear()
+    yield 1 << 20
+    get_settings.cache_clear()
+
+
+def _never(*args: object, **kwargs: object) -> None:
+    raise AssertionError("decoded past the budget check")
+
+
+def test_an_npz_over_the_decoded_budget_is_refused_from_its_header(
+        tmp_path: Path, small_budget: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 26: a small .npz of zeros that decodes past GENQ_MAX_DECODED_BYTES, or one whose
+    header claims a huge shape it does not hold, is refused before any array is decoded."""
+    zeros = zeros_npz(tmp_path / "zeros.npz", (300, 64, 64))  # 4.9 MB as float32
+    assert zeros.stat().st_size < 50_000
+    liar = tmp_path / "liar.npz"
+    import zipfile
+
+    with zipfile.ZipFile(liar, "w") as z:  # a header for 10**9 images and 3 bytes of data
+        z.writestr("images.npy", _npy_header((10**9, 64, 64)) + b"abc")
+    monkeypatch.setattr(np, "load", _never)
+    for path in (zeros, liar):
+        with pytest.raises(DataError) as loading:
+            load_data({"path": str(path)}, "image")
+        for problems in (validate_data({"path": str(path)}, "image"), loading.value.problems):
+            assert len(problems) == 1 and "GENQ_MAX_DECODED_BYTES (1,048,576)" in problems[0], \
+                problems
+
+
+def _npy_header(shape: tuple[int, ...]) -> bytes:
+    import io
+
+    out = io.BytesIO()
+    np.lib.format.write_array_header_1_0(out, {"descr": "|u1", "fortran_order": False,
+                                               "shape": shape})
+    return out.getvalue()
+
+
+def test_an_npz_within_the_budget_is_checked_a_chunk_at_a_time(tmp_path: Path) -> None:
+    """Validation reads the values in chunks (a nan anywhere is found) without np.load."""
+    images = np.zeros((40, 8, 8))
+    images[39, 7, 7] = np.nan
+    np.savez(tmp_path / "nan.npz", images=images, labels=np.arange(40) - 1)
+    assert validate_data({"path": str(tmp_path / "nan.npz")}, "image") == [
+        "data.path: 'images' contains nan or inf", "data.path: 'labels' must be >= 0"]
+
+
+def test_pngs_over_the_decoded_budget_are_refused_from_their_headers(
+        tmp_path: Path, small_budget: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each PNG within the budget but all of them past it, or one PNG alone past it: refused
+    from the headers, before any pixels are decoded."""
+    from PIL import Image
+
+    from common.ml import data
+
+    many, one = tmp_path / "many", tmp_path / "one"
+    many.mkdir()
+    one.mkdir()
+    for i in range(12):  # 128x128 RGB: 196,608 bytes as float32 each, 2.4 MB together
+        Image.new("RGB", (128, 128)).save(many / f"{i}.png")
+    Image.new("RGBA", (1024, 1024)).save(one / "big.png")  # 16.8 MB as float32
+    monkeypatch.setattr(data, "_read_image", _never)
+    problems = validate_data({"path": str(many)}, "image")
+    assert problems == ["data.path: many decodes to 2,359,296 bytes (12 images as float32), "
+                        "more than GENQ_MAX_DECODED_BYTES (1,048,576)"]
+    problems = validate_data({"path": str(one)}, "image")
+    assert problems == ["data.path: big.png decodes to 16,777,216 bytes (1024x1024 RGBA), "
+                        "more than GENQ_MAX_DECODED_BYTES (1,048,576)"]

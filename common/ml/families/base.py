@@ -64,6 +64,11 @@ class Family(ABC, Generic[ConfigT, ModelT]):
                     arch: dict | None = None) -> ModelT:
         """A fresh model; `arch` is what `architecture` saved with a checkpoint."""
 
+    def train_memory(self, cfg: ConfigT, batch_size: int, seq_len: int) -> int | None:
+        """A rough upper bound on the bytes a training micro-batch's activations and their
+        gradients take (fp32), from the config alone; None: unknown (a pretrained model)."""
+        return None
+
     def architecture(self, model: ModelT) -> dict | None:
         """What rebuilds the model besides its config (checkpoint meta "arch"); None: nothing."""
         return None

@@ -238,6 +238,23 @@ class DiffusionFamily(TextToImageFamily[DiffusionConfig, TextToImage]):
         return TextToImage(text_encoder, unet, vae, arch["scheduler"], cfg,
                            _empty_ids(tokenizer, length))
 
+    def train_memory(self, cfg: DiffusionConfig, batch_size: int, seq_len: int) -> int | None:
+        """Per image, each UNet level: its resnet blocks down and up (about 12 values per
+        channel and pixel each), and where it attends the self-attention scores (pixels
+        squared, per head); plus the text encoder. None for a pretrained pipeline."""
+        if cfg.pretrained is not None:
+            return None
+        pixels, per_image = cfg.height * cfg.width, 0
+        for level, (channels, attends) in enumerate(zip(cfg.block_channels,
+                                                        cfg.attention_levels, strict=False)):
+            at = max(1, pixels // 4 ** level)
+            per_image += 12 * (2 * cfg.layers_per_block + 1) * channels * at
+            if attends:
+                heads = max(1, channels // cfg.attention_head_dim)
+                per_image += 2 * heads * at * (at + cfg.max_caption_tokens) + 8 * channels * at
+        per_image += 16 * cfg.max_caption_tokens * cfg.text_width * cfg.text_layers
+        return batch_size * per_image * 4
+
     def _arch_of(self, cfg: DiffusionConfig) -> dict[str, Any]:
         """The diffusers and transformers configs a from-config model is built from."""
         levels = cfg.attention_levels

@@ -75,6 +75,11 @@ class GANFamily(ImageFamily[GANConfig, GAN]):
                     arch: dict | None = None) -> GAN:
         return GAN(cfg)
 
+    def train_memory(self, cfg: GANConfig, batch_size: int, seq_len: int) -> int:
+        """Per image: real and fake pixels through both networks (5 x pixels), the hidden
+        layers of one generator and two discriminator passes (12 x hidden), and z."""
+        return batch_size * (5 * cfg.data_dim + 12 * cfg.hidden + 3 * cfg.latent) * 4
+
     def phase_params(self, model: GAN, phase: str) -> list[nn.Parameter]:
         part = model.discriminator if phase == "d" else model.generator
         return list(part.parameters())

@@ -282,6 +282,34 @@ class LMFamily(TextFamily[LMConfig, nn.Module, Any]):
         eot = tokenizer.eos_token_id if tokenizer is not None else 0
         return _from_config(_arch_config(cfg, eot))
 
+    def train_memory(self, cfg: LMConfig, batch_size: int, seq_len: int) -> int | None:
+        """Per token, each layer: about 10 x width of projections, norms and residuals, twice
+        the MLP's width, and the attention scores (2 x heads x seq_len, as eager attention
+        keeps them); plus the logits with their softmax and gradient (3 x vocabulary).
+        From the config, or a local pretrained folder's config.json; None for a hub id
+        (its config is the worker's to fetch)."""
+        from transformers import AutoConfig
+
+        if cfg.pretrained is None:
+            arch = _arch_config(cfg, eot=0)
+        elif Path(cfg.pretrained).is_absolute():
+            try:
+                arch = AutoConfig.from_pretrained(cfg.pretrained, local_files_only=True,
+                                                  trust_remote_code=False)
+            except (OSError, ValueError):
+                return None  # the folder's own problem, said where it is loaded
+        else:
+            return None
+        arch = getattr(arch, "text_config", None) or arch  # a multimodal config's language half
+        width = getattr(arch, "hidden_size", 0) or 0
+        layers = getattr(arch, "num_hidden_layers", 0) or 0
+        heads = getattr(arch, "num_attention_heads", 0) or 0
+        inner = getattr(arch, "intermediate_size", None) or getattr(arch, "n_inner", None) \
+            or 4 * width
+        vocab = getattr(arch, "vocab_size", 0) or cfg.vocab_size
+        per_token = layers * (10 * width + 2 * inner + 2 * heads * seq_len) + 3 * vocab
+        return batch_size * seq_len * per_token * 4
+
     def source(self, cfg: LMConfig) -> ModelSource | None:
         """The hub id, revision and resolved commit, or the local folder; None from scratch."""
         if cfg.pretrained is None:

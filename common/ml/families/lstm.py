@@ -86,6 +86,13 @@ class LSTMFamily(TextFamily[LSTMConfig, LSTMLM, CharTokenizer]):
                     arch: dict | None = None) -> LSTMLM:
         return LSTMLM(cfg)
 
+    def train_memory(self, cfg: LSTMConfig, batch_size: int, seq_len: int) -> int:
+        """Per token: the embedding, each layer's gates and states (about 6 x hidden), and the
+        logits with their softmax and gradient (3 x vocab; an unfitted vocabulary as 256)."""
+        vocab = max(cfg.vocab_size, 256)
+        per_token = cfg.n_embd + 6 * cfg.hidden * cfg.n_layer + 3 * vocab
+        return batch_size * seq_len * per_token * 4
+
     def context_limit(self, model: LSTMLM) -> int | None:
         return None
 

@@ -53,6 +53,11 @@ class VAEFamily(ImageFamily[VAEConfig, VAE]):
                     arch: dict | None = None) -> VAE:
         return VAE(cfg)
 
+    def train_memory(self, cfg: VAEConfig, batch_size: int, seq_len: int) -> int:
+        """Per image: the input, reconstruction logits and loss terms (5 x pixels), the
+        hidden layers (4 x hidden) and z's mean, variance and draw (3 x latent)."""
+        return batch_size * (5 * cfg.data_dim + 4 * cfg.hidden + 3 * cfg.latent) * 4
+
     def loss(self, model: VAE, batch: tuple[torch.Tensor, torch.Tensor | None],
              phase: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Negative ELBO per image: BCE reconstruction summed over pixels + beta * KL."""
