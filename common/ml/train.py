@@ -288,7 +288,7 @@ class Run:
                 self.adapter = s.adapter
                 if module.source(cfg) is None:  # random weights: keep them, once
                     self.base = {"uri": self._save_base(cfg, model, tokenizer)}
-                model = with_adapter(model.to(dtype=self.base_dtype), s.adapter)
+                model = with_adapter(model.to(dtype=self.base_dtype), s.adapter, module)
         if s.gradient_checkpointing:
             module.enable_gradient_checkpointing(base_of(model))
         self.cfg, self.tokenizer, self.model = cfg, tokenizer, model.to(self.device)
