@@ -351,3 +351,31 @@ def test_unet_lora_problems_name_their_field(pipeline_dir: Path, tmp_path: Path)
     with pytest.raises(InvalidTrainSpec, match=r"^adapter\.target_modules: no module of the "
                                                r"UNet matches \['q_proj'\]"):
         run_training(spec, tmp_path, hooks=TrainHooks())
+
+
+def test_a_hub_pipeline_fetches_only_what_the_family_loads() -> None:
+    """The files of stable-diffusion-v1-5 on the hub, through huggingface_hub's own filter
+    (the one snapshot_download applies): configs and safetensors of the five folders, not
+    the fp16 and non-EMA variants, pickles, the safety checker or the root's single files."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    from common.ml.pretrained import PIPELINE_FILES, PIPELINE_VARIANTS
+
+    wanted = ["model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json",
+              "text_encoder/model.safetensors", "tokenizer/merges.txt",
+              "tokenizer/special_tokens_map.json", "tokenizer/tokenizer_config.json",
+              "tokenizer/vocab.json", "unet/config.json",
+              "unet/diffusion_pytorch_model.safetensors", "vae/config.json",
+              "vae/diffusion_pytorch_model.safetensors"]
+    others = [".gitattributes", "README.md", "feature_extractor/preprocessor_config.json",
+              "safety_checker/config.json", "safety_checker/model.safetensors",
+              "safety_checker/model.fp16.safetensors", "text_encoder/model.fp16.safetensors",
+              "text_encoder/pytorch_model.bin", "unet/diffusion_pytorch_model.bin",
+              "unet/diffusion_pytorch_model.fp16.safetensors",
+              "unet/diffusion_pytorch_model.non_ema.safetensors",
+              "unet/diffusion_pytorch_model.non_ema.bin",
+              "vae/diffusion_pytorch_model.fp16.safetensors", "v1-5-pruned.safetensors",
+              "v1-5-pruned-emaonly.safetensors", "v1-5-pruned.ckpt", "v1-inference.yaml"]
+    fetched = filter_repo_objects(sorted(wanted + others), allow_patterns=PIPELINE_FILES,
+                                  ignore_patterns=PIPELINE_VARIANTS)
+    assert sorted(fetched) == sorted(wanted)

@@ -31,7 +31,15 @@ from common.errors import ConfigProblem, ModelNotFound
 from common.gen_params import GenParams
 from common.ml.data import ImageData, TextData
 from common.ml.families.base import SUBMITTED, FamilyConfig, TextToImageFamily
-from common.ml.pretrained import ModelSource, Resolved, is_hub_id, resolve
+from common.ml.pretrained import (
+    PIPELINE_FILES,
+    PIPELINE_VARIANTS,
+    TOKENIZER_FILES,
+    ModelSource,
+    Resolved,
+    is_hub_id,
+    resolve,
+)
 
 PAD, UNK = "[PAD]", "[UNK]"
 TOKENIZER_DIR = "tokenizer"
@@ -211,7 +219,8 @@ class DiffusionFamily(TextToImageFamily[DiffusionConfig, TextToImage]):
             tokenizer = self._load_clip_tokenizer(found.path / "tokenizer")
             update["commit"] = found.commit
         elif cfg.tokenizer is not None:
-            tokenizer = self._load_clip_tokenizer(self._resolve(cfg.tokenizer, None).path)
+            path = resolve(cfg.tokenizer, None, allow=TOKENIZER_FILES).path
+            tokenizer = self._load_clip_tokenizer(path)
         else:
             tokenizer = _fit_tokenizer(data.captions, cfg.max_caption_tokens)
         _, c, h, w = data.images.shape
@@ -219,7 +228,8 @@ class DiffusionFamily(TextToImageFamily[DiffusionConfig, TextToImage]):
         return cfg.model_copy(update=update), tokenizer
 
     def _resolve(self, name: str, revision: str | None) -> Resolved:
-        return resolve(name, revision)
+        """A pipeline's folder, or from the hub only the files the family loads."""
+        return resolve(name, revision, allow=PIPELINE_FILES, ignore=PIPELINE_VARIANTS)
 
     def _load_clip_tokenizer(self, path: Path) -> Any:
         try:
