@@ -168,11 +168,10 @@ def test_config_problems_name_their_field(config: dict, problem: str) -> None:
 # ------------------------------------------------------------ a Stable Diffusion pipeline
 
 
-@pytest.fixture
-def pipeline_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """A tiny random Stable Diffusion pipeline saved with diffusers' own save_pretrained,
-    inside GENQ_PRETRAINED_ROOT; its tokenizer is a word-level one (a CLIP BPE tokenizer
-    needs vocabulary files the hub would provide)."""
+def save_tiny_pipeline(folder: Path) -> None:
+    """A tiny random Stable Diffusion pipeline saved with diffusers' own save_pretrained;
+    its tokenizer is a word-level one (a CLIP BPE tokenizer needs vocabulary files the hub
+    would provide)."""
     from diffusers import (
         AutoencoderKL,
         DDPMScheduler,
@@ -183,8 +182,6 @@ def pipeline_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pa
 
     from common.ml.families.diffusion import _fit_tokenizer
 
-    monkeypatch.setenv("GENQ_PRETRAINED_ROOT", str(tmp_path))
-    get_settings.cache_clear()
     torch.manual_seed(0)
     tokenizer = _fit_tokenizer([f"a handwritten digit {w}" for w in ("one", "two")], 8)
     pipe = StableDiffusionPipeline(
@@ -204,7 +201,15 @@ def pipeline_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pa
             norm_num_groups=4, attention_head_dim=4, cross_attention_dim=16),
         scheduler=DDPMScheduler(num_train_timesteps=100, clip_sample=False, steps_offset=1),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(tmp_path / "tiny-sd")
+    pipe.save_pretrained(folder)
+
+
+@pytest.fixture
+def pipeline_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """The tiny pipeline inside GENQ_PRETRAINED_ROOT, as `tiny-sd`."""
+    monkeypatch.setenv("GENQ_PRETRAINED_ROOT", str(tmp_path))
+    get_settings.cache_clear()
+    save_tiny_pipeline(tmp_path / "tiny-sd")
     yield tmp_path / "tiny-sd"
     get_settings.cache_clear()
 
