@@ -222,3 +222,26 @@ def test_a_unet_lora_needs_a_pretrained_pipeline(stack):  # type: ignore[no-unty
                     "adapter": {}})["param"] == "config.ema_decay"
     assert refused({"config": {"pretrained": "org/pipe"},
                     "adapter": {"r": 0}})["param"] == "adapter.r"
+
+
+def test_the_readme_images_batch_example_runs_as_written(stack, model, tmp_path):  # type: ignore[no-untyped-def]
+    """The README's SDK batch on /v1/images/generations against this stack: only its address
+    and model name are swapped for the test's, and its key lies where the README reads it."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    (code,) = [block for block in re.findall(r"```python\n(.*?)```", readme, re.S)
+               if "/v1/images/generations" in block]
+    code = code.replace("http://127.0.0.1:8000/v1", f"{stack.api_url}/v1")
+    code = code.replace('"digits-sd"', json.dumps(model))
+    (tmp_path / ".genq").mkdir()
+    (tmp_path / ".genq" / "api_key").write_text(stack.api_key + "\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    for word in ("three", "seven"):
+        image = Image.open(tmp_path / f"{word}.png")
+        assert image.format == "PNG" and image.size == (64, 64)  # 8x8 digits, upscaled
