@@ -21,7 +21,8 @@ ModuleName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za
 
 
 class AdapterSpec(BaseModel):
-    """A LoRA adapter trained over an `lm` base (peft): only its matrices train."""
+    """A LoRA adapter (peft) over an `lm` base or a pretrained diffusion pipeline's UNet:
+    only its matrices train."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -29,7 +30,8 @@ class AdapterSpec(BaseModel):
     r: int = Field(8, ge=1, le=1024)  # the rank of each update B @ A
     alpha: int = Field(16, ge=1, le=65_536)  # the update is scaled by alpha / r
     dropout: Annotated[float, NotTiny] = Field(0.0, ge=0, lt=1)  # on the adapter's input
-    # None: peft's default modules for the architecture; "all-linear": every linear but the head
+    # None: peft's default modules for the architecture (a UNet: to_q, to_k, to_v, to_out.0);
+    # "all-linear": every linear but the head (of a diffusion model: the UNet's)
     target_modules: list[ModuleName] | Literal["all-linear"] | None = None
     merge: bool = False  # register the merged full weights instead of base + adapter
 

@@ -94,7 +94,7 @@ class TrainSpec(Strict):
     eval_every: int | None = Field(None, ge=1, le=10_000_000)
     timeout_s: Annotated[float, NotTiny] | None = Field(None, gt=0, le=30 * 86_400)
     resume_from: str | None = Field(None, min_length=1, max_length=64)  # a checkpoint id
-    adapter: AdapterSpec | None = None  # LoRA fine-tuning (lm only); None: every weight trains
+    adapter: AdapterSpec | None = None  # LoRA (lm, a diffusion UNet); None: every weight trains
     # lm: recompute activations in the backward pass (less memory for large bases)
     gradient_checkpointing: bool = False
 
@@ -117,8 +117,9 @@ class TrainSpec(Strict):
         for name in PRETRAINED_FIELDS.get(canonical_family(self.family), ()):
             if isinstance(self.config.get(name), str):
                 self.config[name] = confine_pretrained(self.config[name], problems, name)
-        if self.adapter is not None and canonical_family(self.family) != "lm":
-            problems.append(f"adapter: only the lm family takes an adapter, not {self.family!r}")
+        if self.adapter is not None and canonical_family(self.family) not in ("lm", "diffusion"):
+            problems.append(f"adapter: only the lm and diffusion families take one, not "
+                            f"{self.family!r}")
         if self.gradient_checkpointing and canonical_family(self.family) != "lm":
             problems.append(f"gradient_checkpointing: lm only, not {self.family!r}")
         problems += validate_model_config(self.family, self.config)

@@ -8,11 +8,13 @@ import base64
 import io
 import json
 import time
+import uuid
 
 import openai
 import pytest
 from PIL import Image
 
+from api.client import Client
 from common.errors import GenqAPIError
 from tests.test_cli import genq
 
@@ -158,3 +160,88 @@ def test_trains_on_an_uploaded_imagefolder_zip(stack, tmp_path):  # type: ignore
     (item,) = c.items(gen["id"])
     (art,) = item["response"]["artifact_ids"]
     assert Image.open(io.BytesIO(c.request("GET", f"/v1/artifacts/{art}"))).mode == "RGB"
+
+
+def test_unet_lora_models_of_one_pipeline_train_register_and_draw_in_one_batch(stack):  # type: ignore[no-untyped-def]
+    """Two adapters and a merged one over one pipeline folder: the models record their
+    adapter and source, and one SDK batch draws from all three (the adapters share the
+    cached pipeline, each switched to in turn)."""
+    from tests.ml.test_diffusion import save_tiny_pipeline
+
+    folder = f"tiny-sd-{uuid.uuid4().hex[:6]}"
+    save_tiny_pipeline(stack.home / "pretrained" / folder)
+    c = Client(stack.api_url, api_key=stack.api_key, timeout=600)  # the first spec imports
+    spec = {"type": "train", "family": "diffusion", "steps": 2, "batch_size": 4,
+            "checkpoint_every": 1000, "config": {"pretrained": folder, "sample_steps": 2}}
+    adapters = [{"r": 4}, {"r": 2, "target_modules": "all-linear"}, {"r": 4, "merge": True}]
+    jobs = [c.create_job({**spec, "adapter": a}) for a in adapters]
+    done = [c.wait(j["id"], timeout=300) for j in jobs]
+    assert all(j["status"] == "succeeded" for j in done), (done, stack.log("w1")[-3000:])
+    names = [j["result"]["model"] for j in done]
+    views = [c.request("GET", f"/v1/models/{name}") for name in names]
+    assert views[0]["adapter"] == {"spec": {"method": "lora", "r": 4, "alpha": 16,
+                                            "dropout": 0.0, "target_modules": None,
+                                            "merge": False}, "base_stored": False}
+    assert views[1]["adapter"]["spec"]["target_modules"] == "all-linear"
+    assert views[2]["adapter"] is None  # merged: full weights
+    assert views[0]["source"]["local_dir"] == str((stack.home / "pretrained" / folder).resolve())
+
+    sdk = openai.OpenAI(base_url=f"{stack.api_url}/v1", api_key=stack.api_key, max_retries=0)
+    rows = [{"custom_id": name, "method": "POST", "url": "/v1/images/generations",
+             "body": {"model": name, "prompt": "a handwritten digit two", "seed": 1,
+                      "response_format": "b64_json"}} for name in names]
+    upload = sdk.files.create(file=("in.jsonl", io.BytesIO(b"".join(
+        json.dumps(r).encode() + b"\n" for r in rows))), purpose="batch")
+    batch = sdk.batches.create(input_file_id=upload.id, endpoint="/v1/images/generations",
+                               completion_window="24h")
+    deadline = time.monotonic() + 300
+    while batch.status not in ("completed", "failed", "cancelled", "expired"):
+        assert time.monotonic() < deadline, batch
+        time.sleep(0.5)
+        batch = sdk.batches.retrieve(batch.id)
+    assert batch.status == "completed" and batch.request_counts.completed == 3, batch
+    for line in sdk.files.content(batch.output_file_id).text.splitlines():
+        (entry,) = json.loads(line)["response"]["body"]["data"]
+        image = Image.open(io.BytesIO(base64.b64decode(entry["b64_json"])))
+        assert image.mode == "RGB" and image.size == (64, 64)  # 8x8 latents x 2, upscaled
+
+
+def test_a_unet_lora_needs_a_pretrained_pipeline(stack):  # type: ignore[no-untyped-def]
+    import httpx
+
+    def refused(spec: dict) -> dict:
+        resp = httpx.post(f"{stack.api_url}/v1/jobs",
+                          headers={"Authorization": f"Bearer {stack.api_key}"},
+                          json={"type": "train", "family": "diffusion", **spec}, timeout=600)
+        assert resp.status_code == 422, resp.text
+        return resp.json()["error"]
+
+    error = refused({"config": TINY, "adapter": {"r": 4}})
+    assert error["param"] == "adapter" and "config.pretrained" in error["message"]
+    assert refused({"config": {"pretrained": "org/pipe", "ema_decay": 0.9},
+                    "adapter": {}})["param"] == "config.ema_decay"
+    assert refused({"config": {"pretrained": "org/pipe"},
+                    "adapter": {"r": 0}})["param"] == "adapter.r"
+
+
+def test_the_readme_images_batch_example_runs_as_written(stack, model, tmp_path):  # type: ignore[no-untyped-def]
+    """The README's SDK batch on /v1/images/generations against this stack: only its address
+    and model name are swapped for the test's, and its key lies where the README reads it."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    (code,) = [block for block in re.findall(r"```python\n(.*?)```", readme, re.S)
+               if "/v1/images/generations" in block]
+    code = code.replace("http://127.0.0.1:8000/v1", f"{stack.api_url}/v1")
+    code = code.replace('"digits-sd"', json.dumps(model))
+    (tmp_path / ".genq").mkdir()
+    (tmp_path / ".genq" / "api_key").write_text(stack.api_key + "\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    for word in ("three", "seven"):
+        image = Image.open(tmp_path / f"{word}.png")
+        assert image.format == "PNG" and image.size == (64, 64)  # 8x8 digits, upscaled

@@ -24,11 +24,19 @@ TINY = {
         "config": {"vocab_size": 300, "n_positions": 64, "n_embd": 32, "n_layer": 1, "n_head": 2},
         "seq_len": 32,
     },
+    # an EMA copy too: it is part of what resumes exactly
+    "diffusion": {"config": {"block_channels": [8, 16], "norm_groups": 4, "attention_head_dim": 4,
+                             "text_width": 16, "max_caption_tokens": 8, "sample_steps": 2,
+                             "ema_decay": 0.9}},
 }
 
 
 def train(stack, family: str, steps: int, **extra):
-    c = stack.client()
+    from api.client import Client
+
+    # the API's first spec of a family imports its libraries (diffusers: tens of seconds on
+    # a loaded machine) before it answers
+    c = Client(stack.api_url, api_key=stack.api_key, timeout=600)
     spec = {
         "type": "train",
         "family": family,
@@ -167,7 +175,7 @@ def test_gpt_batch_reuses_the_apis_token_ids_and_matches_a_generate_job(stack, t
     assert got == expected
 
 
-@pytest.mark.parametrize("family", ["lstm", "vae", "gan", "gpt"])
+@pytest.mark.parametrize("family", ["lstm", "vae", "gan", "gpt", "diffusion"])
 def test_resume_from_checkpoint_is_exact(stack, family):
     extra = {"seq_len": 16} if family == "lstm" else {}
     if family == "lstm":

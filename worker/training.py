@@ -75,9 +75,12 @@ def execute_training(ctx: JobContext) -> dict[str, Any]:
         locate=lambda uri: ctx.storage.local_dir(ctx.storage.key_of(uri), ctx.cache_dir),
     )
     device = current_device()
+    # a frozen text base may be held in bf16; a UNet LoRA's pipeline stays fp32, as image
+    # models do (the VAE and UNet take fp32 pixels and noise outside autocast)
+    text = family_kind(spec.family) == "text"
     try:
         outcome = run_training(spec, ctx.workdir, hooks=hooks, resume_from=resume_dir,
-                               device=device, base_dtype=inference_dtype(device))
+                               device=device, base_dtype=inference_dtype(device) if text else None)
     except Stopped as stop:  # stopped while building: this job's last checkpoint stands
         earlier = results.latest_checkpoint(ctx.session, job_id=job.id)
         raise type(stop)({"checkpoint_id": earlier.id if earlier else None,

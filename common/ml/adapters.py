@@ -1,5 +1,7 @@
-"""LoRA adapters over an `lm` base, through peft: wrap for training, save and load the
-adapter alone (peft's adapter_model.safetensors + adapter_config.json), merge it in."""
+"""LoRA adapters through peft, over an `lm` base or a pretrained diffusion pipeline's UNet:
+wrap for training, save and load the adapter alone (peft's adapter_model.safetensors +
+adapter_config.json), merge it in. The family says which modules the adapter wraps and
+peft's task type (Family.adapter_targets, ADAPTER_TASK)."""
 
 from __future__ import annotations
 
@@ -8,55 +10,62 @@ import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch.nn as nn
 
 from common.adapter_spec import AdapterSpec
 from common.errors import CheckpointError, InvalidTrainSpec
 
+if TYPE_CHECKING:
+    from common.ml.families import AnyFamily
+
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 
 
-def lora_config(spec: AdapterSpec, base: nn.Module) -> Any:
-    """peft's LoraConfig for the spec; target_modules None takes peft's default for the arch."""
-    from peft import LoraConfig, TaskType
+def lora_config(spec: AdapterSpec, base: nn.Module, family: AnyFamily) -> Any:
+    """peft's LoraConfig for the spec, over the modules the family targets; ValueError when
+    they match nothing."""
+    from peft import LoraConfig
     from transformers.pytorch_utils import Conv1D
 
     # GPT-2's Conv1D stores its weight transposed: peft must know (it warns, then fixes it)
     transposed = any(isinstance(m, Conv1D) for m in base.modules())
-    return LoraConfig(task_type=TaskType.CAUSAL_LM, r=spec.r, lora_alpha=spec.alpha,
-                      lora_dropout=spec.dropout, target_modules=spec.target_modules,
+    return LoraConfig(task_type=family.ADAPTER_TASK, r=spec.r, lora_alpha=spec.alpha,
+                      lora_dropout=spec.dropout,
+                      target_modules=family.adapter_targets(base, spec.target_modules),
                       fan_in_fan_out=transposed)
 
 
-def with_adapter(base: nn.Module, spec: AdapterSpec) -> nn.Module:
+def with_adapter(base: nn.Module, spec: AdapterSpec, family: AnyFamily) -> nn.Module:
     """`base` wrapped with a fresh LoRA adapter: only the adapter's parameters train."""
     from peft import get_peft_model
 
     try:
         with quiet_peft():
-            return get_peft_model(base, lora_config(spec, base))
+            return get_peft_model(base, lora_config(spec, base, family))
     except ValueError as e:  # no default modules for the arch, or names matching no module
         message = str(e).split("\n")[0]
         raise InvalidTrainSpec(f"adapter.target_modules: {message}") from e
 
 
 def adapter_problems(family: str, config: dict, spec: AdapterSpec) -> list[str]:
-    """What peft says of the adapter on a from-config base, built on the meta device (no
-    weights allocated); a pretrained base is known only on the worker that loads it."""
+    """What the family and peft say of the adapter: a from-config base is built on the meta
+    device (no weights allocated); a pretrained base is known only on the worker that loads
+    it."""
     import torch
 
     from common.ml.families import get_family
 
     module = get_family(family)
     cfg = module.Config.model_validate(config)
-    if getattr(cfg, "pretrained", None):
-        return []
+    problems = module.adapter_problems(cfg)
+    if problems or getattr(cfg, "pretrained", None):
+        return problems
     with torch.device("meta"):
         try:
-            with_adapter(module.build_model(cfg), spec)
+            with_adapter(module.build_model(cfg), spec, module)
         except InvalidTrainSpec as e:
             return [str(e)]
     return []
@@ -69,7 +78,7 @@ def is_adapted(model: nn.Module) -> bool:
 
 
 def base_of(model: nn.Module) -> nn.Module:
-    """The transformers model under a peft wrapper (the model itself when there is none)."""
+    """The model under a peft wrapper (the model itself when there is none)."""
     return model.get_base_model() if is_adapted(model) else model  # type: ignore[operator]
 
 

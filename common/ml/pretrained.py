@@ -1,6 +1,6 @@
-"""Where a causal LM's starting weights come from: a folder under GENQ_PRETRAINED_ROOT or a
-Hugging Face hub id, resolved on the worker into its own cache (no torch here: the API
-checks the syntax at submit).
+"""Where a causal LM's or a diffusion pipeline's starting weights come from: a folder under
+GENQ_PRETRAINED_ROOT or a Hugging Face hub id, resolved on the worker into its own cache (no
+torch here: the API checks the syntax at submit).
 
 huggingface_hub reads its own settings on the worker: HF_HOME / HF_HUB_CACHE (the cache),
 HF_HUB_OFFLINE=1 (the cache only) and HF_TOKEN (gated and private models). genq never reads
@@ -21,6 +21,16 @@ from common.errors import ModelNotFound, RetryableError
 # Pickled weights (*.bin) are never fetched: weights load from safetensors only.
 WEIGHTS_AND_TOKENIZER = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken",
                          "*.jinja"]
+# What a Stable Diffusion pipeline needs: its index and the five folders the diffusion family
+# loads, configs and safetensors. Not the fp16 and non-EMA variants beside each weights
+# file, nor the single-file checkpoints at the root (each a copy of the whole pipeline).
+PIPELINE_FILES = ["model_index.json",
+                  *(f"{part}/*.{ext}" for part in ("unet", "vae", "text_encoder")
+                    for ext in ("json", "safetensors")),
+                  "tokenizer/*.json", "tokenizer/*.txt", "scheduler/*.json"]
+PIPELINE_VARIANTS = ["*.fp16.*", "*non_ema*"]
+# A tokenizer alone (the diffusion family's config.tokenizer): never the model's weights
+TOKENIZER_FILES = ["*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
 COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
@@ -53,8 +63,10 @@ class Resolved:
     commit: str | None  # the hub commit; None for a local folder
 
 
-def resolve(pretrained: str, revision: str | None = None) -> Resolved:
-    """A local folder as it is; a hub id fetched into (or, offline, found in) the HF cache.
+def resolve(pretrained: str, revision: str | None = None, *,
+            allow: list[str] = WEIGHTS_AND_TOKENIZER, ignore: list[str] | None = None) -> Resolved:
+    """A local folder as it is; a hub id fetched into (or, offline, found in) the HF cache:
+    the files matching `allow` and not `ignore` (a causal LM's by default).
 
     An id or revision the hub (or the offline cache) does not have raises ModelNotFound,
     which fails the job at once; an unreachable hub while online is RetryableError.
@@ -71,8 +83,8 @@ def resolve(pretrained: str, revision: str | None = None) -> Resolved:
 
     where = f"{pretrained}@{revision}" if revision else pretrained
     try:
-        path = Path(snapshot_download(pretrained, revision=revision,
-                                      allow_patterns=WEIGHTS_AND_TOKENIZER))
+        path = Path(snapshot_download(pretrained, revision=revision, allow_patterns=allow,
+                                      ignore_patterns=ignore))
     except GatedRepoError as e:
         raise ModelNotFound(f"config.pretrained: {where} is gated and the worker's HF_TOKEN "
                             f"has no access ({_scrub(e)})", param="config.pretrained") from None

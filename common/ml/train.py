@@ -338,7 +338,7 @@ class Run:
                 if module.source(cfg) is None:  # random weights: keep them, once
                     self.base = {"uri": self._save_base(cfg, model, tokenizer)}
                 with blamed_on_spec("adapter"):
-                    model = with_adapter(model.to(dtype=self.base_dtype), s.adapter)
+                    model = with_adapter(model.to(dtype=self.base_dtype), s.adapter, module)
         if s.gradient_checkpointing:
             module.enable_gradient_checkpointing(base_of(model))
         self._stop_if_asked()

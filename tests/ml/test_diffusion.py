@@ -168,11 +168,10 @@ def test_config_problems_name_their_field(config: dict, problem: str) -> None:
 # ------------------------------------------------------------ a Stable Diffusion pipeline
 
 
-@pytest.fixture
-def pipeline_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """A tiny random Stable Diffusion pipeline saved with diffusers' own save_pretrained,
-    inside GENQ_PRETRAINED_ROOT; its tokenizer is a word-level one (a CLIP BPE tokenizer
-    needs vocabulary files the hub would provide)."""
+def save_tiny_pipeline(folder: Path) -> None:
+    """A tiny random Stable Diffusion pipeline saved with diffusers' own save_pretrained;
+    its tokenizer is a word-level one (a CLIP BPE tokenizer needs vocabulary files the hub
+    would provide)."""
     from diffusers import (
         AutoencoderKL,
         DDPMScheduler,
@@ -183,8 +182,6 @@ def pipeline_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pa
 
     from common.ml.families.diffusion import _fit_tokenizer
 
-    monkeypatch.setenv("GENQ_PRETRAINED_ROOT", str(tmp_path))
-    get_settings.cache_clear()
     torch.manual_seed(0)
     tokenizer = _fit_tokenizer([f"a handwritten digit {w}" for w in ("one", "two")], 8)
     pipe = StableDiffusionPipeline(
@@ -204,7 +201,15 @@ def pipeline_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pa
             norm_num_groups=4, attention_head_dim=4, cross_attention_dim=16),
         scheduler=DDPMScheduler(num_train_timesteps=100, clip_sample=False, steps_offset=1),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(tmp_path / "tiny-sd")
+    pipe.save_pretrained(folder)
+
+
+@pytest.fixture
+def pipeline_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """The tiny pipeline inside GENQ_PRETRAINED_ROOT, as `tiny-sd`."""
+    monkeypatch.setenv("GENQ_PRETRAINED_ROOT", str(tmp_path))
+    get_settings.cache_clear()
+    save_tiny_pipeline(tmp_path / "tiny-sd")
     yield tmp_path / "tiny-sd"
     get_settings.cache_clear()
 
@@ -234,3 +239,148 @@ def test_a_submitted_pipeline_must_be_a_pipeline_folder(pipeline_dir: Path) -> N
     (pipeline_dir.parent / "plain").mkdir()
     with pytest.raises(ValueError, match="model_index.json not found"):
         TrainSpec(family="diffusion", config={"pretrained": "plain"})
+
+
+def test_a_pipeline_keeps_its_text_encoder_and_vae_frozen(pipeline_dir: Path) -> None:
+    """Only the UNet of a pretrained pipeline computes gradients: the text encoder is as
+    frozen as the VAE (it once computed gradients no optimizer stepped)."""
+    module = get_family("diffusion")
+    spec = TrainSpec(family="diffusion", config={"pretrained": "tiny-sd"})
+    cfg, tokenizer = module.prepare(module.Config(**spec.config), load_data({"builtin": "digits"},
+                                                                           "image"))
+    model = module.build_model(cfg, tokenizer)
+    assert not any(p.requires_grad for p in model.text_encoder.parameters())
+    assert not any(p.requires_grad for p in model.vae.parameters())
+    assert all(p.requires_grad for p in model.unet.parameters())
+
+
+# ------------------------------------------------------------ a LoRA adapter on the UNet
+
+UNET_LORA = {"r": 4, "alpha": 8, "dropout": 0.1}
+
+
+def lora_spec(**extra: object) -> dict:
+    return {"family": "diffusion", "config": {"pretrained": "tiny-sd", "sample_steps": 2},
+            "steps": 6, "batch_size": 4, "grad_accum": 2, "warmup_steps": 2, "lr": 1e-2,
+            "weight_decay": 0.1, "checkpoint_every": 2, "eval_every": 2,
+            "adapter": dict(UNET_LORA), **extra}
+
+
+def test_a_unet_lora_resumes_exactly_and_checkpoints_the_adapter_alone(
+        pipeline_dir: Path, tmp_path: Path) -> None:
+    """Stop at step 3 and resume: bitwise the adapter of an uninterrupted run. Each
+    checkpoint holds peft's adapter files and the training state, not the pipeline; only
+    the UNet's attention projections are adapted, and the pipeline's weights stay as saved."""
+    from safetensors.torch import load_file
+
+    from common.ml.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+    from common.ml.checkpoint import MODEL_FILE
+    from tests.ml.conftest import stopped_at
+
+    spec = lora_spec()
+    straight = run_training(spec, tmp_path / "straight", hooks=TrainHooks())
+    stopped = stopped_at(spec, 3, tmp_path / "first")
+    assert stopped.stopped == "shutdown" and stopped.step == 3
+    resumed = run_training(spec, tmp_path / "second", hooks=TrainHooks(),
+                           resume_from=stopped.checkpoint)
+    assert resumed.step == 6
+    a = load_file(straight.checkpoint / ADAPTER_WEIGHTS)
+    b = load_file(resumed.checkpoint / ADAPTER_WEIGHTS)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k), "B moved off 0"
+    # the attention projections of the UNet alone (the VAE's attention is named alike)
+    adapted = {k.split(".lora_")[0] for k in a}
+    assert adapted and all(k.startswith("base_model.model.unet.") for k in adapted), adapted
+    assert {k.rsplit(".", 1)[-1] for k in adapted} == {"to_q", "to_k", "to_v", "0"}
+
+    files = {f.name for f in straight.checkpoint.iterdir()}
+    assert {ADAPTER_WEIGHTS, ADAPTER_CONFIG, "config.json", "state.pt"} <= files
+    assert MODEL_FILE not in files
+    meta = json.loads((straight.checkpoint / "config.json").read_text())
+    assert meta["adapter"] == {**UNET_LORA, "method": "lora", "target_modules": None,
+                               "merge": False}
+    assert meta["source"] == {"local_dir": str(pipeline_dir)} and "base" not in meta
+    unet_bytes = (pipeline_dir / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size
+    assert (straight.checkpoint / ADAPTER_WEIGHTS).stat().st_size < unet_bytes * 0.5
+
+    loaded = load_model(straight.checkpoint)  # the pipeline, then the adapter
+    from diffusers import UNet2DConditionModel
+
+    saved = UNet2DConditionModel.from_pretrained(pipeline_dir / "unet").state_dict()
+    base = loaded.model.get_base_model().unet.state_dict()
+    for name, tensor in saved.items():
+        here = base.get(name, base.get(name.replace(".weight", ".base_layer.weight").replace(
+            ".bias", ".base_layer.bias")))
+        assert here is not None and torch.equal(here, tensor), name
+    out = draw(loaded, GenRequest(key="a", prompt="a handwritten digit two", seed=1))["a"]
+    assert Image.open(io.BytesIO((out.images or [])[0])).size == (64, 64)
+
+
+def test_a_merged_unet_lora_draws_as_the_pipeline_with_its_adapter(pipeline_dir: Path,
+                                                                    tmp_path: Path) -> None:
+    from common.ml.checkpoint import MODEL_FILE
+
+    spec = lora_spec(steps=3, eval_every=None, checkpoint_every=1000,
+                     adapter={**UNET_LORA, "dropout": 0.0, "merge": True,
+                              "target_modules": "all-linear"})
+    outcome = run_training(spec, tmp_path, hooks=TrainHooks())
+    assert outcome.merged is not None and (outcome.merged / MODEL_FILE).is_file()
+    assert "adapter" not in json.loads((outcome.merged / "config.json").read_text())
+    module = get_family("diffusion")
+    assert isinstance(module, TextToImageFamily)
+    pictures = []
+    for path in (outcome.checkpoint, outcome.merged):
+        loaded = load_model(path)
+        torch.manual_seed(3)
+        pictures.append(module.images_for(loaded.model, loaded.tokenizer, loaded.config,
+                                          ["a handwritten digit one"] * 2, GenParams()))
+    torch.testing.assert_close(pictures[0], pictures[1], rtol=1e-4, atol=1e-4)
+
+
+def test_unet_lora_problems_name_their_field(pipeline_dir: Path, tmp_path: Path) -> None:
+    from common.errors import InvalidTrainSpec
+
+    def problem(config: dict) -> str:
+        with pytest.raises(ValueError) as e:
+            TrainSpec.model_validate({"family": "diffusion", "config": config,
+                                      "adapter": {}})
+        return str(e.value)
+
+    assert ("adapter: the diffusion family trains an adapter over a pretrained pipeline's "
+            "UNet only (give config.pretrained)") in problem({})
+    assert "config.ema_decay: not with an adapter" in problem({"pretrained": "tiny-sd",
+                                                               "ema_decay": 0.9})
+    spec = lora_spec(adapter={"target_modules": ["q_proj"]})  # the text encoder's names
+    with pytest.raises(InvalidTrainSpec, match=r"^adapter\.target_modules: no module of the "
+                                               r"UNet matches \['q_proj'\]"):
+        run_training(spec, tmp_path, hooks=TrainHooks())
+
+
+def test_a_hub_pipeline_fetches_only_what_the_family_loads() -> None:
+    """The files of stable-diffusion-v1-5 on the hub, through huggingface_hub's own filter
+    (the one snapshot_download applies): configs and safetensors of the five folders, not
+    the fp16 and non-EMA variants, pickles, the safety checker or the root's single files."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    from common.ml.pretrained import PIPELINE_FILES, PIPELINE_VARIANTS
+
+    wanted = ["model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json",
+              "text_encoder/model.safetensors", "tokenizer/merges.txt",
+              "tokenizer/special_tokens_map.json", "tokenizer/tokenizer_config.json",
+              "tokenizer/vocab.json", "unet/config.json",
+              "unet/diffusion_pytorch_model.safetensors", "vae/config.json",
+              "vae/diffusion_pytorch_model.safetensors"]
+    others = [".gitattributes", "README.md", "feature_extractor/preprocessor_config.json",
+              "safety_checker/config.json", "safety_checker/model.safetensors",
+              "safety_checker/model.fp16.safetensors", "text_encoder/model.fp16.safetensors",
+              "text_encoder/pytorch_model.bin", "unet/diffusion_pytorch_model.bin",
+              "unet/diffusion_pytorch_model.fp16.safetensors",
+              "unet/diffusion_pytorch_model.non_ema.safetensors",
+              "unet/diffusion_pytorch_model.non_ema.bin",
+              "vae/diffusion_pytorch_model.fp16.safetensors", "v1-5-pruned.safetensors",
+              "v1-5-pruned-emaonly.safetensors", "v1-5-pruned.ckpt", "v1-inference.yaml"]
+    fetched = filter_repo_objects(sorted(wanted + others), allow_patterns=PIPELINE_FILES,
+                                  ignore_patterns=PIPELINE_VARIANTS)
+    assert sorted(fetched) == sorted(wanted)

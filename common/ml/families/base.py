@@ -53,6 +53,8 @@ class Family(ABC, Generic[ConfigT, ModelT]):
     # the training spec's defaults for this family, used when a spec names no config and no
     # steps (TrainSpec): a recipe known to train a useful model on the built-in data
     RECIPE: ClassVar[dict[str, Any]] = {}
+    # peft's task type for a LoRA run's wrapper (TrainSpec.adapter); None: a plain PeftModel
+    ADAPTER_TASK: ClassVar[str | None] = None
     Config: type[ConfigT]
 
     @abstractmethod
@@ -80,6 +82,16 @@ class Family(ABC, Generic[ConfigT, ModelT]):
     def phase_params(self, model: ModelT, phase: str) -> list[nn.Parameter]:
         """The parameters that `phase`'s optimizer steps."""
         return list(model.parameters())
+
+    def adapter_problems(self, cfg: ConfigT) -> list[str]:
+        """Why a LoRA adapter (TrainSpec.adapter) cannot train over this config's model."""
+        return []
+
+    def adapter_targets(self, model: ModelT,
+                        names: list[str] | str | None) -> list[str] | str | None:
+        """peft's target_modules for the spec's: as given (None: peft's default for the
+        architecture); ValueError when they name nothing the adapter can wrap."""
+        return names
 
     def after_step(self, model: ModelT) -> None:
         """Called after each optimizer step (e.g. to update an EMA copy of the weights)."""

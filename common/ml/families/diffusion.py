@@ -11,7 +11,9 @@ step than cross-attention and draws the prompted digit as often.
 From a config, the model works in pixel space and its tokenizer is a word-level one fitted
 on the captions (or a CLIP tokenizer from a folder or hub id, `config.tokenizer`). With
 `config.pretrained`, a Stable Diffusion pipeline folder or hub id (unet, vae, text_encoder,
-tokenizer, scheduler) is loaded and the UNet is fine-tuned in the VAE's latent space.
+tokenizer, scheduler) is loaded and the UNet is fine-tuned in the VAE's latent space (its
+VAE and text encoder frozen): every UNet weight, or a LoRA adapter on the UNet through peft
+(TrainSpec.adapter; common/ml/adapters.py wraps the whole model, targeting UNet modules only).
 """
 
 from __future__ import annotations
@@ -29,7 +31,15 @@ from common.errors import ConfigProblem, ModelNotFound
 from common.gen_params import GenParams
 from common.ml.data import ImageData, TextData
 from common.ml.families.base import SUBMITTED, FamilyConfig, TextToImageFamily
-from common.ml.pretrained import ModelSource, Resolved, is_hub_id, resolve
+from common.ml.pretrained import (
+    PIPELINE_FILES,
+    PIPELINE_VARIANTS,
+    TOKENIZER_FILES,
+    ModelSource,
+    Resolved,
+    is_hub_id,
+    resolve,
+)
 
 PAD, UNK = "[PAD]", "[UNK]"
 TOKENIZER_DIR = "tokenizer"
@@ -39,6 +49,9 @@ ARCH_FIELDS = ("block_channels", "attention_levels", "text_embedding", "layers_p
                "attention_head_dim", "norm_groups", "text_width", "text_layers", "text_heads",
                "max_caption_tokens", "tokenizer", "train_timesteps", "beta_schedule",
                "prediction")
+# A UNet LoRA's modules when the adapter names none: the attention projections (diffusers'
+# own LoRA training script's choice)
+UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
 class DiffusionConfig(FamilyConfig):
@@ -128,7 +141,8 @@ class DiffusionConfig(FamilyConfig):
 
 
 class TextToImage(nn.Module):
-    """The trained parts (text encoder, UNet, its EMA copy) and the frozen VAE, if any."""
+    """The trained parts (UNet, its EMA copy, a from-config text encoder) and the frozen
+    parts of a pretrained pipeline (VAE, text encoder)."""
 
     # diffusers and transformers modules (their configs are read as attributes)
     text_encoder: Any
@@ -150,8 +164,9 @@ class TextToImage(nn.Module):
                     if cfg.ema_decay else None)
         if self.ema is not None:
             self.ema.requires_grad_(False)
-        if vae is not None:
+        if vae is not None:  # a pretrained pipeline: only its UNet trains (phase_params)
             vae.requires_grad_(False)
+            text_encoder.requires_grad_(False)
         self.register_buffer("empty_ids", empty_ids, persistent=False)  # the caption ""
 
     @property
@@ -204,7 +219,8 @@ class DiffusionFamily(TextToImageFamily[DiffusionConfig, TextToImage]):
             tokenizer = self._load_clip_tokenizer(found.path / "tokenizer")
             update["commit"] = found.commit
         elif cfg.tokenizer is not None:
-            tokenizer = self._load_clip_tokenizer(self._resolve(cfg.tokenizer, None).path)
+            path = resolve(cfg.tokenizer, None, allow=TOKENIZER_FILES).path
+            tokenizer = self._load_clip_tokenizer(path)
         else:
             tokenizer = _fit_tokenizer(data.captions, cfg.max_caption_tokens)
         _, c, h, w = data.images.shape
@@ -212,7 +228,8 @@ class DiffusionFamily(TextToImageFamily[DiffusionConfig, TextToImage]):
         return cfg.model_copy(update=update), tokenizer
 
     def _resolve(self, name: str, revision: str | None) -> Resolved:
-        return resolve(name, revision)
+        """A pipeline's folder, or from the hub only the files the family loads."""
+        return resolve(name, revision, allow=PIPELINE_FILES, ignore=PIPELINE_VARIANTS)
 
     def _load_clip_tokenizer(self, path: Path) -> Any:
         try:
@@ -326,11 +343,37 @@ class DiffusionFamily(TextToImageFamily[DiffusionConfig, TextToImage]):
 
     def phase_params(self, model: TextToImage, phase: str) -> list[nn.Parameter]:
         """The UNet; the text encoder too when it was built from a config (a pretrained
-        pipeline's CLIP encoder stays frozen, as Stable Diffusion fine-tuning does)."""
+        pipeline's CLIP encoder stays frozen, as Stable Diffusion fine-tuning does). Under
+        a LoRA adapter the training loop keeps only the adapter's (requires_grad)."""
         params = list(model.unet.parameters())
         if model.vae is None:
             params += list(model.text_encoder.parameters())
         return params
+
+    def adapter_problems(self, cfg: DiffusionConfig) -> list[str]:
+        """A UNet LoRA adapts a pretrained pipeline: over a from-config model's random
+        weights it would learn next to nothing; the EMA copy averages a whole UNet."""
+        problems = []
+        if cfg.pretrained is None:
+            problems.append("adapter: the diffusion family trains an adapter over a pretrained "
+                            "pipeline's UNet only (give config.pretrained)")
+        if cfg.ema_decay is not None:
+            problems.append("config.ema_decay: not with an adapter (generation uses the "
+                            "adapter's own weights)")
+        return problems
+
+    def adapter_targets(self, model: TextToImage,
+                        names: list[str] | str | None) -> list[str] | str | None:
+        """The full names of the UNet's modules the adapter wraps (peft would also match the
+        VAE's attention, named alike): those ending in one of `names` (a dotted suffix, as
+        peft matches), every nn.Linear for "all-linear", the attention projections for None."""
+        wanted = UNET_LORA_TARGETS if names is None else names
+        found = [f"unet.{name}" for name, module in model.unet.named_modules()
+                 if (isinstance(module, nn.Linear) if wanted == "all-linear" else
+                     any(name == t or name.endswith(f".{t}") for t in wanted))]
+        if not found:
+            raise ValueError(f"no module of the UNet matches {wanted}")
+        return found
 
     def after_step(self, model: TextToImage) -> None:
         if model.ema is not None:
