@@ -66,6 +66,10 @@ def redis_server() -> Iterator[str]:
             "no",
             "--dir",
             str(data),
+            # one db per stack-owning test and backend (tests/test_scheduling.py's
+            # PostgreSQL variants use the db 16 above their SQLite one)
+            "--databases",
+            "64",
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -64,6 +65,56 @@ def test_generate_prints_texts(stack, trained_lstm, cli_env, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "submitted job_" in done.stdout
     assert "0 The " in done.stdout and "1 def " in done.stdout
+
+
+def newest_job(stack) -> str:  # type: ignore[no-untyped-def]
+    return stack.client().list_jobs(limit=1)["data"][0]["id"]
+
+
+def test_generate_one_label_conditions_every_image(stack, cli_env, tmp_path):
+    """Issue 24: `--n 4 --label 7` asks for four 7s (not one 7 and three of anything);
+    labels that match neither one nor n are refused by name before anything is sent."""
+    from tests.test_families import train
+
+    model = train(stack, "gan", 5)["result"]["model"]  # on labelled digits: conditional
+    done = genq("generate", model, "--n", "4", "--label", "7", "--seed", "1",
+                "--out", str(tmp_path), env=cli_env, timeout=180)
+    assert done.returncode == 0, done.stderr
+    job_id = done.stdout.split("submitted ", 1)[1].split()[0]
+    items = list(stack.client().items(job_id))
+    assert [item["request"]["gen"]["label"] for item in items] == [7, 7, 7, 7]
+    assert [item["status"] for item in items] == ["succeeded"] * 4
+    assert len(list(tmp_path.glob("*.png"))) == 4
+
+    before = newest_job(stack)
+    wrong = genq("generate", model, "--n", "4", "--label", "1", "--label", "2", env=cli_env)
+    assert wrong.returncode == 2, wrong.stdout + wrong.stderr
+    assert "--label" in wrong.stderr and "Traceback" not in wrong.stderr + wrong.stdout
+    assert "submitted" not in wrong.stdout
+    assert newest_job(stack) == before  # nothing reached the API
+
+
+def test_generate_says_how_many_items_failed_and_why(stack, cli_env, tmp_path):
+    """Issue 24: items a model cannot serve end the CLI's output with one summary line and
+    one line per distinct reason (with its count), not the raw message of each item."""
+    from tests.test_families import train
+
+    unconditional = train(stack, "gan", 5, config={"hidden": 32, "latent": 8,
+                                                   "conditional": False})["result"]["model"]
+    done = genq("generate", unconditional, "--n", "3", "--label", "3", "--out", str(tmp_path),
+                env=cli_env, timeout=180)
+    assert "Traceback" not in done.stdout + done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert lines == ["3 of 3 item(s) failed:",
+                     "  3 × label: the model is unconditional (trained without labels)"], (
+        done.stderr)
+
+    conditional = train(stack, "gan", 5)["result"]["model"]  # ten classes: labels 0-9
+    some = genq("generate", conditional, "--n", "3", "--label", "7", "--label", "12",
+                "--label", "40", "--out", str(tmp_path), env=cli_env, timeout=180)
+    lines = some.stderr.strip().splitlines()
+    assert lines == ["2 of 3 item(s) failed:", "  2 × label: must be in [0, 9]"], some.stderr
+    assert "saved 1 file(s)" in some.stdout, some.stdout  # the 7 was drawn all the same
 
 
 def test_watch_follows_a_running_job_to_the_end(stack, cli_env):
@@ -270,6 +321,45 @@ def test_genq_up_restarts_a_crashed_child_and_gives_up_on_repeated_crashes(tmp_p
     assert "api exited 3 times within 5 minutes (last code -9); stopping the stack" in output
     assert "Traceback" not in output and "stopped." in output
     wait_for(lambda: not any(alive(pid) for pid in children), timeout=10)
+
+
+def test_genq_up_stops_on_sigterm_as_on_ctrl_c(tmp_path):
+    """Issue 24: SIGTERM (a CI runner, `timeout`, systemd's stop) stops `genq up` as Ctrl-C
+    does: every child it started is gone, and it exits 0 after saying "stopped."."""
+    api = _free_port()
+    env = up_env(api=api, redis=_free_port(), flower=_free_port())
+    log = open(tmp_path / "up.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "api.cli", "up", "--no-flower"],
+                            cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    children: set[int] = set()
+
+    def ready() -> bool:
+        assert proc.poll() is None, (tmp_path / "up.log").read_text()
+        try:
+            healthy = httpx.get(f"http://127.0.0.1:{api}/healthz", timeout=1).is_success
+        except httpx.HTTPError:
+            return False
+        return healthy and (tmp_path / ".genq" / "api_key").exists()
+
+    try:
+        wait_for(ready, timeout=90, interval=0.3)
+        worker = child_running(proc.pid, "api.cli worker")
+        wait_for(lambda: descendants(worker), timeout=60)  # its pool child too
+        children.update(descendants(proc.pid))
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(120)
+        output = (tmp_path / "up.log").read_text()
+        assert code == 0, output
+        assert "Traceback" not in output and "stopped." in output, output
+        assert len(children) >= 4, children  # redis, api, worker and its pool child
+        wait_for(lambda: not any(alive(pid) for pid in children), timeout=30)
+    finally:  # a failure leaves nothing of the stack running beside the rest of the suite
+        if proc.poll() is None:
+            children.update(descendants(proc.pid))
+        for pid in [*children, proc.pid]:
+            if alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
 
 def test_genq_up_busy_port_is_one_line(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 
 import httpx
 import pytest
@@ -17,9 +18,16 @@ from tests.test_cli import TINY_LSTM, genq
 @contextmanager
 def one_worker_stack(redis_server: str, redis_db: int, worker: str, env: dict[str, str],
                      backend: str = "sqlite") -> Iterator[tuple[Stack, str]]:
-    """An API and one worker on the cpu queue, on a database and a Redis db of their own."""
+    """An API and one worker on the cpu queue, on a database and a Redis db of their own
+    (redis_db for SQLite, 16 above it for PostgreSQL), emptied first: nothing a failed
+    earlier run left on that db is counted or taken."""
+    import redis
+
+    index = redis_db + (16 if backend == "postgresql" else 0)
+    broker = f"{redis_server.rsplit('/', 1)[0]}/{index}"
+    redis.Redis.from_url(broker).flushdb()
     with fresh_database(backend) as db:
-        stack = start_stack(db, f"{redis_server.rsplit('/', 1)[0]}/{redis_db}", env_extra=env)
+        stack = start_stack(db, broker, env_extra=env)
         try:
             stack.start_worker(worker, queues="cpu")
             yield stack, db
@@ -45,10 +53,12 @@ def queue_depth(stack, queue: str) -> float:  # type: ignore[no-untyped-def]
     return metric(stack, "genq_queue_depth", queue=queue)
 
 
-def test_an_urgent_job_is_the_next_one_a_busy_worker_takes(redis_server):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_urgent_job_is_the_next_one_a_busy_worker_takes(redis_server, backend):
     """One worker busy; five priority-0 jobs, then one priority-9 job: the urgent one runs
     next, and the others in the order they came."""
-    with one_worker_stack(redis_server, 10, "p1", {"GENQ_CANCEL_GRACE_S": "1"}) as (stack, db):
+    with one_worker_stack(redis_server, 10, "p1", {"GENQ_CANCEL_GRACE_S": "1"},
+                          backend) as (stack, db):
         c = stack.client()
         busy = c.create_job({**LONG, "queue": "cpu"})
         wait_for(lambda: c.get_job(busy["id"])["status"] == "running", timeout=60)
@@ -80,7 +90,9 @@ def test_an_urgent_job_is_the_next_one_a_busy_worker_takes(redis_server):
         assert order == [urgent["id"], *(j["id"] for j in waiting)], order
 
 
-def test_a_later_small_batch_of_another_owner_is_not_stuck_behind_a_big_one(redis_server):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_later_small_batch_of_another_owner_is_not_stuck_behind_a_big_one(redis_server,
+                                                                             backend):
     """Owner A's 15-shard batch, then owner B's 1-shard batch, on one worker: B's completes
     while A's still has most of its shards to go, and A's output has every custom_id once."""
     import io
@@ -92,7 +104,8 @@ def test_a_later_small_batch_of_another_owner_is_not_stuck_behind_a_big_one(redi
     from common.models import Job
     from tests.test_batches import jsonl, lines_for, read_jsonl, sdk
 
-    with one_worker_stack(redis_server, 11, "s1", {"GENQ_SHARD_SIZE": "4"}) as (stack, db):
+    with one_worker_stack(redis_server, 11, "s1", {"GENQ_SHARD_SIZE": "4"},
+                          backend) as (stack, db):
         with session_factory(engine_for(db))() as s:
             _, key_b = create_key(s, owner="owner-b")
         clients = {}
@@ -140,37 +153,213 @@ PREEMPTED = {"type": "train", "family": "lstm", "steps": 2000, "batch_size": 8, 
              "data": {"builtin": "python-docs"}, "queue": "cpu"}
 
 
+def at(value: str | datetime) -> datetime:
+    """A time from the API (ISO text) or from SQL, as an aware datetime to compare."""
+    moment = datetime.fromisoformat(value) if isinstance(value, str) else value
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
 @pytest.mark.timeout(900)  # two runs of PREEMPTED (the queue's, the reference) on 2 loaded cores
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_an_urgent_job_preempts_a_long_low_priority_run_which_resumes_exactly(
-        redis_server, tmp_path):
-    """A long priority-0 training run on the only worker, then a priority-9 job: after
-    GENQ_PREEMPT_AFTER_S the run checkpoints and steps aside (without spending an attempt),
-    the urgent job runs, and the run resumes to weights bit-equal to an uninterrupted one."""
+        redis_server, tmp_path, backend):
+    """A long priority-3 training run on the only worker, then a priority-1 job and a
+    priority-9 one: after GENQ_PREEMPT_AFTER_S the run checkpoints and steps aside (without
+    spending an attempt), the urgent job runs, then the run, re-queued at its own priority,
+    before the priority-1 job that came first; it resumes to weights bit-equal to an
+    uninterrupted one."""
     from common.ml.checkpoint import load_model
     from common.ml.train import TrainHooks, run_training
     from common.schemas import TrainJobSpec
     from tests.test_reliability import assert_same_weights, final_weights, workers_thread_count
 
-    with one_worker_stack(redis_server, 12, "e1", {"GENQ_PREEMPT_AFTER_S": "1"}) as (stack, db):
+    after_s = 1.0
+    with one_worker_stack(redis_server, 12, "e1", {"GENQ_PREEMPT_AFTER_S": str(after_s)},
+                          backend) as (stack, db):
         c = stack.client()
-        long = c.create_job(PREEMPTED)
+        long = c.create_job({**PREEMPTED, "priority": 3})
         wait_for(lambda: c.get_job(long["id"])["progress"]["done"] >= 50, timeout=120)
+        # waits behind the run (priority 3 >= 1: no preemption for it), sent before the
+        # run is re-queued: only the run's own priority puts the run back ahead of it
+        behind = c.create_job({**TINY_LSTM, "queue": "cpu", "priority": 1})
         kept = c.create_job({**TINY_LSTM, "queue": "cpu", "priority": 9,
                              "preemptible": False})
         done_urgent = c.wait(kept["id"], timeout=120)
         assert done_urgent["status"] == "succeeded", done_urgent
         done = c.wait(long["id"], timeout=300)
         assert done["status"] == "succeeded", done
+        done_behind = c.wait(behind["id"], timeout=120)
+        assert done_behind["status"] == "succeeded", done_behind
         assert [a["error"]["code"] for a in done["attempts"]] == ["preempted"]
-        assert done["attempts"][0]["error"]["checkpoint_id"]
+        assert done["priority"] == 3 and done["attempt"] == 2
         assert metric(stack, "genq_preemptions_total") == 1
-        assert done_urgent["finished_at"] < done["finished_at"]
-        assert done_urgent["started_at"] > done["started_at"]
+
+        # the order of events, from the job's log lines (not from how long anything took):
+        # the run starts, checkpoints for the urgent job, the urgent job starts and ends,
+        # the run resumes from that checkpoint, and only then the priority-1 job starts
+        preempt_ckpt = done["attempts"][0]["error"]["checkpoint_id"]
+        lines = c.logs(long["id"])
+        saved = [(line["message"].split()[1], at(line["at"])) for line in lines
+                 if line["message"].startswith("checkpoint ")]  # "checkpoint ID at step N"
+        resumed = [at(line["at"]) for line in lines
+                   if line["message"].startswith(f"resuming from checkpoint {preempt_ckpt} ")]
+        assert len(resumed) == 1, lines
+        assert at(done["started_at"]) < dict(saved)[preempt_ckpt] <= at(
+            done_urgent["started_at"])
+        assert at(done_urgent["finished_at"]) <= resumed[0] < at(done_behind["started_at"])
+
+        # how long the urgent job waited, bounded by what the issue allows (after_s, then a
+        # step and a checkpoint of the run: at most one checkpoint interval of it), the
+        # reaper's round, and minutes of margin for a loaded machine, never a tight figure
+        interval = max((b - a).total_seconds() for (ckpt, a), (_, b)
+                       in zip(saved, saved[1:], strict=False)
+                       if ckpt != preempt_ckpt)  # not the pause the urgent job took
+        waited = (at(done_urgent["started_at"]) - at(kept["created_at"])).total_seconds()
+        assert waited <= after_s + 1 + interval + 120, (waited, interval)
+
         with workers_thread_count():
             spec = TrainJobSpec.model_validate(PREEMPTED)
             out = run_training(spec, tmp_path / "ref", hooks=TrainHooks())
         reference = load_model(out.checkpoint).model.state_dict()
         assert_same_weights(final_weights(stack, done["result"]["checkpoint_id"]), reference)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_urgent_job_preempts_a_batch_shard_which_keeps_its_items(redis_server, backend):
+    """A long batch shard (priority 0) on the only worker, then a priority-9 job: the shard
+    yields at its next item chunk (its finished items kept), goes back to `queued` without
+    spending an attempt, the urgent job runs, and the batch still completes with every
+    custom_id exactly once."""
+    import io
+
+    from sqlalchemy import func, select
+
+    from common.db import engine_for, session_factory
+    from common.models import Item, Job
+    from tests.test_batches import jsonl, lines_for, read_jsonl, sdk
+
+    env = {"GENQ_PREEMPT_AFTER_S": "1", "GENQ_SHARD_SIZE": "1000", "GENQ_ITEM_CHUNK": "4"}
+    with one_worker_stack(redis_server, 20, "g1", env, backend) as (stack, db):
+        c = stack.client()
+        model = c.wait(c.create_job({**TINY_LSTM, "queue": "cpu"})["id"],
+                       timeout=120)["result"]["model"]
+        client = sdk(stack)
+        rows = lines_for(model, 200, max_tokens=300)  # seeded: one by one, ~0.1 s each
+        upload = client.files.create(file=("in.jsonl", io.BytesIO(jsonl(rows))),
+                                     purpose="batch")
+        batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/completions",
+                                      completion_window="24h")
+        sessions = session_factory(engine_for(db))
+
+        def running_shard() -> str | None:
+            """The batch's shard under way with items written (a shard is about 1,000)."""
+            with sessions() as s:
+                return s.scalar(select(Job.id).where(
+                    Job.parent_id == batch.id, Job.status == "running", Job.progress_done > 0))
+
+        shard_id = wait_for(running_shard, timeout=120)
+        urgent = c.create_job({**TINY_LSTM, "queue": "cpu", "priority": 9})
+        done_urgent = c.wait(urgent["id"], timeout=180)
+        assert done_urgent["status"] == "succeeded", done_urgent
+        done = wait_for(lambda: (b := client.batches.retrieve(batch.id)).status
+                        in ("completed", "failed") and b, timeout=420, interval=1)
+        assert done.status == "completed", done
+        ids = [o["custom_id"] for o in read_jsonl(client, done.output_file_id)]
+        assert sorted(ids) == sorted(r["custom_id"] for r in rows)  # each exactly once
+        with sessions() as s:
+            shard = s.get(Job, shard_id)
+            assert shard is not None
+            items = s.scalar(select(func.count()).select_from(Item)
+                             .where(Item.job_id == shard_id))
+            (attempt,) = shard.attempts_log
+            assert (shard.status, shard.attempt, shard.failures) == ("succeeded", 2, 0)
+            assert shard.priority == 0  # re-queued at its own priority
+            assert shard.finished_at is not None
+            shard_finished = shard.finished_at
+        assert attempt["error"]["code"] == "preempted"
+        assert 0 < attempt["progress"] < len(rows), attempt  # yielded with items kept
+        assert items == len(rows)
+        assert at(done_urgent["finished_at"]) < at(shard_finished)
+        assert metric(stack, "genq_preemptions_total") == 1
+
+
+@pytest.fixture
+def own_broker(redis_server, monkeypatch):  # type: ignore[no-untyped-def]
+    """This process sends to an empty Redis db of its own, which no worker consumes."""
+    import redis
+
+    from common.celery_app import get_celery
+    from common.config import get_settings
+
+    broker = f"{redis_server.rsplit('/', 1)[0]}/21"
+    redis.Redis.from_url(broker).flushdb()
+    monkeypatch.setenv("GENQ_BROKER_URL", broker)
+    get_settings.cache_clear()
+    get_celery.cache_clear()
+    yield broker
+    monkeypatch.undo()
+    get_settings.cache_clear()
+    get_celery.cache_clear()
+
+
+def test_release_shards_takes_owners_in_turn_by_priority_in_slots(own_broker, session):  # type: ignore[no-untyped-def]
+    """SQL level, on SQLite and PostgreSQL (its window function): each round sends only as
+    many held shards as the queue's live workers have slots (two each), the most urgent
+    first, then the owner with the fewest shards under way, then the oldest."""
+    import uuid
+    from datetime import timedelta
+
+    from sqlalchemy import select
+
+    from common.celery_app import messages_waiting
+    from common.dispatch import release_shards
+    from common.models import Job, Worker, utcnow
+
+    now = utcnow()
+    session.add(Worker(hostname="f@h", queues="cpu", pid=1, version="t", heartbeat_at=now))
+    created = iter(range(100))
+
+    def shard(owner: str, priority: int = 0) -> str:
+        n = next(created)  # each shard a second newer than the one before
+        row = Job(id=f"job_{owner}{n:02d}{uuid.uuid4().hex[:4]}", owner=owner, type="shard",
+                  queue="cpu", priority=priority, spec={},
+                  created_at=now - timedelta(seconds=100 - n))
+        session.add(row)
+        return row.id
+
+    a = [shard("a") for _ in range(4)]  # the oldest batch
+    b = [shard("b") for _ in range(3)]
+    (c,) = [shard("c", priority=5)]  # the newest, but urgent
+    session.commit()
+
+    def sent() -> set[str]:
+        session.expire_all()
+        return set(session.scalars(select(Job.id).where(
+            Job.enqueued_at.is_not(None), Job.status == "queued")))
+
+    def finish(*ids: str, status: str = "succeeded") -> None:
+        for job_id in ids:
+            session.get(Job, job_id).status = status
+        session.commit()
+
+    assert release_shards(session, "cpu") == 2  # one worker: two slots
+    assert sent() == {c, a[0]}  # priority first, then the oldest of equals
+    assert messages_waiting("cpu") == 2  # on the broker, not only marked in SQL
+    assert release_shards(session) == 0  # every slot taken (all queues with held shards)
+    finish(c, a[0])
+    assert release_shards(session, "cpu") == 2
+    assert sent() == {a[1], b[0]}  # a and b in turn, not a's whole batch first
+    finish(b[0])
+    finish(a[1], status="running")  # still under way: counts against a
+    assert release_shards(session, "cpu") == 1
+    assert sent() == {b[1]}  # b has none under way, a has one
+    session.add(Worker(hostname="g@h", queues="cpu", pid=2, version="t", heartbeat_at=now))
+    session.commit()
+    assert release_shards(session, "cpu") == 2  # a second worker: two more slots
+    assert sent() == {b[1], a[2], b[2]}
+    assert release_shards(session) == 0
+    assert messages_waiting("cpu") == 7  # every shard sent once
 
 
 def test_priority_9_and_non_preemptible_jobs_are_never_preempted(session):  # type: ignore[no-untyped-def]
@@ -216,8 +405,7 @@ def test_a_quota_holds_an_owners_jobs_until_it_is_under_it_again(redis_server, b
     from common.db import engine_for, session_factory
     from common.models import Job, new_id, utcnow
 
-    redis_db = 13 if backend == "sqlite" else 15
-    with one_worker_stack(redis_server, redis_db, "q1", {"GENQ_REAPER_INTERVAL_S": "1"},
+    with one_worker_stack(redis_server, 13, "q1", {"GENQ_REAPER_INTERVAL_S": "1"},
                           backend) as (stack, db):
         c = stack.client()
         with session_factory(engine_for(db))() as s:
