@@ -16,7 +16,7 @@ import anyio.from_thread
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from common.errors import InvalidSpec, TooLarge
+from common.errors import InvalidSpec
 
 FIELD_BYTES = 1024  # a form field other than the file (`purpose`) is a short word
 PART_END = None
@@ -83,16 +83,6 @@ def form_parts(body: Iterator[bytes], content_type: str) -> Iterator[FormPart]:
             part = FormPart(event.name, event.filename, events)
             yield part
             part.skip()
-
-
-def capped_body(chunks: Iterator[bytes], cap: int) -> Iterator[bytes]:
-    """The body's chunks, cut with a 413 naming `file` at the first byte past cap."""
-    seen = 0
-    for chunk in chunks:
-        seen += len(chunk)
-        if seen > cap:
-            raise TooLarge(f"the upload is larger than {cap} bytes", param="file")
-        yield chunk
 
 
 def body_from_thread(stream: AsyncIterator[bytes]) -> Iterator[bytes]:

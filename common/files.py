@@ -45,6 +45,16 @@ class StoredBytes:
     filename: str
 
 
+def capped(chunks: Iterator[bytes], cap: int) -> Iterator[bytes]:
+    """The chunks, cut with a 413 naming `file` at the first byte past cap."""
+    seen = 0
+    for chunk in chunks:
+        seen += len(chunk)
+        if seen > cap:
+            raise TooLarge(f"file is larger than {cap} bytes", param="file")
+        yield chunk
+
+
 def store_bytes(storage: Storage, *, filename: str, chunks: Iterator[bytes],
                 limit: int | None = None) -> StoredBytes:
     """Stream chunks to storage, 413 at the first byte past the size limit; whatever the
@@ -53,16 +63,8 @@ def store_bytes(storage: Storage, *, filename: str, chunks: Iterator[bytes],
     key = f"files/{file_id}"
     cap = get_settings().max_upload_bytes if limit is None else limit
 
-    def capped() -> Iterator[bytes]:
-        seen = 0
-        for chunk in chunks:
-            seen += len(chunk)
-            if seen > cap:
-                raise TooLarge(f"file is larger than {cap} bytes", param="file")
-            yield chunk
-
     try:
-        uri, size, _ = storage.put_stream(key, capped())
+        uri, size, _ = storage.put_stream(key, capped(chunks, cap))
     except BaseException:  # over the cap, a malformed or cut body, a client gone
         storage.delete(key + ".tmp")
         storage.delete(key)

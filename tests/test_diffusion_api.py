@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import time
 import uuid
 
 import openai
@@ -16,6 +15,7 @@ from PIL import Image
 
 from api.client import Client
 from common.errors import GenqAPIError
+from tests.test_batches import run_batch
 from tests.test_cli import genq
 
 TINY = {"block_channels": [8, 16], "norm_groups": 4, "attention_head_dim": 4, "text_width": 16,
@@ -111,15 +111,7 @@ def test_openai_sdk_batch_on_images_generations(stack, model):  # type: ignore[n
     assert errors[4] == ("invalid_value", "body.label",
                          "body.label: a text-to-image model draws for a prompt, not a label")
 
-    upload = sdk.files.create(file=("in.jsonl", io.BytesIO(b"".join(
-        json.dumps(r).encode() + b"\n" for r in rows[:2]))), purpose="batch")
-    batch = sdk.batches.create(input_file_id=upload.id, endpoint="/v1/images/generations",
-                               completion_window="24h")
-    deadline = time.monotonic() + 120
-    while batch.status not in ("completed", "failed", "cancelled", "expired"):
-        assert time.monotonic() < deadline, batch
-        time.sleep(0.3)
-        batch = sdk.batches.retrieve(batch.id)
+    batch = run_batch(sdk, rows[:2], "/v1/images/generations", timeout=120)
     assert batch.status == "completed" and batch.request_counts.completed == 2, batch
     lines = {json.loads(line)["custom_id"]: json.loads(line)["response"]["body"]
              for line in sdk.files.content(batch.output_file_id).text.splitlines()}
@@ -190,15 +182,7 @@ def test_unet_lora_models_of_one_pipeline_train_register_and_draw_in_one_batch(s
     rows = [{"custom_id": name, "method": "POST", "url": "/v1/images/generations",
              "body": {"model": name, "prompt": "a handwritten digit two", "seed": 1,
                       "response_format": "b64_json"}} for name in names]
-    upload = sdk.files.create(file=("in.jsonl", io.BytesIO(b"".join(
-        json.dumps(r).encode() + b"\n" for r in rows))), purpose="batch")
-    batch = sdk.batches.create(input_file_id=upload.id, endpoint="/v1/images/generations",
-                               completion_window="24h")
-    deadline = time.monotonic() + 300
-    while batch.status not in ("completed", "failed", "cancelled", "expired"):
-        assert time.monotonic() < deadline, batch
-        time.sleep(0.5)
-        batch = sdk.batches.retrieve(batch.id)
+    batch = run_batch(sdk, rows, "/v1/images/generations", timeout=300)
     assert batch.status == "completed" and batch.request_counts.completed == 3, batch
     for line in sdk.files.content(batch.output_file_id).text.splitlines():
         (entry,) = json.loads(line)["response"]["body"]["data"]

@@ -10,7 +10,7 @@ from fastapi.responses import StreamingResponse
 
 from api.deps import OwnerDep, SessionDep
 from api.json_body import GenqRoute
-from api.upload_form import body_from_thread, capped_body, form_parts
+from api.upload_form import body_from_thread, form_parts
 from common import files
 from common.batches.schemas import FileDeleted, FileList, FileOut
 from common.config import get_settings
@@ -51,7 +51,7 @@ def upload_file(request: Request, session: SessionDep, owner: OwnerDep) -> FileO
 def _read_upload(request: Request, storage: Storage) -> tuple[str, files.StoredBytes]:
     """The form's `purpose`, and its `file` streamed to storage under GENQ_MAX_UPLOAD_BYTES
     as it arrives (checked against `purpose` first when that came first)."""
-    body = capped_body(body_from_thread(request.stream()),
+    body = files.capped(body_from_thread(request.stream()),
                        get_settings().max_upload_bytes + MULTIPART_SLACK)
     purpose: str | None = None
     stored: files.StoredBytes | None = None
