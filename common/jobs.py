@@ -369,7 +369,8 @@ def _take_over(session: Session, job: Job, *, worker: str, pid: int, task_id: st
     return Claim(job, "taken_over") if taken == 1 else Claim(None, "lost the takeover race")
 
 
-def recover_lost_child(session: Session, job_id: str, attempt: int, *, worker: str) -> str | None:
+def recover_lost_child(session: Session, job_id: str, attempt: int, *,
+                       worker: str) -> JobStatus | None:
     """The worker's main process saw its pool child die while running (job_id, attempt):
     fail that attempt as worker_lost now, so the job is queued again at once (behind any
     backlog) instead of waiting for its lease or for the rejected message to come round.
@@ -387,7 +388,7 @@ def recover_lost_child(session: Session, job_id: str, attempt: int, *, worker: s
         return None
     if job.cancel_requested:
         finish_job(session, job, status=JobStatus.cancelled)
-        return "cancelled"
+        return JobStatus.cancelled
     error = {"code": "worker_lost", "message": f"pool process {job.worker_pid} died",
              "retryable": True}
     return fail_job(session, job, error)
@@ -479,7 +480,8 @@ def _release_owners_next(session: Session, owner: str) -> None:
         log.warning("owner %s: held jobs left to the reaper's round: %s", owner, exc)
 
 
-def fail_job(session: Session, job: Job, error: dict[str, Any], *, final: bool = False) -> str:
+def fail_job(session: Session, job: Job, error: dict[str, Any], *,
+             final: bool = False) -> JobStatus:
     """Fail the attempt: re-queue with back-off if retryable and attempts remain, else fail.
 
     Only attempts that made no durable progress count against max_attempts: they are the
@@ -493,7 +495,7 @@ def fail_job(session: Session, job: Job, error: dict[str, Any], *, final: bool =
     if error["retryable"] and not final and failures < job.max_attempts:
         delay = get_settings().retry_backoff_s * 2 ** max(failures - 1, 0)
         requeue_job(session, job, reason=error, spend=spend, delay_s=delay, progress=progress)
-        return "queued"
+        return JobStatus.queued
     session.execute(
         update(Job)
         .where(Job.id == job.id, Job.attempt == job.attempt)
@@ -501,7 +503,7 @@ def fail_job(session: Session, job: Job, error: dict[str, Any], *, final: bool =
         .execution_options(synchronize_session=False)
     )
     finish_job(session, job, status=JobStatus.failed, error=error)
-    return "failed"
+    return JobStatus.failed
 
 
 def requeue_job(
