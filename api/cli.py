@@ -22,6 +22,7 @@ from api.follow import describe_end, follow
 from common.batches.schemas import BATCH_FINISHED, BatchStatus
 from common.config import get_settings
 from common.errors import GenqAPIError
+from common.family_names import ALIASES, CLASSES
 from common.gpus import machine_gpu_count
 
 app = typer.Typer(
@@ -308,11 +309,16 @@ def keys_list() -> None:
 
 # ------------------------------------------------------------------ jobs
 
+_ALIAS_OF = {name: alias for alias, name in ALIASES.items()}
+# "vae | gan | diffusion | lstm | lm (alias gpt)"
+FAMILY_CHOICES = " | ".join(f"{name} (alias {_ALIAS_OF[name]})" if name in _ALIAS_OF else name
+                            for name in CLASSES)
+
 
 @app.command()
 @friendly
 def train(
-    family: Annotated[str, typer.Argument(help="vae | gan | diffusion | lstm | lm (alias gpt)")],
+    family: Annotated[str, typer.Argument(help=FAMILY_CHOICES)],
     steps: Annotated[int | None, typer.Option(
         help="Default 200; diffusion with no --config: its recipe's")] = None,
     name: Annotated[str | None, typer.Option(help="Model name to register")] = None,

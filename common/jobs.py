@@ -24,6 +24,7 @@ from common.config import get_settings
 from common.db import rows_changed
 from common.dispatch import dispatch, release_held
 from common.errors import Conflict, InvalidSpec, pydantic_problems
+from common.family_names import canonical_family
 from common.files import get_file
 from common.fleet import live_workers, resolve_queue
 from common.gen_params import ItemInput, unsupported_fields
@@ -49,7 +50,7 @@ from common.quotas import get_quota
 from common.results import find_model, insert_items
 from common.schemas import GenerateSpec, TrainJobSpec
 from common.storage import get_storage
-from common.train_spec import canonical_family, family_kind, generation_kind, takes_prompts
+from common.train_spec import family_kind, generation_kind, takes_prompts
 
 log = logging.getLogger(__name__)
 

@@ -53,7 +53,16 @@ class Family(ABC, Generic[ConfigT, ModelT]):
     # the training spec's defaults for this family, used when a spec names no config and no
     # steps (TrainSpec): a recipe known to train a useful model on the built-in data
     RECIPE: ClassVar[dict[str, Any]] = {}
+    # config fields naming a folder under GENQ_PRETRAINED_ROOT or a hub id: TrainSpec confines
+    # a folder to that root
+    PRETRAINED_FIELDS: ClassVar[tuple[str, ...]] = ()
+    ADAPTERS: ClassVar[bool] = False  # whether a spec may give it a LoRA adapter (TrainSpec)
     Config: type[ConfigT]
+
+    @property
+    def supports_gradient_checkpointing(self) -> bool:
+        """Whether it implements enable_gradient_checkpointing (TrainSpec refuses it else)."""
+        return type(self).enable_gradient_checkpointing is not Family.enable_gradient_checkpointing
 
     @abstractmethod
     def prepare(self, cfg: ConfigT, data: TextData | ImageData) -> tuple[ConfigT, Any]:

@@ -185,6 +185,7 @@ class TextToImage(nn.Module):
 
 class DiffusionFamily(TextToImageFamily[DiffusionConfig, TextToImage]):
     Config = DiffusionConfig
+    PRETRAINED_FIELDS = ("pretrained", "tokenizer")
     # 99-100 % of the digits it draws read as the prompted one (bench/RESULTS.md), in about
     # a minute on two CPU cores
     RECIPE = {"steps": 1500, "batch_size": 64, "lr": 2e-3, "warmup_steps": 100,
