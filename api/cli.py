@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import subprocess
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -20,9 +19,11 @@ from rich.table import Table
 
 from api.client import FINISHED, Client
 from api.follow import describe_end, follow
+from common.batches.schemas import BATCH_FINISHED, BatchStatus
 from common.config import get_settings
 from common.errors import GenqAPIError
-from common.gpus import gpu_count
+from common.family_names import ALIASES, CLASSES
+from common.gpus import machine_gpu_count
 
 app = typer.Typer(
     help="genq: a job queue for generative models.",
@@ -89,7 +90,8 @@ def up(
     """Start Redis, the API, workers and Flower in this folder (.genq/); Ctrl-C stops all."""
     from api.stack import Stack, stop_on_termination
 
-    stack = Stack(get_settings(), gpus=count_gpus() if gpus is None else gpus, with_flower=flower)
+    count = machine_gpu_count() if gpus is None else gpus
+    stack = Stack(get_settings(), gpus=count, with_flower=flower)
     stop_on_termination()  # Ctrl-C, systemd's stop and a closed terminal: a clean stop
     try:
         stack.start()
@@ -105,18 +107,6 @@ def up(
                 console.print("stopping at once…")
                 stack.kill()
             console.print("stopped.")
-
-
-def count_gpus() -> int:
-    """CUDA devices on this machine, through NVML (never CUDA itself), else nvidia-smi."""
-    count = gpu_count()
-    if count is not None:
-        return count
-    try:
-        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return 0
-    return sum(line.startswith("GPU ") for line in listed.stdout.splitlines())
 
 
 def print_stack(stack: Any) -> None:
@@ -319,11 +309,16 @@ def keys_list() -> None:
 
 # ------------------------------------------------------------------ jobs
 
+_ALIAS_OF = {name: alias for alias, name in ALIASES.items()}
+# "vae | gan | diffusion | lstm | lm (alias gpt)"
+FAMILY_CHOICES = " | ".join(f"{name} (alias {_ALIAS_OF[name]})" if name in _ALIAS_OF else name
+                            for name in CLASSES)
+
 
 @app.command()
 @friendly
 def train(
-    family: Annotated[str, typer.Argument(help="vae | gan | diffusion | lstm | lm (alias gpt)")],
+    family: Annotated[str, typer.Argument(help=FAMILY_CHOICES)],
     steps: Annotated[int | None, typer.Option(
         help="Default 200; diffusion with no --config: its recipe's")] = None,
     name: Annotated[str | None, typer.Option(help="Model name to register")] = None,
@@ -634,7 +629,7 @@ def batch_submit(
         f"submitted batch {batch['id']} (input {upload['id']}, "
         f"{batch['request_counts']['total']} requests): {batch['status']}"
     )
-    if batch["status"] == "failed":
+    if batch["status"] == BatchStatus.failed:
         for e in (batch.get("errors") or {}).get("data", [])[:20]:
             err.print(f"  line {e['line']}: {e['code']}: {e['message']}")
         raise typer.Exit(1)
@@ -651,12 +646,10 @@ def batch_submit(
         target = (out or file).with_name(file.stem + ".errors.jsonl")
         target.write_bytes(c.file_content(batch["error_file_id"]))
         console.print(f"errors  {batch['error_file_id']} → {target}")
-    raise typer.Exit(0 if batch["status"] == "completed" else 1)
+    raise typer.Exit(0 if batch["status"] == BatchStatus.completed else 1)
 
 
 def follow_batch(c: Client, batch: dict[str, Any]) -> dict[str, Any]:
-    from api.client import BATCH_FINISHED
-
     columns = [
         TextColumn("{task.description}"),
         BarColumn(),

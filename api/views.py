@@ -8,7 +8,7 @@ from sqlalchemy import inspect
 
 from common.adapter_spec import AdapterSpec
 from common.ml.pretrained import ModelSource
-from common.models import Job, Model, utcnow
+from common.models import Job, JobStatus, Model, utcnow
 from common.schemas import JobOut, ModelAdapter, ModelOut, Progress
 
 # The fields of JobOut that are columns of Job by the same name, shown as stored.
@@ -34,7 +34,7 @@ def progress_of(job: Job) -> Progress:
         elapsed = (end - job.started_at).total_seconds()
         if elapsed > 0:
             p.rate = round(job.progress_done / elapsed, 3)
-            if job.status == "running" and p.rate > 0:
+            if job.status == JobStatus.running and p.rate > 0:
                 p.eta_s = round(max(job.progress_total - job.progress_done, 0) / p.rate, 1)
     return p
 

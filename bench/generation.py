@@ -15,7 +15,6 @@ from bench.harness import Figure, Report, median, paired
 N_REQUESTS, N_WARMUP, MAX_TOKENS, N_B1 = 10_000, 200, 16, 60
 ROUNDS, BUDGET_S = 10, 240  # rounds stop early past the budget (a slow machine)
 HOLD_S = 60  # a held retrieve (?wait=): the API answers as soon as the batch has finished
-TERMINAL = {"completed", "failed", "cancelled", "expired"}
 
 
 def prompts(n: int) -> list[str]:
@@ -93,6 +92,8 @@ def through_sdk(sdk: Any, model_name: str, n: int,
 
     Checks the output holds every custom_id exactly once.
     """
+    from common.batches.schemas import BATCH_FINISHED, BatchStatus
+
     path = batch_file(model_name, n, max_tokens)
     start = time.perf_counter()
     with path.open("rb") as f:
@@ -100,9 +101,9 @@ def through_sdk(sdk: Any, model_name: str, n: int,
     shutil.rmtree(path.parent)
     batch = sdk.batches.create(input_file_id=upload.id, endpoint="/v1/completions",
                                completion_window="24h")
-    while batch.status not in TERMINAL:
+    while batch.status not in BATCH_FINISHED:
         batch = sdk.batches.retrieve(batch.id, extra_query={"wait": HOLD_S}, timeout=HOLD_S + 30)
-    assert batch.status == "completed" and batch.output_file_id, batch
+    assert batch.status == BatchStatus.completed and batch.output_file_id, batch
     lines = sdk.files.content(batch.output_file_id).text.splitlines()
     seconds = time.perf_counter() - start
     rows = [json.loads(line) for line in lines]

@@ -1,8 +1,9 @@
 """The generation parameters, declared once: the API, the Batch API, items, packing and generate().
 
-A new sampling option is one field on GenParams. GenerateSpec (POST /v1/jobs), TextBody (a
-Batch API line) and ItemInput (what an item stores, and what a worker hands to generate())
-all inherit it, so no layer keeps its own list of keys.
+A new option is one field, on TextParams (text sampling) or ImageParams (drawing), which
+GenParams joins. GenerateSpec (POST /v1/jobs), TextBody (a Batch API text line) and ItemInput
+(what an item stores, and what a worker hands to generate()) inherit GenParams, and ImageBody
+(a Batch API images line) inherits ImageParams, so no layer keeps its own list of keys.
 """
 
 from __future__ import annotations
@@ -63,13 +64,8 @@ Label = Annotated[int, Field(ge=0, le=100_000)]  # a class of a conditional imag
 MIN_TEMPERATURE = 1e-3
 
 
-class GenParams(BaseModel):
-    """How to continue a prompt (text) or draw an image; equal params share a batch.
-
-    The text fields apply to text models, `size` to every image model, and the diffusion
-    fields to text-to-image models; a model that cannot honour a field it is given refuses
-    the request (common/ml/generate.py validate_requests) rather than ignore it.
-    """
+class TextParams(BaseModel):
+    """How to continue a prompt: the sampling options only text models take."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -78,6 +74,22 @@ class GenParams(BaseModel):
     top_k: int | None = Field(None, ge=1, le=100_000)
     top_p: Annotated[float, NotTiny] | None = Field(None, gt=0, le=1)
     num_beams: int = Field(1, ge=1, le=16)
+
+    @field_validator("temperature")
+    @classmethod
+    def _greedy_or_usable(cls, v: float) -> float:
+        if 0 < v < MIN_TEMPERATURE:  # logits / 1e-320 overflow to inf: NaN probabilities
+            raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE}")
+        return v
+
+
+class ImageParams(BaseModel):
+    """How to draw an image: the seed (text sampling takes it too), `size` for every image
+    model, and the diffusion fields for text-to-image models. The Batch API's images body
+    (common/batches/schemas.py ImageBody) inherits these, so none is dropped there."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
     seed: Seed | None = None  # seeded sampling runs alone, so its output never depends on others
     # images: the PNG's width x height ("auto": the model's own, upscaled to 64 at least)
     size: ImageSize | None = None
@@ -86,12 +98,15 @@ class GenParams(BaseModel):
     guidance_scale: GuidanceScale | None = None
     negative_prompt: Prompt | None = None  # guided away from (default: the empty caption)
 
-    @field_validator("temperature")
-    @classmethod
-    def _greedy_or_usable(cls, v: float) -> float:
-        if 0 < v < MIN_TEMPERATURE:  # logits / 1e-320 overflow to inf: NaN probabilities
-            raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE}")
-        return v
+
+# (bases in this order list the text fields first, as the API's schema always has)
+class GenParams(ImageParams, TextParams):
+    """How to continue a prompt (text) or draw an image; equal params share a batch.
+
+    The text fields apply to text models, `size` to every image model, and the diffusion
+    fields to text-to-image models; a model that cannot honour a field it is given refuses
+    the request (common/ml/generate.py validate_requests) rather than ignore it.
+    """
 
     @property
     def params(self) -> GenParams:

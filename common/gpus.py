@@ -1,11 +1,13 @@
 """The GPUs of this machine as NVML sees them (never through CUDA, so no process inits it).
 
 Without pynvml or an NVIDIA driver there is nothing to see: gpu_count() is None and
-read_gpu() raises GpuUnreadable.
+read_gpu() raises GpuUnreadable. machine_gpu_count() (how many GPU workers `genq up` starts)
+asks nvidia-smi where pynvml is missing.
 """
 
 from __future__ import annotations
 
+import subprocess
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -35,6 +37,19 @@ def gpu_count() -> int | None:
         return int(_nvml().nvmlDeviceGetCount())
     except Exception:
         return None
+
+
+def machine_gpu_count() -> int:
+    """The GPUs of this machine: NVML's count, else nvidia-smi's list (a driver without
+    pynvml installed), else 0."""
+    count = gpu_count()
+    if count is not None:
+        return count
+    try:
+        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(line.startswith("GPU ") for line in listed.stdout.splitlines())
 
 
 def read_gpu(index: int) -> GpuReading:

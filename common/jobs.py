@@ -24,6 +24,7 @@ from common.config import get_settings
 from common.db import rows_changed
 from common.dispatch import dispatch, release_held
 from common.errors import Conflict, InvalidSpec, pydantic_problems
+from common.family_names import canonical_family
 from common.files import get_file
 from common.fleet import live_workers, resolve_queue
 from common.gen_params import ItemInput, unsupported_fields
@@ -49,7 +50,7 @@ from common.quotas import get_quota
 from common.results import find_model, insert_items
 from common.schemas import GenerateSpec, TrainJobSpec
 from common.storage import get_storage
-from common.train_spec import canonical_family, family_kind, generation_kind, takes_prompts
+from common.train_spec import family_kind, generation_kind, takes_prompts
 
 log = logging.getLogger(__name__)
 
@@ -369,7 +370,8 @@ def _take_over(session: Session, job: Job, *, worker: str, pid: int, task_id: st
     return Claim(job, "taken_over") if taken == 1 else Claim(None, "lost the takeover race")
 
 
-def recover_lost_child(session: Session, job_id: str, attempt: int, *, worker: str) -> str | None:
+def recover_lost_child(session: Session, job_id: str, attempt: int, *,
+                       worker: str) -> JobStatus | None:
     """The worker's main process saw its pool child die while running (job_id, attempt):
     fail that attempt as worker_lost now, so the job is queued again at once (behind any
     backlog) instead of waiting for its lease or for the rejected message to come round.
@@ -387,7 +389,7 @@ def recover_lost_child(session: Session, job_id: str, attempt: int, *, worker: s
         return None
     if job.cancel_requested:
         finish_job(session, job, status=JobStatus.cancelled)
-        return "cancelled"
+        return JobStatus.cancelled
     error = {"code": "worker_lost", "message": f"pool process {job.worker_pid} died",
              "retryable": True}
     return fail_job(session, job, error)
@@ -479,7 +481,8 @@ def _release_owners_next(session: Session, owner: str) -> None:
         log.warning("owner %s: held jobs left to the reaper's round: %s", owner, exc)
 
 
-def fail_job(session: Session, job: Job, error: dict[str, Any], *, final: bool = False) -> str:
+def fail_job(session: Session, job: Job, error: dict[str, Any], *,
+             final: bool = False) -> JobStatus:
     """Fail the attempt: re-queue with back-off if retryable and attempts remain, else fail.
 
     Only attempts that made no durable progress count against max_attempts: they are the
@@ -493,7 +496,7 @@ def fail_job(session: Session, job: Job, error: dict[str, Any], *, final: bool =
     if error["retryable"] and not final and failures < job.max_attempts:
         delay = get_settings().retry_backoff_s * 2 ** max(failures - 1, 0)
         requeue_job(session, job, reason=error, spend=spend, delay_s=delay, progress=progress)
-        return "queued"
+        return JobStatus.queued
     session.execute(
         update(Job)
         .where(Job.id == job.id, Job.attempt == job.attempt)
@@ -501,7 +504,7 @@ def fail_job(session: Session, job: Job, error: dict[str, Any], *, final: bool =
         .execution_options(synchronize_session=False)
     )
     finish_job(session, job, status=JobStatus.failed, error=error)
-    return "failed"
+    return JobStatus.failed
 
 
 def requeue_job(

@@ -172,7 +172,8 @@ class PendingItem(NamedTuple):
     id: int
     custom_id: str
     model_id: str | None  # a batch line's model; a generate job's items use the job's
-    gen: dict[str, Any]  # the validated generation parameters (common/jobs.py, batches.py)
+    # the validated generation parameters (common/jobs.py, common/batches/input_file.py)
+    gen: dict[str, Any]
 
 
 def pending_items(session: Session, *, job_id: str) -> list[PendingItem]:

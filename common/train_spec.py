@@ -6,44 +6,51 @@ the worker parses a job's stored spec with that same class, so the two cannot dr
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from common.adapter_spec import AdapterSpec
 from common.config import get_settings
+from common.family_names import FamilyName
 from common.gen_params import NotTiny, Seed
 from common.ml.builtin_data import BUILTINS
 
-Family = Literal["vae", "gan", "diffusion", "lstm", "lm", "gpt"]
-TEXT_FAMILIES = ("lstm", "lm", "gpt")
-PROMPTED_IMAGE_FAMILIES = ("diffusion",)  # image families that draw for a text prompt
-ALIASES = {"gpt": "lm"}  # `gpt` specs, checkpoints and models are `lm` ones
-# config fields naming a folder under GENQ_PRETRAINED_ROOT or a hub id, by family
-PRETRAINED_FIELDS = {"lm": ("pretrained",), "diffusion": ("pretrained", "tokenizer")}
+if TYPE_CHECKING:
+    from common.ml.families import AnyFamily
+
+
+def _family(name: str) -> AnyFamily:
+    """The registered family `name` (its class states the facts below)."""
+    from common.ml.families import get_family  # torch: only once a family is asked about
+
+    return get_family(name)
 
 
 def family_kind(family: str) -> str:
     """What a family trains on and draws: "text" or "image"."""
-    return "text" if family in TEXT_FAMILIES else "image"
+    return _family(family).KIND
 
 
 def generation_kind(family: str) -> str:
     """What a family's models generate from: "text", "image" (a label at most) or
     "text-to-image"."""
-    if family in PROMPTED_IMAGE_FAMILIES:
-        return "text-to-image"
-    return family_kind(family)
+    from common.ml.families import TextToImageFamily
+
+    module = _family(family)
+    return "text-to-image" if isinstance(module, TextToImageFamily) else module.KIND
 
 
 def takes_prompts(family: str) -> bool:
     """Whether the family's models generate for prompts (text, and text-to-image)."""
-    return family in TEXT_FAMILIES or family in PROMPTED_IMAGE_FAMILIES
+    return generation_kind(family) != "image"
 
 
-def canonical_family(family: str) -> str:
-    """The family a name stands for: `lm` for its alias `gpt`."""
-    return ALIASES.get(family, family)
+def _only_the(names: list[str]) -> str:
+    """'only the lm family takes', or 'only the lm and diffusion families take'."""
+    if len(names) == 1:
+        return f"only the {names[0]} family takes"
+    return f"only the {' and '.join(names)} families take"
 
 
 class Strict(BaseModel):
@@ -71,7 +78,7 @@ class DataSpec(Strict):
 class TrainSpec(Strict):
     """How to train one model: the family, its config, the data and the loop's knobs."""
 
-    family: Family
+    family: FamilyName
     config: dict[str, Any] = Field(default_factory=dict)  # the family's Config fields
     data: DataSpec | None = None  # default: the built-in dataset of the family's kind
     steps: int | None = Field(None, ge=1, le=10_000_000)  # default 200 unless epochs is given
@@ -94,34 +101,39 @@ class TrainSpec(Strict):
     eval_every: int | None = Field(None, ge=1, le=10_000_000)
     timeout_s: Annotated[float, NotTiny] | None = Field(None, gt=0, le=30 * 86_400)
     resume_from: str | None = Field(None, min_length=1, max_length=64)  # a checkpoint id
-    adapter: AdapterSpec | None = None  # LoRA (lm, a diffusion UNet); None: every weight trains
-    # lm: recompute activations in the backward pass (less memory for large bases)
+    # LoRA fine-tuning (a family with ADAPTERS: lm, a pretrained diffusion pipeline's
+    # UNet); None: every weight trains
+    adapter: AdapterSpec | None = None
+    # recompute activations in the backward pass (less memory for large bases; lm)
     gradient_checkpointing: bool = False
 
     @model_validator(mode="after")
     def _coherent(self) -> TrainSpec:
-        from common.ml.families import validate_model_config
+        from common.ml.families import families_that, validate_model_config
 
         problems: list[str] = []
+        family = _family(self.family)
         if self.steps is None and self.epochs is None:
             self._apply_recipe()
             self.steps = self.steps or 200
         if self.steps is not None and self.epochs is not None:
             problems.append("epochs: give steps or epochs, not both")
-        kind = family_kind(self.family)
+        kind = family.KIND
         if self.data is None:
             self.data = DataSpec(builtin="python-docs" if kind == "text" else "digits")
         if self.data.builtin and BUILTINS[self.data.builtin] != kind:
             problems.append(f"data.builtin: {self.data.builtin!r} is {BUILTINS[self.data.builtin]} "
                             f"data, family {self.family!r} needs {kind} data")
-        for name in PRETRAINED_FIELDS.get(canonical_family(self.family), ()):
+        for name in family.PRETRAINED_FIELDS:
             if isinstance(self.config.get(name), str):
                 self.config[name] = confine_pretrained(self.config[name], problems, name)
-        if self.adapter is not None and canonical_family(self.family) not in ("lm", "diffusion"):
-            problems.append(f"adapter: only the lm and diffusion families take one, not "
-                            f"{self.family!r}")
-        if self.gradient_checkpointing and canonical_family(self.family) != "lm":
-            problems.append(f"gradient_checkpointing: lm only, not {self.family!r}")
+        if self.adapter is not None and not family.ADAPTERS:
+            takers = families_that(lambda f: f.ADAPTERS)
+            problems.append(f"adapter: {_only_the(takers)} an adapter, not {self.family!r}")
+        if self.gradient_checkpointing and not family.supports_gradient_checkpointing:
+            able = families_that(lambda f: f.supports_gradient_checkpointing)
+            problems.append(f"gradient_checkpointing: {' and '.join(able)} only, "
+                            f"not {self.family!r}")
         problems += validate_model_config(self.family, self.config)
         if not problems:
             from common.ml.families import get_family
@@ -140,11 +152,9 @@ class TrainSpec(Strict):
     def _apply_recipe(self) -> None:
         """With no config and no steps, the family's recipe fills the fields the spec left
         out (the diffusion family's recipe trains a model that draws legible digits)."""
-        from common.ml.families import get_family
-
         if self.config:
             return
-        for name, value in get_family(self.family).RECIPE.items():
+        for name, value in _family(self.family).RECIPE.items():
             if name not in self.model_fields_set:
                 setattr(self, name, value)
 

@@ -71,6 +71,22 @@ def test_the_cli_offers_every_generation_parameter():
     assert set(GenParams.model_fields) <= set(inspect.signature(generate).parameters)
 
 
+def test_every_image_parameter_reaches_an_images_batch_line():
+    """Each GenParams field beyond text sampling is taken by a Batch API images line and
+    stored on its item: a new image field cannot be dropped there (the body ignores keys
+    it does not know, as OpenAI's does)."""
+    from common.batches.schemas import ImageBody
+    from common.gen_params import HONOURED, TextParams
+
+    image_fields = set(GenParams.model_fields) - set(TextParams.model_fields)
+    assert image_fields >= {"seed", *HONOURED["image"], *HONOURED["text-to-image"]}
+    values = {"seed": 7, "size": "32x48", "steps": 3, "guidance_scale": 2.5,
+              "negative_prompt": "blurry"}
+    assert set(values) == image_fields, "give a new image field a value here"
+    gen = ImageBody.model_validate({"prompt": "a red square", **values}).gen
+    assert {name: getattr(gen, name) for name in values} == values
+
+
 def test_api_and_worker_accept_the_same_training_fields(stack, tmp_path: Path):
     """The API's schema is the worker's TrainSpec plus the envelope, and a job setting every
     field (in two jobs: steps then epochs, the second resuming the first) runs."""

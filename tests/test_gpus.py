@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from common.errors import GpuUnreadable
-from common.gpus import gpu_count, read_gpu
+from common.gpus import gpu_count, machine_gpu_count, read_gpu
 
 
 class FakeNvml:
@@ -68,11 +68,10 @@ def test_without_nvml_there_is_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_readers(nvml: FakeNvml, monkeypatch: pytest.MonkeyPatch) -> None:
-    from api.cli import count_gpus
     from api.prometheus import gpus
     from worker.device import describe_device
 
-    assert count_gpus() == 2
+    assert machine_gpu_count() == 2
     assert describe_device(0) == {"type": "cuda:0", "name": "NVIDIA H100",
                                   "memory_bytes": 80 << 30}
     assert describe_device(1)["name"] == "NVIDIA A100 MIG"

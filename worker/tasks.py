@@ -85,7 +85,7 @@ def record(session: Any, ctx: JobContext, body: Body) -> str:
         return "lost the lease; another attempt owns the job"
     except Cancelled as stop:
         jobs.finish_job(session, job, status=JobStatus.cancelled, result=stop.partial)
-        return "cancelled"
+        return JobStatus.cancelled.value
     except ShutdownRequested as stop:
         if ctx.preempted:
             reason = {"code": "preempted", "message": "a more urgent job needed the worker",

@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from common.chat import ChatMessage
-from common.gen_params import (
-    GenParams,
-    GuidanceScale,
-    ImageSize,
-    ItemInput,
-    Label,
-    MaxTokens,
-    Prompt,
-    Seed,
-    Steps,
-)
+from common.gen_params import GenParams, ImageParams, ItemInput, Label, MaxTokens, Prompt
 
 TEXT_ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
 IMAGE_ENDPOINT = "/v1/images/generations"
@@ -105,7 +96,26 @@ class RequestCounts(BaseModel):
     failed: int
 
 
-BATCH_FINISHED = ("completed", "failed", "cancelled", "expired")  # OpenAI's final statuses
+class BatchStatus(StrEnum):
+    """OpenAI's batch statuses, as a parent job shows them (views.openai_status)."""
+
+    validating = "validating"
+    in_progress = "in_progress"
+    finalizing = "finalizing"
+    completed = "completed"
+    failed = "failed"
+    cancelling = "cancelling"
+    cancelled = "cancelled"
+    expired = "expired"
+
+    @property
+    def finished(self) -> bool:
+        return self in BATCH_FINISHED
+
+
+# OpenAI's final statuses (str members: a status read from JSON compares equal to them)
+BATCH_FINISHED = (BatchStatus.completed, BatchStatus.failed, BatchStatus.cancelled,
+                  BatchStatus.expired)
 
 
 class BatchOut(BaseModel):
@@ -118,8 +128,7 @@ class BatchOut(BaseModel):
     errors: BatchErrors | None = None
     input_file_id: str
     completion_window: str
-    status: Literal["validating", "failed", "in_progress", "finalizing", "completed",
-                    "expired", "cancelling", "cancelled"]
+    status: BatchStatus
     output_file_id: str | None = None
     error_file_id: str | None = None
     created_at: int
@@ -171,23 +180,19 @@ class TextBody(GenParams):
             update={"max_tokens": self.max_completion_tokens or self.max_tokens})
 
 
-class ImageBody(BaseModel):
+class ImageBody(ImageParams):
     """The body of a /v1/images/generations line: OpenAI's Images body (prompt, n, size,
-    response_format) plus genq's seed, the diffusion fields (steps, guidance_scale,
-    negative_prompt) and, for the label-conditioned families (vae, gan), label."""
+    response_format) plus genq's ImageParams (seed, and the diffusion fields steps,
+    guidance_scale, negative_prompt) and, for the label-conditioned families (vae, gan),
+    label."""
 
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = Field(None, min_length=1, max_length=128)
     prompt: Prompt | None = None  # text-to-image models (diffusion)
     n: int = Field(1, ge=1, le=64)
-    size: ImageSize | None = None
     response_format: Literal["url", "b64_json"] = "url"
     label: Label | None = None
-    seed: Seed | None = None
-    steps: Steps | None = None
-    guidance_scale: GuidanceScale | None = None
-    negative_prompt: Prompt | None = None
 
     @property
     def gen(self) -> ItemInput:

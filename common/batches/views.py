@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from common.batches.schemas import BatchErrors, BatchOut, LineError, RequestCounts
+from common.batches.schemas import BatchErrors, BatchOut, BatchStatus, LineError, RequestCounts
 from common.models import Item, ItemStatus, Job, JobStatus, JobType, utcnow
 from common.owned import get_owned
 from common.paging import keyset_page
@@ -59,17 +59,22 @@ def mark_cancelling(session: Session, job: Job) -> None:
         session.commit()
 
 
-def openai_status(job: Job) -> str:
+def openai_status(job: Job) -> BatchStatus:
+    """The OpenAI status of a parent job."""
     status = JobStatus(job.status)
     if status == JobStatus.succeeded:
-        return "completed"
-    if status in (JobStatus.failed, JobStatus.cancelled):
-        return status.value
+        return BatchStatus.completed
+    if status == JobStatus.failed:
+        return BatchStatus.failed
+    if status == JobStatus.cancelled:
+        return BatchStatus.cancelled
     if status == JobStatus.queued:
-        return "validating"
+        return BatchStatus.validating
     if job.cancel_requested:
-        return "cancelling"
-    return "finalizing" if job.shards_done >= job.shards_total else "in_progress"
+        return BatchStatus.cancelling
+    if job.shards_done >= job.shards_total:
+        return BatchStatus.finalizing
+    return BatchStatus.in_progress
 
 
 def batch_out(session: Session, job: Job) -> BatchOut:
@@ -95,17 +100,17 @@ def batch_out(session: Session, job: Job) -> BatchOut:
         errors=errors,
         input_file_id=spec.get("input_file_id", ""),
         completion_window=spec.get("completion_window", "24h"),
-        status=status,  # type: ignore[arg-type]
+        status=status,
         output_file_id=result.get("output_file_id"),
         error_file_id=result.get("error_file_id"),
         created_at=int(job.created_at.timestamp()),
         in_progress_at=ts(job.started_at),
         expires_at=int((job.created_at + timedelta(hours=24)).timestamp()),
         finalizing_at=result.get("finalizing_at"),
-        completed_at=finished if status == "completed" else None,
-        failed_at=finished if status == "failed" else None,
+        completed_at=finished if status == BatchStatus.completed else None,
+        failed_at=finished if status == BatchStatus.failed else None,
         cancelling_at=result.get("cancelling_at"),
-        cancelled_at=finished if status == "cancelled" else None,
+        cancelled_at=finished if status == BatchStatus.cancelled else None,
         request_counts=RequestCounts(total=job.progress_total, completed=completed, failed=failed),
         metadata=spec.get("metadata"),
     )

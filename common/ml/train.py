@@ -33,6 +33,7 @@ from common.errors import (
     pydantic_problems,
     raise_if_stopped,
 )
+from common.family_names import canonical_family
 from common.gen_params import GenParams
 from common.ml.adapters import base_of, load_adapter, merged, with_adapter
 from common.ml.artifacts import save_grid, save_loss_plot
@@ -50,7 +51,7 @@ from common.ml.examples import encode_examples
 from common.ml.families import AnyFamily, ImageFamily, TextFamily, TextToImageFamily, get_family
 from common.ml.sampling import seed_torch
 from common.retention import checkpoint_dirname, checkpoints_to_keep, step_of
-from common.train_spec import TrainSpec, canonical_family, memory_problems
+from common.train_spec import TrainSpec, memory_problems
 
 log = logging.getLogger(__name__)
 

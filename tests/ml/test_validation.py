@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,6 +32,30 @@ def test_registry() -> None:
     assert {get_family(f).KIND for f in FAMILIES} == {"text", "image"}
     with pytest.raises(ValueError, match="unknown family 'dalle'"):
         get_family("dalle")
+
+
+def test_each_family_fact_comes_from_its_class() -> None:
+    """The names the API's schema offers are the registry's, and what TrainSpec and the
+    generation checks know of a family its class says (common.family_names)."""
+    from pydantic import ValidationError
+
+    from common.family_names import ALIASES, CLASSES, FamilyName
+    from common.ml.families import TextFamily, TextToImageFamily, families_that
+    from common.train_spec import TrainSpec, generation_kind, takes_prompts
+
+    assert typing.get_args(FamilyName) == (*CLASSES, *ALIASES) == tuple(FAMILIES)
+    takers = families_that(lambda f: f.ADAPTERS)
+    assert "lm" in takers
+    for name, family in FAMILIES.items():
+        assert set(family.PRETRAINED_FIELDS) <= set(family.Config.model_fields), name
+        prompted = isinstance(family, TextFamily | TextToImageFamily)
+        assert takes_prompts(name) == prompted, name
+        assert (generation_kind(name) == "text-to-image") == isinstance(family,
+                                                                         TextToImageFamily)
+        if not family.ADAPTERS:
+            with pytest.raises(ValidationError, match=f"adapter: only the {takers[0]}"):
+                TrainSpec(family=name, adapter={"r": 2})
+    assert families_that(lambda f: f.supports_gradient_checkpointing) == ["lm"]
 
 
 @pytest.mark.parametrize("family", ["vae", "gan", "lstm", "lm", "gpt"])

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import types
 import typing
 import warnings
+from collections.abc import Callable
 
 import torch
 from pydantic import ValidationError
@@ -13,6 +15,7 @@ from pydantic_core import ErrorDetails
 
 from common.config import get_settings
 from common.errors import ConfigProblem, UnknownField
+from common.family_names import ALIASES, CLASSES
 from common.ml.families.base import (
     SUBMITTED,
     AnyFamily,
@@ -22,24 +25,29 @@ from common.ml.families.base import (
     TextFamily,
     TextToImageFamily,
 )
-from common.ml.families.diffusion import DiffusionFamily
-from common.ml.families.gan import GANFamily
-from common.ml.families.lm import LMFamily
-from common.ml.families.lstm import LSTMFamily
-from common.ml.families.vae import VAEFamily
 
 __all__ = ["FAMILIES", "AnyFamily", "Family", "FamilyConfig", "ImageFamily", "TextFamily",
-           "TextToImageFamily", "get_family", "validate_model_config"]
+           "TextToImageFamily", "families_that", "get_family", "validate_model_config"]
 
-_LM = LMFamily()
+
+def _instance(path: str) -> AnyFamily:
+    """The family whose class is at `module:Class` (common.family_names.CLASSES)."""
+    module, _, name = path.partition(":")
+    family = getattr(importlib.import_module(module), name)()
+    if not isinstance(family, TextFamily | ImageFamily | TextToImageFamily):
+        raise TypeError(f"{path} is not a TextFamily, ImageFamily or TextToImageFamily")
+    return family
+
+
+_REGISTERED = {name: _instance(path) for name, path in CLASSES.items()}
+# an alias is the same object as its family: `gpt` specs, checkpoints and models are `lm` ones
 FAMILIES: dict[str, AnyFamily] = {
-    "vae": VAEFamily(),
-    "gan": GANFamily(),
-    "diffusion": DiffusionFamily(),
-    "lstm": LSTMFamily(),
-    "lm": _LM,
-    "gpt": _LM,  # the name before `lm` took any architecture: old specs and models keep it
-}
+    **_REGISTERED, **{alias: _REGISTERED[name] for alias, name in ALIASES.items()}}
+
+
+def families_that(has: Callable[[AnyFamily], bool]) -> list[str]:
+    """The names (aliases aside) of the families for which `has` holds, in registry order."""
+    return [name for name, family in _REGISTERED.items() if has(family)]
 
 
 def get_family(name: str) -> AnyFamily:

@@ -55,7 +55,16 @@ class Family(ABC, Generic[ConfigT, ModelT]):
     RECIPE: ClassVar[dict[str, Any]] = {}
     # peft's task type for a LoRA run's wrapper (TrainSpec.adapter); None: a plain PeftModel
     ADAPTER_TASK: ClassVar[str | None] = None
+    # config fields naming a folder under GENQ_PRETRAINED_ROOT or a hub id: TrainSpec confines
+    # a folder to that root
+    PRETRAINED_FIELDS: ClassVar[tuple[str, ...]] = ()
+    ADAPTERS: ClassVar[bool] = False  # whether a spec may give it a LoRA adapter (TrainSpec)
     Config: type[ConfigT]
+
+    @property
+    def supports_gradient_checkpointing(self) -> bool:
+        """Whether it implements enable_gradient_checkpointing (TrainSpec refuses it else)."""
+        return type(self).enable_gradient_checkpointing is not Family.enable_gradient_checkpointing
 
     @abstractmethod
     def prepare(self, cfg: ConfigT, data: TextData | ImageData) -> tuple[ConfigT, Any]:

@@ -200,6 +200,8 @@ class TextToImage(nn.Module):
 
 class DiffusionFamily(TextToImageFamily[DiffusionConfig, TextToImage]):
     Config = DiffusionConfig
+    PRETRAINED_FIELDS = ("pretrained", "tokenizer")
+    ADAPTERS = True  # over a pretrained pipeline's UNet (adapter_problems)
     # 99-100 % of the digits it draws read as the prompted one (bench/RESULTS.md), in about
     # a minute on two CPU cores
     RECIPE = {"steps": 1500, "batch_size": 64, "lr": 2e-3, "warmup_steps": 100,

@@ -251,6 +251,8 @@ class LMFamily(TextFamily[LMConfig, nn.Module, Any]):
     Config = LMConfig
     BETAS = (0.9, 0.95)
     ADAPTER_TASK = "CAUSAL_LM"
+    PRETRAINED_FIELDS = ("pretrained",)
+    ADAPTERS = True
 
     def prepare(self, cfg: LMConfig, data: TextData | ImageData) -> tuple[LMConfig, Any]:
         """Train (or load the pretrained) tokenizer and size the vocabulary to it; a hub id
