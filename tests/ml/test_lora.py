@@ -91,7 +91,7 @@ def test_adapter_fields_are_bounded_and_lm_only() -> None:
     assert "adapter.method" in problems({"method": "ia3"})
     assert "adapter.target_modules" in problems({"target_modules": "q_proj"})
     assert "adapter.target_modules" in problems({"target_modules": []})
-    assert "adapter: only the lm and diffusion families" in problems({}, family="lstm")
+    assert "adapter: only the diffusion and lm families" in problems({}, family="lstm")
     spec = TrainSpec.model_validate({"family": "gpt", "adapter": {"target_modules": "all-linear"}})
     assert spec.adapter is not None and spec.adapter.r == 8
 
