@@ -27,6 +27,12 @@ def default_api_key() -> str:
     return path.read_text().strip() if path.exists() else ""
 
 
+# A create is checked whole before it answers: a training spec's model is built on the meta
+# device (the API's first one imports torch and the family's library), a batch file is read
+# and tokenized line by line. Seconds on an idle machine, more on a loaded one.
+CREATE_TIMEOUT_S = 600.0
+
+
 class Client:
     """genq API client: `Client().create_job({...})`."""
 
@@ -65,7 +71,8 @@ class Client:
         self, spec: dict[str, Any], idempotency_key: str | None = None
     ) -> dict[str, Any]:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        return self.request("POST", "/v1/jobs", json=spec, headers=headers)
+        return self.request("POST", "/v1/jobs", json=spec, headers=headers,
+                            timeout=CREATE_TIMEOUT_S)
 
     def get_job(self, job_id: str, wait: float = 0) -> dict[str, Any]:
         """A job; with `wait`, the API answers once it has finished or `wait` seconds passed."""
@@ -158,7 +165,8 @@ class Client:
     def upload_file(self, path: Path, purpose: str = "batch") -> dict[str, Any]:
         with path.open("rb") as f:
             return self.request(
-                "POST", "/v1/files", data={"purpose": purpose}, files={"file": (path.name, f)}
+                "POST", "/v1/files", data={"purpose": purpose}, files={"file": (path.name, f)},
+                timeout=CREATE_TIMEOUT_S,
             )
 
     def file_content(self, file_id: str) -> bytes:
@@ -180,7 +188,7 @@ class Client:
             body["model"] = model
         if metadata:
             body["metadata"] = metadata
-        return self.request("POST", "/v1/batches", json=body)
+        return self.request("POST", "/v1/batches", json=body, timeout=CREATE_TIMEOUT_S)
 
     def get_batch(self, batch_id: str, wait: float = 0) -> dict[str, Any]:
         """A batch; with `wait`, the API answers once it has finished or `wait` seconds passed."""
