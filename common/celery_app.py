@@ -39,6 +39,10 @@ def get_celery() -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
+        # a new pool child has this long to report itself up (billiard's default, 4 s, was
+        # overrun on a loaded two-core machine: every replacement child was killed as it
+        # started, "Timed out waiting for UP message", and the worker ran nothing for minutes)
+        worker_proc_alive_timeout=120,
         # a message without a priority (a raw Celery task) must not jump the queue: kombu
         # puts it on the priority-0 list, the first one served
         task_default_priority=LOWEST_BROKER_PRIORITY,
