@@ -623,7 +623,10 @@ with get_celery().connection_for_read() as conn:
 
 def test_a_message_fetched_by_a_worker_killed_before_the_claim_is_sent_again(rstack):
     """Hole 1: a worker killed after its main process fetched a message but before a pool
-    child claimed the job left it queued until the 12 h visibility timeout."""
+    child claimed the job left it queued until the 12 h visibility timeout. It is sent again
+    a lease after the fetch even while other messages wait on its queue (a batch's shards
+    always keep some waiting): the new worker is busy on a long job with another queued
+    behind it when the stranded one is sent again."""
     ensure_two_workers(rstack)  # they run the reaper; neither consumes the strand queue
     import redis
 
@@ -639,6 +642,9 @@ def test_a_message_fetched_by_a_worker_killed_before_the_claim_is_sent_again(rst
         job = c.create_job({**SPEC, "steps": 3, "queue": "strand"})
         assert thief.stdout is not None
         assert thief.stdout.readline().split() == ["fetched", job["id"]]
+        long = c.create_job({**SPEC, "steps": 1_000_000, "checkpoint_every": 1000,
+                             "queue": "strand"})
+        behind = c.create_job({**SPEC, "steps": 3, "queue": "strand"})
         thief.kill()
         thief.wait(10)
         assert row(rstack, job["id"]).status == "queued"
@@ -646,10 +652,18 @@ def test_a_message_fetched_by_a_worker_killed_before_the_claim_is_sent_again(rst
         rstack.spawn(name, [sys.executable, "-m", "api.cli", "worker", "--queues", "strand",
                             "--name", name])
         rstack.wait_worker(name)
-        done = finish(c, job["id"])  # the lease is 4 s; the visibility timeout 12 h
-        assert done["status"] == "succeeded" and done["attempt"] == 1, done
-        logs = "".join(rstack.log(n) for n in rstack.procs if n != "api")
-        assert f"job {job['id']}: queued" in logs and "never claimed; sent again" in logs
+        running_at(rstack, long["id"], 1)
+        logs = lambda: "".join(rstack.log(n) for n in rstack.procs if n != "api")  # noqa: E731
+        # the lease is 4 s; the visibility timeout 12 h; `behind` waits on the queue throughout
+        wait_for(lambda: f"job {job['id']}: queued" in logs(), timeout=120)
+        assert "never claimed; sent again" in logs()
+        assert f"job {behind['id']}: queued" not in logs()  # a waiting message: not sent twice
+        assert row(rstack, behind["id"]).status == "queued"
+        c.cancel(long["id"])
+        assert finish(c, long["id"])["status"] == "cancelled"
+        for waited in (behind, job):
+            done = finish(c, waited["id"])
+            assert done["status"] == "succeeded" and done["attempt"] == 1, done
         rstack.stop(name)
     finally:
         if thief.poll() is None:
@@ -693,9 +707,11 @@ def test_only_one_reaper_holds_the_lease(session):
     assert attempt("late")
 
 
-def test_only_old_unclaimed_jobs_of_idle_queues_are_sent_again(session):
+def test_only_old_unclaimed_jobs_of_idle_queues_are_sent_again(session, redis_server):
     """resend_stranded asks the broker about a queue only for a job queued a lease ago, and
-    sends nothing where messages still wait (a backlog is not a stranded message)."""
+    sends nothing where messages still wait (a backlog is not a stranded message), unless
+    the job's own message was fetched a lease ago and never acknowledged: that one is
+    stranded whatever waits behind it."""
     from common import jobs
     from common.models import Job, utcnow
 
@@ -711,14 +727,24 @@ def test_only_old_unclaimed_jobs_of_idle_queues_are_sent_again(session):
     queued("q-young", 5)
     queued("q-cancelled", 300, cancel_requested=True)
     queued("q-later", 300, not_before=utcnow() + timedelta(seconds=60))
+    # a real queue: this one is sent (to a Redis where no worker knows the job: dropped)
+    stranded = queued("gpu", 300, celery_task_id="task-fetched-by-the-dead")
+    queued("gpu", 300, celery_task_id="task-waiting-behind-it")
     asked: list[str] = []
 
     def waiting(queue: str) -> int:
         asked.append(queue)
         return 3  # a backlog: nothing is sent
 
-    assert jobs.resend_stranded(session, lease_s=120, waiting=waiting) == []
-    assert [q for q in asked if q.startswith("q-")] == ["q-old"]
+    def fetched() -> set[str]:
+        return {"task-fetched-by-the-dead", "task-of-a-running-job"}
+
+    assert jobs.resend_stranded(session, lease_s=120, waiting=waiting, fetched=fetched) == [
+        stranded.id]
+    assert sorted(q for q in asked if q.startswith("q-") or q == "gpu") == ["gpu", "q-old"]
+    session.refresh(stranded)
+    assert stranded.celery_task_id != "task-fetched-by-the-dead"  # a new message
+    assert stranded.enqueued_at > utcnow() - timedelta(seconds=60)
 
 
 def test_reaper_requeues_then_fails_worker_lost(session):
