@@ -253,14 +253,14 @@ def test_genq_up_restarts_a_crashed_child_and_gives_up_on_repeated_crashes(tmp_p
         worker = child_running(proc.pid, "api.cli worker")
         children.update(descendants(proc.pid))
         os.killpg(worker, signal.SIGKILL)  # its pool child too: the job's process is gone
-        first_redis = child_running(proc.pid, f"--port {redis}")
+        first_redis = child_running(proc.pid, f"redis-server 127.0.0.1:{redis}")
         os.kill(first_redis, signal.SIGKILL)
         first_api = child_running(proc.pid, "uvicorn")
         os.kill(first_api, signal.SIGKILL)
         wait_for(lambda: child_running(proc.pid, "uvicorn") != first_api and healthy(),
                  timeout=90, interval=0.3)
         assert child_running(proc.pid, "api.cli worker") != worker
-        assert child_running(proc.pid, f"--port {redis}") != first_redis
+        assert child_running(proc.pid, f"redis-server 127.0.0.1:{redis}") != first_redis
         recovered = c.wait(running["id"], timeout=600)
         assert recovered["status"] == "succeeded", recovered
         assert recovered["attempts"][0]["error"]["code"] == "worker_lost", recovered
