@@ -106,3 +106,25 @@ def messages_waiting(queue: str) -> int:
                        .message_count)
         except ChannelError:  # Redis: a queue with no message has no list, "not found"
             return 0
+
+
+def fetched_unacked(older_than_s: float) -> set[str]:
+    """Task ids of the messages a worker fetched more than older_than_s ago and has not
+    acknowledged: kombu's Redis transport keeps each in its `unacked` hash, indexed by the
+    time of delivery, until the ack (a running job's message, with acks_late) or the
+    visibility timeout (a worker that died before its pool child claimed the job)."""
+    import json
+    import time
+
+    with get_celery().connection_for_write() as conn:
+        channel = conn.default_channel
+        client = channel.client
+        tags = client.zrangebyscore(channel.unacked_index_key, 0, time.time() - older_than_s)
+        raw = client.hmget(channel.unacked_key, tags) if tags else []
+    ids = set()
+    for value in raw:
+        if value:  # acked between the two reads
+            headers = json.loads(value)[0].get("headers") or {}
+            if headers.get("id"):
+                ids.add(str(headers["id"]))
+    return ids

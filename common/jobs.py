@@ -230,14 +230,16 @@ def sweep_outbox(session: Session, *, min_age_s: float = 10.0) -> int:
 
 
 def resend_stranded(session: Session, *, lease_s: float, waiting: Callable[[str], int],
+                    fetched: Callable[[], set[str]] = set,
                     now: datetime | None = None) -> list[str]:
-    """Send again the queued jobs whose message left the broker a lease ago but was never
+    """Send again the queued jobs whose message left the broker's queue but was never
     claimed: a worker that died after its main process fetched the message (before the
     pool child claimed the job) leaves it in Redis's unacked hash until the visibility
-    timeout (12 h). Only a queue with no message waiting (`waiting(queue)` is 0) is
-    looked at, so a backlog is never sent twice; the stranded message, should it come
-    back, finds the job claimed and is dropped. A job still reserved by a live worker
-    busy on a long task is sent again too, for an idle worker to take (once a lease)."""
+    timeout (12 h). A job sent a lease ago is sent again when its message is among those
+    fetched a lease ago and never acknowledged (`fetched()`, task ids), however many
+    messages wait behind it, or when its queue has no message waiting (`waiting(queue)`
+    is 0: a message lost from the broker), so a backlog is never sent twice. The stranded
+    message, should it come back, finds the job claimed and is dropped."""
     now = now or utcnow()
     candidates = session.scalars(
         select(Job)
@@ -252,13 +254,14 @@ def resend_stranded(session: Session, *, lease_s: float, waiting: Callable[[str]
         .order_by(Job.priority.desc(), Job.created_at)
         .limit(500)
     ).all()
+    stranded = fetched() if candidates else set()
     idle: dict[str, bool] = {}
     sent = []
     for job in candidates:
-        if job.queue not in idle:
+        if job.celery_task_id not in stranded and job.queue not in idle:
             idle[job.queue] = waiting(job.queue) == 0
         age = now - job.enqueued_at if job.enqueued_at else None  # before dispatch resets it
-        if idle[job.queue] and dispatch(session, job):
+        if (job.celery_task_id in stranded or idle[job.queue]) and dispatch(session, job):
             log.warning("job %s: queued %s ago and never claimed; sent again", job.id, age)
             sent.append(job.id)
     return sent

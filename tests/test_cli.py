@@ -267,12 +267,14 @@ def child_running(root: int, marker: str) -> int:
 
 
 def test_genq_up_restarts_a_crashed_child_and_gives_up_on_repeated_crashes(tmp_path):
-    """Issue 25 hole 6: `genq up` supervises. A killed API and a killed worker come back
-    (with a line saying so) and the stack still runs jobs; a child that keeps dying stops
-    the stack with one message instead of restarting it for ever."""
-    api = _free_port()
-    env = {**up_env(api=api, redis=_free_port(), flower=_free_port()),
-           "GENQ_UP_MAX_RESTARTS": "3"}
+    """Issue 25 hole 6: `genq up` supervises. A worker killed (with its pool child) while it
+    runs a job, Redis killed and the API killed all come back (with a line saying so); the
+    worker's job is recovered by the restarted worker's reaper and resumes from its
+    checkpoint, and the stack still runs jobs; a child that keeps dying stops the stack with
+    one message instead of restarting it for ever."""
+    api, redis = _free_port(), _free_port()
+    env = {**up_env(api=api, redis=redis, flower=_free_port()), "GENQ_UP_MAX_RESTARTS": "3",
+           "GENQ_LEASE_S": "4", "GENQ_REAPER_INTERVAL_S": "1"}  # the reaper acts in seconds
     log = open(tmp_path / "up.log", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "api.cli", "up", "--no-flower"],
                             cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -291,19 +293,35 @@ def test_genq_up_restarts_a_crashed_child_and_gives_up_on_repeated_crashes(tmp_p
 
         key = (tmp_path / ".genq" / "api_key").read_text().strip()
         c = Client(f"http://127.0.0.1:{api}", api_key=key)
+        running = c.create_job({**TINY_LSTM, "steps": 1000, "checkpoint_every": 10})
+
+        def past_a_checkpoint() -> bool:
+            job = c.get_job(running["id"])
+            assert job["status"] in ("queued", "running"), job
+            return job["status"] == "running" and job["progress"]["done"] >= 12
+
+        wait_for(past_a_checkpoint, timeout=120, interval=0.2)
         worker = child_running(proc.pid, "api.cli worker")
         children.update(descendants(proc.pid))
-        os.kill(worker, signal.SIGKILL)
+        os.killpg(worker, signal.SIGKILL)  # its pool child too: the job's process is gone
+        first_redis = child_running(proc.pid, f"redis-server 127.0.0.1:{redis}")
+        os.kill(first_redis, signal.SIGKILL)
         first_api = child_running(proc.pid, "uvicorn")
         os.kill(first_api, signal.SIGKILL)
         wait_for(lambda: child_running(proc.pid, "uvicorn") != first_api and healthy(),
                  timeout=90, interval=0.3)
         assert child_running(proc.pid, "api.cli worker") != worker
+        assert child_running(proc.pid, f"redis-server 127.0.0.1:{redis}") != first_redis
+        recovered = c.wait(running["id"], timeout=600)
+        assert recovered["status"] == "succeeded", recovered
+        assert recovered["attempts"][0]["error"]["code"] == "worker_lost", recovered
+        assert recovered["attempts"][0]["progress"] >= 10  # it resumed from a checkpoint
         job = c.create_job({**TINY_LSTM, "name": "after-restarts"})
         assert c.wait(job["id"], timeout=120)["status"] == "succeeded"
         output = (tmp_path / "up.log").read_text()
         assert "api exited with code -9; restarting it in 1 s" in output, output
         assert "worker-cpu exited with code -9; restarting it in 1 s" in output, output
+        assert "redis exited with code -9; restarting it in 1 s" in output, output
         # the API's second and third exits within the window stop everything
         for _ in range(2):
             pid = child_running(proc.pid, "uvicorn")

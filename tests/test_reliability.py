@@ -190,11 +190,13 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
         assert torch.equal(a[k], b[k]), k
 
 
-def send_in_stack(stack: Stack, job_id: str, attempt: int, job_type: str = "train") -> None:
+def send_in_stack(stack: Stack, job_id: str, attempt: int, job_type: str = "train",
+                  queue: str = "cpu") -> None:
     """Publish one more message for (job_id, attempt) with the stack's own settings."""
     code = ("import sys; from common.celery_app import send_job; "
-            "send_job(sys.argv[1], int(sys.argv[2]), job_type=sys.argv[3], queue='cpu', kwargs={})")
-    subprocess.run([sys.executable, "-c", code, job_id, str(attempt), job_type],
+            "send_job(sys.argv[1], int(sys.argv[2]), job_type=sys.argv[3], queue=sys.argv[4], "
+            "kwargs={})")
+    subprocess.run([sys.executable, "-c", code, job_id, str(attempt), job_type, queue],
                    env=stack.env, cwd=ROOT, check=True)
 
 
@@ -494,6 +496,75 @@ def test_duplicate_message_runs_once_and_stale_attempt_is_dropped(rstack):
     assert c.get_job(job["id"])["status"] == "succeeded"
 
 
+def test_a_job_whose_every_attempt_dies_before_it_commits_anything_fails_worker_lost(rstack):
+    """Hole 7's poison job, with real processes: each attempt is killed -9 before its first
+    checkpoint, so none made progress and each spends one of max_attempts (3): two pool
+    children (the worker's main process re-queues the job) and then a whole worker (the
+    reaper's lease), after which the job fails `worker_lost`. A job that commits work between
+    kills carries on: the fault-injection test below kills only such shards and none fails."""
+    ensure_two_workers(rstack)
+    c = rstack.client()
+    job = c.create_job({**SPEC, "steps": 1_000_000, "checkpoint_every": 100_000,
+                        "max_attempts": 3})
+    killed = []
+    for attempt, how in enumerate(["pool child", "pool child", "worker"], start=1):
+        def running(attempt: int = attempt):  # type: ignore[no-untyped-def]
+            now = row(rstack, job["id"])
+            assert now.status in ("queued", "running"), (now.status, now.error)
+            return now if (now.status, now.attempt) == ("running", attempt) and (
+                now.progress_done >= 1) else None
+
+        victim = wait_for(running, timeout=180, interval=0.1)
+        killed.append(victim.worker_pid)
+        if how == "pool child":
+            os.kill(victim.worker_pid, signal.SIGKILL)
+        else:
+            rstack.stop(node_of(victim), sig=signal.SIGKILL)
+    done = finish(c, job["id"])
+    ensure_two_workers(rstack)
+    assert done["status"] == "failed" and done["error"]["code"] == "worker_lost", done
+    assert [(a["attempt"], a["error"]["code"], a["progress"]) for a in done["attempts"]] == [
+        (1, "worker_lost", 0), (2, "worker_lost", 0), (3, "worker_lost", 0)]
+    # the worker's main process or, should the 4 s lease run out first, the reaper
+    for attempt, pid in zip(done["attempts"][:2], killed, strict=False):
+        message = attempt["error"]["message"]
+        assert message == f"pool process {pid} died" or (
+            message.startswith("no heartbeat from") and f" pid {pid} " in message), attempt
+    assert done["attempts"][2]["error"]["message"].startswith("no heartbeat from")
+    assert row(rstack, job["id"]).failures == 3
+
+
+def test_a_claim_that_cannot_reach_the_database_is_retried(rstack):
+    """A pool child whose claim fails on the database (here SQLite locked past its 30 s busy
+    timeout by another connection) neither runs the job nor acknowledges the message away:
+    the task is sent again 5 s later, and once the database answers the job runs as the
+    same attempt. SQLite only: a lock the test can hold that makes the claim fail."""
+    import sqlite3
+
+    if not rstack.env["GENQ_DATABASE_URL"].startswith("sqlite"):
+        pytest.skip("a held SQLite write lock is how this test makes the database fail")
+    c = rstack.client()
+    job = c.create_job({**SPEC, "steps": 3, "queue": "gpu"})  # parked: nobody serves gpu
+    name = f"claim{uuid.uuid4().hex[:4]}"
+    spawn_worker_on(rstack, name, "strand")
+    lock = sqlite3.connect(rstack.env["GENQ_DATABASE_URL"].removeprefix("sqlite:///"),
+                           isolation_level=None)
+    try:
+        lock.execute("BEGIN EXCLUSIVE")  # every writer now waits, then fails
+        send_in_stack(rstack, job["id"], 1, queue="strand")
+        wait_for(lambda: "claim failed (OperationalError); retrying in 5s" in rstack.log(name),
+                 timeout=300)
+        assert row(rstack, job["id"]).status == "queued"
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    done = finish(c, job["id"])
+    assert done["status"] == "succeeded" and done["attempt"] == 1, done
+    assert done["attempts"] == []
+    assert f"job {job['id']} attempt 1: claimed" in rstack.log(name)
+    rstack.stop(name)
+
+
 def test_deterministic_error_fails_at_once(rstack):
     """A checkpoint to resume from whose files are gone fails at once: retrying cannot help."""
     from common.db import engine_for, session_factory
@@ -623,7 +694,10 @@ with get_celery().connection_for_read() as conn:
 
 def test_a_message_fetched_by_a_worker_killed_before_the_claim_is_sent_again(rstack):
     """Hole 1: a worker killed after its main process fetched a message but before a pool
-    child claimed the job left it queued until the 12 h visibility timeout."""
+    child claimed the job left it queued until the 12 h visibility timeout. It is sent again
+    a lease after the fetch even while other messages wait on its queue (a batch's shards
+    always keep some waiting): the new worker is busy on a long job with another queued
+    behind it when the stranded one is sent again."""
     ensure_two_workers(rstack)  # they run the reaper; neither consumes the strand queue
     import redis
 
@@ -639,6 +713,9 @@ def test_a_message_fetched_by_a_worker_killed_before_the_claim_is_sent_again(rst
         job = c.create_job({**SPEC, "steps": 3, "queue": "strand"})
         assert thief.stdout is not None
         assert thief.stdout.readline().split() == ["fetched", job["id"]]
+        long = c.create_job({**SPEC, "steps": 1_000_000, "checkpoint_every": 1000,
+                             "queue": "strand"})
+        behind = c.create_job({**SPEC, "steps": 3, "queue": "strand"})
         thief.kill()
         thief.wait(10)
         assert row(rstack, job["id"]).status == "queued"
@@ -646,10 +723,18 @@ def test_a_message_fetched_by_a_worker_killed_before_the_claim_is_sent_again(rst
         rstack.spawn(name, [sys.executable, "-m", "api.cli", "worker", "--queues", "strand",
                             "--name", name])
         rstack.wait_worker(name)
-        done = finish(c, job["id"])  # the lease is 4 s; the visibility timeout 12 h
-        assert done["status"] == "succeeded" and done["attempt"] == 1, done
-        logs = "".join(rstack.log(n) for n in rstack.procs if n != "api")
-        assert f"job {job['id']}: queued" in logs and "never claimed; sent again" in logs
+        running_at(rstack, long["id"], 1)
+        logs = lambda: "".join(rstack.log(n) for n in rstack.procs if n != "api")  # noqa: E731
+        # the lease is 4 s; the visibility timeout 12 h; `behind` waits on the queue throughout
+        wait_for(lambda: f"job {job['id']}: queued" in logs(), timeout=120)
+        assert "never claimed; sent again" in logs()
+        assert f"job {behind['id']}: queued" not in logs()  # a waiting message: not sent twice
+        assert row(rstack, behind["id"]).status == "queued"
+        c.cancel(long["id"])
+        assert finish(c, long["id"])["status"] == "cancelled"
+        for waited in (behind, job):
+            done = finish(c, waited["id"])
+            assert done["status"] == "succeeded" and done["attempt"] == 1, done
         rstack.stop(name)
     finally:
         if thief.poll() is None:
@@ -693,9 +778,11 @@ def test_only_one_reaper_holds_the_lease(session):
     assert attempt("late")
 
 
-def test_only_old_unclaimed_jobs_of_idle_queues_are_sent_again(session):
+def test_only_old_unclaimed_jobs_of_idle_queues_are_sent_again(session, redis_server):
     """resend_stranded asks the broker about a queue only for a job queued a lease ago, and
-    sends nothing where messages still wait (a backlog is not a stranded message)."""
+    sends nothing where messages still wait (a backlog is not a stranded message), unless
+    the job's own message was fetched a lease ago and never acknowledged: that one is
+    stranded whatever waits behind it."""
     from common import jobs
     from common.models import Job, utcnow
 
@@ -711,14 +798,24 @@ def test_only_old_unclaimed_jobs_of_idle_queues_are_sent_again(session):
     queued("q-young", 5)
     queued("q-cancelled", 300, cancel_requested=True)
     queued("q-later", 300, not_before=utcnow() + timedelta(seconds=60))
+    # a real queue: this one is sent (to a Redis where no worker knows the job: dropped)
+    stranded = queued("gpu", 300, celery_task_id="task-fetched-by-the-dead")
+    queued("gpu", 300, celery_task_id="task-waiting-behind-it")
     asked: list[str] = []
 
     def waiting(queue: str) -> int:
         asked.append(queue)
         return 3  # a backlog: nothing is sent
 
-    assert jobs.resend_stranded(session, lease_s=120, waiting=waiting) == []
-    assert [q for q in asked if q.startswith("q-")] == ["q-old"]
+    def fetched() -> set[str]:
+        return {"task-fetched-by-the-dead", "task-of-a-running-job"}
+
+    assert jobs.resend_stranded(session, lease_s=120, waiting=waiting, fetched=fetched) == [
+        stranded.id]
+    assert sorted(q for q in asked if q.startswith("q-") or q == "gpu") == ["gpu", "q-old"]
+    session.refresh(stranded)
+    assert stranded.celery_task_id != "task-fetched-by-the-dead"  # a new message
+    assert stranded.enqueued_at > utcnow() - timedelta(seconds=60)
 
 
 def test_reaper_requeues_then_fails_worker_lost(session):
@@ -849,8 +946,9 @@ def test_reaper_removes_a_partial_upload_left_by_a_killed_api(redis_server):
 
 
 def test_worker_names_are_unique_per_process(redis_server):
-    """Two `genq worker --queues cpu` on one host get two node names (a SIGTERM to one must not
-    re-queue the other's job or delete its row); a --name in use is refused with one line."""
+    """Two `genq worker --queues cpu` on one host get two node names; a --name in use is
+    refused with one line. A SIGTERM to one of the two must only touch its own jobs: the
+    other's running job goes on in the same attempt, and its /v1/workers row stays."""
     from common.db import engine_for, session_factory
     from common.models import Worker
 
@@ -872,6 +970,26 @@ def test_worker_names_are_unique_per_process(redis_server):
                                    capture_output=True, text=True, timeout=60)
             assert taken.returncode == 1 and "Traceback" not in taken.stderr
             assert "--name" in taken.stderr and "is taken" in taken.stderr, taken.stderr
+
+            stack.stop("named")  # the job must land on one of the two unnamed workers
+            c = stack.client()
+            job = c.create_job({**SPEC, "steps": 1_000_000, "checkpoint_every": 1000})
+            runner = running_at(stack, job["id"], 1)
+            other = "d2" if runner.worker.startswith(f"cpu-{first.pid}@") else "d1"
+            survivor = "d1" if other == "d2" else "d2"
+            assert runner.worker.startswith(f"cpu-{stack.procs[survivor].pid}@")
+            os.kill(stack.procs[other].pid, signal.SIGTERM)  # its main process, as docker stop
+            assert stack.procs.pop(other).wait(120) == 0
+            after = running_at(stack, job["id"], runner.progress_done + 5)
+            assert (after.attempt, after.worker, after.worker_pid) == (
+                1, runner.worker, runner.worker_pid)
+            assert not after.shutdown_requested and after.attempts_log == []
+            listed = {w["hostname"]: w for w in c.workers()}
+            assert runner.worker in listed, listed
+            assert listed[runner.worker]["current_job"] == job["id"]
+            assert all(name.startswith(f"cpu-{stack.procs[survivor].pid}@") for name in listed)
+            c.cancel(job["id"])
+            assert finish(c, job["id"])["status"] == "cancelled"
         finally:
             stack.stop_all()
 
@@ -913,26 +1031,112 @@ def test_kill9_pool_child_resumes_a_lora_run_exactly(rstack, tmp_path):
 # ---------------------------------------------------------------- fault injection
 
 
+# How long the fault-injection test lets a job be left behind, by SQL timestamps: the lease
+# (GENQ_LEASE_S, 4 s there), the reaper's own SQL lease passing on when its holder was the
+# worker killed (3 rounds of GENQ_REAPER_INTERVAL_S, 1 s there), the round that then acts,
+# and a margin. The retry back-off (GENQ_RETRY_BACKOFF_S) is not in it: a re-queued shard
+# waits it out unsent, and the clock of a sent one starts when it is sent. The margin is
+# for a loaded two-core machine, where a round's SQL waits behind the shards' item commits
+# on SQLite and the workers' main processes get little CPU: 30 s is dozens of rounds. What
+# the test is there to catch waits far longer: a stranded message until the visibility
+# timeout (12 h) or until its queue drains (the batch's end, minutes), a dead process's
+# job missed by the reaper for ever.
+LEFT_BEHIND_MARGIN_S = 30.0
+
+
+def waiting_task_ids(broker_url: str, queue: str) -> set[str]:
+    """Task ids of the messages on the queue's Redis lists: sent, not yet fetched."""
+    import json
+
+    import redis
+
+    from common.celery_app import redis_lists
+
+    client = redis.Redis.from_url(broker_url)
+    return {json.loads(message)["headers"]["id"]
+            for key in redis_lists(queue) for message in client.lrange(key, 0, -1)}
+
+
+class LeftBehind:
+    """The longest each shard was seen left behind, in seconds by SQL timestamps (the
+    workers' clock, which is this machine's): `running` under a dead process since its last
+    heartbeat, or `queued` with its message fetched from the broker's list but unclaimed
+    since the later of its enqueued_at and the first look that found the message gone."""
+
+    DEAD = "running under a dead process"
+    FETCHED = "queued, fetched and unclaimed"
+
+    def __init__(self) -> None:
+        self.fetched_since: dict[tuple[str, str | None], object] = {}
+        self.longest = {self.DEAD: 0.0, self.FETCHED: 0.0}
+
+    def look(self, shards: list, waiting: set[str]) -> None:  # type: ignore[type-arg]
+        from common.models import utcnow
+
+        now = utcnow()
+        for shard in shards:
+            if shard.status == "running" and shard.worker_pid and not _alive(shard.worker_pid):
+                self._note(self.DEAD, now - shard.heartbeat_at)
+            elif (shard.status == "queued" and shard.enqueued_at is not None
+                  and shard.celery_task_id not in waiting):
+                since = self.fetched_since.setdefault((shard.id, shard.celery_task_id), now)
+                self._note(self.FETCHED, now - max(since, shard.enqueued_at))  # type: ignore[type-var]
+
+    def _note(self, state: str, age: timedelta) -> None:
+        self.longest[state] = max(self.longest[state], age.total_seconds())
+
+
+class Thief:
+    """A consumer that fetches one message from a queue and is killed -9 before any claim:
+    a worker killed between its main process's fetch and its pool child's claim."""
+
+    def __init__(self, stack: Stack, queue: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", THIEF, queue], env=stack.env,
+                                     cwd=ROOT, stdout=subprocess.PIPE, text=True)
+
+    def fetched(self) -> bool:
+        """Kill it once it has fetched (True then); False while it waits."""
+        import select as io_select
+
+        assert self.proc.stdout is not None
+        if not io_select.select([self.proc.stdout], [], [], 0)[0]:
+            return False
+        line = self.proc.stdout.readline()
+        self.kill()
+        assert line.startswith("fetched "), f"the thief fetched nothing: {line!r}"
+        return True
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+
 @pytest.mark.timeout(900)  # minutes on a loaded machine: it waits on progress
 def test_random_kills_during_a_multi_shard_batch_lose_and_double_nothing(aof_redis):
     """Issue 25: pool children and whole workers killed at random while two workers run a
-    batch of many shards. Every custom_id comes out exactly once, nothing fails, and no
-    shard stays `running` under a dead process for longer than the lease and a margin.
-    A victim is always a shard that committed items in its current attempt: attempts that
-    made no progress may legitimately spend max_attempts (a poison job)."""
+    batch of many shards, and a consumer killed after it fetched a shard's message (a
+    worker killed before its pool child claimed it). Every custom_id comes out exactly
+    once, nothing fails, and no shard is left behind, `running` under a dead process or
+    `queued` with its message fetched but unclaimed, for longer than the lease and the
+    reaper's rounds (LEFT_BEHIND_MARGIN_S). A victim is always a shard that committed items
+    in its current attempt: attempts that made no progress may legitimately spend
+    max_attempts (a poison job)."""
     import io
     import random
 
+    from common.db import engine_for, session_factory
     from common.models import Item, Job
     from tests.test_batches import jsonl, lines_for, read_jsonl, sdk
 
-    lease_s = 4
+    lease_s, interval_s = 4, 1
     broker = aof_redis.url.rsplit("/", 1)[0] + "/4"
     with fresh_database("sqlite") as db:
         stack = start_stack(db, broker, env_extra={
-            "GENQ_LEASE_S": str(lease_s), "GENQ_REAPER_INTERVAL_S": "1",
+            "GENQ_LEASE_S": str(lease_s), "GENQ_REAPER_INTERVAL_S": str(interval_s),
             "GENQ_RETRY_BACKOFF_S": "0.5", "GENQ_SHARD_SIZE": "10", "GENQ_ITEM_CHUNK": "1",
             "GENQ_TOKEN_BUDGET": "64"})
+        thief: Thief | None = None
         try:
             for name in ("f0", "f1"):
                 spawn_worker(stack, name)
@@ -947,59 +1151,67 @@ def test_random_kills_during_a_multi_shard_batch_lose_and_double_nothing(aof_red
             batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/completions",
                                           completion_window="24h")
             rng = random.Random(25)
-            kills = ["pool child", "pool child", "pool child", "worker", "worker", "worker"]
+            kills = ["pool child", "pool child", "pool child", "worker", "worker", "worker",
+                     "fetched"]
             rng.shuffle(kills)
             done_kills: list[str] = []
-            orphaned_since: dict[tuple[str, int], float] = {}
-            longest_orphan = 0.0
+            left_behind = LeftBehind()
             next_kill = time.monotonic() + rng.uniform(0.5, 1.5)
-            engine_url = stack.env["GENQ_DATABASE_URL"]
-            from common.db import engine_for, session_factory
-
+            factory = session_factory(engine_for(stack.env["GENQ_DATABASE_URL"]))
             deadline = time.monotonic() + 800
             while client.batches.retrieve(batch.id).status not in ("completed", "failed"):
                 assert time.monotonic() < deadline, "the batch did not finish"
-                with session_factory(engine_for(engine_url))() as s:
-                    running = list(s.scalars(select(Job).where(
-                        Job.parent_id == batch.id, Job.status == "running")))
+                with factory() as s:
+                    shards = list(s.scalars(select(Job).where(
+                        Job.parent_id == batch.id, Job.status.in_(["queued", "running"]))))
                     committed = {shard.id: s.scalar(
                         select(func.count()).select_from(Item).where(
                             Item.job_id == shard.id, Item.status != "pending"))
-                        for shard in running}
-                now = time.monotonic()
-                for shard in running:
-                    key = (shard.id, shard.attempt)
-                    if shard.worker_pid and not _alive(shard.worker_pid):
-                        orphaned_since.setdefault(key, now)
-                        longest_orphan = max(longest_orphan, now - orphaned_since[key])
-                victims = [shard for shard in running if shard.worker_pid
-                           and _alive(shard.worker_pid) and committed[shard.id]
+                        for shard in shards if shard.status == "running"}
+                left_behind.look(shards, waiting_task_ids(broker, "cpu"))
+                if thief is not None and thief.fetched():
+                    thief, next_kill = None, time.monotonic() + rng.uniform(0.5, 2.0)
+                    done_kills.append("fetched")
+                victims = [shard for shard in shards if shard.status == "running"
+                           and shard.worker_pid and _alive(shard.worker_pid)
+                           and committed[shard.id]
                            > max([e.get("progress", 0) for e in shard.attempts_log] or [0])]
-                if kills and victims and now >= next_kill:
-                    shard, how = rng.choice(victims), kills.pop()
+                if kills and thief is None and time.monotonic() >= next_kill and (
+                        victims or kills[-1] == "fetched"):
+                    how = kills.pop()
+                    if how == "fetched":
+                        thief = Thief(stack, "cpu")
+                        continue
+                    shard = rng.choice(victims)
                     if how == "pool child":
                         os.kill(shard.worker_pid, signal.SIGKILL)
                     else:
                         stack.stop(node_of(shard), sig=signal.SIGKILL)
                         spawn_worker(stack, f"f{len(done_kills) + 2}")
                     done_kills.append(how)
-                    next_kill = now + rng.uniform(0.5, 2.0)
+                    next_kill = time.monotonic() + rng.uniform(0.5, 2.0)
                 time.sleep(0.1)
             final = client.batches.retrieve(batch.id)
             assert final.status == "completed", final
-            assert done_kills.count("pool child") == 3 and done_kills.count("worker") == 3, (
-                done_kills, "the batch finished before every kill landed")
+            assert sorted(done_kills) == sorted(["pool child"] * 3 + ["worker"] * 3 + [
+                "fetched"]), (done_kills, "the batch finished before every kill landed")
             out = read_jsonl(client, final.output_file_id)
             ids = [o["custom_id"] for o in out]
             assert sorted(ids) == sorted(r["custom_id"] for r in rows)  # each exactly once
             assert read_jsonl(client, final.error_file_id) == []
             assert final.request_counts.completed == 160  # type: ignore[union-attr]
-            with session_factory(engine_for(engine_url))() as s:
+            with factory() as s:
                 left = list(s.scalars(select(Job.status).where(
                     Job.status.in_(["queued", "running"]))))
                 retried = s.scalar(select(func.count()).select_from(Job).where(
                     Job.parent_id == batch.id, Job.attempt > 1))
             assert left == [] and retried >= 1
-            assert longest_orphan < lease_s + 20, longest_orphan
+            bound = lease_s + 3 * interval_s + interval_s + LEFT_BEHIND_MARGIN_S
+            assert max(left_behind.longest.values()) < bound, left_behind.longest
+            # the fetched shard was sent again (by whichever worker held the reaper's lease)
+            logs = "".join(p.read_text(errors="replace") for p in stack.home.glob("f*.log"))
+            assert "never claimed; sent again" in logs
         finally:
+            if thief is not None:
+                thief.kill()
             stack.stop_all()

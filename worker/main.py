@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from common import fleet, jobs
 from common.batches.finalize import finalize_stalled
-from common.celery_app import get_celery, messages_waiting
+from common.celery_app import fetched_unacked, get_celery, messages_waiting
 from common.config import get_settings
 from common.db import get_engine, session_factory
 from common.dispatch import release_held, release_shards
@@ -147,8 +147,9 @@ def _housekeeping(hostname: str) -> None:
                     release_held(session)
                     release_shards(session)
                     jobs.preempt_for_urgent(session, after_s=settings.preempt_after_s)
-                    jobs.resend_stranded(session, lease_s=settings.lease_s,
-                                         waiting=messages_waiting)
+                    jobs.resend_stranded(
+                        session, lease_s=settings.lease_s, waiting=messages_waiting,
+                        fetched=lambda: fetched_unacked(settings.lease_s))
                     if time.monotonic() - uploads_checked >= min(60.0, settings.stale_upload_s):
                         uploads_checked = time.monotonic()
                         removed = get_storage().remove_stale_parts(
