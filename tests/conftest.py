@@ -323,9 +323,8 @@ def stack(db_url: str, redis_server: str) -> Iterator[Stack]:
     s.stop_all()
 
 
-@pytest.fixture(scope="session")
-def trained_lstm(stack: Stack) -> dict:
-    """A tiny LSTM trained once through the queue and registered as a model."""
+def train_lstm(stack: Stack, worker: str = "w1") -> dict:
+    """A tiny LSTM trained through the queue of `stack` and registered as a model."""
     c = stack.client()
     job = c.create_job(
         {
@@ -339,9 +338,15 @@ def trained_lstm(stack: Stack) -> dict:
             "name": f"lstm-{uuid.uuid4().hex[:6]}",
         }
     )
-    job = c.wait(job["id"], timeout=300)
-    assert job["status"] == "succeeded", (job, stack.log("w1")[-3000:])
+    job = c.wait(job["id"], timeout=600)
+    assert job["status"] == "succeeded", (job, stack.log(worker)[-3000:])
     return job
+
+
+@pytest.fixture(scope="session")
+def trained_lstm(stack: Stack) -> dict:
+    """A tiny LSTM trained once on the session stack."""
+    return train_lstm(stack)
 
 
 def finish(c, job_id: str, *, stalled_s: float = 120) -> dict:  # type: ignore[no-untyped-def]

@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 
 from common.db import engine_for, session_factory
 from common.models import Item, Job
-from tests.conftest import ROOT, start_stack, wait_for
+from tests.conftest import ROOT, fresh_database, start_stack, train_lstm, wait_for
 
 PROMPTS = ["The ", "def ", "import ", "class ", "A ", "In ", "For ", "x = "]
 
@@ -159,21 +159,32 @@ def test_cli_batch_submit_waits_for_output(stack, trained_lstm, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def shard_stack(stack, trained_lstm, redis_server):  # type: ignore[no-untyped-def]
-    """A second API + two workers on the same database and storage, shards of 4 requests,
-    on their own Redis database (so the session worker never takes their messages)."""
-    broker = redis_server.rsplit("/", 1)[0] + "/5"
-    s = start_stack(stack.env["GENQ_DATABASE_URL"], broker, env_extra={
-        "GENQ_SHARD_SIZE": "4",
-        "GENQ_STORAGE_URL": f"file://{(stack.home / 'storage').resolve()}",
-        "GENQ_TOKEN_BUDGET": "64",
-        "GENQ_ITEM_CHUNK": "1",
-    })
-    s.api_key = stack.api_key  # same owner: the trained model is visible
-    s.start_worker("b1")
-    s.start_worker("b2")
-    yield s
-    s.stop_all()
+def shard_stack(stack, redis_server):  # type: ignore[no-untyped-def]
+    """An API and two workers, shards of 4 requests, on a database and a Redis db of their
+    own: no other stack's reaper or release sends their jobs to its own workers."""
+    import redis
+
+    backend = "sqlite" if stack.env["GENQ_DATABASE_URL"].startswith("sqlite") else "postgresql"
+    broker = redis_server.rsplit("/", 1)[0] + ("/5" if backend == "sqlite" else "/37")
+    redis.Redis.from_url(broker).flushdb()  # nothing another run left there
+    with fresh_database(backend) as db:
+        s = start_stack(db, broker, env_extra={
+            "GENQ_SHARD_SIZE": "4",
+            "GENQ_TOKEN_BUDGET": "64",
+            "GENQ_ITEM_CHUNK": "1",
+        })
+        try:
+            s.start_worker("b1")
+            s.start_worker("b2")
+            yield s
+        finally:
+            s.stop_all()
+
+
+@pytest.fixture(scope="module")
+def shard_model(shard_stack) -> str:  # type: ignore[no-untyped-def]
+    """A tiny LSTM trained on shard_stack, as the session's trained_lstm is on its stack."""
+    return train_lstm(shard_stack, worker="b1")["result"]["model"]
 
 
 def shards_of(stack, batch_id: str) -> list[Job]:  # type: ignore[no-untyped-def]
@@ -181,9 +192,9 @@ def shards_of(stack, batch_id: str) -> list[Job]:  # type: ignore[no-untyped-def
         return list(s.scalars(select(Job).where(Job.parent_id == batch_id)))
 
 
-def test_two_workers_share_the_shards(shard_stack, trained_lstm):
+def test_two_workers_share_the_shards(shard_stack, shard_model):
     client = sdk(shard_stack)
-    rows = lines_for(trained_lstm["result"]["model"], 16, max_tokens=8)
+    rows = lines_for(shard_model, 16, max_tokens=8)
     batch = run_batch(client, rows, "/v1/completions")
     assert batch.status == "completed", batch
     out = read_jsonl(client, batch.output_file_id)
@@ -194,9 +205,9 @@ def test_two_workers_share_the_shards(shard_stack, trained_lstm):
     assert hosts == {"b1", "b2"}, hosts
 
 
-def test_cancel_keeps_finished_items_once(shard_stack, trained_lstm):
+def test_cancel_keeps_finished_items_once(shard_stack, shard_model):
     client = sdk(shard_stack)
-    rows = lines_for(trained_lstm["result"]["model"], 24, max_tokens=300)  # seconds of work
+    rows = lines_for(shard_model, 24, max_tokens=300)  # seconds of work
     upload = client.files.create(file=("in.jsonl", io.BytesIO(jsonl(rows))), purpose="batch")
     batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/completions",
                                   completion_window="24h")
@@ -220,11 +231,11 @@ def test_cancel_keeps_finished_items_once(shard_stack, trained_lstm):
     assert batch.request_counts.completed == len(done_ids)  # type: ignore[union-attr]
 
 
-def test_killed_shard_resumes_without_losing_or_doubling(shard_stack, trained_lstm):
+def test_killed_shard_resumes_without_losing_or_doubling(shard_stack, shard_model):
     client = sdk(shard_stack)
     # Seeded lines run one by one and GENQ_ITEM_CHUNK=1 commits each: ~0.3 s per line keeps
     # a shard half done for a second or more, even on a loaded 2-core machine.
-    rows = lines_for(trained_lstm["result"]["model"], 8, max_tokens=600)
+    rows = lines_for(shard_model, 8, max_tokens=600)
     upload = client.files.create(file=("in.jsonl", io.BytesIO(jsonl(rows))), purpose="batch")
     batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/completions",
                                   completion_window="24h")
@@ -251,12 +262,12 @@ def test_killed_shard_resumes_without_losing_or_doubling(shard_stack, trained_ls
         assert again.attempts_log and again.attempts_log[-1]["error"]["code"] == "worker_lost"
 
 
-def test_attempts_that_commit_items_do_not_spend_max_attempts(shard_stack, trained_lstm):
+def test_attempts_that_commit_items_do_not_spend_max_attempts(shard_stack, shard_model):
     """Two pool-child kills of a max_attempts=1 job, each after it committed items: random
     infrastructure faults lose nothing, and the job still succeeds."""
     c = shard_stack.client()
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(8)]
-    job = c.create_job({"type": "generate", "model": trained_lstm["result"]["model"],
+    job = c.create_job({"type": "generate", "model": shard_model,
                         "prompts": prompts, "max_tokens": 600, "seed": 1, "max_attempts": 1})
 
     def running_past(done: int) -> Job | None:

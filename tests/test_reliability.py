@@ -490,7 +490,8 @@ def test_duplicate_message_runs_once_and_stale_attempt_is_dropped(rstack):
     assert sum("registered model" in m for m in job_logs(rstack, job["id"])) == 1
     send_in_stack(rstack, job["id"], 0)  # an attempt that is long gone
     wait_for(lambda: sum(rstack.log(n).count(f"job {job['id']} attempt") for n in rstack.procs
-                         if n != "api") >= 3, timeout=30)
+                         if n != "api") >= 3, timeout=300)  # two idle workers: seconds,
+    # unless a loaded machine holds the worker that took the message
     text = "".join(rstack.log(n) for n in rstack.procs if n != "api")
     assert text.count("message dropped") >= 2
     assert c.get_job(job["id"])["status"] == "succeeded"
