@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import IO
 
 import httpx
 import pytest
@@ -24,6 +25,24 @@ def genq(*args: str, env: dict[str, str], cwd: Path | None = None,
          timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "api.cli", *args], env={**env, "COLUMNS": "200"},
                           cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def start_up(folder: Path, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], IO[str]]:
+    """`genq up --no-flower` in folder, its output in folder/up.log (returned open)."""
+    log = open(folder / "up.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "api.cli", "up", "--no-flower"],
+                            cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT)
+    return proc, log
+
+
+def up_ready(proc: subprocess.Popen[bytes], api: int, folder: Path) -> bool:
+    """Whether `genq up` in folder answers /healthz and has written its API key."""
+    assert proc.poll() is None, (folder / "up.log").read_text()
+    try:
+        healthy = httpx.get(f"http://127.0.0.1:{api}/healthz", timeout=1).is_success
+    except httpx.HTTPError:
+        return False
+    return healthy and (folder / ".genq" / "api_key").exists()
 
 
 @pytest.fixture
@@ -275,20 +294,11 @@ def test_genq_up_restarts_a_crashed_child_and_gives_up_on_repeated_crashes(tmp_p
     api, redis = _free_port(), _free_port()
     env = {**up_env(api=api, redis=redis, flower=_free_port()), "GENQ_UP_MAX_RESTARTS": "3",
            "GENQ_LEASE_S": "4", "GENQ_REAPER_INTERVAL_S": "1"}  # the reaper acts in seconds
-    log = open(tmp_path / "up.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "api.cli", "up", "--no-flower"],
-                            cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc, log = start_up(tmp_path, env)
     children: set[int] = set()
 
-    def healthy() -> bool:
-        assert proc.poll() is None, (tmp_path / "up.log").read_text()
-        try:
-            return httpx.get(f"http://127.0.0.1:{api}/healthz", timeout=1).is_success
-        except httpx.HTTPError:
-            return False
-
     try:
-        wait_for(healthy, timeout=90, interval=0.3)
+        wait_for(lambda: up_ready(proc, api, tmp_path), timeout=90, interval=0.3)
         from api.client import Client
 
         key = (tmp_path / ".genq" / "api_key").read_text().strip()
@@ -308,8 +318,8 @@ def test_genq_up_restarts_a_crashed_child_and_gives_up_on_repeated_crashes(tmp_p
         os.kill(first_redis, signal.SIGKILL)
         first_api = child_running(proc.pid, "uvicorn")
         os.kill(first_api, signal.SIGKILL)
-        wait_for(lambda: child_running(proc.pid, "uvicorn") != first_api and healthy(),
-                 timeout=90, interval=0.3)
+        wait_for(lambda: child_running(proc.pid, "uvicorn") != first_api
+                 and up_ready(proc, api, tmp_path), timeout=90, interval=0.3)
         assert child_running(proc.pid, "api.cli worker") != worker
         assert child_running(proc.pid, f"redis-server 127.0.0.1:{redis}") != first_redis
         recovered = c.wait(running["id"], timeout=600)
@@ -346,21 +356,11 @@ def test_genq_up_stops_on_sigterm_as_on_ctrl_c(tmp_path):
     does: every child it started is gone, and it exits 0 after saying "stopped."."""
     api = _free_port()
     env = up_env(api=api, redis=_free_port(), flower=_free_port())
-    log = open(tmp_path / "up.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "api.cli", "up", "--no-flower"],
-                            cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc, log = start_up(tmp_path, env)
     children: set[int] = set()
 
-    def ready() -> bool:
-        assert proc.poll() is None, (tmp_path / "up.log").read_text()
-        try:
-            healthy = httpx.get(f"http://127.0.0.1:{api}/healthz", timeout=1).is_success
-        except httpx.HTTPError:
-            return False
-        return healthy and (tmp_path / ".genq" / "api_key").exists()
-
     try:
-        wait_for(ready, timeout=90, interval=0.3)
+        wait_for(lambda: up_ready(proc, api, tmp_path), timeout=90, interval=0.3)
         worker = child_running(proc.pid, "api.cli worker")
         wait_for(lambda: descendants(worker), timeout=60)  # its pool child too
         children.update(descendants(proc.pid))

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from common.chat import ChatMessage
 from common.gen_params import GenParams, ImageParams, ItemInput, Label, MaxTokens, Prompt
+
+Item = TypeVar("Item")
 
 TEXT_ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
 IMAGE_ENDPOINT = "/v1/images/generations"
@@ -29,12 +31,18 @@ class FileOut(BaseModel):
     status_details: str | None = None
 
 
-class FileList(BaseModel):
+class OpenAIList(BaseModel, Generic[Item]):
+    """A page of an OpenAI list (files, batches): first_id/last_id, and `after` = last_id."""
+
     object: Literal["list"] = "list"
-    data: list[FileOut]
+    data: list[Item]
     has_more: bool
     first_id: str | None = None
     last_id: str | None = None
+
+
+class FileList(OpenAIList[FileOut]):
+    pass
 
 
 class FileDeleted(BaseModel):
@@ -144,12 +152,8 @@ class BatchOut(BaseModel):
     metadata: dict[str, str] | None = None
 
 
-class BatchList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[BatchOut]
-    has_more: bool
-    first_id: str | None = None
-    last_id: str | None = None
+class BatchList(OpenAIList[BatchOut]):
+    pass
 
 
 # ------------------------------------------------------------------ input line bodies

@@ -43,6 +43,32 @@ class ModelSource(BaseModel):
     local_dir: str | None = None  # a folder under GENQ_PRETRAINED_ROOT
 
 
+def source_of(pretrained: str | None, revision: str | None,
+              commit: str | None) -> ModelSource | None:
+    """Where a config's `pretrained` comes from: a local folder (an absolute path, already
+    confined to GENQ_PRETRAINED_ROOT) or a hub id at its revision and resolved commit; None
+    for a model built from a config."""
+    if pretrained is None:
+        return None
+    if Path(pretrained).is_absolute():
+        return ModelSource(local_dir=pretrained)
+    return ModelSource(hub_id=pretrained, revision=revision, commit=commit)
+
+
+def check_local_or_hub(value: str, *, holds: str | None, what: str) -> None:
+    """At submit: `value` (a config's source field, a folder already confined to
+    GENQ_PRETRAINED_ROOT) is a hub id, or a folder holding the file `holds` (None: any
+    folder); else ValueError saying which `what` it must be."""
+    if not Path(value).is_absolute():
+        if not is_hub_id(value):
+            raise ValueError(f"{value!r} is neither a folder inside GENQ_PRETRAINED_ROOT "
+                             "nor a hub id org/name")
+    elif holds is None and not Path(value).is_dir():
+        raise ValueError(f"must be a directory holding {what}")
+    elif holds is not None and not (Path(value) / holds).is_file():
+        raise ValueError(f"must be {what} ({holds} not found)")
+
+
 def is_hub_id(value: str) -> bool:
     """Whether `value` is a hub model id `org/name` (huggingface_hub's own syntax check)."""
     from huggingface_hub.errors import HFValidationError

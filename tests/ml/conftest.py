@@ -39,6 +39,18 @@ def stopped_at(spec: dict, step: int, workdir: Path, **kwargs: object) -> TrainO
     return run_training(spec, workdir, hooks=hooks, **kwargs)  # type: ignore[arg-type]
 
 
+def straight_and_resumed(spec: dict, step: int, tmp_path: Path,
+                         **kwargs: object) -> tuple[TrainOutcome, TrainOutcome, TrainOutcome]:
+    """An uninterrupted run of `spec`, the same run shut down at `step`, and that one resumed
+    from its checkpoint: exact resume means the first and the last end on equal weights."""
+    straight = run_training(spec, tmp_path / "straight", hooks=TrainHooks(), **kwargs)  # type: ignore[arg-type]
+    stopped = stopped_at(spec, step, tmp_path / "first", **kwargs)
+    assert stopped.stopped == "shutdown" and stopped.step == step
+    resumed = run_training(spec, tmp_path / "second", hooks=TrainHooks(),  # type: ignore[arg-type]
+                           resume_from=stopped.checkpoint, **kwargs)
+    return straight, stopped, resumed
+
+
 @pytest.fixture(scope="session")
 def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """About 20 kB of the built-in python-docs text: small enough for fast BPE."""

@@ -19,9 +19,9 @@ from common.ml.families import get_family
 from common.ml.families.lm import train_tokenizer
 from common.ml.families.lstm import CharTokenizer
 from common.ml.prompt_ids import load_chat_render
-from common.ml.train import TrainHooks, run_training
+from common.ml.train import TrainHooks
 from common.storage import Storage
-from tests.ml.conftest import stopped_at
+from tests.ml.conftest import straight_and_resumed
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -188,11 +188,7 @@ def test_exact_resume_on_chat_examples(family: str, tiny_spec: Callable[..., dic
     """Example batches are a pure function of (seed, step): a resumed run matches bitwise."""
     spec = tiny_spec(family, steps=8, batch_size=8, checkpoint_every=3, eval_every=2, seq_len=64,
                      data={"path": str(_chat_file(tmp_path / "chat.jsonl"))})
-    straight = run_training(spec, tmp_path / "straight", hooks=TrainHooks())
-    stopped = stopped_at(spec, 5, tmp_path / "first")
-    assert stopped.step == 5
-    resumed = run_training(spec, tmp_path / "second", hooks=TrainHooks(),
-                           resume_from=stopped.checkpoint)
+    straight, _, resumed = straight_and_resumed(spec, 5, tmp_path)
     a = load_model(straight.checkpoint).model.state_dict()
     b = load_model(resumed.checkpoint).model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -275,14 +275,10 @@ def test_a_unet_lora_resumes_exactly_and_checkpoints_the_adapter_alone(
 
     from common.ml.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
     from common.ml.checkpoint import MODEL_FILE
-    from tests.ml.conftest import stopped_at
+    from tests.ml.conftest import straight_and_resumed
 
     spec = lora_spec()
-    straight = run_training(spec, tmp_path / "straight", hooks=TrainHooks())
-    stopped = stopped_at(spec, 3, tmp_path / "first")
-    assert stopped.stopped == "shutdown" and stopped.step == 3
-    resumed = run_training(spec, tmp_path / "second", hooks=TrainHooks(),
-                           resume_from=stopped.checkpoint)
+    straight, _, resumed = straight_and_resumed(spec, 3, tmp_path)
     assert resumed.step == 6
     a = load_file(straight.checkpoint / ADAPTER_WEIGHTS)
     b = load_file(resumed.checkpoint / ADAPTER_WEIGHTS)

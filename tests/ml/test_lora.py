@@ -15,7 +15,7 @@ from common.ml.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from common.ml.checkpoint import MODEL_FILE, load_model, read_meta
 from common.ml.train import TrainHooks, run_training
 from common.train_spec import TrainSpec
-from tests.ml.conftest import stopped_at
+from tests.ml.conftest import straight_and_resumed
 
 GPT2 = {"arch": "gpt2", "vocab_size": 300, "n_positions": 64, "n_embd": 32, "n_layer": 2,
         "n_head": 2}
@@ -40,11 +40,7 @@ def test_lora_exact_resume_and_a_small_checkpoint(arch: str, tiny_spec: Callable
     """Stop at step 5 and resume: bitwise the weights of an uninterrupted run; each
     checkpoint holds the adapter (peft's files) and training state, not the base."""
     spec = lora_spec(tiny_spec, arch)
-    straight = run_training(spec, tmp_path / "straight", hooks=TrainHooks())
-    stopped = stopped_at(spec, 5, tmp_path / "first")
-    assert stopped.stopped == "shutdown" and stopped.step == 5
-    resumed = run_training(spec, tmp_path / "second", hooks=TrainHooks(),
-                           resume_from=stopped.checkpoint)
+    straight, stopped, resumed = straight_and_resumed(spec, 5, tmp_path)
     assert resumed.step == 8
     a, b = weights(straight.checkpoint), weights(resumed.checkpoint)
     assert a.keys() == b.keys() and any("lora_A" in k for k in a)
@@ -124,10 +120,7 @@ def test_a_bf16_base_with_gradient_checkpointing_resumes_exactly(
     spec = {**lora_spec(tiny_spec, "llama"), "gradient_checkpointing": True}
     spec.update(steps=6, eval_every=None)
     bf16 = {"base_dtype": torch.bfloat16}
-    straight = run_training(spec, tmp_path / "straight", hooks=TrainHooks(), **bf16)
-    stopped = stopped_at(spec, 3, tmp_path / "first", **bf16)
-    resumed = run_training(spec, tmp_path / "second", hooks=TrainHooks(),
-                           resume_from=stopped.checkpoint, **bf16)
+    straight, _, resumed = straight_and_resumed(spec, 3, tmp_path, **bf16)
     fp32 = run_training({**spec, "gradient_checkpointing": False}, tmp_path / "fp32",
                         hooks=TrainHooks())
     assert abs(straight.metrics["loss"] - fp32.metrics["loss"]) < 0.05, (straight.metrics,

@@ -24,7 +24,7 @@ from common.ml.families import get_family
 from common.ml.train import TrainHooks, on_helper_thread, run_training
 from common.retention import checkpoint_dirname
 from common.train_spec import TrainSpec
-from tests.ml.conftest import stopped_at
+from tests.ml.conftest import straight_and_resumed
 
 
 def _mean(xs: list[float]) -> float:
@@ -72,14 +72,9 @@ def test_exact_resume(family: str, tiny_spec: Callable[..., dict], tmp_path: Pat
     spec = tiny_spec(family, steps=8, grad_accum=2, warmup_steps=2, batch_size=8,
                      checkpoint_every=3, weight_decay=0.1, eval_every=2)
     spec["config"].update(dropout)
-    straight = run_training(spec, tmp_path / "straight", hooks=TrainHooks())
-
-    stopped = stopped_at(spec, 5, tmp_path / "first")
-    assert stopped.stopped == "shutdown" and stopped.step == 5
+    straight, stopped, resumed = straight_and_resumed(spec, 5, tmp_path)
     assert stopped.artifacts == []
     assert load_train_state(stopped.checkpoint)["step"] == 5
-    resumed = run_training(spec, tmp_path / "second", hooks=TrainHooks(),
-                           resume_from=stopped.checkpoint)
     assert resumed.stopped is None and resumed.step == 8
 
     a = load_model(straight.checkpoint).model.state_dict()

@@ -37,8 +37,9 @@ from common.ml.pretrained import (
     TOKENIZER_FILES,
     ModelSource,
     Resolved,
-    is_hub_id,
+    check_local_or_hub,
     resolve,
+    source_of,
 )
 
 PAD, UNK = "[PAD]", "[UNK]"
@@ -102,15 +103,11 @@ class DiffusionConfig(FamilyConfig):
     def _local_or_hub(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is None or info.context != SUBMITTED:
             return value
-        if not Path(value).is_absolute():
-            if not is_hub_id(value):
-                raise ValueError(f"{value!r} is neither a folder inside GENQ_PRETRAINED_ROOT "
-                                 "nor a hub id org/name")
-        elif info.field_name == "pretrained" and not (Path(value) / "model_index.json").is_file():
-            raise ValueError("must be a diffusers pipeline directory (model_index.json not "
-                             "found)")
-        elif info.field_name == "tokenizer" and not Path(value).is_dir():
-            raise ValueError("must be a directory holding a tokenizer")
+        if info.field_name == "pretrained":
+            check_local_or_hub(value, holds="model_index.json",
+                               what="a diffusers pipeline directory")
+        else:
+            check_local_or_hub(value, holds=None, what="a tokenizer")
         return value
 
     @model_validator(mode="after")
@@ -337,11 +334,7 @@ class DiffusionFamily(TextToImageFamily[DiffusionConfig, TextToImage]):
                 "scheduler": dict(model.noise.config)}
 
     def source(self, cfg: DiffusionConfig) -> ModelSource | None:
-        if cfg.pretrained is None:
-            return None
-        if Path(cfg.pretrained).is_absolute():
-            return ModelSource(local_dir=cfg.pretrained)
-        return ModelSource(hub_id=cfg.pretrained, revision=cfg.revision, commit=cfg.commit)
+        return source_of(cfg.pretrained, cfg.revision, cfg.commit)
 
     def phase_params(self, model: TextToImage, phase: str) -> list[nn.Parameter]:
         """The UNet; the text encoder too when it was built from a config (a pretrained

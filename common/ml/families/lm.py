@@ -26,7 +26,13 @@ from common.errors import ConfigProblem, ModelNotFound, UnknownField
 from common.gen_params import GenParams
 from common.ml.data import ImageData, TextData
 from common.ml.families.base import SUBMITTED, FamilyConfig, TextFamily
-from common.ml.pretrained import ModelSource, Resolved, is_hub_id, resolve
+from common.ml.pretrained import (
+    ModelSource,
+    Resolved,
+    check_local_or_hub,
+    resolve,
+    source_of,
+)
 from common.ml.sampling import Completion
 
 EOT = "<|endoftext|>"
@@ -61,15 +67,9 @@ class LMConfig(FamilyConfig):
     @field_validator("pretrained")
     @classmethod
     def _holds_a_model(cls, pretrained: str | None, info: ValidationInfo) -> str | None:
-        if pretrained is None or info.context != SUBMITTED:
-            return pretrained
-        if not Path(pretrained).is_absolute():
-            if not is_hub_id(pretrained):
-                raise ValueError(f"{pretrained!r} is neither a folder inside GENQ_PRETRAINED_ROOT "
-                                 "nor a hub id org/name")
-        elif not (Path(pretrained) / "config.json").is_file():
-            raise ValueError("must be a local directory holding a transformers model "
-                             "(config.json not found)")
+        if pretrained is not None and info.context == SUBMITTED:
+            check_local_or_hub(pretrained, holds="config.json",
+                               what="a local directory holding a transformers model")
         return pretrained
 
     @model_validator(mode="wrap")
@@ -315,11 +315,7 @@ class LMFamily(TextFamily[LMConfig, nn.Module, Any]):
 
     def source(self, cfg: LMConfig) -> ModelSource | None:
         """The hub id, revision and resolved commit, or the local folder; None from scratch."""
-        if cfg.pretrained is None:
-            return None
-        if Path(cfg.pretrained).is_absolute():
-            return ModelSource(local_dir=cfg.pretrained)
-        return ModelSource(hub_id=cfg.pretrained, revision=cfg.revision, commit=cfg.commit)
+        return source_of(cfg.pretrained, cfg.revision, cfg.commit)
 
     def _tokenizer_of(self, found: Resolved) -> Any:
         try:
