@@ -625,10 +625,12 @@ def batch_submit(
     c = client()
     upload = c.upload_file(file, purpose="batch")
     batch = c.create_batch(upload["id"], endpoint=endpoint, model=model)
-    console.print(
-        f"submitted batch {batch['id']} (input {upload['id']}, "
-        f"{batch['request_counts']['total']} requests): {batch['status']}"
-    )
+    console.print(f"submitted batch {batch['id']} (input {upload['id']}): {batch['status']}")
+    with console.status("a worker checks every line of the file…"):
+        while batch["status"] == BatchStatus.validating:  # seconds; about a minute a 1M lines
+            time.sleep(0.5)
+            batch = c.get_batch(batch["id"])
+    console.print(f"{batch['request_counts']['total']} requests: {batch['status']}")
     if batch["status"] == BatchStatus.failed:
         for e in (batch.get("errors") or {}).get("data", [])[:20]:
             err.print(f"  line {e['line']}: {e['code']}: {e['message']}")
@@ -663,6 +665,7 @@ def follow_batch(c: Client, batch: dict[str, Any]) -> dict[str, Any]:
             counts = batch["request_counts"]
             bar.update(
                 task,
+                total=max(counts["total"], 1),
                 completed=counts["completed"] + counts["failed"],
                 description=f"{batch['id']} {batch['status']}",
             )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import openai
@@ -62,9 +63,37 @@ def quality_section() -> Report:
     return report
 
 
+def scale_section() -> Report:
+    """SQLite, then PostgreSQL where GENQ_BENCH_POSTGRES_URL names a server (a database of
+    its own is made there and dropped after)."""
+    from bench.scale import bench_scale
+
+    report = Report("scale")
+    for backend, url in database_urls():
+        with bench_stack(database_url=url) as stack:
+            client, sdk = clients(stack)
+            bench_scale(report, stack, client, sdk, backend)
+    return report
+
+
+def database_urls() -> Iterator[tuple[str, str | None]]:
+    import os
+
+    from bench.harness import create_postgres_database, drop_postgres_database
+
+    yield "SQLite", None
+    server = os.environ.get("GENQ_BENCH_POSTGRES_URL", "")
+    if server:
+        url, name = create_postgres_database(server)
+        try:
+            yield "PostgreSQL", url
+        finally:
+            drop_postgres_database(server, name)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--only", choices=["cpu", "gpu", "quality"],
+    parser.add_argument("--only", choices=["cpu", "gpu", "quality", "scale"],
                         help="measure one section; RESULTS.md keeps the others as they were")
     args = parser.parse_args(argv)
     import torch
@@ -75,9 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     tune_malloc()
     start = time.perf_counter()
     reports = []
-    for name, run in (("cpu", cpu_section), ("gpu", gpu_section), ("quality", quality_section)):
-        if args.only not in (None, name):
-            continue
+    sections = (("cpu", cpu_section), ("gpu", gpu_section), ("quality", quality_section),
+                ("scale", scale_section))
+    for name, run in sections:
+        if args.only != name and (args.only is not None or name == "scale"):
+            continue  # the scale section runs alone: `make bench-scale`
         if name == "gpu" and not torch.cuda.is_available():
             print("no CUDA device: the GPU section is skipped", flush=True)
             continue

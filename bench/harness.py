@@ -100,6 +100,7 @@ class Figure:
     note: str = ""
     rounds: list[float] | None = None  # per-round ratios of a paired() run: its median is the ratio
     target_on_value: bool = False  # the target applies to the value itself (a share, a score)
+    at_most: bool = False  # the target is a ceiling (a memory ratio), not a floor
 
     @property
     def scored(self) -> float | None:
@@ -118,16 +119,21 @@ class Figure:
             return ""
         text = f"{self.ratio:.2f}"
         if (self.target is not None and not self.target_on_value
-                and (float(text) >= self.target) != (self.ratio >= self.target)):
+                and self.met(float(text)) != self.met(self.ratio)):
             text = f"{self.ratio:.3f}"
         return text
 
+    def met(self, scored: float) -> bool:
+        assert self.target is not None
+        return scored <= self.target if self.at_most else scored >= self.target
+
     def row(self) -> str:
         ratio = self.ratio_text()
+        sign = "≤" if self.at_most else "≥"
         target = "" if self.target is None else (
-            f"value ≥ {self.target:g}" if self.target_on_value else f"≥ {self.target:g}")
+            f"value {sign} {self.target:g}" if self.target_on_value else f"{sign} {self.target:g}")
         ok = "" if self.scored is None or self.target is None else (
-            "yes" if self.scored >= self.target else "**no**")
+            "yes" if self.met(self.scored) else "**no**")
         base = f"{self.baseline:.4g}" if self.baseline is not None else ""
         note = self.note
         if self.rounds:
@@ -149,7 +155,8 @@ class Report:
     def add(self, figure: Figure) -> None:
         self.figures.append(figure)
         ratio = f"  ratio {figure.ratio_text()}" if figure.ratio is not None else ""
-        target = f" (target ≥ {figure.target:g})" if figure.target is not None else ""
+        sign = "≤" if figure.at_most else "≥"
+        target = f" (target {sign} {figure.target:g})" if figure.target is not None else ""
         base = f" vs {figure.baseline:.4g}" if figure.baseline is not None else ""
         print(f"{figure.name}: {figure.value:.4g} {figure.unit}{base}{ratio}{target}", flush=True)
 
@@ -172,8 +179,9 @@ class Report:
         ])
 
 
-SECTIONS = ("cpu", "gpu", "quality")
-TITLES = {"quality": "Quality of generated digits (CPU)"}
+SECTIONS = ("cpu", "gpu", "quality", "scale")
+TITLES = {"quality": "Quality of generated digits (CPU)",
+          "scale": "Scale: a million-line batch (CPU, `make bench-scale`)"}
 NO_GPU = ("## GPU\n\nNo GPU was lent to the runs that wrote this file. `make bench` adds this "
           "section where CUDA is present (`python -m bench --only gpu` runs it alone).")
 
@@ -192,8 +200,9 @@ def write_results(reports: list[Report], command: str) -> None:
         "",
         "Each ratio divides genq's figure by its baseline measured in the same run. "
         "`make bench` measures the CPU section, the GPU section where CUDA is present, and "
-        "the quality of generated images; `python -m bench --only cpu|gpu|quality` measures "
-        "one and keeps the others as they were.",
+        "the quality of generated images; `make bench-scale` (`--only scale`) measures a "
+        "million-line batch on SQLite and PostgreSQL; `python -m bench --only "
+        "cpu|gpu|quality|scale` measures one and keeps the others as they were.",
         "",
         *[f"<!-- {name} -->\n{blocks[name]}\n<!-- /{name} -->\n" for name in SECTIONS],
         NOTES,
@@ -259,9 +268,9 @@ def scratch_dir(prefix: str) -> Iterator[Path]:
 
 
 @contextmanager
-def bench_stack(gpus: int = 0) -> Iterator[object]:
-    """A fresh embedded stack (Redis, SQLite, API, one CPU worker and `gpus` GPU workers) in
-    a temp folder."""
+def bench_stack(gpus: int = 0, database_url: str | None = None) -> Iterator[object]:
+    """A fresh embedded stack (Redis, API, one CPU worker and `gpus` GPU workers) in a temp
+    folder, on SQLite there or on `database_url` (an empty database)."""
     from api.stack import Stack, free_port
     from common.config import Settings, get_settings
 
@@ -272,6 +281,8 @@ def bench_stack(gpus: int = 0) -> Iterator[object]:
             "GENQ_LOG_LEVEL": "WARNING",
         })
         os.environ.pop("GENQ_DATABASE_URL", None)
+        if database_url:
+            os.environ["GENQ_DATABASE_URL"] = database_url
         get_settings.cache_clear()
         stack = Stack(Settings(), gpus=gpus, with_flower=False)
         try:
@@ -280,3 +291,25 @@ def bench_stack(gpus: int = 0) -> Iterator[object]:
             yield stack
         finally:
             stack.stop()
+
+
+def create_postgres_database(server_url: str) -> tuple[str, str]:
+    """Create a throwaway database on the PostgreSQL server at server_url (the tests' and
+    the scale bench's); returns (its url, its name)."""
+    import uuid
+
+    import psycopg
+
+    name = f"genq_test_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(server_url.replace("postgresql+psycopg", "postgresql"),
+                         autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return server_url.rsplit("/", 1)[0] + "/" + name, name
+
+
+def drop_postgres_database(server_url: str, name: str) -> None:
+    import psycopg
+
+    with psycopg.connect(server_url.replace("postgresql+psycopg", "postgresql"),
+                         autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -9,7 +9,8 @@ from kombu import Queue
 
 from common.config import get_settings
 
-TASK_FOR_TYPE = {"train": "genq.train", "generate": "genq.generate", "shard": "genq.batch_shard"}
+TASK_FOR_TYPE = {"train": "genq.train", "generate": "genq.generate", "shard": "genq.batch_shard",
+                 "prepare": "genq.prepare_batch"}
 # A job's priority is 0-9 with 9 the most urgent; on Redis priority 0 is served first.
 LOWEST_BROKER_PRIORITY = 9
 

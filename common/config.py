@@ -65,11 +65,12 @@ class Settings(BaseSettings):
     gpu_dtype: Literal["bf16", "fp16", "fp32"] = Field(
         "bf16", description="Weights of text models generating on a GPU (CPU: always fp32).")
     max_json_bytes: int = Field(32 << 20, description="Largest accepted JSON request body.")
-    max_upload_bytes: int = Field(200 << 20, description="Largest accepted upload.")
+    max_upload_bytes: int = Field(2 << 30, description="Largest accepted upload (a million "
+                                                       "batch lines with long prompts).")
     stale_upload_s: float = Field(
         3600.0, description="A partial upload file unwritten this long (its API was killed "
                             "mid-write) is removed by the reaper.")
-    max_batch_lines: int = Field(100_000, description="Most requests in one batch file.")
+    max_batch_lines: int = Field(1_000_000, description="Most requests in one batch file.")
     max_prompt_chars: int = Field(32_000, description="Longest accepted prompt.")
     max_tokens_cap: int = Field(4096, description="Largest accepted max_tokens.")
     max_model_params: int = Field(

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from common.batches.finalize import shard_finished
+from common.batches.finalize import child_finished
 from common.celery_app import get_celery
 from common.chat import as_dicts, render_fallback
 from common.config import get_settings
@@ -467,7 +467,7 @@ def finish_job(
     if done:
         announce_finished(job.id)
     if done and job.parent_id:
-        shard_finished(session, job)
+        child_finished(session, job)
     if done:
         _release_owners_next(session, job.owner)
     return done
@@ -544,7 +544,11 @@ def requeue_job(
 
 
 def durable_progress(session: Session, job: Job) -> int:
-    """What an attempt leaves for the next one: items finished, or the last checkpoint's step."""
+    """What an attempt leaves for the next one: items finished, the last checkpoint's step, or
+    the input lines a batch's preparing job has written as shards."""
+    if job.type == JobType.prepare:
+        result = session.scalar(select(Job.result).where(Job.id == job.id)) or {}
+        return int(result.get("lines_done", 0))
     if job.type == JobType.train:
         step = select(func.max(Checkpoint.step)).where(Checkpoint.job_id == job.id)
         return session.scalar(step) or 0
@@ -607,7 +611,7 @@ def cancel_job(session: Session, *, owner: str, job_id: str) -> Job:
     for job_id in cancelled:
         announce_finished(job_id)
     for child in stopped:
-        shard_finished(session, child)
+        child_finished(session, child)
     session.refresh(job)
     return job
 

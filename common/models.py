@@ -84,6 +84,7 @@ class JobType(StrEnum):
     generate = "generate"
     batch = "batch"
     shard = "shard"
+    prepare = "prepare"  # reads a batch's input file into shards (common/batches/create.py)
 
 
 class Job(Base):

@@ -19,6 +19,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bench.harness import create_postgres_database, drop_postgres_database
+
 ROOT = Path(__file__).resolve().parent.parent
 _TMP = Path(tempfile.mkdtemp(prefix="genq-tests-"))
 
@@ -87,27 +89,6 @@ def redis_server() -> Iterator[str]:
     proc.wait(10)
 
 
-def _postgres_database(base_url: str) -> tuple[str, str]:
-    """Create a throwaway database on the server at base_url; returns (url, name)."""
-    import psycopg
-
-    name = f"genq_test_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(
-        base_url.replace("postgresql+psycopg", "postgresql"), autocommit=True
-    ) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return base_url.rsplit("/", 1)[0] + "/" + name, name
-
-
-def _drop_postgres(base_url: str, name: str) -> None:
-    import psycopg
-
-    with psycopg.connect(
-        base_url.replace("postgresql+psycopg", "postgresql"), autocommit=True
-    ) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 BACKENDS = ["sqlite"] + (["postgresql"] if os.environ.get("GENQ_TEST_POSTGRES_URL") else [])
 
 
@@ -122,13 +103,13 @@ def fresh_database(backend: str) -> Iterator[str]:
         yield url
         return
     base = os.environ["GENQ_TEST_POSTGRES_URL"]
-    url, name = _postgres_database(base)
+    url, name = create_postgres_database(base)
     upgrade(url)
     yield url
     from common.db import engine_for, normalize_url
 
     engine_for(normalize_url(url)).dispose()
-    _drop_postgres(base, name)
+    drop_postgres_database(base, name)
 
 
 @pytest.fixture(scope="session", params=BACKENDS)
@@ -297,11 +278,14 @@ def start_stack(db_url: str, broker_url: str, env_extra: dict[str, str] | None =
 
 
 def spawn_api(base: Stack, **env: str) -> Stack:
-    """One more API process on base's settings with some overridden; waits for /healthz."""
+    """One more API process on base's settings with some overridden, storing files where
+    base's workers read them; waits for /healthz."""
     port = _free_port()
     home = _TMP / f"api-{uuid.uuid4().hex[:6]}"
     home.mkdir()
-    api = Stack(home=home, env={**base.env, "GENQ_HOME": str(home), **env},
+    storage = base.env.get("GENQ_STORAGE_URL") or f"file://{base.home / 'storage'}"
+    api = Stack(home=home, env={**base.env, "GENQ_HOME": str(home),
+                                "GENQ_STORAGE_URL": storage, **env},
                 api_url=f"http://127.0.0.1:{port}", api_key=base.api_key)
     api.spawn("api", [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1",
                       "--port", str(port), "--log-level", "info"])

@@ -112,6 +112,9 @@ def test_bad_file_fails_with_line_errors_and_queues_nothing(stack, trained_lstm)
     upload = client.files.create(file=("bad.jsonl", io.BytesIO(jsonl(rows))), purpose="batch")
     batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/completions",
                                   completion_window="24h")
+    assert batch.status == "validating"  # a worker reads the file, as OpenAI's batches do
+    batch = wait_for(lambda: (b := client.batches.retrieve(batch.id)).status != "validating"
+                     and b, timeout=120)
     assert batch.status == "failed" and batch.failed_at
     assert batch.errors is not None and batch.errors.data is not None
     by_line = {e.line: e.code for e in batch.errors.data}
@@ -119,7 +122,8 @@ def test_bad_file_fails_with_line_errors_and_queues_nothing(stack, trained_lstm)
                        4: "duplicate_custom_id", 5: "mismatched_endpoint",
                        6: "model_not_found", 7: "invalid_value"}, batch.errors
     with session_of(stack) as s:
-        assert s.scalars(select(Job).where(Job.parent_id == batch.id)).all() == []
+        assert s.scalars(select(Job).where(Job.parent_id == batch.id,
+                                           Job.type == "shard")).all() == []
     assert client.batches.retrieve(batch.id).status == "failed"
 
 
@@ -189,7 +193,7 @@ def shard_model(shard_stack) -> str:  # type: ignore[no-untyped-def]
 
 def shards_of(stack, batch_id: str) -> list[Job]:  # type: ignore[no-untyped-def]
     with session_of(stack) as s:
-        return list(s.scalars(select(Job).where(Job.parent_id == batch_id)))
+        return list(s.scalars(select(Job).where(Job.parent_id == batch_id, Job.type == "shard")))
 
 
 def test_two_workers_share_the_shards(shard_stack, shard_model):
@@ -288,6 +292,80 @@ def test_attempts_that_commit_items_do_not_spend_max_attempts(shard_stack, shard
         "worker_lost", "worker_lost"]
     items = list(c.items(job["id"]))
     assert len(items) == 8 and all(i["status"] == "succeeded" for i in items)
+
+
+def quick_lines(model: str, n: int) -> list[dict]:
+    """n greedy one-token lines: they batch together and take next to no time."""
+    return [{"custom_id": f"q-{i}", "method": "POST", "url": "/v1/completions",
+             "body": {"model": model, "prompt": PROMPTS[i % len(PROMPTS)][: 3 + i % 20],
+                      "max_tokens": 1, "temperature": 0}} for i in range(n)]
+
+
+def prepare_job(stack, batch_id: str) -> Job | None:  # type: ignore[no-untyped-def]
+    with session_of(stack) as s:
+        return s.scalar(select(Job).where(Job.parent_id == batch_id, Job.type == "prepare"))
+
+
+def check_sharded(stack, batch_id: str, rows: list[dict]) -> list[Job]:  # type: ignore[no-untyped-def]
+    """Each line is one item, at its line's index, and the shards are numbered 0..n-1."""
+    shards = shards_of(stack, batch_id)
+    with session_of(stack) as s:
+        items = s.execute(select(Item.index, Item.custom_id).join(Job, Item.job_id == Job.id)
+                          .where(Job.parent_id == batch_id)).all()
+    assert sorted(items) == [(i, r["custom_id"]) for i, r in enumerate(rows)]
+    assert sorted(shard.spec["shard"] for shard in shards) == list(range(len(shards)))
+    return shards
+
+
+def test_a_file_longer_than_a_window_is_written_window_by_window(shard_stack, shard_model):
+    """With shards of 4, a window is 64 lines: 150 lines are read in three windows, each
+    sharded and released as it is written; the batch reads as one."""
+    client = sdk(shard_stack)
+    rows = quick_lines(shard_model, 150)
+    batch = run_batch(client, rows, "/v1/completions", timeout=180)
+    assert batch.status == "completed", batch
+    assert batch.request_counts.total == batch.request_counts.completed == 150  # type: ignore[union-attr]
+    out = read_jsonl(client, batch.output_file_id)
+    assert sorted(o["custom_id"] for o in out) == sorted(r["custom_id"] for r in rows)
+    shards = check_sharded(shard_stack, batch.id, rows)
+    assert 150 / 4 / 2 <= len(shards) <= 150 / 4 * 2
+    prepare = prepare_job(shard_stack, batch.id)
+    assert prepare is not None and prepare.status == "succeeded"
+    assert prepare.result["shards"] == len(shards) and prepare.result["requests"] == 150
+    with session_of(shard_stack) as s:
+        parent = s.get(Job, batch.id)
+        assert (parent.shards_total, parent.shards_done) == (len(shards), len(shards))
+
+
+def test_a_preparing_job_killed_mid_file_goes_on_after_its_last_window(shard_stack,
+                                                                      shard_model):
+    """kill -9 of the pool child while it shards the file: the next attempt starts after the
+    last window it committed, so no line is written twice or skipped."""
+    client = sdk(shard_stack)
+    rows = quick_lines(shard_model, 2000)
+    upload = client.files.create(file=("in.jsonl", io.BytesIO(jsonl(rows))), purpose="batch")
+    batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/completions",
+                                  completion_window="24h")
+
+    def sharding() -> Job | None:
+        job = prepare_job(shard_stack, batch.id)
+        if job is not None and job.status == "running" and job.attempt == 1 and 0 < (
+                (job.result or {}).get("lines_done", 0)) < 1500:
+            return job
+        return None
+
+    victim = wait_for(sharding, timeout=120, interval=0.005)
+    os.kill(victim.worker_pid, signal.SIGKILL)
+    done = wait_for(lambda: (b := client.batches.retrieve(batch.id)).status
+                    in ("completed", "failed", "cancelled") and b, timeout=600, interval=0.5)
+    assert done.status == "completed", done
+    out = read_jsonl(client, done.output_file_id)
+    assert sorted(o["custom_id"] for o in out) == sorted(r["custom_id"] for r in rows)
+    check_sharded(shard_stack, batch.id, rows)
+    prepare = prepare_job(shard_stack, batch.id)
+    assert prepare is not None and prepare.status == "succeeded" and prepare.attempt >= 2
+    lost = prepare.attempts_log[0]
+    assert lost["error"]["code"] == "worker_lost" and lost["progress"] > 0, lost
 
 
 def test_unknown_batch_is_404(stack):
@@ -399,20 +477,43 @@ def test_request_counts_read_finished_shards_from_their_result(session):  # type
 def test_every_bad_envelope_field_is_reported(session):  # type: ignore[no-untyped-def]
     """The line envelope (custom_id, method, url, body) is one pydantic model: each bad
     field of a line gets its own OpenAI error code, and unknown keys are ignored."""
-    from common.batches.input_file import parse_input
+    from common.batches.input_file import Checker, validate_file
 
     rows = [
         {"custom_id": "", "method": "GET", "url": "/v1/completions", "body": {}},
         {"custom_id": "b", "url": "/v1/completions", "body": "not an object", "extra": 1},
         {"custom_id": "c", "url": "/v1/images/generations", "body": {"model": "m"}},
         {"custom_id": "d", "url": "/v1/completions", "body": {"model": "no-such-model"}},
+        {"custom_id": "b", "url": "/v1/completions", "body": {"model": "no-such-model"}},
     ]
-    parsed = parse_input(session, iter(json.dumps(r).encode() for r in rows), owner="o",
-                         endpoint="/v1/completions", default_model=None)
-    found = [(e.line, e.code, e.param) for e in parsed.errors]
+    checker = Checker(session, owner="o", endpoint="/v1/completions", default_model=None)
+    validated = validate_file(checker, lambda: iter(json.dumps(r).encode() for r in rows),
+                              cap=100)
+    found = [(e.line, e.code, e.param) for e in validated.errors]
     assert found == [(1, "missing_required_parameter", "custom_id"),
                      (1, "invalid_method", "method"),
                      (2, "missing_required_parameter", "body"),
                      (3, "mismatched_endpoint", "url"),
-                     (4, "model_not_found", "body.model")]
-    assert parsed.requests == []
+                     (4, "model_not_found", "body.model"),
+                     (5, "model_not_found", "body.model")]
+    assert validated.requests == 5 and validated.first_model is None
+
+
+def test_a_repeated_custom_id_is_named_at_each_line_that_repeats_it(session):  # type: ignore[no-untyped-def]
+    """Duplicates are found from 8-byte digests of the custom_ids, then named by a second
+    read of only the lines whose digest repeats."""
+    from common.batches.input_file import (
+        Checker,
+        _digest,
+        repeated_digests,
+        report_duplicates,
+    )
+
+    ids = ["a", "b", "a", "c", "b", "a"]
+    lines = [json.dumps({"custom_id": i}).encode() for i in ids]
+    checker = Checker(session, owner="o", endpoint="/v1/completions", default_model=None)
+    repeated = repeated_digests(b"".join(_digest(i) for i in ids))
+    assert repeated == {_digest("a"), _digest("b")}
+    report_duplicates(checker, iter(lines), repeated)
+    assert [(e.line, e.code) for e in checker.errors] == [
+        (3, "duplicate_custom_id"), (5, "duplicate_custom_id"), (6, "duplicate_custom_id")]

@@ -15,6 +15,7 @@ from PIL import Image
 
 from api.client import Client
 from common.errors import GenqAPIError
+from tests.conftest import wait_for
 from tests.test_batches import run_batch
 from tests.test_cli import genq
 
@@ -105,6 +106,8 @@ def test_openai_sdk_batch_on_images_generations(stack, model):  # type: ignore[n
     upload = sdk.files.create(file=("in.jsonl", io.BytesIO(data)), purpose="batch")
     batch = sdk.batches.create(input_file_id=upload.id, endpoint="/v1/images/generations",
                                completion_window="24h")
+    batch = wait_for(lambda: (b := sdk.batches.retrieve(batch.id)).status != "validating" and b,
+                     timeout=120)
     assert batch.status == "failed"  # bad lines fail the file, as OpenAI does: none queued
     errors = {e.line: (e.code, e.param, e.message) for e in batch.errors.data}
     assert errors[3][:2] == ("missing_required_parameter", "body.prompt")

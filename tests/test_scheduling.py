@@ -133,7 +133,7 @@ def test_a_later_small_batch_of_another_owner_is_not_stuck_behind_a_big_one(redi
         def shards_done(batch_id: str) -> int:
             with session_factory(engine_for(db))() as s:
                 return len(list(s.scalars(select(Job.id).where(
-                    Job.parent_id == batch_id, Job.status == "succeeded"))))
+                    Job.parent_id == batch_id, Job.type == "shard", Job.status == "succeeded"))))
 
         done_b = wait_for(lambda: (b := client_b.batches.retrieve(small.id)).status
                           in ("completed", "failed") and b, timeout=120)
@@ -256,7 +256,8 @@ def test_an_urgent_job_preempts_a_batch_shard_which_keeps_its_items(redis_server
             """The batch's shard under way with items written (a shard is about 1,000)."""
             with sessions() as s:
                 return s.scalar(select(Job.id).where(
-                    Job.parent_id == batch.id, Job.status == "running", Job.progress_done > 0))
+                    Job.parent_id == batch.id, Job.type == "shard", Job.status == "running",
+                    Job.progress_done > 0))
 
         shard_id = wait_for(running_shard, timeout=120)
         urgent = c.create_job({**TINY_LSTM, "queue": "cpu", "priority": 9})

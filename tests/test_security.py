@@ -206,7 +206,7 @@ def test_upload_and_batch_line_caps(stack, trained_lstm, tmp_path):
 
         four = tmp_path / "four.jsonl"
         four.write_text("".join(line.replace('"x"', f'"{i}"') + "\n" for i in range(4)))
-        batch = c.create_batch(c.upload_file(four)["id"])
+        batch = c.wait_batch(c.create_batch(c.upload_file(four)["id"])["id"], timeout=120)
         assert batch["status"] == "failed"
         assert [e["code"] for e in batch["errors"]["data"]] == ["too_many_requests"]
         assert batch["request_counts"]["total"] == 0

@@ -75,6 +75,22 @@ def execute_items(ctx: JobContext) -> dict[str, Any]:
     return summary
 
 
+def execute_prepare(ctx: JobContext) -> dict[str, Any]:
+    """Validate a batch's input file, then write its shards (common/batches/create.py).
+
+    On a helper thread: parsing and tokenizing a million lines makes millions of small
+    allocations, whose freed pieces would otherwise slow every tensor this pool child
+    allocates for the shards it runs next (common/ml/train.py on_helper_thread)."""
+    from common.batches.create import prepare_batch
+    from common.ml.train import on_helper_thread
+
+    def stop_if_asked() -> None:
+        raise_if_stopped(ctx.should_stop(), {})
+
+    return on_helper_thread(lambda: prepare_batch(
+        ctx.session, ctx.storage, ctx.job, on_progress=ctx.progress, should_stop=stop_if_asked))
+
+
 def run_group(ctx: JobContext, loaded: Any, requests: list[GenRequest], writer: ItemWriter) -> None:
     """Generate in dynamic batches; a request the model rejects fails alone, not the job."""
     settings = ctx.settings

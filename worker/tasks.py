@@ -181,6 +181,14 @@ def batch_shard(self: Any, job_id: str, attempt: int, **meta: Any) -> str:
     return run_job(self, job_id, attempt, execute_items)
 
 
+@app.task(name="genq.prepare_batch", bind=True, Request=LOST_CHILD)
+def prepare_batch(self: Any, job_id: str, attempt: int, **meta: Any) -> str:
+    """Read a batch's input file into shards."""
+    from worker.generation import execute_prepare
+
+    return run_job(self, job_id, attempt, execute_prepare)
+
+
 @app.task(name="genq.noop")
 def noop() -> None:
     """Does nothing: the raw-Celery baseline of the queue-overhead benchmark."""

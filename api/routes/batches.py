@@ -13,8 +13,7 @@ from api.waiting import WaitSeconds, read_when_finished
 from common import jobs
 from common.batches import create, views
 from common.batches.schemas import BATCH_FINISHED, BatchCreate, BatchList, BatchOut
-from common.dispatch import release_shards
-from common.storage import get_storage
+from common.dispatch import dispatch
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"], route_class=GenqRoute)
 
@@ -26,12 +25,13 @@ def create_batch(
     owner: OwnerDep,
     idempotency_key: Annotated[str | None, Header(min_length=1, max_length=255)] = None,
 ) -> BatchOut:
-    """Validate an uploaded JSONL file and queue its requests as shards (a bad file: failed)."""
+    """Queue an uploaded JSONL file: `validating` until a worker has checked every line (a bad
+    file: `failed` with each line's errors), then `in_progress` as its shards are written."""
     require_broker()
-    parent, shards = create.create_batch(session, get_storage(), owner=owner, spec=spec,
-                                         idempotency_key=idempotency_key)
-    if shards:  # the first ones; the rest as workers free up (common/dispatch.py)
-        release_shards(session, parent.queue)
+    parent, prepare = create.create_batch(session, owner=owner, spec=spec,
+                                          idempotency_key=idempotency_key)
+    if prepare is not None:  # not sent: the outbox sweep sends it
+        dispatch(session, prepare)
     return views.batch_out(session, parent)
 
 

@@ -52,7 +52,8 @@ def list_jobs(
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> JobList:
     """List your jobs, newest first."""
-    query = select(Job).where(Job.owner == owner, Job.type != JobType.shard)
+    # a batch's shards and preparing job are parts of it: GET /v1/jobs/{id} shows them
+    query = select(Job).where(Job.owner == owner, Job.type.not_in([JobType.shard, JobType.prepare]))
     if status:
         query = query.where(Job.status == status)
     if type:

@@ -1,25 +1,31 @@
-"""Creating a batch: the parent job, its shards (similar requests together) and their items."""
+"""Creating a batch: the parent job, then (on a worker) its shards, similar requests together,
+and their items, written a window at a time as the input file is read."""
 
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from common.batches.input_file import parse_input
+from common.batches.input_file import Checker, Validated, requests_in, validate_file
 from common.batches.schemas import IMAGE_ENDPOINT, BatchCreate
 from common.config import get_settings
-from common.errors import InvalidSpec
+from common.db import rows_changed
+from common.dispatch import release_shards
+from common.errors import InvalidSpec, LeaseLost
 from common.files import get_file
 from common.fleet import resolve_queue
 from common.gen_params import ItemInput
 from common.idempotency import create_once
 from common.ml.packing import batch_starts, spans_at_batch_starts, unit_cost, unit_rows
 from common.ml.prompt_ids import encode_prompts, load_prompt_tokenizer
-from common.models import Checkpoint, Job, JobStatus, JobType, Model, new_id, utcnow
+from common.models import Checkpoint, File, Job, JobStatus, JobType, Model, new_id, utcnow
+from common.notices import announce_finished
 from common.results import insert_items
 from common.storage import Storage
 
@@ -39,89 +45,205 @@ def _collector_paused() -> Iterator[None]:
             gc.enable()
 
 
-@_collector_paused()
 def create_batch(
     session: Session,
-    storage: Storage,
     *,
     owner: str,
     spec: BatchCreate,
     idempotency_key: str | None = None,
-) -> tuple[Job, list[Job]]:
-    """Validate the input file and write the parent job, its shards and items (committed).
+) -> tuple[Job, Job | None]:
+    """Write the parent job (`validating`) and the job that prepares it (committed).
 
-    A bad file gives a `failed` parent with per-line errors and no shards. Returns the
-    parent and the shards still to dispatch (none when the key was seen before).
+    The file is read by that job on a worker (prepare_batch), not here: a million-line file
+    takes a minute to check and tokenize, and the answer is due in a moment. Returns the
+    parent and the preparing job to dispatch (None when the key was seen before).
     """
     spec_json = spec.model_dump(mode="json", exclude_none=True)
     return create_once(
         session, owner=owner, key=idempotency_key, spec=spec_json,
-        create=lambda: _write_batch(session, storage, owner=owner, spec=spec,
-                                    spec_json=spec_json, idempotency_key=idempotency_key),
-        replay=lambda existing: (existing, []),
+        create=lambda: _write_batch(session, owner=owner, spec=spec, spec_json=spec_json,
+                                    idempotency_key=idempotency_key),
+        replay=lambda existing: (existing, None),
     )
 
 
-def _write_batch(session: Session, storage: Storage, *, owner: str, spec: BatchCreate,
-                 spec_json: dict[str, Any], idempotency_key: str | None) -> tuple[Job, list[Job]]:
+def _write_batch(session: Session, *, owner: str, spec: BatchCreate, spec_json: dict[str, Any],
+                 idempotency_key: str | None) -> tuple[Job, Job]:
     source = get_file(session, owner=owner, file_id=spec.input_file_id, param="input_file_id")
     if source.purpose != "batch":
         raise InvalidSpec(f"file {source.id} has purpose {source.purpose!r}, not 'batch'",
                           param="input_file_id")
-    with storage.open(storage.key_of(source.uri)) as f:
-        parsed = parse_input(session, iter(f), owner=owner, endpoint=spec.endpoint,
-                             default_model=spec.model)
     now = utcnow()
     parent = Job(
         id=new_id("job_"), owner=owner, type=JobType.batch, spec=spec_json,
         idempotency_key=idempotency_key, progress_unit="item", created_at=now,
-        queue=resolve_queue(session, "auto"),
+        queue=resolve_queue(session, "auto"), status=JobStatus.queued,
     )
-    if parsed.errors:
-        parent.status = JobStatus.failed
-        parent.finished_at = now
-        first_error = parsed.errors[0]
-        parent.error = {"code": "invalid_input_file", "retryable": False,
-                        "message": f"{len(parsed.errors)} problem(s) in the input file; first: "
-                                   f"line {first_error.line}: {first_error.message}"}
-        parent.result = {"errors": [e.model_dump() for e in parsed.errors]}
-        session.add(parent)
-        session.commit()
-        return parent, []
-    models = {m.id: m for m in parsed.models.values()}
-    first = models[parsed.requests[0]["model_id"]]
-    parent.status = JobStatus.running
-    parent.started_at = now
-    parent.family = first.family
-    parent.model_id = first.id if len(models) == 1 else None
-    parent.progress_total = len(parsed.requests)
-    size = max(1, get_settings().shard_size)
-    if spec.endpoint != IMAGE_ENDPOINT:
-        _add_prompt_ids(session, storage, parsed.requests, models)
-    # Shards of similar requests (model, then prompt length in tokens) pad least inside
-    # their generation batches; each item keeps its input line as `index` for the output order.
-    order = sorted(range(len(parsed.requests)), key=lambda i: _shard_key(parsed.requests[i]))
-    spans = _shard_spans([parsed.requests[i] for i in order], size)
-    parent.shards_total = len(spans)
     session.add(parent)
     session.flush()
-    shards = []
-    for number, (begin, end) in enumerate(spans):
+    prepare = Job(
+        id=new_id("job_"), owner=owner, type=JobType.prepare, parent_id=parent.id,
+        queue=parent.queue, progress_unit="line", created_at=now,
+        # the cap in force when the batch was accepted is the one its file is held to
+        spec={"batch_id": parent.id, "input_file_id": source.id,
+              "max_lines": get_settings().max_batch_lines},
+        max_attempts=get_settings().max_attempts,
+    )
+    session.add(prepare)
+    session.commit()
+    return parent, prepare
+
+
+@dataclass
+class Preparing:
+    """A batch being prepared by its `prepare` job: what the file's lines have become so far.
+
+    `lines_done`, `requests_done` and `shards` are committed with each window's items, so a
+    later attempt of the job goes on after the last window written.
+    """
+
+    session: Session
+    storage: Storage
+    parent: Job
+    job: Job
+    checker: Checker
+    lines_done: int = 0
+    requests_done: int = 0
+    shards: int = 0
+
+    def lines(self) -> Iterator[bytes]:
+        source = self.session.get(File, self.parent.spec["input_file_id"])
+        if source is None:
+            raise InvalidSpec("the batch's input file was deleted", param="input_file_id")
+        with self.storage.open(self.storage.key_of(source.uri)) as f:
+            yield from f
+
+
+@_collector_paused()
+def prepare_batch(session: Session, storage: Storage, job: Job, *,
+                  on_progress: Callable[[int, int], None],
+                  should_stop: Callable[[], None]) -> dict[str, Any]:
+    """The `prepare` job's body: validate the whole file, then shard it window by window.
+
+    A file with any bad line fails the parent with every line's errors and writes nothing
+    else. A valid one turns the parent `in_progress` and is read again, a window of
+    SHARDS_PER_WINDOW shards at a time: each window's requests are tokenized, sorted,
+    cut into shards and written with their items in one transaction, and its shards are
+    released at once, so the first shards run while the rest of the file is still being
+    sharded. Memory holds one window, whatever the file's length.
+    """
+    parent = session.get(Job, job.parent_id)
+    assert parent is not None
+    spec = parent.spec
+    state = Preparing(session, storage, parent, job, Checker(
+        session, owner=parent.owner, endpoint=spec["endpoint"], default_model=spec.get("model")),
+        **{k: v for k, v in (job.result or {}).items() if k in PREPARED_KEYS})
+    if parent.status == JobStatus.queued:
+
+        def validating(lines: int) -> None:
+            should_stop()
+            on_progress(lines, 0)
+
+        validated = validate_file(state.checker, state.lines, cap=job.spec["max_lines"],
+                                  on_progress=validating)
+        if validated.errors:
+            _fail_invalid(session, parent, validated)
+            return {"requests": validated.requests, "errors": validated.error_count}
+        _start(session, parent, validated, state.checker)
+    window: list[tuple[str, dict[str, Any]]] = []
+    size = max(1, get_settings().shard_size) * SHARDS_PER_WINDOW
+    for n, raw in requests_in(state.lines()):
+        if n <= state.lines_done:
+            continue
+        checked = state.checker.check(n, raw)
+        if checked is None:  # valid when checked: a model it names was deleted since
+            raise InvalidSpec(f"line {n}: {state.checker.errors[-1].message}",
+                              param="input_file_id")
+        window.append(checked)
+        if len(window) >= size:
+            _write_window(state, window, lines_done=n, last=False)
+            window = []
+            on_progress(state.requests_done, parent.progress_total)
+            should_stop()
+    _write_window(state, window, lines_done=state.lines_done, last=True)
+    on_progress(state.requests_done, parent.progress_total)
+    return {"requests": state.requests_done, "shards": state.shards,
+            "lines_done": state.lines_done, "requests_done": state.requests_done}
+
+
+PREPARED_KEYS = ("lines_done", "requests_done", "shards")
+SHARDS_PER_WINDOW = 16
+
+
+def _fail_invalid(session: Session, parent: Job, validated: Validated) -> None:
+    """A bad file: the parent fails with its per-line errors, no shard is written."""
+    first = validated.errors[0]
+    parent.status = JobStatus.failed
+    parent.finished_at = utcnow()
+    parent.error = {"code": "invalid_input_file", "retryable": False,
+                    "message": f"{validated.error_count} problem(s) in the input file; "
+                               f"first: line {first.line}: {first.message}"}
+    parent.result = {"errors": [e.model_dump() for e in validated.errors]}
+    session.commit()
+    announce_finished(parent.id)
+
+
+def _start(session: Session, parent: Job, validated: Validated, checker: Checker) -> None:
+    """A valid file: the parent is in progress, with one shard to come at least."""
+    first = validated.first_model
+    assert first is not None
+    parent.status = JobStatus.running
+    parent.started_at = utcnow()
+    parent.family = first.family
+    parent.model_id = first.id if len({m.id for m in checker.models.values()}) == 1 else None
+    parent.progress_total = validated.requests
+    parent.shards_total = 1  # shards written + 1 until the last window: nothing finalizes
+    session.commit()
+
+
+def _write_window(state: Preparing, window: list[tuple[str, dict[str, Any]]], *,
+                  lines_done: int, last: bool) -> None:
+    """Shard one window of requests and write it, with the job's place in the file."""
+    session, parent = state.session, state.parent
+    requests = [request for _, request in window]
+    models = {m.id: m for m in state.checker.models.values()}
+    if requests and parent.spec["endpoint"] != IMAGE_ENDPOINT:
+        _add_prompt_ids(session, state.storage, requests, models)
+    # Shards of similar requests (model, then prompt length in tokens) pad least inside
+    # their generation batches; each item keeps its input line as `index` for the output order.
+    order = sorted(range(len(requests)), key=lambda i: _shard_key(requests[i]))
+    spans = _shard_spans([requests[i] for i in order], max(1, get_settings().shard_size))
+    now = utcnow()
+    for begin, end in spans:
         lines = order[begin:end]
-        requests = [parsed.requests[i] for i in lines]
-        model = models[requests[0]["model_id"]]
+        model = models[requests[lines[0]]["model_id"]]
         shard = Job(
-            id=new_id("job_"), owner=owner, type=JobType.shard, parent_id=parent.id,
+            id=new_id("job_"), owner=parent.owner, type=JobType.shard, parent_id=parent.id,
             family=model.family, model_id=model.id, queue=parent.queue, progress_unit="item",
-            spec={"batch_id": parent.id, "shard": number, "endpoint": spec.endpoint},
-            max_attempts=get_settings().max_attempts, created_at=now,
+            created_at=now, spec={"batch_id": parent.id, "shard": state.shards,
+                                  "endpoint": parent.spec["endpoint"]},
+            max_attempts=get_settings().max_attempts,
         )
         session.add(shard)
         session.flush()
-        insert_items(session, shard.id, requests, [parsed.custom_ids[i] for i in lines], lines)
-        shards.append(shard)
+        insert_items(session, shard.id, [requests[i] for i in lines],
+                     [window[i][0] for i in lines], [state.requests_done + i for i in lines])
+        state.shards += 1
+    state.requests_done += len(requests)
+    state.lines_done = lines_done
+    place = {k: getattr(state, k) for k in PREPARED_KEYS}
+    ours = rows_changed(session, update(Job).where(
+        Job.id == state.job.id, Job.attempt == state.job.attempt,
+        Job.status == JobStatus.running).values(result={**(state.job.result or {}), **place})
+        .execution_options(synchronize_session=False))
+    if ours != 1:  # the reaper gave the job to another attempt: write nothing
+        session.rollback()
+        raise LeaseLost({})
+    session.execute(update(Job).where(Job.id == parent.id)
+                    .values(shards_total=state.shards + (0 if last else 1)))
     session.commit()
-    return parent, shards
+    if spans:
+        release_shards(session, parent.queue)
 
 
 def _shard_key(request: dict[str, Any]) -> tuple[str, int]:
@@ -137,7 +259,7 @@ def _shard_spans(requests: list[dict[str, Any]], size: int) -> list[tuple[int, i
     parameters, token ids known, no seeded sampling, which runs alone), a shard ends where
     a generation batch ends (common/ml/packing.py), so no shard ends on a part-full batch.
     """
-    gens = [ItemInput.model_construct(**r["gen"]) for r in requests]  # validated: parse_input
+    gens = [ItemInput.model_construct(**r["gen"]) for r in requests]  # validated: Checker
     first = (requests[0]["model_id"], gens[0].packing_key())
     alike = all(g.prompt_ids is not None and (r["model_id"], g.packing_key()) == first
                 for r, g in zip(requests, gens, strict=True))

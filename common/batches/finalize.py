@@ -41,6 +41,68 @@ from common.storage import Storage, get_storage
 log = logging.getLogger(__name__)
 
 
+def child_finished(session: Session, job: Job) -> None:
+    """A batch's child job reached a final status: a shard counts itself, the preparing job
+    settles the shard count (or ends the batch it could not prepare)."""
+    if job.type == JobType.prepare:
+        prepare_ended(session, job)
+    else:
+        shard_finished(session, job)
+
+
+def prepare_ended(session: Session, job: Job) -> None:
+    """The preparing job ended. Succeeded: every shard is written and shards_total is exact,
+    so if the shards all finished first, finalize here. Failed or cancelled: a batch still
+    validating ends with it; one part sharded stops at the shards written (the rest of the
+    file never runs), cancelling those not started, and finalizes with what they made."""
+    session.refresh(job)
+    parent = session.get(Job, job.parent_id)
+    assert parent is not None
+    session.refresh(parent)
+    ended = JobStatus(job.status)
+    if parent.status == JobStatus.queued:
+        stop: dict[str, Any] = {"status": JobStatus.cancelled if ended == JobStatus.cancelled else
+                JobStatus.failed, "finished_at": utcnow()}
+        if ended == JobStatus.failed:
+            stop["error"] = {"code": "preparation_failed", "retryable": False,
+                             "message": f"preparing the batch failed: "
+                                        f"{(job.error or {}).get('message', '')}".strip()}
+        moved = rows_changed(session, update(Job).where(
+            Job.id == parent.id, Job.status == JobStatus.queued).values(**stop))
+        session.commit()
+        if moved:
+            announce_finished(parent.id)
+        return
+    if ended != JobStatus.succeeded:
+        written = int((job.result or {}).get("shards", 0))
+        values: dict[str, Any] = {"shards_total": written, "cancel_requested": True}
+        if ended == JobStatus.failed:
+            values["error"] = {"code": "preparation_failed", "retryable": False,
+                               "message": f"only part of the file was sharded: "
+                                          f"{(job.error or {}).get('message', '')}".strip()}
+        session.execute(update(Job).where(Job.id == parent.id).values(**values))
+        queued = session.scalars(select(Job).where(
+            Job.parent_id == parent.id, Job.type == JobType.shard,
+            Job.status == JobStatus.queued)).all()
+        session.commit()
+        for shard in queued:
+            if rows_changed(session, update(Job).where(
+                    Job.id == shard.id, Job.status == JobStatus.queued)
+                    .values(status=JobStatus.cancelled, finished_at=utcnow(),
+                            cancel_requested=True)):
+                session.commit()
+                shard_finished(session, shard)
+    done, total = session.execute(
+        select(Job.shards_done, Job.shards_total).where(Job.id == parent.id)).one()
+    session.commit()
+    if done >= total:
+        try:
+            finalize_batch(session, parent.id)
+        except Exception:  # the reaper's finalize_stalled retries
+            session.rollback()
+            log.exception("batch %s: finalizing failed; the reaper retries", parent.id)
+
+
 def shard_finished(session: Session, shard: Job) -> None:
     """Count a finished shard on its parent (atomic counter); the last one finalizes.
 

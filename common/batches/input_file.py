@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import hashlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +20,6 @@ from common.batches.schemas import (
     TextBody,
 )
 from common.chat import Render, as_dicts, render_fallback
-from common.config import get_settings
 from common.errors import NotFound, pydantic_problems
 from common.gen_params import ItemInput, unsupported_fields
 from common.ml.prompt_ids import load_chat_render
@@ -29,89 +29,144 @@ from common.storage import get_storage
 from common.train_spec import family_kind, generation_kind, takes_prompts
 
 MAX_REPORTED_ERRORS = 1000
+PROGRESS_EVERY = 10_000  # lines between progress reports while validating
 
 
 # ------------------------------------------------------------------ validation
 
 
 @dataclass
-class Parsed:
-    """A validated input file: one item request per line, or the errors found."""
+class Checker:
+    """Checks a batch file's lines one at a time, keeping only what is the same for every
+    line (the models and chat templates met) and the first MAX_REPORTED_ERRORS problems:
+    its memory does not grow with the file."""
 
-    custom_ids: list[str] = field(default_factory=list)
-    requests: list[dict[str, Any]] = field(default_factory=list)
+    session: Session
+    owner: str
+    endpoint: str
+    default_model: str | None
     errors: list[LineError] = field(default_factory=list)
+    error_count: int = 0
     models: dict[str, Model] = field(default_factory=dict)
     renders: dict[str, Render] = field(default_factory=dict)  # by model id
 
     def error(self, line: int, code: str, message: str, param: str | None = None) -> None:
+        self.error_count += 1
         if len(self.errors) < MAX_REPORTED_ERRORS:
             self.errors.append(LineError(code=code, message=message, param=param, line=line))
 
-
-def parse_input(
-    session: Session,
-    lines: Iterator[bytes],
-    *,
-    owner: str,
-    endpoint: str,
-    default_model: str | None,
-) -> Parsed:
-    """Check every line of a batch input file; collect every problem with its line number."""
-    settings = get_settings()
-    parsed, seen = Parsed(), set()
-    count = 0
-    for n, raw in enumerate(lines, start=1):
-        if not raw.strip():
-            continue
-        count += 1
-        if count > settings.max_batch_lines:
-            parsed.error(n, "too_many_requests",
-                         f"a batch holds at most {settings.max_batch_lines} requests")
-            break
+    def check(self, n: int, raw: bytes) -> tuple[str, dict[str, Any]] | None:
+        """Line n's custom_id and item request, or None with its errors recorded."""
         try:
             row = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:  # invalid UTF-8 lands here too
-            parsed.error(n, "invalid_json", f"line is not valid JSON: {exc}")
-            continue
+            self.error(n, "invalid_json", f"line is not valid JSON: {exc}")
+            return None
         if not isinstance(row, dict):
-            parsed.error(n, "invalid_json", "line must be a JSON object")
-            continue
-        line = _envelope(parsed, n, row)
+            self.error(n, "invalid_json", "line must be a JSON object")
+            return None
+        line = _envelope(self, n, row)
         if line is None:
-            continue
-        if line.custom_id in seen:
-            parsed.error(n, "duplicate_custom_id", f"custom_id {line.custom_id!r} is used twice",
-                         "custom_id")
-            continue
-        seen.add(line.custom_id)
-        request = _check_line(session, parsed, n, line, owner=owner, endpoint=endpoint,
-                              default_model=default_model)
-        if request is not None:
-            parsed.custom_ids.append(line.custom_id)
-            parsed.requests.append(request)
+            return None
+        request = _check_line(self, n, line)
+        return None if request is None else (line.custom_id, request)
+
+
+@dataclass
+class Validated:
+    """What the first pass over a file learns: how many requests, and its problems."""
+
+    requests: int
+    errors: list[LineError]
+    error_count: int
+    first_model: Model | None
+
+
+def requests_in(lines: Iterable[bytes]) -> Iterator[tuple[int, bytes]]:
+    """(line number, line) of every line that is not blank."""
+    for n, raw in enumerate(lines, start=1):
+        if raw.strip():
+            yield n, raw
+
+
+def validate_file(checker: Checker, read: Callable[[], Iterator[bytes]], *, cap: int,
+                  on_progress: Callable[[int], None] = lambda n: None) -> Validated:
+    """Check every line of a batch input file (`read()` gives its lines from the start),
+    collecting each problem with its line number.
+
+    Duplicate custom_ids are found from 8-byte digests (8 MB for a million lines), sorted
+    once at the end; only a file with a repeated digest is read a second time, to name the
+    lines that repeat one.
+    """
+    digests = bytearray()
+    count, first_model = 0, None
+    for n, raw in requests_in(read()):
+        count += 1
+        if count > cap:
+            checker.error(n, "too_many_requests", f"a batch holds at most {cap} requests")
+            break
+        checked = checker.check(n, raw)
+        if checked is not None:
+            digests += _digest(checked[0])
+            if first_model is None:
+                first_model = next(m for m in checker.models.values()
+                                   if m.id == checked[1]["model_id"])
+        if count % PROGRESS_EVERY == 0:
+            on_progress(count)
     if count == 0:
-        parsed.error(1, "empty_file", "the input file has no requests")
-    return parsed
+        checker.error(1, "empty_file", "the input file has no requests")
+    repeated = repeated_digests(digests)
+    if repeated:
+        report_duplicates(checker, read(), repeated)
+    checker.errors.sort(key=lambda e: e.line or 0)
+    return Validated(requests=count, errors=checker.errors, error_count=checker.error_count,
+                     first_model=first_model)
 
 
-def _envelope(parsed: Parsed, n: int, row: dict[str, Any]) -> BatchLine | None:
+def repeated_digests(digests: bytes | bytearray) -> set[bytes]:
+    """The digests that occur more than once."""
+    import numpy as np
+
+    values = np.sort(np.frombuffer(bytes(digests), dtype=np.uint64))
+    repeated = values[1:][values[1:] == values[:-1]]
+    return {int(v).to_bytes(8, "little") for v in np.unique(repeated)}
+
+
+def report_duplicates(checker: Checker, lines: Iterable[bytes], repeated: set[bytes]) -> None:
+    """Name each line whose custom_id an earlier line already used."""
+    seen: set[str] = set()
+    for n, raw in requests_in(lines):
+        try:
+            custom_id = orjson.loads(raw).get("custom_id")
+        except (orjson.JSONDecodeError, AttributeError):
+            continue
+        if not isinstance(custom_id, str) or _digest(custom_id) not in repeated:
+            continue
+        if custom_id in seen:
+            checker.error(n, "duplicate_custom_id", f"custom_id {custom_id!r} is used twice",
+                          "custom_id")
+        seen.add(custom_id)
+
+
+def _digest(custom_id: str) -> bytes:
+    return hashlib.blake2b(custom_id.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+
+
+def _envelope(checker: Checker, n: int, row: dict[str, Any]) -> BatchLine | None:
     """The line's envelope, or None with one error for each bad field of it."""
     try:
         return BatchLine.model_validate(row)
     except ValidationError as exc:
         for field_name in dict.fromkeys(str(e["loc"][0]) for e in exc.errors()):
             code, message = LINE_FIELD_ERRORS[field_name]
-            parsed.error(n, code, message, field_name)
+            checker.error(n, code, message, field_name)
         return None
 
 
-def _check_line(
-    session: Session, parsed: Parsed, n: int, line: BatchLine, *,
-    owner: str, endpoint: str, default_model: str | None,
-) -> dict[str, Any] | None:
+def _check_line(checker: Checker, n: int, line: BatchLine) -> dict[str, Any] | None:
+    endpoint = checker.endpoint
     if line.url != endpoint:
-        parsed.error(n, "mismatched_endpoint",
+        checker.error(n, "mismatched_endpoint",
                      f"url {line.url!r} is not the batch endpoint {endpoint!r}", "url")
         return None
     body = line.body
@@ -122,93 +177,93 @@ def _check_line(
         for e in exc.errors():
             where = ".".join(str(p) for p in e["loc"])
             message = e["msg"].removeprefix("Value error, ")
-            parsed.error(n, "invalid_value", f"body.{where}: {message}", f"body.{where}")
+            checker.error(n, "invalid_value", f"body.{where}: {message}", f"body.{where}")
         return None
-    name = spec.model or default_model
+    name = spec.model or checker.default_model
     if not name:
-        parsed.error(n, "missing_required_parameter", "body.model is required", "body.model")
+        checker.error(n, "missing_required_parameter", "body.model is required", "body.model")
         return None
-    model = _model(session, parsed, owner, name)
+    model = _model(checker, name)
     if model is None:
-        parsed.error(n, "model_not_found", f"no model named {name!r}", "body.model")
+        checker.error(n, "model_not_found", f"no model named {name!r}", "body.model")
         return None
     wanted = "image" if image else "text"
     if family_kind(model.family) != wanted:
-        parsed.error(n, "invalid_model", f"{name} is a {model.family} model; "
+        checker.error(n, "invalid_model", f"{name} is a {model.family} model; "
                      f"{endpoint} needs a {wanted} model", "body.model")
         return None
     base = {"model_id": model.id, "model": model.name, "url": endpoint, "body": body}
     if isinstance(spec, ImageBody):
-        return _image_line(parsed, n, spec, model, base)
+        return _image_line(checker, n, spec, model, base)
     chat = endpoint == "/v1/chat/completions"
-    prompt = _prompt(parsed, n, spec, render=_render(session, parsed, model) if chat else None)
+    prompt = _prompt(checker, n, spec, render=_render(checker, model) if chat else None)
     if prompt is None:
         return None
     try:
         gen = ItemInput(prompt=prompt, n=spec.n, **spec.params.model_dump())
     except ValidationError as exc:  # the prompt cap, which a chat template can cross
         where = "body.messages" if endpoint == "/v1/chat/completions" else "body.prompt"
-        parsed.error(n, "invalid_value", "; ".join(pydantic_problems(exc)), where)
+        checker.error(n, "invalid_value", "; ".join(pydantic_problems(exc)), where)
         return None
     return {**base, "gen": gen.model_dump()}
 
 
-def _image_line(parsed: Parsed, n: int, spec: ImageBody, model: Model,
+def _image_line(checker: Checker, n: int, spec: ImageBody, model: Model,
                 base: dict[str, Any]) -> dict[str, Any] | None:
     """An images line's item: a prompt for a text-to-image model, else none; every field
     the model cannot honour is an error naming it."""
     gen = spec.gen
     prompted = takes_prompts(model.family)
     if prompted and gen.prompt is None:
-        parsed.error(n, "missing_required_parameter", "body.prompt is required", "body.prompt")
+        checker.error(n, "missing_required_parameter", "body.prompt is required", "body.prompt")
         return None
     if not prompted and gen.prompt is not None:
-        parsed.error(n, "invalid_value", f"body.prompt: a {model.family} model draws without "
+        checker.error(n, "invalid_value", f"body.prompt: a {model.family} model draws without "
                      "a prompt (give label to condition it)", "body.prompt")
         return None
     problems = unsupported_fields(generation_kind(model.family), gen)
     if problems:
-        parsed.error(n, "invalid_value", f"body.{problems[0]}",
+        checker.error(n, "invalid_value", f"body.{problems[0]}",
                      f"body.{problems[0].split(':', 1)[0]}")
         return None
     return {**base, "response_format": spec.response_format, "gen": gen.model_dump()}
 
 
-def _prompt(parsed: Parsed, n: int, spec: TextBody, *, render: Render | None) -> str | None:
+def _prompt(checker: Checker, n: int, spec: TextBody, *, render: Render | None) -> str | None:
     """The line's prompt; for chat (`render` given) its messages rendered for generation."""
     if render is not None:
         if not spec.messages:
-            parsed.error(n, "missing_required_parameter", "body.messages is required",
+            checker.error(n, "missing_required_parameter", "body.messages is required",
                          "body.messages")
             return None
         try:
             prompt = render(as_dicts(spec.messages), True)
         except Exception as exc:  # a template's own raise_exception, or a jinja error
-            parsed.error(n, "invalid_value", f"body.messages: the model's chat template "
+            checker.error(n, "invalid_value", f"body.messages: the model's chat template "
                          f"refused them ({exc})", "body.messages")
             return None
     else:
         if spec.prompt is None:
-            parsed.error(n, "missing_required_parameter", "body.prompt is required", "body.prompt")
+            checker.error(n, "missing_required_parameter", "body.prompt is required", "body.prompt")
             return None
         prompt = spec.prompt if isinstance(spec.prompt, str) else spec.prompt[0]
     return prompt
 
 
-def _render(session: Session, parsed: Parsed, model: Model) -> Render:
+def _render(checker: Checker, model: Model) -> Render:
     """The model's chat template (its tokenizer's, else genq's fallback), read once a file."""
-    if model.id not in parsed.renders:
-        checkpoint = session.get(Checkpoint, model.checkpoint_id)
-        parsed.renders[model.id] = (load_chat_render(get_storage(), checkpoint.uri)
+    if model.id not in checker.renders:
+        checkpoint = checker.session.get(Checkpoint, model.checkpoint_id)
+        checker.renders[model.id] = (load_chat_render(get_storage(), checkpoint.uri)
                                     if checkpoint else render_fallback)
-    return parsed.renders[model.id]
+    return checker.renders[model.id]
 
 
-def _model(session: Session, parsed: Parsed, owner: str, name: str) -> Model | None:
-    if name not in parsed.models:
+def _model(checker: Checker, name: str) -> Model | None:
+    if name not in checker.models:
         try:
-            parsed.models[name] = find_model(session, owner=owner, name=name)
+            checker.models[name] = find_model(checker.session, owner=checker.owner, name=name)
         except NotFound:
             return None
-    return parsed.models[name]
+    return checker.models[name]
 

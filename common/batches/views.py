@@ -24,7 +24,8 @@ def item_counts(session: Session, *, batch_id: str) -> tuple[int, int]:
     succeeded = failed = 0
     live = []
     shards = session.execute(
-        select(Job.id, Job.started_at, Job.result).where(Job.parent_id == batch_id)
+        select(Job.id, Job.started_at, Job.result)
+        .where(Job.parent_id == batch_id, Job.type == JobType.shard)
     )
     for shard_id, started_at, result in shards:
         counts = (result or {}).get("item_counts")
@@ -111,7 +112,8 @@ def batch_out(session: Session, job: Job) -> BatchOut:
         failed_at=finished if status == BatchStatus.failed else None,
         cancelling_at=result.get("cancelling_at"),
         cancelled_at=finished if status == BatchStatus.cancelled else None,
-        request_counts=RequestCounts(total=job.progress_total, completed=completed, failed=failed),
+        request_counts=RequestCounts(total=job.progress_total or 0, completed=completed,
+                                     failed=failed),
         metadata=spec.get("metadata"),
     )
 
