@@ -68,8 +68,8 @@ def redis_server() -> Iterator[str]:
             "no",
             "--dir",
             str(data),
-            # one db per stack-owning test and backend (tests/test_scheduling.py's
-            # PostgreSQL variants use the db 16 above their SQLite one)
+            # one db per stack-owning test and backend (own_stack: a PostgreSQL variant
+            # uses the db 32 above its SQLite one)
             "--databases",
             "64",
         ],
@@ -176,11 +176,13 @@ class Stack:
 
         return Client(self.api_url, api_key=self.api_key if key is None else key)
 
-    def spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+    def spawn(self, name: str, argv: list[str],
+              env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """Start a process of the stack; env overrides some of the stack's settings for it."""
         log = open(self.home / f"{name}.log", "ab")
         proc = subprocess.Popen(
             argv,
-            env=self.env,
+            env={**self.env, **(env or {})},
             cwd=ROOT,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -189,9 +191,11 @@ class Stack:
         self.procs[name] = proc
         return proc
 
-    def start_worker(self, name: str = "w1", queues: str = "cpu,gpu") -> subprocess.Popen[bytes]:
+    def start_worker(self, name: str = "w1", queues: str = "cpu,gpu",
+                     env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         proc = self.spawn(
-            name, [sys.executable, "-m", "api.cli", "worker", "--queues", queues, "--name", name]
+            name, [sys.executable, "-m", "api.cli", "worker", "--queues", queues, "--name", name],
+            env=env,
         )
         self.wait_worker(name)
         return proc
@@ -275,6 +279,26 @@ def start_stack(db_url: str, broker_url: str, env_extra: dict[str, str] | None =
         except httpx.HTTPError:
             time.sleep(0.2)
     raise RuntimeError(f"API did not start:\n{stack.log('api')}")
+
+
+@contextmanager
+def own_stack(redis_server: str, redis_db: int, backend: str,
+              env_extra: dict[str, str] | None = None) -> Iterator[Stack]:
+    """An API (no worker yet) on a database and a Redis db of its own: redis_db for SQLite,
+    32 above it for PostgreSQL, emptied first, so nothing a failed earlier run left there is
+    counted or taken. A stack on the session's database beside another Redis db is not its
+    own: the session worker's reaper (and shard release) re-queues its jobs on the session's
+    Redis, for that worker to run."""
+    import redis
+
+    broker = f"{redis_server.rsplit('/', 1)[0]}/{redis_db + (32 if backend == 'postgresql' else 0)}"
+    redis.Redis.from_url(broker).flushdb()
+    with fresh_database(backend) as db:
+        stack = start_stack(db, broker, env_extra=env_extra)
+        try:
+            yield stack
+        finally:
+            stack.stop_all()
 
 
 def spawn_api(base: Stack, **env: str) -> Stack:

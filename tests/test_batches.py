@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 
 from common.db import engine_for, session_factory
 from common.models import Item, Job
-from tests.conftest import ROOT, fresh_database, start_stack, train_lstm, wait_for
+from tests.conftest import ROOT, own_stack, train_lstm, wait_for
 
 PROMPTS = ["The ", "def ", "import ", "class ", "A ", "In ", "For ", "x = "]
 
@@ -166,23 +166,15 @@ def test_cli_batch_submit_waits_for_output(stack, trained_lstm, tmp_path):
 def shard_stack(stack, redis_server):  # type: ignore[no-untyped-def]
     """An API and two workers, shards of 4 requests, on a database and a Redis db of their
     own: no other stack's reaper or release sends their jobs to its own workers."""
-    import redis
-
     backend = "sqlite" if stack.env["GENQ_DATABASE_URL"].startswith("sqlite") else "postgresql"
-    broker = redis_server.rsplit("/", 1)[0] + ("/5" if backend == "sqlite" else "/37")
-    redis.Redis.from_url(broker).flushdb()  # nothing another run left there
-    with fresh_database(backend) as db:
-        s = start_stack(db, broker, env_extra={
-            "GENQ_SHARD_SIZE": "4",
-            "GENQ_TOKEN_BUDGET": "64",
-            "GENQ_ITEM_CHUNK": "1",
-        })
-        try:
-            s.start_worker("b1")
-            s.start_worker("b2")
-            yield s
-        finally:
-            s.stop_all()
+    with own_stack(redis_server, 5, backend, env_extra={
+        "GENQ_SHARD_SIZE": "4",
+        "GENQ_TOKEN_BUDGET": "64",
+        "GENQ_ITEM_CHUNK": "1",
+    }) as s:
+        s.start_worker("b1")
+        s.start_worker("b2")
+        yield s
 
 
 @pytest.fixture(scope="module")

@@ -7,16 +7,18 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import start_stack
+from tests.conftest import BACKENDS, own_stack
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-def test_gpu_worker_trains_and_generates_on_cuda(stack, redis_server):
-    gpu = start_stack(stack.env["GENQ_DATABASE_URL"], redis_server.rsplit("/", 1)[0] + "/6")
-    gpu.api_key = stack.api_key
-    try:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gpu_worker_trains_and_generates_on_cuda(redis_server, backend):
+    """On a database and a Redis db of its own: beside the session's database, the session
+    worker's reaper could re-queue this stack's jobs on the session's Redis, where that
+    worker (it serves gpu too) would run them on the CPU."""
+    with own_stack(redis_server, 6, backend) as gpu:
         gpu.spawn("g0", [sys.executable, "-m", "api.cli", "worker", "--queues", "gpu",
                          "--gpu", "0", "--name", "g0"])
         gpu.wait_worker("g0")
@@ -33,5 +35,3 @@ def test_gpu_worker_trains_and_generates_on_cuda(stack, redis_server):
                                    "queue": "gpu", "prompts": ["a", "bb"], "max_tokens": 4})
                      ["id"], timeout=120)
         assert gen["status"] == "succeeded", gen
-    finally:
-        gpu.stop_all()

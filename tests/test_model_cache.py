@@ -61,6 +61,9 @@ def test_lora_models_of_one_base_share_one_entry(tmp_path, monkeypatch) -> None:
                 return SimpleNamespace(checkpoint_id=key)
             return SimpleNamespace(uri=str(checkpoints[key]))
 
+        def commit(self) -> None:
+            pass
+
     storage = SimpleNamespace(key_of=lambda uri: uri, local_dir=lambda key, cache: Path(key))
     monkeypatch.setattr(model_cache, "get_storage", lambda: storage)
     monkeypatch.setattr(model_cache, "_cache", model_cache.OrderedDict())

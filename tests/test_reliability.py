@@ -9,8 +9,10 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -32,6 +34,7 @@ from tests.conftest import (
     _free_port,
     finish,
     fresh_database,
+    own_stack,
     spawn_api,
     start_stack,
     wait_for,
@@ -564,6 +567,228 @@ def test_a_claim_that_cannot_reach_the_database_is_retried(rstack):
     assert done["attempts"] == []
     assert f"job {job['id']} attempt 1: claimed" in rstack.log(name)
     rstack.stop(name)
+
+
+# ---------------------------------------------------------------- database outage
+
+needs_postgres = pytest.mark.skipif(
+    not os.environ.get("GENQ_TEST_POSTGRES_URL"),
+    reason="the database is taken away by cutting a worker's TCP connections to it, which "
+           "SQLite (a file) has none of: set GENQ_TEST_POSTGRES_URL")
+
+
+class DatabaseProxy:
+    """A TCP proxy in this process between a worker and the PostgreSQL server of `url`.
+    `down()` is the database gone: the listener and every connection through it closed, so
+    open connections break and new ones are refused; `up()` listens again on the same port."""
+
+    def __init__(self, url: str) -> None:
+        from sqlalchemy.engine import make_url
+
+        target = make_url(url)
+        self.target = (target.host or "127.0.0.1", target.port or 5432)
+        self.port = _free_port()
+        self.url = target.set(host="127.0.0.1", port=self.port).render_as_string(
+            hide_password=False)
+        self._lock = threading.Lock()
+        self._open: set[socket.socket] = set()
+        self._listener: socket.socket | None = None
+        self._acceptor: threading.Thread | None = None
+        self.up()
+
+    def up(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        self._acceptor = threading.Thread(target=self._accept, args=(listener,), daemon=True)
+        self._acceptor.start()
+
+    def close(self) -> None:
+        if self._listener is not None:
+            self.down()
+
+    def down(self) -> None:
+        with self._lock:
+            listener, self._listener = self._listener, None
+            connections, self._open = self._open, set()
+        assert listener is not None and self._acceptor is not None
+        with contextlib.suppress(OSError):
+            listener.shutdown(socket.SHUT_RDWR)  # wakes the acceptor; the port stops listening
+        listener.close()
+        self._acceptor.join(10)
+        for sock in connections:  # each pump sees its end and closes its socket
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        with pytest.raises(ConnectionRefusedError), socket.create_connection(
+                ("127.0.0.1", self.port), timeout=5):
+            pass
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:  # shut down
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=10)
+            except OSError:
+                client.close()
+                continue
+            client.settimeout(None)
+            upstream.settimeout(None)
+            with self._lock:
+                if self._listener is not listener:  # went down meanwhile
+                    client.close()
+                    upstream.close()
+                    return
+                self._open |= {client, upstream}
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for sock in (src, dst):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        with self._lock:
+            self._open.discard(src)
+        src.close()
+
+
+@contextlib.contextmanager
+def stack_behind_a_proxy(redis_server: str, redis_db: int,
+                         env: dict[str, str]) -> Iterator[tuple[Stack, DatabaseProxy]]:
+    """An API straight on a PostgreSQL database of its own (and a Redis db: conftest's
+    own_stack), and a proxy to that database for the test's worker."""
+    with own_stack(redis_server, redis_db, "postgresql", env_extra=env) as stack:
+        proxy = DatabaseProxy(stack.env["GENQ_DATABASE_URL"])
+        try:
+            yield stack, proxy
+        finally:
+            stack.stop_all()
+            proxy.close()
+
+
+def worker_row(stack: Stack, name: str):  # type: ignore[no-untyped-def]
+    from common.db import engine_for, session_factory
+    from common.models import Worker
+
+    with session_factory(engine_for(stack.env["GENQ_DATABASE_URL"]))() as s:
+        return s.scalar(select(Worker).where(Worker.hostname.like(f"{name}@%")))
+
+
+# Steps of tens of ms: the run (a minute on two busy cores) outlasts an outage of a few
+# heartbeats (seconds) by far, and it writes nothing to the database before its end (one
+# log interval, no checkpoint before the last), so the heartbeats are all the outage meets.
+QUIET_STEPS = 2000
+QUIET_SPEC = {**SPEC, "steps": QUIET_STEPS, "batch_size": 64, "seq_len": 128,
+              "checkpoint_every": QUIET_STEPS, "log_every": QUIET_STEPS}
+
+
+@needs_postgres
+@pytest.mark.timeout(900)  # minutes on a loaded machine: it waits on progress
+def test_a_running_job_rides_out_a_database_outage_of_a_few_heartbeats(redis_server):
+    """README, database down: while the database is unreachable a running job's heartbeats
+    (every 0.5 s here) fail and are logged, the lease (60 s) covers the gap, and once it is
+    back they go on: the job finishes in its first attempt, taken over by no one. The
+    worker's own heartbeat (its housekeeping round) skips those rounds and goes on too."""
+    from common.models import utcnow
+
+    with stack_behind_a_proxy(redis_server, 1, {"GENQ_LEASE_S": "60"}) as (stack, proxy):
+        stack.start_worker("hb", queues="cpu", env={"GENQ_DATABASE_URL": proxy.url})
+        c = stack.client()
+        job = c.create_job(QUIET_SPEC)
+        running_at(stack, job["id"], 1)
+        failed = f"job {job['id']}: heartbeat failed"
+        proxy.down()
+        try:
+            wait_for(lambda: stack.log("hb").count(failed) >= 3, timeout=120)
+            wait_for(lambda: "housekeeping failed" in stack.log("hb"), timeout=120)
+        finally:
+            proxy.up()
+        back = utcnow()
+
+        def beating_again():  # type: ignore[no-untyped-def]
+            now = row(stack, job["id"])
+            assert (now.status, now.attempt) == ("running", 1), (now.status, now.attempts_log)
+            return now.heartbeat_at > back and now.progress_done < QUIET_STEPS
+
+        wait_for(beating_again, timeout=120)  # the thread outlived its failed beats
+        wait_for(lambda: worker_row(stack, "hb").heartbeat_at > back, timeout=120)
+        done = finish(c, job["id"])
+        assert done["status"] == "succeeded", (done, stack.log("hb")[-3000:])
+        assert done["attempt"] == 1 and done["attempts"] == [], done
+
+
+@needs_postgres
+@pytest.mark.timeout(900)  # minutes on a loaded machine: it waits on progress
+def test_a_pool_child_killed_while_the_database_is_down_is_taken_over_once_it_is_back(
+        redis_server, reference):
+    """README, kill -9 of a pool child: when the worker's main process sees its child die
+    while the database is unreachable it cannot fail the attempt in SQL, so the message goes
+    back to the queue; the next pool child that gets it retries its claim every 5 s and,
+    once the database is back, takes the job over and resumes it from its last checkpoint.
+    The lease (600 s) keeps the reaper out of it."""
+    with stack_behind_a_proxy(redis_server, 2, {"GENQ_LEASE_S": "600"}) as (stack, proxy):
+        stack.start_worker("lost", queues="cpu", env={"GENQ_DATABASE_URL": proxy.url})
+        c = stack.client()
+        job = c.create_job(SPEC)
+        pid = running_at(stack, job["id"], 12).worker_pid  # past the step-10 checkpoint
+        # stopped first: a child left running through the outage would fail its own next
+        # write (a log line every 10 steps), which is not what this test is about
+        os.kill(pid, signal.SIGSTOP)
+        proxy.down()
+        try:
+            os.kill(pid, signal.SIGKILL)
+            wait_for(lambda: f"job {job['id']}: could not re-queue after its pool child died"
+                     in stack.log("lost"), timeout=120)
+            wait_for(lambda: f"job {job['id']} attempt 1: claim failed" in stack.log("lost"),
+                     timeout=300)  # the message came back, to a new child
+        finally:
+            proxy.up()
+        done = finish(c, job["id"])
+        assert done["status"] == "succeeded", (done, stack.log("lost")[-3000:])
+        assert done["attempt"] == 2
+        assert [(a["attempt"], a["error"]["code"], a["error"]["message"])
+                for a in done["attempts"]] == [(1, "worker_lost", f"process {pid} died")]
+        assert f"job {job['id']} attempt 2: taken_over" in stack.log("lost")
+        assert any("resuming from checkpoint" in m for m in job_logs(stack, job["id"]))
+        assert_same_weights(final_weights(stack, done["result"]["checkpoint_id"]), reference)
+
+
+@needs_postgres
+@pytest.mark.timeout(900)  # minutes on a loaded machine: it waits on progress
+def test_a_job_that_must_write_while_the_database_is_down_resumes_after_the_lease(
+        redis_server, reference):
+    """README, database down: a job whose next write (a log line every 10 steps here) comes
+    while the database is unreachable loses that attempt; recording the failure fails too,
+    so the job stays `running` with no heartbeat, and once the database is back the reaper
+    re-queues it after the lease (4 s) and it resumes from its last checkpoint."""
+    with stack_behind_a_proxy(redis_server, 3, {"GENQ_LEASE_S": "4"}) as (stack, proxy):
+        stack.start_worker("wr", queues="cpu", env={"GENQ_DATABASE_URL": proxy.url})
+        c = stack.client()
+        job = c.create_job(SPEC)
+        running_at(stack, job["id"], 12)  # past the step-10 checkpoint
+        proxy.down()
+        try:  # the task has ended: its write and the record of its failure both failed
+            wait_for(lambda: "Task genq.train[" in stack.log("wr")
+                     and "raised unexpected: OperationalError" in stack.log("wr"), timeout=300)
+        finally:
+            proxy.up()
+        done = finish(c, job["id"])
+        assert done["status"] == "succeeded", (done, stack.log("wr")[-3000:])
+        assert done["attempt"] == 2
+        [lost] = done["attempts"]
+        assert lost["error"]["code"] == "worker_lost", lost
+        assert lost["error"]["message"].startswith("no heartbeat from"), lost
+        assert any("resuming from checkpoint" in m for m in job_logs(stack, job["id"]))
+        assert_same_weights(final_weights(stack, done["result"]["checkpoint_id"]), reference)
 
 
 def test_deterministic_error_fails_at_once(rstack):

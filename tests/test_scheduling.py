@@ -11,7 +11,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import BACKENDS, Stack, fresh_database, start_stack, wait_for
+from tests.conftest import BACKENDS, Stack, own_stack, wait_for
 from tests.test_cli import TINY_LSTM, genq
 
 
@@ -19,20 +19,10 @@ from tests.test_cli import TINY_LSTM, genq
 def one_worker_stack(redis_server: str, redis_db: int, worker: str, env: dict[str, str],
                      backend: str = "sqlite") -> Iterator[tuple[Stack, str]]:
     """An API and one worker on the cpu queue, on a database and a Redis db of their own
-    (redis_db for SQLite, 16 above it for PostgreSQL), emptied first: nothing a failed
-    earlier run left on that db is counted or taken."""
-    import redis
-
-    index = redis_db + (16 if backend == "postgresql" else 0)
-    broker = f"{redis_server.rsplit('/', 1)[0]}/{index}"
-    redis.Redis.from_url(broker).flushdb()
-    with fresh_database(backend) as db:
-        stack = start_stack(db, broker, env_extra=env)
-        try:
-            stack.start_worker(worker, queues="cpu")
-            yield stack, db
-        finally:
-            stack.stop_all()
+    (conftest's own_stack)."""
+    with own_stack(redis_server, redis_db, backend, env) as stack:
+        stack.start_worker(worker, queues="cpu")
+        yield stack, stack.env["GENQ_DATABASE_URL"]
 
 
 LONG = {**TINY_LSTM, "steps": 100_000, "checkpoint_every": 1000, "log_every": 10}

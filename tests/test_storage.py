@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from common.storage import Storage
+from tests.conftest import BACKENDS
 
 
 def _free_port() -> int:
@@ -198,19 +199,20 @@ def test_checkpoint_through_results_on_s3(s3_endpoint: str, tmp_path: Path) -> N
         assert torch.equal(loaded.model.state_dict()[name], tensor), name
 
 
-def test_whole_stack_on_s3(s3_endpoint, db_url, redis_server, tmp_path):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_whole_stack_on_s3(s3_endpoint, backend, redis_server, tmp_path):
     """API + worker with GENQ_STORAGE_URL=s3://…: train from an uploaded dataset, resume from
-    a checkpoint, generate, download artifacts and batch output, all through the bucket."""
+    a checkpoint, generate, download artifacts and batch output, all through the bucket. On
+    a database and a Redis db of its own (the session worker's reaper must not take its jobs)."""
     import boto3
     import httpx
 
-    from tests.conftest import start_stack
+    from tests.conftest import own_stack
 
     bucket = f"genq-{uuid.uuid4().hex[:8]}"
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
-    stack = start_stack(db_url, redis_server.rsplit("/", 1)[0] + "/7", env_extra={
-        "GENQ_STORAGE_URL": f"s3://{bucket}/genq", "GENQ_S3_ENDPOINT_URL": s3_endpoint})
-    try:
+    env = {"GENQ_STORAGE_URL": f"s3://{bucket}/genq", "GENQ_S3_ENDPOINT_URL": s3_endpoint}
+    with own_stack(redis_server, 7, backend, env_extra=env) as stack:
         stack.start_worker("s3w", queues="cpu")
         c = stack.client()
         text = tmp_path / "corpus.txt"
@@ -244,8 +246,6 @@ def test_whole_stack_on_s3(s3_endpoint, db_url, redis_server, tmp_path):
                         headers={"Authorization": f"Bearer {stack.api_key}"})
         assert out.status_code == 200
         assert [json.loads(line)["custom_id"] for line in out.text.splitlines()] == ["a"]
-    finally:
-        stack.stop_all()
 
 
 def _can_hide_folders() -> bool:

@@ -69,6 +69,15 @@ class JobContext:
         self.stop_heartbeat()
         self.session.close()
 
+    def release_connection(self) -> None:
+        """End the session's read transaction before long work without SQL (building and
+        training a model, loading one): its connection goes back to the pool, and the next
+        statement takes one afresh, pinged first. A connection held idle through the work is
+        one a database restart or outage (or PostgreSQL's idle_in_transaction_session_timeout)
+        cuts, and the job's next write failed on it, as `internal_error`, with the database
+        long back. Every write of a job commits at once, so only reads are ended here."""
+        self.session.commit()
+
     def stop_heartbeat(self) -> None:
         """Stop the side thread and write the last progress while the attempt still owns the row."""
         if self._stop.is_set():

@@ -62,6 +62,7 @@ def execute_items(ctx: JobContext) -> dict[str, Any]:
     groups: dict[str, list[PendingItem]] = defaultdict(list)
     for item in items:
         groups[item.model_id or job.model_id or ""].append(item)
+    ctx.release_connection()  # a model may load, a batch run, before the first write
 
     for model_id, group in groups.items():
         if ctx.should_stop():
@@ -113,6 +114,7 @@ def run_group(ctx: JobContext, loaded: Any, requests: list[GenRequest], writer: 
         pass  # a request the model rejects while running spoils its batch: isolate it
     writer.flush()
     done = {str(item.id) for item in results.pending_items(ctx.session, job_id=ctx.job.id)}
+    ctx.release_connection()
     for request in requests:
         if request.key not in done or ctx.should_stop():
             continue

@@ -55,6 +55,8 @@ def get_model(session: Session, model_id: str, device: str) -> LoadedModel:
     ckpt = session.get(Checkpoint, model.checkpoint_id) if model else None
     if model is None or ckpt is None:
         raise NotFound(f"model {model_id!r} is gone", param="model", code="model_not_found")
+    session.commit()  # rows read: no connection held through the load (see
+    # JobContext.release_connection: a job's next write failed on one an outage had cut)
     settings = get_settings()
     storage = get_storage()
     cache_dir = settings.home_dir / "cache"

@@ -78,6 +78,7 @@ def execute_training(ctx: JobContext) -> dict[str, Any]:
     # a frozen text base may be held in bf16; a UNet LoRA's pipeline stays fp32, as image
     # models do (the VAE and UNet take fp32 pixels and noise outside autocast)
     text = family_kind(spec.family) == "text"
+    ctx.release_connection()  # minutes to hours without SQL until the first hook writes
     try:
         outcome = run_training(spec, ctx.workdir, hooks=hooks, resume_from=resume_dir,
                                device=device, base_dtype=inference_dtype(device) if text else None)
