@@ -272,6 +272,7 @@ def bench_stack(gpus: int = 0, database_url: str | None = None) -> Iterator[obje
     """A fresh embedded stack (Redis, API, one CPU worker and `gpus` GPU workers) in a temp
     folder, on SQLite there or on `database_url` (an empty database)."""
     from api.stack import Stack, free_port
+    from common.celery_app import get_celery
     from common.config import Settings, get_settings
 
     with scratch_dir("genq-bench-") as home:
@@ -284,6 +285,7 @@ def bench_stack(gpus: int = 0, database_url: str | None = None) -> Iterator[obje
         if database_url:
             os.environ["GENQ_DATABASE_URL"] = database_url
         get_settings.cache_clear()
+        get_celery.cache_clear()  # a second stack in this process has another broker
         stack = Stack(Settings(), gpus=gpus, with_flower=False)
         try:
             stack.start()

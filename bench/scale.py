@@ -16,7 +16,7 @@ from bench.harness import Figure, Report
 
 N_SMALL, N_BIG, N_WARMUP = 10_000, 1_000_000, 200
 MAX_TOKENS = 8  # short answers: what grows with the batch is the queue's share of the time
-TINY_GPT = {"vocab_size": 512, "n_positions": 64, "n_embd": 32, "n_layer": 1, "n_head": 2}
+TINY_GPT = {"vocab_size": 512, "n_positions": 128, "n_embd": 32, "n_layer": 1, "n_head": 2}
 
 
 @dataclass
