@@ -310,20 +310,20 @@ def check_sharded(stack, batch_id: str, rows: list[dict]) -> list[Job]:  # type:
 
 
 def test_a_file_longer_than_a_window_is_written_window_by_window(shard_stack, shard_model):
-    """With shards of 4, a window is 64 lines: 150 lines are read in three windows, each
-    sharded and released as it is written; the batch reads as one."""
+    """With shards of 4, a window is 64 lines: 128 lines are read in two windows (and an
+    empty third), each sharded and released as it is written; the batch reads as one."""
     client = sdk(shard_stack)
-    rows = quick_lines(shard_model, 150)
+    rows = quick_lines(shard_model, 128)
     batch = run_batch(client, rows, "/v1/completions", timeout=180)
     assert batch.status == "completed", batch
-    assert batch.request_counts.total == batch.request_counts.completed == 150  # type: ignore[union-attr]
+    assert batch.request_counts.total == batch.request_counts.completed == 128  # type: ignore[union-attr]
     out = read_jsonl(client, batch.output_file_id)
     assert sorted(o["custom_id"] for o in out) == sorted(r["custom_id"] for r in rows)
     shards = check_sharded(shard_stack, batch.id, rows)
-    assert 150 / 4 / 2 <= len(shards) <= 150 / 4 * 2
+    assert 128 / 4 / 2 <= len(shards) <= 128 / 4 * 2
     prepare = prepare_job(shard_stack, batch.id)
     assert prepare is not None and prepare.status == "succeeded"
-    assert prepare.result["shards"] == len(shards) and prepare.result["requests"] == 150
+    assert prepare.result["shards"] == len(shards) and prepare.result["requests"] == 128
     with session_of(shard_stack) as s:
         parent = s.get(Job, batch.id)
         assert (parent.shards_total, parent.shards_done) == (len(shards), len(shards))
@@ -408,6 +408,45 @@ def test_output_and_error_lines_on_every_backend(session, tmp_path):  # type: ig
               for row in map(json.loads, err.read_text().splitlines())}
     assert errors["bad"] == {"code": "invalid_request", "message": "prompt too long"}
     assert errors["never"]["code"] == "worker_lost" and shard.id in errors["never"]["message"]
+
+
+def test_a_batch_whose_file_fails_part_way_ends_failed_with_what_ran(session):  # type: ignore[no-untyped-def]
+    """The preparing job fails after writing some shards (a model deleted between the two
+    reads of the file): the shards not started are cancelled, the batch stops at the shards
+    written and ends `failed`, its output holding what ran and its errors the rest."""
+    import uuid
+
+    from common.batches.finalize import prepare_ended
+    from common.results import insert_items, write_items
+
+    def new(**fields) -> Job:  # type: ignore[no-untyped-def]
+        job = Job(id=f"job_{uuid.uuid4().hex}", owner="part-test", queue="cpu", **fields)
+        session.add(job)
+        session.flush()
+        return job
+
+    parent = new(type="batch", spec={}, status="running", shards_total=3, shards_done=1)
+    ran = new(type="shard", spec={"shard": 0}, status="succeeded", parent_id=parent.id)
+    waiting = new(type="shard", spec={"shard": 1}, status="queued", parent_id=parent.id)
+    prepare = new(type="prepare", spec={}, status="failed", parent_id=parent.id,
+                  result={"shards": 2, "lines_done": 2},
+                  error={"code": "invalid_spec", "message": "line 9: no model named 'x'"})
+    request = {"model_id": "m", "model": "tiny", "url": "/v1/completions", "body": {}}
+    insert_items(session, ran.id, [request], ["a"], [0])
+    insert_items(session, waiting.id, [request], ["b"], [1])
+    item = session.scalar(select(Item.id).where(Item.job_id == ran.id))
+    write_items(session, [{"id": item, "status": "succeeded", "tokens_in": 1, "tokens_out": 1,
+                           "response": {"texts": ["x"], "finish_reasons": ["stop"]}}])
+    ran.result = {"item_counts": {"succeeded": 1, "failed": 0}}
+    session.commit()
+    prepare_ended(session, prepare)
+    session.expire_all()
+    assert session.get(Job, waiting.id).status == "cancelled"
+    done = session.get(Job, parent.id)
+    assert done.status == "failed" and done.error["code"] == "preparation_failed", done.error
+    assert "no model named 'x'" in done.error["message"]
+    assert (done.shards_total, done.shards_done) == (2, 2)
+    assert (done.result["completed"], done.result["failed"]) == (1, 1)
 
 
 def test_json_columns_store_what_json_can_hold(session):  # type: ignore[no-untyped-def]

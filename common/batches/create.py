@@ -212,7 +212,8 @@ def _write_window(state: Preparing, window: list[tuple[str, dict[str, Any]]], *,
     # Shards of similar requests (model, then prompt length in tokens) pad least inside
     # their generation batches; each item keeps its input line as `index` for the output order.
     order = sorted(range(len(requests)), key=lambda i: _shard_key(requests[i]))
-    spans = _shard_spans([requests[i] for i in order], max(1, get_settings().shard_size))
+    size = max(1, get_settings().shard_size)  # the last window may be empty: no shard
+    spans = _shard_spans([requests[i] for i in order], size) if requests else []
     now = utcnow()
     for begin, end in spans:
         lines = order[begin:end]

@@ -177,7 +177,8 @@ def finalize_batch(session: Session, batch_id: str) -> bool:
         files = [_store_output(storage, parent, out_path, "batch_output", "output")]
         if failed:
             files.append(_store_output(storage, parent, err_path, "batch_error", "error"))
-    status = JobStatus.cancelled if parent.cancel_requested else JobStatus.succeeded
+    status = (JobStatus.failed if parent.error  # only part of its file could be sharded
+              else JobStatus.cancelled if parent.cancel_requested else JobStatus.succeeded)
     result = {**(parent.result or {}), "output_file_id": files[0].id,
               "error_file_id": files[1].id if failed else None, "completed": completed,
               "failed": failed, "total": parent.progress_total,
