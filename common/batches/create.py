@@ -215,6 +215,7 @@ def _write_window(state: Preparing, window: list[tuple[str, dict[str, Any]]], *,
     size = max(1, get_settings().shard_size)  # the last window may be empty: no shard
     spans = _shard_spans([requests[i] for i in order], size) if requests else []
     now = utcnow()
+    first_shard = state.shards  # names the window: its items are the lines it read
     for begin, end in spans:
         lines = order[begin:end]
         model = models[requests[lines[0]]["model_id"]]
@@ -222,7 +223,7 @@ def _write_window(state: Preparing, window: list[tuple[str, dict[str, Any]]], *,
             id=new_id("job_"), owner=parent.owner, type=JobType.shard, parent_id=parent.id,
             family=model.family, model_id=model.id, queue=parent.queue, progress_unit="item",
             created_at=now, spec={"batch_id": parent.id, "shard": state.shards,
-                                  "endpoint": parent.spec["endpoint"]},
+                                  "window": first_shard, "endpoint": parent.spec["endpoint"]},
             max_attempts=get_settings().max_attempts,
         )
         session.add(shard)

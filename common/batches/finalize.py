@@ -8,7 +8,7 @@ import hashlib
 import logging
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -210,6 +210,20 @@ def _store_output(storage: Storage, parent: Job, path: Path, purpose: str, what:
                 filename=f"{parent.id}_{what}.jsonl", bytes=size, uri=uri, created_at=utcnow())
 
 
+def _items_in_line_order(session: Session, shards: list[Job]) -> Iterator[Any]:
+    """Every item of the batch as a plain row, in input-line order: window by window (the
+    shards written together hold a run of consecutive lines), so the database sorts one
+    window's items at a time, not a million."""
+    windows: dict[int, list[str]] = {}
+    for shard in shards:
+        windows.setdefault(int(shard.spec.get("window", 0)), []).append(shard.id)
+    for window in sorted(windows):
+        yield from session.execute(
+            select(*OUTPUT_COLUMNS).where(Item.job_id.in_(windows[window]))
+            .order_by(Item.index).execution_options(yield_per=1000)
+        )
+
+
 def _write_lines(
     session: Session, parent: Job, shards: list[Job], out_path: Path, err_path: Path
 ) -> tuple[int, int]:
@@ -222,14 +236,10 @@ def _write_lines(
         return storage.get_bytes(storage.key_of(uri)) if uri else b""
 
     completed = failed = 0
-    by_id = {shard.id: shard for shard in shards}
+    by_id = {shard.id: shard for shard in shards if shard.type == JobType.shard}
     with out_path.open("wb") as out, err_path.open("wb") as errors:
-        items = session.execute(  # every item of the batch in input-line order, as plain rows
-            select(*OUTPUT_COLUMNS).where(Item.job_id.in_(list(by_id))).order_by(Item.index)
-            .execution_options(yield_per=1000)
-        )
         created_at: dict[Any, int] = {}  # finished_at as stored: one per committed chunk
-        for item in items:
+        for item in _items_in_line_order(session, list(by_id.values())):
             line_id = "batch_req_" + hashlib.sha256(
                 f"{parent.id}:{item.custom_id}".encode()).hexdigest()[:32]
             if item.status == ItemStatus.succeeded:
