@@ -72,7 +72,9 @@ def scale_section() -> Report:
     for backend, url in database_urls():
         with bench_stack(database_url=url) as stack:
             client, sdk = clients(stack)
-            bench_scale(report, stack, client, sdk, backend)
+            procs = dict(stack.procs)
+            bench_scale(report, client, sdk, backend,
+                        pids=(procs["api"].pid, procs["worker-cpu"].pid))
     return report
 
 

@@ -14,6 +14,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from api.stack import Stack
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
@@ -268,7 +272,7 @@ def scratch_dir(prefix: str) -> Iterator[Path]:
 
 
 @contextmanager
-def bench_stack(gpus: int = 0, database_url: str | None = None) -> Iterator[object]:
+def bench_stack(gpus: int = 0, database_url: str | None = None) -> Iterator[Stack]:
     """A fresh embedded stack (Redis, API, one CPU worker and `gpus` GPU workers) in a temp
     folder, on SQLite there or on `database_url` (an empty database)."""
     from api.stack import Stack, free_port

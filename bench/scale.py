@@ -41,7 +41,8 @@ class PeakRss:
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     def _sample(self) -> None:
-        while not self._stop.wait(0.2):
+        while True:  # once at once, then every 0.2 s, and once after the stop
+            stopping = self._stop.is_set()
             for name, root in self.roots.items():
                 try:
                     tree = [root, *root.children(recursive=True)]
@@ -49,6 +50,9 @@ class PeakRss:
                 except psutil.Error:
                     continue
                 self.peak[name] = max(self.peak[name], rss)
+            if stopping:
+                return
+            self._stop.wait(0.2)
 
     @contextmanager
     def running(self) -> Iterator[PeakRss]:
@@ -60,10 +64,10 @@ class PeakRss:
             self._thread.join()
 
 
-def measure(stack: Any, sdk: Any, model: str, lines: int) -> Run:
-    procs = dict(stack.procs)
-    api, worker = psutil.Process(procs["api"].pid), psutil.Process(procs["worker-cpu"].pid)
-    with PeakRss(api, worker).running() as rss:
+def measure(pids: tuple[int, int], sdk: Any, model: str, lines: int) -> Run:
+    """One batch of `lines` through the SDK, with the peak RSS of the API and the worker
+    (`pids`: their processes)."""
+    with PeakRss(*(psutil.Process(pid) for pid in pids)).running() as rss:
         seconds, _ = through_sdk(sdk, model, lines, MAX_TOKENS)
     run = Run(lines, seconds, rss.peak["api"] / 2**20, rss.peak["worker"] / 2**20)
     print(f"  {lines:,} lines: {seconds:.1f} s, {run.rate:.0f} req/s, API peak "
@@ -80,13 +84,15 @@ def tiny_model(client: Any) -> str:
     return str(done["result"]["model"])
 
 
-def bench_scale(report: Report, stack: Any, client: Any, sdk: Any, backend: str) -> None:
+def bench_scale(report: Report, client: Any, sdk: Any, backend: str,
+                pids: tuple[int, int]) -> None:
+    """The figures on one database; `pids` are the API's and the CPU worker's processes."""
     from bench.overhead import bench_overhead
 
     model = tiny_model(client)
     through_sdk(sdk, model, N_WARMUP, MAX_TOKENS)  # the worker's model cache, first calls
-    small = measure(stack, sdk, model, N_SMALL)
-    big = measure(stack, sdk, model, N_BIG)
+    small = measure(pids, sdk, model, N_SMALL)
+    big = measure(pids, sdk, model, N_BIG)
     what = f"{backend}: {N_BIG:,}-line batch vs {N_SMALL:,} lines"
     report.add(Figure(f"{what}, throughput", big.rate, "req/s", baseline=small.rate, target=0.9,
                       note=f"tiny gpt, {MAX_TOKENS} tokens, one CPU worker; upload → create → "

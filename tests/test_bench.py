@@ -54,6 +54,30 @@ def test_gpu_section_runs_end_to_end_at_a_tiny_size_on_cpu(stack_settings):
     assert "|" in report.text("test")
 
 
+def test_scale_section_runs_end_to_end_at_a_tiny_size(stack_settings, monkeypatch):
+    """The million-line bench with 40 and 120 lines: every custom_id checked, RSS sampled, a
+    memory ratio read against its ceiling."""
+    from bench import scale
+
+    stack = stack_settings
+    monkeypatch.setattr(scale, "N_SMALL", 40)
+    monkeypatch.setattr(scale, "N_BIG", 120)
+    monkeypatch.setattr(scale, "N_WARMUP", 10)
+    sdk = openai.OpenAI(base_url=f"{stack.api_url}/v1", api_key=stack.api_key, max_retries=0)
+    report = Report("scale")
+    scale.bench_scale(report, stack.client(), sdk, "SQLite",
+                      pids=(stack.procs["api"].pid, stack.procs["w1"].pid))
+    names = [f.name for f in report.figures]
+    assert names[:3] == ["SQLite: 120-line batch vs 40 lines, throughput",
+                         "SQLite: 120-line batch vs 40 lines, API peak RSS",
+                         "SQLite: 120-line batch vs 40 lines, worker peak RSS"], names
+    assert all(f.value > 0 and f.baseline for f in report.figures[:3])
+    assert "minimal-job throughput" in names[-1]
+    memory = report.figures[1]
+    assert memory.at_most and "≤ 1.5" in memory.row()
+    assert memory.row().split("|")[6].strip() == ("yes" if memory.ratio <= 1.5 else "**no**")
+
+
 def test_mfu_arithmetic():
     assert peak_flops("NVIDIA H200") == peak_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert peak_flops("cpu") is None
