@@ -152,20 +152,21 @@ def prepare_batch(session: Session, storage: Storage, job: Job, *,
         _start(session, parent, validated, state.checker)
     window: list[tuple[str, dict[str, Any]]] = []
     size = max(1, get_settings().shard_size) * SHARDS_PER_WINDOW
-    for n, raw in requests_in(state.lines()):
-        if n <= state.lines_done:
+    line = state.lines_done
+    for line, raw in requests_in(state.lines()):
+        if line <= state.lines_done:
             continue
-        checked = state.checker.check(n, raw)
+        checked = state.checker.check(line, raw)
         if checked is None:  # valid when checked: a model it names was deleted since
-            raise InvalidSpec(f"line {n}: {state.checker.errors[-1].message}",
+            raise InvalidSpec(f"line {line}: {state.checker.errors[-1].message}",
                               param="input_file_id")
         window.append(checked)
         if len(window) >= size:
-            _write_window(state, window, lines_done=n, last=False)
+            _write_window(state, window, lines_done=line, last=False)
             window = []
             on_progress(state.requests_done, parent.progress_total)
             should_stop()
-    _write_window(state, window, lines_done=state.lines_done, last=True)
+    _write_window(state, window, lines_done=max(line, state.lines_done), last=True)
     on_progress(state.requests_done, parent.progress_total)
     return {"requests": state.requests_done, "shards": state.shards,
             "lines_done": state.lines_done, "requests_done": state.requests_done}
