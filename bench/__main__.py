@@ -5,14 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from contextlib import nullcontext
 from typing import Any
 
 import openai
 
 from bench.generation import bench_generation
-from bench.harness import Report, bench_stack, write_results
+from bench.harness import Report, bench_stack, postgres_database, write_results
 from bench.overhead import bench_overhead
-from bench.sql_writes import bench_sql_writes
+from bench.sql_writes import bench_sql_writes, postgres_url
 from bench.training import bench_checkpoints, bench_lora_training, bench_training
 from worker.malloc import tune_malloc
 
@@ -36,7 +37,17 @@ def cpu_section() -> Report:
         bench_lora_training(report, client)
         model = job["result"]["model"]
         bench_generation(report, sdk, model)
-        bench_overhead(report, client, model)
+    return report
+
+
+def overhead_section() -> Report:
+    """Queue overhead on SQLite, and on PostgreSQL (a database of its own) where one answers."""
+    report = Report("overhead")
+    databases = [("SQLite", None)] + ([("PostgreSQL", pg)] if (pg := postgres_url()) else [])
+    for name, server in databases:
+        with (postgres_database(server) if server else nullcontext(None)) as url, \
+                bench_stack(database_url=url) as stack:
+            bench_overhead(report, stack, database=name)
     return report
 
 
@@ -64,7 +75,7 @@ def quality_section() -> Report:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--only", choices=["cpu", "gpu", "quality"],
+    parser.add_argument("--only", choices=["cpu", "overhead", "gpu", "quality"],
                         help="measure one section; RESULTS.md keeps the others as they were")
     args = parser.parse_args(argv)
     import torch
@@ -75,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     tune_malloc()
     start = time.perf_counter()
     reports = []
-    for name, run in (("cpu", cpu_section), ("gpu", gpu_section), ("quality", quality_section)):
+    sections = (("cpu", cpu_section), ("overhead", overhead_section), ("gpu", gpu_section),
+                ("quality", quality_section))
+    for name, run in sections:
         if args.only not in (None, name):
             continue
         if name == "gpu" and not torch.cuda.is_available():

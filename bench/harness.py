@@ -172,8 +172,8 @@ class Report:
         ])
 
 
-SECTIONS = ("cpu", "gpu", "quality")
-TITLES = {"quality": "Quality of generated digits (CPU)"}
+SECTIONS = ("cpu", "overhead", "gpu", "quality")
+TITLES = {"overhead": "Queue overhead (CPU)", "quality": "Quality of generated digits (CPU)"}
 NO_GPU = ("## GPU\n\nNo GPU was lent to the runs that wrote this file. `make bench` adds this "
           "section where CUDA is present (`python -m bench --only gpu` runs it alone).")
 
@@ -191,9 +191,10 @@ def write_results(reports: list[Report], command: str) -> None:
         "# genq benchmarks",
         "",
         "Each ratio divides genq's figure by its baseline measured in the same run. "
-        "`make bench` measures the CPU section, the GPU section where CUDA is present, and "
-        "the quality of generated images; `python -m bench --only cpu|gpu|quality` measures "
-        "one and keeps the others as they were.",
+        "`make bench` measures the CPU section, the queue's overhead on SQLite and "
+        "PostgreSQL, the GPU section where CUDA is present, and the quality of generated "
+        "images; `python -m bench --only cpu|overhead|gpu|quality` measures one and keeps the "
+        "others as they were.",
         "",
         *[f"<!-- {name} -->\n{blocks[name]}\n<!-- /{name} -->\n" for name in SECTIONS],
         NOTES,
@@ -259,11 +260,13 @@ def scratch_dir(prefix: str) -> Iterator[Path]:
 
 
 @contextmanager
-def bench_stack(gpus: int = 0) -> Iterator[object]:
-    """A fresh embedded stack (Redis, SQLite, API, one CPU worker and `gpus` GPU workers) in
-    a temp folder."""
+def bench_stack(gpus: int = 0, database_url: str | None = None) -> Iterator[object]:
+    """A fresh embedded stack (Redis, API, one CPU worker and `gpus` GPU workers) in a temp
+    folder, on SQLite there or on the (empty) database at `database_url`."""
     from api.stack import Stack, free_port
+    from common.celery_app import get_celery
     from common.config import Settings, get_settings
+    from common.notices import redis_client
 
     with scratch_dir("genq-bench-") as home:
         os.environ.update({
@@ -272,11 +275,40 @@ def bench_stack(gpus: int = 0) -> Iterator[object]:
             "GENQ_LOG_LEVEL": "WARNING",
         })
         os.environ.pop("GENQ_DATABASE_URL", None)
+        if database_url:
+            os.environ["GENQ_DATABASE_URL"] = database_url
         get_settings.cache_clear()
         stack = Stack(Settings(), gpus=gpus, with_flower=False)
         try:
             stack.start()
+            # this process's broker clients follow the stack's Redis (an earlier stack's
+            # port is gone)
+            get_celery.cache_clear()
+            redis_client.cache_clear()
             stack.wait_for_worker(gpu=gpus > 0)
             yield stack
         finally:
             stack.stop()
+            os.environ.pop("GENQ_DATABASE_URL", None)
+
+
+@contextmanager
+def postgres_database(server_url: str) -> Iterator[str]:
+    """A new, empty database on the PostgreSQL server of `server_url`; dropped after."""
+    import uuid
+
+    import psycopg
+
+    from common.db import engine_for, normalize_url
+
+    name = f"genq_bench_{uuid.uuid4().hex[:10]}"
+    plain = server_url.replace("postgresql+psycopg", "postgresql")
+    with psycopg.connect(plain, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = server_url.rsplit("/", 1)[0] + "/" + name
+    try:
+        yield url
+    finally:
+        engine_for(normalize_url(url)).dispose()
+        with psycopg.connect(plain, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
