@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from common.batches.finalize import shard_finished
@@ -46,7 +46,6 @@ from common.models import (
 )
 from common.notices import announce_finished
 from common.owned import get_owned
-from common.quotas import get_quota
 from common.results import find_model, insert_items
 from common.schemas import GenerateSpec, TrainJobSpec
 from common.storage import get_storage
@@ -296,10 +295,13 @@ class Claim:
 def claim_job(
     session: Session, job_id: str, attempt: int, *, worker: str, pid: int, task_id: str | None
 ) -> Claim:
-    """Move (job_id, attempt) from queued to running for this process, or say why not."""
+    """Move (job_id, attempt) from queued to running for this process, or say why not.
+
+    The claim is one UPDATE … RETURNING the row (SQLite ≥ 3.35 and PostgreSQL): the usual
+    case, a queued job, costs that statement and its commit; only a dropped message or a
+    takeover reads the row again to say why."""
     now = utcnow()
-    claimed = rows_changed(
-        session,
+    claimed = session.scalars(
         update(Job)
         .where(
             Job.id == job_id,
@@ -317,14 +319,13 @@ def claim_job(
             shutdown_requested=False,
             preempt_requested=False,
         )
-        .execution_options(synchronize_session=False)
-    )
+        .returning(Job),
+        execution_options={"synchronize_session": False, "populate_existing": True},
+    ).one_or_none()
     session.commit()
-    job = session.get(Job, job_id)
-    if job is not None:
-        session.refresh(job)
-    if claimed == 1:
-        return Claim(job, "claimed")
+    if claimed is not None:
+        return Claim(claimed, "claimed")
+    job = session.get(Job, job_id, populate_existing=True)
     if job is None:
         return Claim(None, "unknown job")
     if job.status == JobStatus.queued and job.cancel_requested and job.attempt == attempt:
@@ -456,29 +457,32 @@ def finish_job(
     result: dict[str, Any] | None = None,
     error: dict[str, Any] | None = None,
     from_status: JobStatus = JobStatus.running,
+    progress: dict[str, Any] | None = None,
 ) -> bool:
-    """Record a final status for the job's current attempt; False if it was not ours."""
+    """Record a final status for the job's current attempt; False if it was not ours.
+    `progress` (progress_done, progress_total, metrics) lands in the same UPDATE."""
     values: dict[str, Any] = {"status": status, "finished_at": utcnow(), "heartbeat_at": utcnow()}
+    if progress:
+        values.update(progress)
     if result is not None:
         values["result"] = {**(job.result or {}), **result}
     if error is not None:
         values["error"] = error
-    done = _move_attempt(session, job, from_status, values)
-    if done:
+    moved = _move_attempt(session, job, from_status, values)
+    if moved:
         announce_finished(job.id)
-    if done and job.parent_id:
+    if moved and job.parent_id:
         shard_finished(session, job)
-    if done:
+    if moved and moved.owner_has_quota:
         _release_owners_next(session, job.owner)
-    return done
+    return bool(moved)
 
 
 def _release_owners_next(session: Session, owner: str) -> None:
     """The place the finished job held under its owner's quota goes to their next job; on
     any failure the reaper's round sends it instead."""
     try:
-        if get_quota(session, owner) is not None:
-            release_held(session, owner)
+        release_held(session, owner)
     except Exception as exc:
         session.rollback()
         log.warning("owner %s: held jobs left to the reaper's round: %s", owner, exc)
@@ -540,7 +544,7 @@ def requeue_job(
     moved = _move_attempt(session, job, from_status, values)
     if moved and not delay_s:
         dispatch(session, job)
-    return moved
+    return bool(moved)
 
 
 def durable_progress(session: Session, job: Job) -> int:
@@ -560,20 +564,36 @@ def advanced(job: Job, progress: int) -> bool:
     return progress > before
 
 
+@dataclass
+class Moved:
+    """What _move_attempt did: whether the attempt was ours to move, and whether its owner
+    has a quota (then a place may have freed for a held job)."""
+
+    moved: bool
+    owner_has_quota: bool = False
+
+    def __bool__(self) -> bool:
+        return self.moved
+
+
 def _move_attempt(
     session: Session, job: Job, from_status: JobStatus, values: dict[str, Any]
-) -> bool:
-    """One conditional UPDATE of the job's current attempt in from_status; False if not ours."""
-    moved = rows_changed(
-        session,
+) -> Moved:
+    """One conditional UPDATE of the job's current attempt in from_status, RETURNING the row
+    (which refreshes `job`) and whether its owner has a quota, then commit; an attempt
+    that was not ours is read back as it now is."""
+    row = session.execute(
         update(Job)
         .where(Job.id == job.id, Job.attempt == job.attempt, Job.status == from_status)
         .values(**values)
-        .execution_options(synchronize_session=False),
-    )
+        .returning(Job, exists().where(Quota.owner == Job.owner)),
+        execution_options={"synchronize_session": False, "populate_existing": True},
+    ).one_or_none()
     session.commit()
-    session.refresh(job)
-    return moved == 1
+    if row is None:
+        session.refresh(job)
+        return Moved(False)
+    return Moved(True, owner_has_quota=bool(row[1]))
 
 
 # ---------------------------------------------------------------- cancel
