@@ -194,8 +194,10 @@ def pending_items(session: Session, *, job_id: str) -> list[PendingItem]:
             for item_id, custom_id, model_id, gen in rows]
 
 
-def write_items(session: Session, rows: list[dict[str, Any]]) -> None:
-    """Finish a chunk of items in one executemany: rows have id, status, response, error, tokens."""
+def write_items(session: Session, rows: list[dict[str, Any]], *, commit: bool = True) -> None:
+    """Finish a chunk of items in one executemany: rows have id, status, response, error,
+    tokens. commit=False leaves the commit to the caller (a job's last chunk goes with its
+    status)."""
     if not rows:
         return
     now = utcnow()
@@ -225,4 +227,5 @@ def write_items(session: Session, rows: list[dict[str, Any]]) -> None:
         )
     )
     session.connection().execute(stmt, params)
-    session.commit()
+    if commit:
+        session.commit()
