@@ -31,42 +31,46 @@ class Watcher:
     reads a variable and watching costs the training loop nothing.
 
     One thread serves every job the process runs, started with its first: a thread and a
-    session a job cost a small job more than its own work, and a job that ends within
-    FLAG_POLL_S now costs the watcher no statement at all (its final progress lands with
-    its status)."""
+    session a job cost a small job more than its own work. A job that ends before its
+    first look (FLAG_POLL_S) costs the watcher nothing: no statement (its final progress
+    lands with its status) and, in a stream of jobs, not even a wake-up, since the thread
+    is woken only from idle and otherwise wakes when its current job's next look is due."""
 
     def __init__(self) -> None:
         self._changed = threading.Condition()
-        self._busy = threading.Lock()  # held while a poll or beat of the current job runs
+        self._busy = threading.Lock()  # held while a look at the current job runs
         self._ctx: JobContext | None = None
+        self._idle = False  # waiting for a job, with no timeout
         self._thread: threading.Thread | None = None
 
     def watch(self, ctx: JobContext) -> None:
         with self._changed:
             self._ctx = ctx
-            self._changed.notify()
+            if self._idle:
+                self._changed.notify()
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._run, name="job-watcher", daemon=True)
             self._thread.start()
 
     def release(self, ctx: JobContext) -> None:
-        """Stop watching ctx; returns once no poll or beat of it is under way."""
+        """Stop watching ctx; returns once no look at it is under way."""
         with self._busy, self._changed:
             if self._ctx is ctx:
                 self._ctx = None
-                self._changed.notify()
 
     def _run(self) -> None:
-        every = min(FLAG_POLL_S, get_settings().heartbeat_s)
         with session_factory()() as session:
             while True:
                 with self._changed:
                     while self._ctx is None:
+                        self._idle = True
                         self._changed.wait()
+                    self._idle = False
                     ctx = self._ctx
-                    self._changed.wait(every)  # the job's next look, unless it ends first
-                    if self._ctx is not ctx:
-                        continue
+                    due = ctx.next_look - time.monotonic()
+                    if due > 0:
+                        self._changed.wait(due)
+                        continue  # the job may have ended, or another begun, meanwhile
                 with self._busy:
                     if self._ctx is ctx:  # not released while this thread waited for _busy
                         ctx.look(session)
@@ -76,7 +80,10 @@ _watchers: dict[int, Watcher] = {}  # by pid: a forked process starts a watcher 
 
 
 def watcher() -> Watcher:
-    return _watchers.setdefault(os.getpid(), Watcher())
+    pid = os.getpid()
+    if pid not in _watchers:
+        _watchers[pid] = Watcher()
+    return _watchers[pid]
 
 
 @dataclass
@@ -95,12 +102,14 @@ class JobContext:
     _last_event: float = 0.0
     _next_beat: float = 0.0
     _watched: bool = False
+    next_look: float = 0.0  # when the watcher next reads the flags or beats (monotonic)
 
     def __post_init__(self) -> None:
         self._total = self.job.progress_total
         self._done = self.job.progress_done
         self._last_event = self._started
         self._next_beat = self._started + get_settings().heartbeat_s
+        self.next_look = self._started + self._look_every()
 
     @property
     def settings(self):  # type: ignore[no-untyped-def]
@@ -147,10 +156,16 @@ class JobContext:
         self._beat(self.session)
 
     # -- on the watcher's thread, with its session
+    @staticmethod
+    def _look_every() -> float:
+        return min(FLAG_POLL_S, get_settings().heartbeat_s)
+
     def look(self, session: Session) -> None:
         """The watcher's turn: a heartbeat when one is due, else a read of the stop flags."""
-        if time.monotonic() >= self._next_beat:
-            self._next_beat = time.monotonic() + get_settings().heartbeat_s
+        now = time.monotonic()
+        self.next_look = now + self._look_every()
+        if now >= self._next_beat:
+            self._next_beat = now + get_settings().heartbeat_s
             self._beat(session)
             return
         try:
