@@ -10,6 +10,7 @@ from typing import Any
 
 from bench.harness import Figure, Report, paired, percentile
 from bench.training import TrainRun, train_spec
+from common.gen_params import ItemInput
 
 # the CPU section's gpt (2 layers, 64 wide), trained a few steps: a 1-token generate costs
 # the same whatever the weights
@@ -30,8 +31,9 @@ def start_latency(job: dict[str, Any]) -> float:
     return (datetime.fromisoformat(job["started_at"]) - created).total_seconds()
 
 
-def raw_celery_rate(n: int) -> float:
-    """genq.noop sent with send_task to the same Redis and worker; time until drained."""
+def raw_celery_rate(n: int, task: str = "genq.noop", args: list[Any] | None = None) -> float:
+    """n `task` messages sent with send_task to the same Redis and worker; time until
+    drained."""
     import redis
 
     from common.celery_app import get_celery, redis_lists
@@ -41,7 +43,7 @@ def raw_celery_rate(n: int) -> float:
     r = redis.Redis.from_url(get_settings().broker_url)
     start = time.perf_counter()
     for _ in range(n):
-        app.send_task("genq.noop", queue="cpu")
+        app.send_task(task, args=args, queue="cpu")
     lists = redis_lists("cpu")  # genq.noop goes at the default (lowest) priority
     while any(r.llen(name) for name in lists) or r.hlen("unacked"):
         time.sleep(0.005)
@@ -100,12 +102,25 @@ def bench_overhead(report: Report, stack: Any, *, database: str) -> None:
                       percentile(latencies, 0.5) * 1000, "ms"))
     report.add(Figure(f"submit→start latency p95 (idle worker, {database})",
                       percentile(latencies, 0.95) * 1000, "ms"))
+    jobs = (f"{N_THROUGHPUT} 1-token generate jobs created over HTTP by {CLIENTS} client "
+            "threads, from the first create until all are seen finished (held reads of the "
+            "last ones, then the job list)")
     genq, raw, rounds = paired(ROUNDS, lambda: genq_rate(clients, model, N_THROUGHPUT),
                                lambda: raw_celery_rate(N_THROUGHPUT), budget_s=BUDGET_S)
     report.add(Figure(
         f"minimal-job throughput through the API ({database})", genq, "jobs/s", baseline=raw,
         target=0.5, rounds=rounds,
-        note=f"{N_THROUGHPUT} 1-token generate jobs created over HTTP by {CLIENTS} client "
-             "threads, from the first create until all are seen finished (held reads of the "
-             "last ones, then the job list), vs as many raw Celery send_task of a no-op "
-             "drained by the same worker through the same Redis"))
+        note=f"{jobs}, vs as many raw Celery send_task of a no-op drained by the same worker "
+             "through the same Redis"))
+    # the same work without the queue: what the job's own model call costs
+    model_id = client.request("GET", f"/v1/models/{model}")["genq_id"]
+    gen = ItemInput(prompt="a", max_tokens=1, temperature=0).model_dump()
+    genq, raw, rounds = paired(
+        ROUNDS, lambda: genq_rate(clients, model, N_THROUGHPUT),
+        lambda: raw_celery_rate(N_THROUGHPUT, "genq.raw_generate", [model_id, gen]),
+        budget_s=BUDGET_S)
+    report.add(Figure(
+        f"minimal-job throughput through the API vs raw Celery doing its work ({database})",
+        genq, "jobs/s", baseline=raw, rounds=rounds,
+        note=f"{jobs}, vs as many raw Celery tasks each running the same request through the "
+             "worker's model cache and common.ml.generate (no SQL, no HTTP)"))

@@ -592,6 +592,19 @@ class Moved:
         return self.moved
 
 
+@cache
+def _move_statement(columns: tuple[str, ...]) -> Update:
+    """_move_attempt's UPDATE setting these columns, built once for each set (a job's
+    finish is one of a few)."""
+    return (
+        update(Job)
+        .where(Job.id == bindparam("b_id"), Job.attempt == bindparam("b_attempt"),
+               Job.status == bindparam("b_from"))
+        .values({column: bindparam(f"v_{column}") for column in columns})
+        .returning(Job, exists().where(Quota.owner == Job.owner))
+    )
+
+
 def _move_attempt(
     session: Session, job: Job, from_status: JobStatus, values: dict[str, Any]
 ) -> Moved:
@@ -599,10 +612,9 @@ def _move_attempt(
     (which refreshes `job`) and whether its owner has a quota, then commit; an attempt
     that was not ours is read back as it now is."""
     row = session.execute(
-        update(Job)
-        .where(Job.id == job.id, Job.attempt == job.attempt, Job.status == from_status)
-        .values(**values)
-        .returning(Job, exists().where(Quota.owner == Job.owner)),
+        _move_statement(tuple(sorted(values))),
+        {"b_id": job.id, "b_attempt": job.attempt, "b_from": from_status,
+         **{f"v_{column}": value for column, value in values.items()}},
         execution_options={"synchronize_session": False, "populate_existing": True},
     ).one_or_none()
     session.commit()

@@ -186,3 +186,17 @@ def batch_shard(self: Any, job_id: str, attempt: int, **meta: Any) -> str:
 @app.task(name="genq.noop")
 def noop() -> None:
     """Does nothing: the raw-Celery baseline of the queue-overhead benchmark."""
+
+
+@app.task(name="genq.raw_generate")
+def raw_generate(model_id: str, gen: dict[str, Any]) -> None:
+    """One request through the model cache and common.ml.generate, with no job around it:
+    the queue-overhead benchmark's raw-Celery baseline doing a minimal job's work."""
+    from common.ml.generate import GenRequest, generate
+    from worker.device import current_device
+    from worker.model_cache import get_model
+
+    with session_factory()() as session:  # read only on the model's first load
+        loaded = get_model(session, model_id, current_device())
+    generate(loaded, [GenRequest.model_validate({**gen, "key": "0"})],
+             on_outputs=lambda outputs: None)
