@@ -12,7 +12,7 @@ import openai
 
 from bench.generation import bench_generation
 from bench.harness import Report, bench_stack, postgres_database, write_results
-from bench.overhead import bench_overhead
+from bench.overhead import OVERHEAD_ENV, bench_overhead
 from bench.sql_writes import bench_sql_writes, postgres_url
 from bench.training import bench_checkpoints, bench_lora_training, bench_training
 from worker.malloc import tune_malloc
@@ -46,7 +46,7 @@ def overhead_section() -> Report:
     databases = [("SQLite", None)] + ([("PostgreSQL", pg)] if (pg := postgres_url()) else [])
     for name, server in databases:
         with (postgres_database(server) if server else nullcontext(None)) as url, \
-                bench_stack(database_url=url) as stack:
+                bench_stack(database_url=url, env=OVERHEAD_ENV) as stack:
             bench_overhead(report, stack, database=name)
     return report
 

@@ -260,9 +260,11 @@ def scratch_dir(prefix: str) -> Iterator[Path]:
 
 
 @contextmanager
-def bench_stack(gpus: int = 0, database_url: str | None = None) -> Iterator[object]:
+def bench_stack(gpus: int = 0, database_url: str | None = None,
+                env: dict[str, str] | None = None) -> Iterator[object]:
     """A fresh embedded stack (Redis, API, one CPU worker and `gpus` GPU workers) in a temp
-    folder, on SQLite there or on the (empty) database at `database_url`."""
+    folder, on SQLite there or on the (empty) database at `database_url`; `env`: settings
+    of its processes (GENQ_…) for this stack only."""
     from api.stack import Stack, free_port
     from common.celery_app import get_celery
     from common.config import Settings, get_settings
@@ -277,6 +279,7 @@ def bench_stack(gpus: int = 0, database_url: str | None = None) -> Iterator[obje
         os.environ.pop("GENQ_DATABASE_URL", None)
         if database_url:
             os.environ["GENQ_DATABASE_URL"] = database_url
+        os.environ.update(env or {})
         get_settings.cache_clear()
         stack = Stack(Settings(), gpus=gpus, with_flower=False)
         try:
@@ -289,7 +292,8 @@ def bench_stack(gpus: int = 0, database_url: str | None = None) -> Iterator[obje
             yield stack
         finally:
             stack.stop()
-            os.environ.pop("GENQ_DATABASE_URL", None)
+            for name in ["GENQ_DATABASE_URL", *(env or {})]:
+                os.environ.pop(name, None)
 
 
 @contextmanager

@@ -15,6 +15,12 @@ from common.gen_params import ItemInput
 # the CPU section's gpt (2 layers, 64 wide), trained a few steps: a 1-token generate costs
 # the same whatever the weights
 MODEL = TrainRun(steps=20, batch=4, seq=16)
+# The stack's worker runs torch on one thread, as the README advises beside other busy
+# processes: a 1-token forward's ops are too small to share, and on two cores shared with
+# the API, Redis, the client (and this machine's other work) every op waited for the second
+# thread: a 1-token generate took 25-47 ms on two threads against 1.5-4 ms on one, measured
+# in-process at a load of 4-6. Both baselines run on the same worker.
+OVERHEAD_ENV = {"GENQ_TORCH_THREADS": "1"}
 N_LATENCY = 20
 N_THROUGHPUT = 200  # jobs through the API, and raw tasks, in one round
 CLIENTS = 4  # threads creating jobs over HTTP, as a user submits many small jobs
@@ -104,7 +110,8 @@ def bench_overhead(report: Report, stack: Any, *, database: str) -> None:
                       percentile(latencies, 0.95) * 1000, "ms"))
     jobs = (f"{N_THROUGHPUT} 1-token generate jobs created over HTTP by {CLIENTS} client "
             "threads, from the first create until all are seen finished (held reads of the "
-            "last ones, then the job list)")
+            "last ones, then the job list); the worker runs torch on one thread "
+            "(GENQ_TORCH_THREADS=1)")
     genq, raw, rounds = paired(ROUNDS, lambda: genq_rate(clients, model, N_THROUGHPUT),
                                lambda: raw_celery_rate(N_THROUGHPUT), budget_s=BUDGET_S)
     report.add(Figure(

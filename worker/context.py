@@ -73,7 +73,10 @@ class Watcher:
                         continue  # the job may have ended, or another begun, meanwhile
                 with self._busy:
                     if self._ctx is ctx:  # not released while this thread waited for _busy
-                        ctx.look(session)
+                        try:
+                            ctx.look(session)
+                        except Exception as exc:  # the thread serves every later job too
+                            log.warning("job %s: watcher: %s", ctx.job.id, exc)
 
 
 _watchers: dict[int, Watcher] = {}  # by pid: a forked process starts a watcher of its own
