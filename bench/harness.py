@@ -81,12 +81,25 @@ NOTES = """## Reading the figures
 - Polls of a running batch count items only in shards under way (a finished shard keeps
   its counts): 4 ms for a 20,000-line batch. Model loads in the worker freeze what is
   alive out of the cyclic collector.
-- Minimal-job throughput counts a whole generate job per message (claim, items, progress,
-  finish: about a dozen SQL statements) against Celery's no-op; it has no target of its
-  own. Issue 22 asked that scheduling keep it within 10 % of before: measured back to back
-  on 2026-12-04 against b43e709 (before any of issue 22's scheduling and quota changes),
-  it ran 42 and 38 jobs/s with them against 39 and 31 without, so no slower.
-  The table's figure comes from a separate run (the machine's speed drifts: first note).
+- Queue overhead (issue 23). A 1-token generate job costs the worker 4 SQL statements in 2
+  transactions (before: 12 in 7 — the claim and two re-reads of the row, the worker's
+  current job set and cleared, the last heartbeat and flag read, the finish, a re-read and
+  a quota lookup — and a thread and two sessions a job) and the API 7 in 3 (before: 8).
+  Back to back on 2026-12-07, one torch thread, before → after: SQLite 67 → 119 jobs/s
+  (0.11 → 0.19 of raw Celery's no-op; 0.29 → 0.44 of raw Celery running the job's request),
+  PostgreSQL 33 → 71 jobs/s (0.05 → 0.11; 0.12 → 0.24). Where a job's time goes now, in CPU
+  per job on SQLite: the API about 4 ms (its route about 2.5 ms, half of it Celery's
+  send_task; FastAPI and HTTP the rest), the worker's main process 1.3 ms (1.0-1.1 for a
+  no-op), the pool child 3.5 ms (the model call 2 ms: transformers' generate around a
+  1.5 ms forward; the job's SQL about 1 ms), PostgreSQL's backends another 1.1 ms. The
+  worker runs a job in about 4 ms and then waits 3-4 ms for the next: with prefetch 1 and
+  late acks the next message is fetched only after the ack, and that wait is all of a raw
+  no-op's cycle (1.2-1.6 ms). A larger prefetch would hide it but hold a second message
+  behind a long job and ahead of a later urgent one (README: Priorities), so it stays 1.
+  Against the no-op, 0.5 is out of reach on this machine: the model call alone costs more
+  than a raw cycle. With torch's default two threads the same jobs ran about half as fast
+  (each op of a 1-token forward waited for the second thread on the loaded cores), hence
+  GENQ_TORCH_THREADS=1 for this section's worker.
 """
 
 
