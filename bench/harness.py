@@ -85,10 +85,13 @@ NOTES = """## Reading the figures
   transactions (before: 12 in 7 — the claim and two re-reads of the row, the worker's
   current job set and cleared, the last heartbeat and flag read, the finish, a re-read and
   a quota lookup — and a thread and two sessions a job) and the API 7 in 3 (before: 8).
-  Back to back on 2026-12-07, one torch thread, before → after: SQLite 67 → 119 jobs/s
-  (0.11 → 0.19 of raw Celery's no-op; 0.29 → 0.44 of raw Celery running the job's request),
-  PostgreSQL 33 → 71 jobs/s (0.05 → 0.11; 0.12 → 0.24). Where a job's time goes now, in CPU
-  per job on SQLite: the API about 4 ms (its route about 2.5 ms, half of it Celery's
+  Back to back on 2026-12-07 (the table's run, then the code before the cuts with the same
+  bench), before → after: SQLite 101 → 151 jobs/s (0.12 → 0.18 of raw Celery's no-op;
+  0.29 → 0.46 of raw Celery running the job's request), PostgreSQL 79 → 137 jobs/s
+  (0.09 → 0.16; 0.24 → 0.41); an earlier pair at a higher load: SQLite 67 → 119, PostgreSQL
+  33 → 71 jobs/s. The CPU section's row before the cuts (27 jobs/s, 0.08) created jobs one
+  at a time, waited for each, and ran torch on two threads. Where a job's time goes now, in
+  CPU per job on SQLite: the API about 4 ms (its route about 2.5 ms, half of it Celery's
   send_task; FastAPI and HTTP the rest), the worker's main process 1.3 ms (1.0-1.1 for a
   no-op), the pool child 3.5 ms (the model call 2 ms: transformers' generate around a
   1.5 ms forward; the job's SQL about 1 ms), PostgreSQL's backends another 1.1 ms. The
@@ -99,7 +102,9 @@ NOTES = """## Reading the figures
   Against the no-op, 0.5 is out of reach on this machine: the model call alone costs more
   than a raw cycle. With torch's default two threads the same jobs ran about half as fast
   (each op of a 1-token forward waited for the second thread on the loaded cores), hence
-  GENQ_TORCH_THREADS=1 for this section's worker.
+  GENQ_TORCH_THREADS=1 for this section's worker. (Issue 22 asked that scheduling keep this
+  figure within 10 % of before: on 2026-12-04 it ran 42 and 38 jobs/s with it against 39
+  and 31 without.)
 """
 
 
