@@ -25,9 +25,9 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench
 
-# a 1,000,000-line batch against a 10,000-line one (about 20 minutes on 2 cores); on
-# SQLite, and on PostgreSQL too where GENQ_BENCH_POSTGRES_URL names a server (a database of
-# its own is created there and dropped after)
+# a 1,000,000-line batch against a 10,000-line one (about 15 minutes on 2 cores); on
+# SQLite, and on PostgreSQL too where one answers on 127.0.0.1:5432 (GENQ_TEST_POSTGRES_URL;
+# a database of its own is created there and dropped after)
 bench-scale: $(STAMP)
 	$(BIN)/python -m bench --only scale
 

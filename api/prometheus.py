@@ -27,7 +27,7 @@ from common.celery_app import redis_lists
 from common.config import get_settings
 from common.db import session_factory
 from common.errors import GpuUnreadable
-from common.fleet import live_workers
+from common.fleet import current_jobs, live_workers
 from common.gpus import gpu_count, read_gpu
 from common.models import (
     FINISHED,
@@ -295,7 +295,7 @@ def workers(session: Session) -> Iterator[Metric]:
         g.add_metric([q], n)
     yield g
     busy = GaugeMetricFamily("genq_workers_busy", "Live workers running a job.",
-                             value=sum(1 for w in live if w.current_job))
+                             value=len(current_jobs(session, [w.hostname for w in live])))
     yield busy
     info = GaugeMetricFamily("genq_worker_info", "One per live worker.",
                              labels=["worker", "queues", "device", "version"])

@@ -5,15 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Iterator
+from contextlib import nullcontext
 from typing import Any
 
 import openai
 
 from bench.generation import bench_generation
-from bench.harness import Report, bench_stack, write_results
-from bench.overhead import bench_overhead
-from bench.sql_writes import bench_sql_writes
+from bench.harness import Report, bench_stack, postgres_database, write_results
+from bench.overhead import OVERHEAD_ENV, bench_overhead
+from bench.sql_writes import bench_sql_writes, postgres_url
 from bench.training import bench_checkpoints, bench_lora_training, bench_training
 from worker.malloc import tune_malloc
 
@@ -37,7 +37,16 @@ def cpu_section() -> Report:
         bench_lora_training(report, client)
         model = job["result"]["model"]
         bench_generation(report, sdk, model)
-        bench_overhead(report, client, model)
+    return report
+
+
+def overhead_section() -> Report:
+    """Queue overhead on SQLite, and on PostgreSQL (a database of its own) where one answers."""
+    report = Report("overhead")
+    for name, server in databases():
+        with (postgres_database(server) if server else nullcontext(None)) as url, \
+                bench_stack(database_url=url, env=OVERHEAD_ENV) as stack:
+            bench_overhead(report, stack, database=name)
     return report
 
 
@@ -64,38 +73,29 @@ def quality_section() -> Report:
 
 
 def scale_section() -> Report:
-    """SQLite, then PostgreSQL where GENQ_BENCH_POSTGRES_URL names a server (a database of
-    its own is made there and dropped after)."""
+    """A million-line batch on SQLite, and on PostgreSQL (a database of its own) where one
+    answers."""
     from bench.scale import bench_scale
 
     report = Report("scale")
-    for backend, url in database_urls():
-        with bench_stack(database_url=url) as stack:
+    for name, server in databases():
+        with (postgres_database(server) if server else nullcontext(None)) as url, \
+                bench_stack(database_url=url) as stack:
             client, sdk = clients(stack)
             procs = dict(stack.procs)
-            bench_scale(report, client, sdk, backend,
+            bench_scale(report, client, sdk, name,
                         pids=(procs["api"].pid, procs["worker-cpu"].pid))
     return report
 
 
-def database_urls() -> Iterator[tuple[str, str | None]]:
-    import os
-
-    from bench.harness import create_postgres_database, drop_postgres_database
-
-    yield "SQLite", None
-    server = os.environ.get("GENQ_BENCH_POSTGRES_URL", "")
-    if server:
-        url, name = create_postgres_database(server)
-        try:
-            yield "PostgreSQL", url
-        finally:
-            drop_postgres_database(server, name)
+def databases() -> list[tuple[str, str | None]]:
+    """SQLite (no server), and the PostgreSQL server where one answers."""
+    return [("SQLite", None)] + ([("PostgreSQL", pg)] if (pg := postgres_url()) else [])
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--only", choices=["cpu", "gpu", "quality", "scale"],
+    parser.add_argument("--only", choices=["cpu", "overhead", "gpu", "quality", "scale"],
                         help="measure one section; RESULTS.md keeps the others as they were")
     args = parser.parse_args(argv)
     import torch
@@ -106,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     tune_malloc()
     start = time.perf_counter()
     reports = []
-    sections = (("cpu", cpu_section), ("gpu", gpu_section), ("quality", quality_section),
-                ("scale", scale_section))
+    sections = (("cpu", cpu_section), ("overhead", overhead_section), ("gpu", gpu_section),
+                ("quality", quality_section), ("scale", scale_section))
     for name, run in sections:
         if args.only != name and (args.only is not None or name == "scale"):
             continue  # the scale section runs alone: `make bench-scale`

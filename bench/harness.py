@@ -85,12 +85,30 @@ NOTES = """## Reading the figures
 - Polls of a running batch count items only in shards under way (a finished shard keeps
   its counts): 4 ms for a 20,000-line batch. Model loads in the worker freeze what is
   alive out of the cyclic collector.
-- Minimal-job throughput counts a whole generate job per message (claim, items, progress,
-  finish: about a dozen SQL statements) against Celery's no-op; it has no target of its
-  own. Issue 22 asked that scheduling keep it within 10 % of before: measured back to back
-  on 2026-12-04 against b43e709 (before any of issue 22's scheduling and quota changes),
-  it ran 42 and 38 jobs/s with them against 39 and 31 without, so no slower.
-  The table's figure comes from a separate run (the machine's speed drifts: first note).
+- Queue overhead (issue 23). A 1-token generate job costs the worker 4 SQL statements in 2
+  transactions (before: 12 in 7 — the claim and two re-reads of the row, the worker's
+  current job set and cleared, the last heartbeat and flag read, the finish, a re-read and
+  a quota lookup — and a thread and two sessions a job) and the API 7 in 3 (before: 8).
+  Back to back on 2026-12-07 (the table's run, then the code before the cuts with the same
+  bench), before → after: SQLite 101 → 151 jobs/s (0.12 → 0.18 of raw Celery's no-op;
+  0.29 → 0.46 of raw Celery running the job's request), PostgreSQL 79 → 137 jobs/s
+  (0.09 → 0.16; 0.24 → 0.41); an earlier pair at a higher load: SQLite 67 → 119, PostgreSQL
+  33 → 71 jobs/s. The CPU section's row before the cuts (27 jobs/s, 0.08) created jobs one
+  at a time, waited for each, and ran torch on two threads. Where a job's time goes now, in
+  CPU per job on SQLite: the API about 4 ms (its route about 2.5 ms, half of it Celery's
+  send_task; FastAPI and HTTP the rest), the worker's main process 1.3 ms (1.0-1.1 for a
+  no-op), the pool child 3.5 ms (the model call 2 ms: transformers' generate around a
+  1.5 ms forward; the job's SQL about 1 ms), PostgreSQL's backends another 1.1 ms. The
+  worker runs a job in about 4 ms and then waits 3-4 ms for the next: with prefetch 1 and
+  late acks the next message is fetched only after the ack, and that wait is all of a raw
+  no-op's cycle (1.2-1.6 ms). A larger prefetch would hide it but hold a second message
+  behind a long job and ahead of a later urgent one (README: Priorities), so it stays 1.
+  Against the no-op, 0.5 is out of reach on this machine: the model call alone costs more
+  than a raw cycle. With torch's default two threads the same jobs ran about half as fast
+  (each op of a 1-token forward waited for the second thread on the loaded cores), hence
+  GENQ_TORCH_THREADS=1 for this section's worker. (Issue 22 asked that scheduling keep this
+  figure within 10 % of before: on 2026-12-04 it ran 42 and 38 jobs/s with it against 39
+  and 31 without.)
 """
 
 
@@ -183,8 +201,8 @@ class Report:
         ])
 
 
-SECTIONS = ("cpu", "gpu", "quality", "scale")
-TITLES = {"quality": "Quality of generated digits (CPU)",
+SECTIONS = ("cpu", "overhead", "gpu", "quality", "scale")
+TITLES = {"overhead": "Queue overhead (CPU)", "quality": "Quality of generated digits (CPU)",
           "scale": "Scale: a million-line batch (CPU, `make bench-scale`)"}
 NO_GPU = ("## GPU\n\nNo GPU was lent to the runs that wrote this file. `make bench` adds this "
           "section where CUDA is present (`python -m bench --only gpu` runs it alone).")
@@ -203,10 +221,11 @@ def write_results(reports: list[Report], command: str) -> None:
         "# genq benchmarks",
         "",
         "Each ratio divides genq's figure by its baseline measured in the same run. "
-        "`make bench` measures the CPU section, the GPU section where CUDA is present, and "
-        "the quality of generated images; `make bench-scale` (`--only scale`) measures a "
-        "million-line batch on SQLite and PostgreSQL; `python -m bench --only "
-        "cpu|gpu|quality|scale` measures one and keeps the others as they were.",
+        "`make bench` measures the CPU section, the queue's overhead on SQLite and "
+        "PostgreSQL, the GPU section where CUDA is present, and the quality of generated "
+        "images; `make bench-scale` measures a million-line batch on SQLite and PostgreSQL; "
+        "`python -m bench --only cpu|overhead|gpu|quality|scale` measures one and keeps the "
+        "others as they were.",
         "",
         *[f"<!-- {name} -->\n{blocks[name]}\n<!-- /{name} -->\n" for name in SECTIONS],
         NOTES,
@@ -272,12 +291,15 @@ def scratch_dir(prefix: str) -> Iterator[Path]:
 
 
 @contextmanager
-def bench_stack(gpus: int = 0, database_url: str | None = None) -> Iterator[Stack]:
+def bench_stack(gpus: int = 0, database_url: str | None = None,
+                env: dict[str, str] | None = None) -> Iterator[Stack]:
     """A fresh embedded stack (Redis, API, one CPU worker and `gpus` GPU workers) in a temp
-    folder, on SQLite there or on `database_url` (an empty database)."""
+    folder, on SQLite there or on the (empty) database at `database_url`; `env`: settings
+    of its processes (GENQ_…) for this stack only."""
     from api.stack import Stack, free_port
     from common.celery_app import get_celery
     from common.config import Settings, get_settings
+    from common.notices import redis_client
 
     with scratch_dir("genq-bench-") as home:
         os.environ.update({
@@ -288,34 +310,41 @@ def bench_stack(gpus: int = 0, database_url: str | None = None) -> Iterator[Stac
         os.environ.pop("GENQ_DATABASE_URL", None)
         if database_url:
             os.environ["GENQ_DATABASE_URL"] = database_url
+        os.environ.update(env or {})
         get_settings.cache_clear()
         get_celery.cache_clear()  # a second stack in this process has another broker
         stack = Stack(Settings(), gpus=gpus, with_flower=False)
         try:
             stack.start()
+            # this process's broker clients follow the stack's Redis (an earlier stack's
+            # port is gone)
+            get_celery.cache_clear()
+            redis_client.cache_clear()
             stack.wait_for_worker(gpu=gpus > 0)
             yield stack
         finally:
             stack.stop()
+            for name in ["GENQ_DATABASE_URL", *(env or {})]:
+                os.environ.pop(name, None)
 
 
-def create_postgres_database(server_url: str) -> tuple[str, str]:
-    """Create a throwaway database on the PostgreSQL server at server_url (the tests' and
-    the scale bench's); returns (its url, its name)."""
+@contextmanager
+def postgres_database(server_url: str) -> Iterator[str]:
+    """A new, empty database on the PostgreSQL server of `server_url`; dropped after."""
     import uuid
 
     import psycopg
 
-    name = f"genq_test_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(server_url.replace("postgresql+psycopg", "postgresql"),
-                         autocommit=True) as conn:
+    from common.db import engine_for, normalize_url
+
+    name = f"genq_bench_{uuid.uuid4().hex[:10]}"
+    plain = server_url.replace("postgresql+psycopg", "postgresql")
+    with psycopg.connect(plain, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
-    return server_url.rsplit("/", 1)[0] + "/" + name, name
-
-
-def drop_postgres_database(server_url: str, name: str) -> None:
-    import psycopg
-
-    with psycopg.connect(server_url.replace("postgresql+psycopg", "postgresql"),
-                         autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    url = server_url.rsplit("/", 1)[0] + "/" + name
+    try:
+        yield url
+    finally:
+        engine_for(normalize_url(url)).dispose()
+        with psycopg.connect(plain, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

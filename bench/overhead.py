@@ -1,14 +1,30 @@
-"""Queue overhead: submit→start latency and minimal-job throughput vs raw Celery tasks."""
+"""Queue overhead: submit→start latency and minimal-job throughput vs raw Celery tasks, on
+SQLite and on PostgreSQL (each on a stack of its own with a small model trained there)."""
 
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any
 
-from bench.harness import Figure, Report, percentile
+from bench.harness import Figure, Report, paired, percentile
+from bench.training import TrainRun, train_spec
+from common.gen_params import ItemInput
 
-N_LATENCY, N_THROUGHPUT = 20, 60
+# the CPU section's gpt (2 layers, 64 wide), trained a few steps: a 1-token generate costs
+# the same whatever the weights
+MODEL = TrainRun(steps=20, batch=4, seq=16)
+# The stack's worker runs torch on one thread, as the README advises beside other busy
+# processes: a 1-token forward's ops are too small to share, and on two cores shared with
+# the API, Redis, the client (and this machine's other work) every op waited for the second
+# thread: a 1-token generate took 25-47 ms on two threads against 1.5-4 ms on one, measured
+# in-process at a load of 4-6. Both baselines run on the same worker.
+OVERHEAD_ENV = {"GENQ_TORCH_THREADS": "1"}
+N_LATENCY = 20
+N_THROUGHPUT = 200  # jobs through the API, and raw tasks, in one round
+CLIENTS = 4  # threads creating jobs over HTTP, as a user submits many small jobs
+ROUNDS, BUDGET_S = 6, 90
 
 
 def minimal_job(model: str) -> dict[str, Any]:
@@ -21,8 +37,9 @@ def start_latency(job: dict[str, Any]) -> float:
     return (datetime.fromisoformat(job["started_at"]) - created).total_seconds()
 
 
-def raw_celery_rate(n: int) -> float:
-    """genq.noop sent with send_task to the same Redis and worker; time until drained."""
+def raw_celery_rate(n: int, task: str = "genq.noop", args: list[Any] | None = None) -> float:
+    """n `task` messages sent with send_task to the same Redis and worker; time until
+    drained."""
     import redis
 
     from common.celery_app import get_celery, redis_lists
@@ -32,28 +49,85 @@ def raw_celery_rate(n: int) -> float:
     r = redis.Redis.from_url(get_settings().broker_url)
     start = time.perf_counter()
     for _ in range(n):
-        app.send_task("genq.noop", queue="cpu")
+        app.send_task(task, args=args, queue="cpu")
     lists = redis_lists("cpu")  # genq.noop goes at the default (lowest) priority
     while any(r.llen(name) for name in lists) or r.hlen("unacked"):
         time.sleep(0.005)
     return n / (time.perf_counter() - start)
 
 
-def bench_overhead(report: Report, client: Any, model: str) -> None:
+def genq_rate(clients: list[Any], model: str, n: int) -> float:
+    """n minimal jobs created over HTTP by len(clients) threads; time until all finished."""
+    def submit(client: Any, count: int) -> list[str]:
+        return [client.create_job(minimal_job(model))["id"] for _ in range(count)]
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(len(clients)) as pool:
+        parts = list(pool.map(submit, clients, [n // len(clients)] * len(clients)))
+    ids = [job_id for part in parts for job_id in part]
+    all_finished(clients[0], ids, last=[part[-1] for part in parts])
+    return len(ids) / (time.perf_counter() - start)
+
+
+def all_finished(client: Any, ids: list[str], *, last: list[str]) -> None:
+    """Return once every job of `ids` has succeeded: held reads of the `last` ones (the
+    worker runs jobs in the order they came), then the list of jobs, 100 a page, with a
+    held read for any not finished yet. The raw side watches the broker's queue: neither
+    pays a request per job to learn that the jobs are done."""
+    for job_id in last:
+        client.wait(job_id)
+    statuses: dict[str, str] = {}
+    after = None
+    while len(statuses) < len(ids):
+        page = client.list_jobs(limit=100, after=after)
+        statuses.update({j["id"]: j["status"] for j in page["data"]})
+        if not page["has_more"]:
+            break
+        after = page["next_cursor"]
+    for job_id in ids:
+        status = statuses.get(job_id)
+        if status != "succeeded":
+            status = client.wait(job_id)["status"]
+        assert status == "succeeded", f"minimal job {job_id} ended {status}"
+
+
+def bench_overhead(report: Report, stack: Any, *, database: str) -> None:
+    """The latency and throughput figures on one stack (whose database is `database`)."""
+    from api.client import Client
+
+    clients = [Client(api_key=stack.api_key) for _ in range(CLIENTS)]
+    client = clients[0]
+    trained = client.wait(client.create_job(train_spec("overhead", MODEL))["id"])
+    assert trained["status"] == "succeeded", trained
+    model = trained["result"]["model"]
     latencies = []
     for _ in range(N_LATENCY):
         job = client.wait(client.create_job(minimal_job(model))["id"])
         latencies.append(start_latency(job))
-    report.add(Figure("submit→start latency p50 (idle worker)", percentile(latencies, 0.5) * 1000,
-                      "ms"))
-    report.add(Figure("submit→start latency p95 (idle worker)", percentile(latencies, 0.95) * 1000,
-                      "ms"))
-    start = time.perf_counter()
-    ids = [client.create_job(minimal_job(model))["id"] for _ in range(N_THROUGHPUT)]
-    for job_id in ids:
-        client.wait(job_id)
-    genq_rate = N_THROUGHPUT / (time.perf_counter() - start)
-    raw = raw_celery_rate(N_THROUGHPUT)
-    report.add(Figure("minimal-job throughput through the API", genq_rate, "jobs/s", baseline=raw,
-                      note="1-token generate job (claim, heartbeat, SQL items) vs raw Celery "
-                           "send_task of a no-op on the same Redis/worker"))
+    report.add(Figure(f"submit→start latency p50 (idle worker, {database})",
+                      percentile(latencies, 0.5) * 1000, "ms"))
+    report.add(Figure(f"submit→start latency p95 (idle worker, {database})",
+                      percentile(latencies, 0.95) * 1000, "ms"))
+    jobs = (f"{N_THROUGHPUT} 1-token generate jobs created over HTTP by {CLIENTS} client "
+            "threads, from the first create until all are seen finished (held reads of the "
+            "last ones, then the job list); the worker runs torch on one thread "
+            "(GENQ_TORCH_THREADS=1)")
+    genq, raw, rounds = paired(ROUNDS, lambda: genq_rate(clients, model, N_THROUGHPUT),
+                               lambda: raw_celery_rate(N_THROUGHPUT), budget_s=BUDGET_S)
+    report.add(Figure(
+        f"minimal-job throughput through the API ({database})", genq, "jobs/s", baseline=raw,
+        target=0.5, rounds=rounds,
+        note=f"{jobs}, vs as many raw Celery send_task of a no-op drained by the same worker "
+             "through the same Redis"))
+    # the same work without the queue: what the job's own model call costs
+    model_id = client.request("GET", f"/v1/models/{model}")["genq_id"]
+    gen = ItemInput(prompt="a", max_tokens=1, temperature=0).model_dump()
+    genq, raw, rounds = paired(
+        ROUNDS, lambda: genq_rate(clients, model, N_THROUGHPUT),
+        lambda: raw_celery_rate(N_THROUGHPUT, "genq.raw_generate", [model_id, gen]),
+        budget_s=BUDGET_S)
+    report.add(Figure(
+        f"minimal-job throughput through the API vs raw Celery doing its work ({database})",
+        genq, "jobs/s", baseline=raw, rounds=rounds,
+        note=f"{jobs}, vs as many raw Celery tasks each running the same request through the "
+             "worker's model cache and common.ml.generate (no SQL, no HTTP)"))

@@ -87,8 +87,6 @@ def tiny_model(client: Any) -> str:
 def bench_scale(report: Report, client: Any, sdk: Any, backend: str,
                 pids: tuple[int, int]) -> None:
     """The figures on one database; `pids` are the API's and the CPU worker's processes."""
-    from bench.overhead import bench_overhead
-
     model = tiny_model(client)
     through_sdk(sdk, model, N_WARMUP, MAX_TOKENS)  # the worker's model cache, first calls
     small = measure(pids, sdk, model, N_SMALL)
@@ -103,8 +101,4 @@ def bench_scale(report: Report, client: Any, sdk: Any, backend: str,
     report.add(Figure(f"{what}, worker peak RSS", big.worker_mib, "MiB",
                       baseline=small.worker_mib, target=1.5, at_most=True,
                       note="main process and pool child together, sampled every 0.2 s"))
-    overhead = Report("scale")
-    bench_overhead(overhead, client, model)
-    for figure in overhead.figures:
-        figure.name = f"{backend}: {figure.name}"
-        report.figures.append(figure)
+

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Literal
 
@@ -94,8 +94,10 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
 
-    @property
+    @cached_property
     def home_dir(self) -> Path:
+        # resolved once: every session (db_url) and storage lookup reads it, and resolve()
+        # walks the path with a syscall a component
         return self.home.resolve()
 
     @property

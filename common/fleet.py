@@ -10,7 +10,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from common.config import get_settings
-from common.models import Worker, utcnow
+from common.models import Job, JobStatus, Worker, utcnow
 
 
 def this_worker() -> str:
@@ -29,7 +29,6 @@ def register_worker(
     row.version = version
     row.started_at = utcnow()
     row.heartbeat_at = utcnow()
-    row.current_job = None
     session.add(row)
     session.commit()
 
@@ -39,9 +38,20 @@ def worker_heartbeat(session: Session, *, hostname: str) -> None:
     session.commit()
 
 
-def set_current_job(session: Session, *, hostname: str, job_id: str | None) -> None:
-    session.execute(update(Worker).where(Worker.hostname == hostname).values(current_job=job_id))
-    session.commit()
+def current_jobs(session: Session, hostnames: list[str], *,
+                 owner: str | None = None) -> dict[str, str]:
+    """The job each of these workers runs now (only `owner`'s, if given): its running attempt
+    claimed under the worker's name, read from the jobs, so that running a job costs the
+    workers table no write."""
+    if not hostnames:
+        return {}
+    query = select(Job.worker, Job.id).where(Job.status == JobStatus.running,
+                                             Job.worker.in_(hostnames))
+    if owner is not None:
+        query = query.where(Job.owner == owner)
+    # a dead pool child's attempt stays `running` until it is taken over: the latest counts
+    return {worker: job_id for worker, job_id in session.execute(query.order_by(Job.started_at))
+            if worker is not None}
 
 
 def unregister_worker(session: Session, *, hostname: str) -> None:

@@ -251,7 +251,7 @@ class Worker(Base):
     version: Mapped[str] = mapped_column(String(32))
     started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    current_job: Mapped[str | None] = mapped_column(String(40))
+    # its current job is read from the jobs it runs (common/fleet.py current_jobs)
 
 
 class ApiKey(Base):

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bench.harness import create_postgres_database, drop_postgres_database
+from bench.harness import postgres_database
 
 ROOT = Path(__file__).resolve().parent.parent
 _TMP = Path(tempfile.mkdtemp(prefix="genq-tests-"))
@@ -102,14 +102,9 @@ def fresh_database(backend: str) -> Iterator[str]:
         upgrade(url)
         yield url
         return
-    base = os.environ["GENQ_TEST_POSTGRES_URL"]
-    url, name = create_postgres_database(base)
-    upgrade(url)
-    yield url
-    from common.db import engine_for, normalize_url
-
-    engine_for(normalize_url(url)).dispose()
-    drop_postgres_database(base, name)
+    with postgres_database(os.environ["GENQ_TEST_POSTGRES_URL"]) as url:
+        upgrade(url)
+        yield url
 
 
 @pytest.fixture(scope="session", params=BACKENDS)

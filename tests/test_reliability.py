@@ -450,11 +450,19 @@ def test_an_error_while_a_sigterm_unwinds_the_body_still_exits_the_child(monkeyp
 
     from worker.tasks import run_body
 
+    class Session:
+        def rollback(self) -> None:
+            pass
+
     class Context:
-        stopped = 0
+        stopped = saved = 0
+        session = Session()
 
         def stop_heartbeat(self) -> None:
             self.stopped += 1
+
+        def save_progress(self) -> None:
+            self.saved += 1
 
     def body(ctx):  # type: ignore[no-untyped-def]
         try:
@@ -469,6 +477,7 @@ def test_an_error_while_a_sigterm_unwinds_the_body_still_exits_the_child(monkeyp
     with pytest.raises(SystemExit):
         run_body(ctx, body)  # type: ignore[arg-type]
     assert ctx.stopped == 2  # the heartbeat is stopped either way
+    assert ctx.saved == 1  # progress is saved for the job's own error, not under a SIGTERM
 
 
 def _alive(pid: int) -> bool:

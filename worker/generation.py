@@ -42,9 +42,9 @@ class ItemWriter:
     def add_failed(self, item_id: int, error: dict[str, Any]) -> None:
         self.rows.append({"id": item_id, "status": ItemStatus.failed, "error": error})
 
-    def flush(self) -> None:
+    def flush(self, *, commit: bool = True) -> None:
         if self.rows:
-            results.write_items(self.ctx.session, self.rows)
+            results.write_items(self.ctx.session, self.rows, commit=commit)
             self.done += len(self.rows)
             self.rows = []
         self.flushed = time.monotonic()
@@ -69,7 +69,10 @@ def execute_items(ctx: JobContext) -> dict[str, Any]:
             break
         loaded = get_model(ctx.session, model_id, current_device())
         run_group(ctx, loaded, requests_of(group, writer), writer)
-    writer.flush()
+    # The last chunk is committed with the job's status (one transaction); the watcher stops
+    # first, since a heartbeat must not wait on the write this leaves open.
+    ctx.stop_heartbeat()
+    writer.flush(commit=False)
 
     summary = {"items_done": writer.done, "items_total": total, "tokens_out": writer.tokens_out}
     raise_if_stopped(ctx.should_stop(), summary)

@@ -23,6 +23,7 @@ from common.errors import (
     RetryableError,
     ShutdownRequested,
     StopForTimeout,
+    Stopped,
 )
 from common.models import JobStatus
 from worker.context import JobContext
@@ -66,13 +67,8 @@ def _run_job(task: Any, job_id: str, attempt: int, body: Body) -> str:
             return f"dropped: {claim.reason}"
         job = claim.job
         log.info("job %s attempt %s: %s", job.id, job.attempt, claim.reason)
-        hostname = task.request.hostname or ""
-        fleet.set_current_job(session, hostname=hostname, job_id=job.id)
-        try:
-            with JobContext(job=job, task=task) as ctx:
-                return record(session, ctx, body)
-        finally:
-            fleet.set_current_job(session, hostname=hostname, job_id=None)
+        with JobContext(job=job, task=task, session=session) as ctx:
+            return record(session, ctx, body)
     finally:
         session.close()
 
@@ -110,20 +106,27 @@ def record(session: Any, ctx: JobContext, body: Body) -> str:
             return _fail(ctx, session, _retryable(exc, code="out_of_memory"))
         log.error("job %s crashed:\n%s", job.id, traceback.format_exc())
         return _fail(ctx, session, {"code": "internal_error", "message": repr(exc)[:2000]})
-    jobs.finish_job(session, job, status=JobStatus.succeeded, result=result)
+    jobs.finish_job(session, job, status=JobStatus.succeeded, result=result,
+                    progress=ctx.final_progress())
     return f"succeeded: {summary(result)}"
 
 
 def run_body(ctx: JobContext, body: Body) -> dict[str, Any]:
-    """The job body's result, or its exception; SystemExit if a SIGTERM is unwinding it."""
+    """The job body's result, or its exception; SystemExit if a SIGTERM is unwinding it.
+
+    The final progress lands before the status changes: with it in one UPDATE on success,
+    just before it on any other way out."""
     try:
         try:
             # Celery calls this some 40 frames deep; see worker/frame_stack.py
             return call_on_fresh_chunk(body, ctx)
         finally:
-            ctx.stop_heartbeat()  # final progress lands before the status changes
+            ctx.stop_heartbeat()
     except Exception as exc:
         exit_if_terminated(exc)
+        if not isinstance(exc, Stopped):  # a stop's work is whole: its transition keeps it
+            ctx.session.rollback()  # the error may have left a transaction half-done
+        ctx.save_progress()
         raise
 
 
@@ -142,8 +145,7 @@ def exit_if_terminated(exc: BaseException) -> None:
 
 
 def _fail(ctx: JobContext, session: Any, error: dict[str, Any]) -> str:
-    for s in (session, ctx.session):  # the error may have left a transaction half-done
-        s.rollback()
+    session.rollback()  # the error may have left a transaction half-done
     ctx.log(f"{error['code']}: {error['message']}", level="ERROR")
     return f"{jobs.fail_job(session, ctx.job, error)}: {error['code']}"
 
@@ -192,3 +194,17 @@ def prepare_batch(self: Any, job_id: str, attempt: int, **meta: Any) -> str:
 @app.task(name="genq.noop")
 def noop() -> None:
     """Does nothing: the raw-Celery baseline of the queue-overhead benchmark."""
+
+
+@app.task(name="genq.raw_generate")
+def raw_generate(model_id: str, gen: dict[str, Any]) -> None:
+    """One request through the model cache and common.ml.generate, with no job around it:
+    the queue-overhead benchmark's raw-Celery baseline doing a minimal job's work."""
+    from common.ml.generate import GenRequest, generate
+    from worker.device import current_device
+    from worker.model_cache import get_model
+
+    with session_factory()() as session:  # read only on the model's first load
+        loaded = get_model(session, model_id, current_device())
+    generate(loaded, [GenRequest.model_validate({**gen, "key": "0"})],
+             on_outputs=lambda outputs: None)

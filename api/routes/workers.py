@@ -7,12 +7,10 @@ from typing import Any
 
 from fastapi import APIRouter
 from pydantic import BaseModel
-from sqlalchemy import select
 
 from api.deps import OwnerDep, SessionDep
 from api.json_body import GenqRoute
-from common.fleet import live_workers
-from common.models import Job
+from common.fleet import current_jobs, live_workers
 
 router = APIRouter(tags=["workers"], route_class=GenqRoute)
 
@@ -37,12 +35,10 @@ class WorkerList(BaseModel):
 def list_workers(session: SessionDep, owner: OwnerDep) -> WorkerList:
     """Workers whose heartbeat is within the lease; a current job shows to its owner only."""
     workers = live_workers(session)
-    running = [w.current_job for w in workers if w.current_job]
-    mine = set(session.scalars(select(Job.id).where(Job.id.in_(running), Job.owner == owner))
-               ) if running else set()
+    mine = current_jobs(session, [w.hostname for w in workers], owner=owner)
     return WorkerList(data=[
         WorkerOut(hostname=w.hostname, queues=w.queues.split(","), device=w.device, pid=w.pid,
                   version=w.version, started_at=w.started_at, heartbeat_at=w.heartbeat_at,
-                  current_job=w.current_job if w.current_job in mine else None)
+                  current_job=mine.get(w.hostname))
         for w in workers
     ])
