@@ -40,8 +40,9 @@ NOTES = """## Reading the figures
   one create: parse and validate ~0.19 s, tokenize 0.17-0.2 s in `tokenizers`' batch
   encoder on both cores, shard cut ~0.07 s, insert ~0.2 s, commit ~0.05 s); the ten shards
   7.7-8.4 s back to back (gaps ~7 ms); the output file ~0.2 s; the held retrieve ~0.01 s;
-  the download 0.03 s. The shards skip tokenizing (the API did it; ~10% of the in-process
-  call's samples encode prompts).
+  the download 0.03 s. The shards skip tokenizing (the API did it then; a batch's
+  prepare job on a worker does it now; ~10% of the in-process call's samples encode
+  prompts).
 - Training left the worker slow to generate (found 2026-12-02). The bench trains before it
   generates, in the same pool child, and the ten shards then ran 5.7-6.05 s where their
   requests (read back from SQL, already tokenized) took 4.8-5.1 s through `generate()` in
@@ -109,6 +110,13 @@ NOTES = """## Reading the figures
   GENQ_TORCH_THREADS=1 for this section's worker. (Issue 22 asked that scheduling keep this
   figure within 10 % of before: on 2026-12-04 it ran 42 and 38 jobs/s with it against 39
   and 31 without.)
+- The scale section (a million lines, about four minutes a database) is as sensitive to
+  other work on the machine as the rest: a run during which another benchmark used the
+  cores put SQLite's ratio at 0.56, one beside a test suite at 0.68; the table's figures
+  come from a run with the machine otherwise idle. Shards took the same time early and
+  late in the million-line batch (about 0.18 s for 1,024 requests; py-spy in the pool
+  child: about 80 % of a shard in the model, 1 % in SQL); the slow shards of the loaded
+  runs were the model's forward passes waiting for a core.
 """
 
 
