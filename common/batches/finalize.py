@@ -60,6 +60,8 @@ def prepare_ended(session: Session, job: Job) -> None:
     assert parent is not None
     session.refresh(parent)
     ended = JobStatus(job.status)
+    if JobStatus(parent.status).finished:  # its file was bad: failed with its line errors
+        return
     if parent.status == JobStatus.queued:
         stop: dict[str, Any] = {"status": JobStatus.cancelled if ended == JobStatus.cancelled else
                 JobStatus.failed, "finished_at": utcnow()}
