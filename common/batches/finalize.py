@@ -62,13 +62,15 @@ def prepare_ended(session: Session, job: Job) -> None:
     ended = JobStatus(job.status)
     if JobStatus(parent.status).finished:  # its file was bad: failed with its line errors
         return
-    if parent.status == JobStatus.queued:
+    validating = parent.status == JobStatus.queued
+    why = "preparing the batch failed" if validating else "only part of the file was sharded"
+    error = {"code": "preparation_failed", "retryable": False,
+             "message": f"{why}: {(job.error or {}).get('message', '')}".strip()}
+    if validating:
         stop: dict[str, Any] = {"status": JobStatus.cancelled if ended == JobStatus.cancelled else
-                JobStatus.failed, "finished_at": utcnow()}
+                                JobStatus.failed, "finished_at": utcnow()}
         if ended == JobStatus.failed:
-            stop["error"] = {"code": "preparation_failed", "retryable": False,
-                             "message": f"preparing the batch failed: "
-                                        f"{(job.error or {}).get('message', '')}".strip()}
+            stop["error"] = error
         moved = rows_changed(session, update(Job).where(
             Job.id == parent.id, Job.status == JobStatus.queued).values(**stop))
         session.commit()
@@ -79,9 +81,7 @@ def prepare_ended(session: Session, job: Job) -> None:
         written = int((job.result or {}).get("shards", 0))
         values: dict[str, Any] = {"shards_total": written, "cancel_requested": True}
         if ended == JobStatus.failed:
-            values["error"] = {"code": "preparation_failed", "retryable": False,
-                               "message": f"only part of the file was sharded: "
-                                          f"{(job.error or {}).get('message', '')}".strip()}
+            values["error"] = error
         session.execute(update(Job).where(Job.id == parent.id).values(**values))
         queued = session.scalars(select(Job).where(
             Job.parent_id == parent.id, Job.type == JobType.shard,
@@ -98,11 +98,7 @@ def prepare_ended(session: Session, job: Job) -> None:
         select(Job.shards_done, Job.shards_total).where(Job.id == parent.id)).one()
     session.commit()
     if done >= total:
-        try:
-            finalize_batch(session, parent.id)
-        except Exception:  # the reaper's finalize_stalled retries
-            session.rollback()
-            log.exception("batch %s: finalizing failed; the reaper retries", parent.id)
+        _finalize_or_leave_to_reaper(session, parent.id)
 
 
 def shard_finished(session: Session, shard: Job) -> None:
@@ -129,11 +125,16 @@ def shard_finished(session: Session, shard: Job) -> None:
     if done < total:
         release_shards(session, shard.queue)  # its worker's next one, or another owner's
     else:
-        try:
-            finalize_batch(session, shard.parent_id or "")
-        except Exception:  # the reaper's finalize_stalled retries
-            session.rollback()
-            log.exception("batch %s: finalizing failed; the reaper retries", shard.parent_id)
+        _finalize_or_leave_to_reaper(session, shard.parent_id or "")
+
+
+def _finalize_or_leave_to_reaper(session: Session, batch_id: str) -> None:
+    """Finalize the batch now; should that fail, the reaper's finalize_stalled retries."""
+    try:
+        finalize_batch(session, batch_id)
+    except Exception:
+        session.rollback()
+        log.exception("batch %s: finalizing failed; the reaper retries", batch_id)
 
 
 def finalize_stalled(session: Session) -> list[str]:
