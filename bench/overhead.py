@@ -3,7 +3,9 @@ SQLite and on PostgreSQL (each on a stack of its own with a small model trained 
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any
@@ -54,6 +56,38 @@ def raw_celery_rate(n: int, task: str = "genq.noop", args: list[Any] | None = No
     while any(r.llen(name) for name in lists) or r.hlen("unacked"):
         time.sleep(0.005)
     return n / (time.perf_counter() - start)
+
+
+def cpu_seconds(stack: Any) -> dict[str, float]:
+    """CPU time (user + system) so far of each process of the stack, the worker's pool
+    children counted under "pool child", and of this process (the client)."""
+    import psutil
+
+    def used(process: psutil.Process) -> float:
+        times = process.cpu_times()
+        return times.user + times.system
+
+    totals: dict[str, float] = {"client": used(psutil.Process())}
+    for name, popen in stack.procs:
+        main = psutil.Process(popen.pid)
+        label = "worker main" if name.startswith("worker") else name
+        totals[label] = totals.get(label, 0.0) + used(main)
+        if name.startswith("worker"):
+            totals["pool child"] = totals.get("pool child", 0.0) + sum(
+                used(child) for child in main.children(recursive=True))
+    return totals
+
+
+def cpu_per_job(stack: Any, run: Callable[[int], float], n: int) -> dict[str, float]:
+    """Milliseconds of CPU per job in each process while `run(n)` puts n jobs through."""
+    before = cpu_seconds(stack)
+    run(n)
+    after = cpu_seconds(stack)
+    return {name: 1000 * (after[name] - before.get(name, 0.0)) / n for name in after}
+
+
+def split_text(per_job: dict[str, float]) -> str:
+    return ", ".join(f"{name} {ms:.2f}" for name, ms in per_job.items() if ms >= 0.005)
 
 
 def genq_rate(clients: list[Any], model: str, n: int) -> float:
@@ -119,6 +153,17 @@ def bench_overhead(report: Report, stack: Any, *, database: str) -> None:
         target=0.5, rounds=rounds,
         note=f"{jobs}, vs as many raw Celery send_task of a no-op drained by the same worker "
              "through the same Redis"))
+    # where the CPU goes: on two cores, the sum over processes bounds the throughput
+    ours = cpu_per_job(stack, lambda n: genq_rate(clients, model, n), N_THROUGHPUT)
+    theirs = cpu_per_job(stack, raw_celery_rate, N_THROUGHPUT)
+    cores = os.cpu_count() or 1
+    report.add(Figure(
+        f"CPU per minimal job, all processes ({database})", sum(ours.values()), "ms",
+        baseline=sum(theirs.values()),
+        note=f"per job in ms: {split_text(ours)}; raw Celery no-op: {split_text(theirs)}"
+             f" (user + system time of each process over one round; {database}'s own server "
+             f"processes not counted); {cores} cores busy with nothing else would run at most "
+             f"{1000 * cores / sum(ours.values()):.0f} such jobs/s"))
     # the same work without the queue: what the job's own model call costs
     model_id = client.request("GET", f"/v1/models/{model}")["genq_id"]
     gen = ItemInput(prompt="a", max_tokens=1, temperature=0).model_dump()

@@ -30,10 +30,12 @@ def create_key(session: Session, *, owner: str, name: str = "") -> tuple[ApiKey,
 
 def owner_of(session: Session, key: str) -> str:
     """The owner a live key belongs to, else Unauthorized."""
-    row = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key)))
+    # two columns, not the ORM row: every request asks
+    row = session.execute(select(ApiKey.owner, ApiKey.revoked_at)
+                          .where(ApiKey.key_hash == hash_key(key))).first()
     if row is None or row.revoked_at is not None:
         raise Unauthorized("invalid or revoked API key")
-    return row.owner
+    return str(row.owner)
 
 
 def revoke_key(session: Session, *, key_id: str) -> None:

@@ -92,7 +92,15 @@ def get_engine() -> Engine:
 
 
 def session_factory(engine: Engine | None = None) -> sessionmaker[Session]:
-    return sessionmaker(bind=engine or get_engine(), expire_on_commit=False)
+    """The sessionmaker of `engine` (the configured database's by default)."""
+    return _sessionmaker(engine or get_engine())
+
+
+@lru_cache(maxsize=8)
+def _sessionmaker(engine: Engine) -> sessionmaker[Session]:
+    # one per engine: building a sessionmaker costs more than the session it makes (every
+    # API request opens one)
+    return sessionmaker(bind=engine, expire_on_commit=False)
 
 
 def rows_changed(session: Session, statement: Executable) -> int:

@@ -6,7 +6,7 @@ import socket
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import ColumnElement, select, update
 from sqlalchemy.orm import Session
 
 from common.config import get_settings
@@ -61,21 +61,20 @@ def unregister_worker(session: Session, *, hostname: str) -> None:
         session.commit()
 
 
+def _alive() -> ColumnElement[bool]:
+    return Worker.heartbeat_at >= utcnow() - timedelta(seconds=get_settings().lease_s)
+
+
 def live_workers(session: Session) -> list[Worker]:
     """Workers whose heartbeat is within the lease."""
-    cutoff = utcnow() - timedelta(seconds=get_settings().lease_s)
-    return list(
-        session.scalars(
-            select(Worker).where(Worker.heartbeat_at >= cutoff).order_by(Worker.hostname)
-        )
-    )
+    return list(session.scalars(select(Worker).where(_alive()).order_by(Worker.hostname)))
 
 
 def live_gpu_worker(session: Session) -> bool:
-    return any(
-        str(w.device.get("type", "")).startswith("cuda") and "gpu" in w.queues.split(",")
-        for w in live_workers(session)
-    )
+    # two columns, not the ORM rows: every job created with queue "auto" asks
+    rows = session.execute(select(Worker.device, Worker.queues).where(_alive()))
+    return any(str((device or {}).get("type", "")).startswith("cuda")
+               and "gpu" in queues.split(",") for device, queues in rows)
 
 
 def resolve_queue(session: Session, queue: str) -> str:
