@@ -800,6 +800,45 @@ def test_a_job_that_must_write_while_the_database_is_down_resumes_after_the_leas
         assert_same_weights(final_weights(stack, done["result"]["checkpoint_id"]), reference)
 
 
+def test_a_database_error_is_recorded_as_retryable_never_internal_error(tmp_path):
+    """A job body whose SQL failed on a connection the database refused or dropped (a
+    restart), or on a database that stayed locked, is re-queued while attempts remain when
+    its failure is recorded, the database back by then: `database_unavailable`, retryable,
+    never a permanent `internal_error`. The errors are real ones: a SQLite database that
+    cannot be opened, and (on PostgreSQL) a refused connection and one cut mid-transaction."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import OperationalError
+
+    from common.db import normalize_url
+    from worker.tasks import failure_of
+
+    def failure(engine) -> dict:  # type: ignore[no-untyped-def]
+        with pytest.raises(OperationalError) as raised, engine.connect() as conn:
+            conn.execute(text("select 1"))
+        return failure_of(raised.value)
+
+    errors = [failure(create_engine(f"sqlite:///{tmp_path / 'gone' / 'genq.db'}"))]
+    if os.environ.get("GENQ_TEST_POSTGRES_URL"):
+        proxy = DatabaseProxy(os.environ["GENQ_TEST_POSTGRES_URL"])
+        try:
+            engine = create_engine(normalize_url(proxy.url), pool_pre_ping=True)
+            with engine.connect() as conn:
+                conn.execute(text("select 1"))  # a transaction open on the connection
+                proxy.down()
+                with pytest.raises(OperationalError) as cut:
+                    conn.execute(text("select 1"))
+            errors.append(failure_of(cut.value))
+            errors.append(failure(engine))  # refused while the proxy is down
+            engine.dispose()
+        finally:
+            proxy.close()
+    for error in errors:
+        assert error["code"] == "database_unavailable" and error["retryable"] is True, error
+        assert "OperationalError" in error["message"]
+    assert failure_of(RuntimeError("a bug")) == {"code": "internal_error",
+                                                 "message": "RuntimeError('a bug')"}
+
+
 def test_deterministic_error_fails_at_once(rstack):
     """A checkpoint to resume from whose files are gone fails at once: retrying cannot help."""
     from common.db import engine_for, session_factory
