@@ -636,15 +636,18 @@ def cancel_job(session: Session, *, owner: str, job_id: str) -> Job:
     job = get_job(session, owner=owner, job_id=job_id)
     if JobStatus(job.status) in FINISHED:
         return job
+    flag = update(Job).where(
+        Job.status.in_([JobStatus.queued, JobStatus.running])).values(cancel_requested=True)
+    # The parent's flag first, its children read after, in the same transaction: a batch's
+    # window of shards being written (batches/create.py) waits for this, then finds the flag
+    # and writes nothing, or commits first and its shards are read here.
+    session.execute(flag.where(Job.id == job.id))
     children = session.scalars(select(Job).where(Job.parent_id == job.id)).all()
     stopped = []  # shards this call moved to cancelled: each is counted on the parent once
     cancelled = []  # other jobs it moved to cancelled
     for target in [job, *children]:
-        session.execute(
-            update(Job)
-            .where(Job.id == target.id, Job.status.in_([JobStatus.queued, JobStatus.running]))
-            .values(cancel_requested=True)
-        )
+        if target is not job:
+            session.execute(flag.where(Job.id == target.id))
         moved = rows_changed(
             session,
             update(Job)

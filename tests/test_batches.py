@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
 
 import openai
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from common.db import engine_for, session_factory
 from common.models import Item, Job
@@ -358,6 +362,99 @@ def test_a_preparing_job_killed_mid_file_goes_on_after_its_last_window(shard_sta
     assert prepare is not None and prepare.status == "succeeded" and prepare.attempt >= 2
     lost = prepare.attempts_log[0]
     assert lost["error"]["code"] == "worker_lost" and lost["progress"] > 0, lost
+
+
+@contextlib.contextmanager
+def writes_held(stack, batch_id: str) -> Iterator[Callable[[], bool]]:  # type: ignore[no-untyped-def]
+    """Hold what a window's write and a cancel must both lock: the batch's row on PostgreSQL
+    (FOR NO KEY UPDATE, as an UPDATE takes it: the shards' foreign keys still go in), the
+    whole database on SQLite (BEGIN IMMEDIATE). Yields whether both wait on it: PostgreSQL
+    shows it (the window's transaction has written items, the cancel's has not read them,
+    a finishing shard's has); SQLite does not, so there after a moment."""
+    url = stack.env["GENQ_DATABASE_URL"]
+    if url.startswith("sqlite"):
+        from sqlalchemy.engine import make_url
+
+        conn = sqlite3.connect(make_url(url).database or "", timeout=30, isolation_level=None)
+        conn.execute("BEGIN IMMEDIATE")
+        since = time.monotonic()
+        try:
+            yield lambda: time.monotonic() - since > 1.0
+        finally:
+            conn.execute("ROLLBACK")
+            conn.close()
+        return
+    with session_of(stack) as holder, session_of(stack) as watcher:
+        holder.execute(select(Job.id).where(Job.id == batch_id).with_for_update(key_share=True))
+        blocked = text(
+            "select array(select l.mode from pg_locks l join pg_class c on c.oid = l.relation"
+            "             where l.pid = a.pid and c.relname = 'items')"
+            " from pg_stat_activity a where :holder = any(pg_blocking_pids(a.pid))")
+        pid = holder.scalar(text("select pg_backend_pid()"))
+
+        def both_waiting() -> bool:
+            on_items = [set(modes) for modes in watcher.scalars(blocked, {"holder": pid})]
+            watcher.commit()
+            return any("RowExclusiveLock" in m for m in on_items) and set() in on_items
+
+        try:
+            yield both_waiting
+        finally:
+            holder.rollback()
+
+
+def test_a_cancel_while_a_window_is_written_releases_none_of_its_shards(shard_stack,
+                                                                       shard_model):
+    """A cancel that comes while the preparing job writes a window of shards: that window
+    either commits before the cancel reads the batch's shards, and is cancelled with them, or
+    finds the batch flagged and writes nothing; the preparing job stops there. Made to
+    happen by holding the lock both need while each waits on it, so the cancel reads the
+    shards before the window commits; no shard starts after the cancel has answered."""
+    from common.models import utcnow
+
+    client = sdk(shard_stack)
+    rows = quick_lines(shard_model, 20000)  # 313 windows of 64 lines (shards of 4)
+    upload = client.files.create(file=("in.jsonl", io.BytesIO(jsonl(rows))), purpose="batch")
+    batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/completions",
+                                  completion_window="24h")
+    wait_for(lambda: shards_of(shard_stack, batch.id), timeout=120, interval=0.005)
+    answered: list[object] = []
+    with writes_held(shard_stack, batch.id) as both_waiting:
+        cancel = threading.Thread(target=lambda: answered.append(client.batches.cancel(batch.id)))
+        cancel.start()
+        wait_for(both_waiting, timeout=60, interval=0.05)
+    cancel.join(60)
+    assert answered and answered[0].status in ("cancelling", "cancelled"), answered  # type: ignore[attr-defined]
+    cancelled_at = utcnow()
+    done = wait_for(lambda: (b := client.batches.retrieve(batch.id)).status
+                    in ("completed", "failed", "cancelled") and b, timeout=120, interval=0.2)
+    assert done.status == "cancelled", done
+    shards = shards_of(shard_stack, batch.id)
+    late = [(s.spec["shard"], s.status, s.started_at) for s in shards
+            if s.started_at is not None and s.started_at.replace(tzinfo=None)
+            > cancelled_at.replace(tzinfo=None)]
+    assert late == [], late  # the window being written was released unflagged
+    assert all(s.status in ("succeeded", "cancelled") for s in shards), [
+        (s.spec["shard"], s.status) for s in shards]
+    assert sorted(s.spec["shard"] for s in shards) == list(range(len(shards)))
+    prepare = prepare_job(shard_stack, batch.id)
+    assert prepare is not None and prepare.status == "cancelled", prepare
+    assert prepare.result["shards"] == len(shards) < len(rows) / 4, (prepare.result, len(shards))
+    with session_of(shard_stack) as s:
+        parent = s.get(Job, batch.id)
+        assert (parent.shards_total, parent.shards_done) == (len(shards), len(shards))
+        items = sorted(s.execute(select(Item.index, Item.custom_id).join(
+            Job, Item.job_id == Job.id).where(Job.parent_id == batch.id)).all())
+    # whole windows, the file's first lines, each line once
+    assert len(items) % 64 == 0 and items == [(i, r["custom_id"]) for i, r in
+                                              enumerate(rows[:len(items)])]
+    out = read_jsonl(client, done.output_file_id)
+    errors = read_jsonl(client, done.error_file_id)
+    assert sorted(o["custom_id"] for o in out + errors) == sorted(c for _, c in items)
+    assert all(e["error"]["code"] == "batch_cancelled" for e in errors)
+    counts = done.request_counts
+    assert counts is not None and (counts.total, counts.completed, counts.failed) == (
+        len(rows), len(out), len(errors))
 
 
 def test_unknown_batch_is_404(stack):

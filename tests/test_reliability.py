@@ -800,6 +800,45 @@ def test_a_job_that_must_write_while_the_database_is_down_resumes_after_the_leas
         assert_same_weights(final_weights(stack, done["result"]["checkpoint_id"]), reference)
 
 
+def test_a_database_error_is_recorded_as_retryable_never_internal_error(tmp_path):
+    """A job body whose SQL failed on a connection the database refused or dropped (a
+    restart), or on a database that stayed locked, is re-queued while attempts remain when
+    its failure is recorded, the database back by then: `database_unavailable`, retryable,
+    never a permanent `internal_error`. The errors are real ones: a SQLite database that
+    cannot be opened, and (on PostgreSQL) a refused connection and one cut mid-transaction."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import OperationalError
+
+    from common.db import normalize_url
+    from worker.tasks import failure_of
+
+    def failure(engine) -> dict:  # type: ignore[no-untyped-def]
+        with pytest.raises(OperationalError) as raised, engine.connect() as conn:
+            conn.execute(text("select 1"))
+        return failure_of(raised.value)
+
+    errors = [failure(create_engine(f"sqlite:///{tmp_path / 'gone' / 'genq.db'}"))]
+    if os.environ.get("GENQ_TEST_POSTGRES_URL"):
+        proxy = DatabaseProxy(os.environ["GENQ_TEST_POSTGRES_URL"])
+        try:
+            engine = create_engine(normalize_url(proxy.url), pool_pre_ping=True)
+            with engine.connect() as conn:
+                conn.execute(text("select 1"))  # a transaction open on the connection
+                proxy.down()
+                with pytest.raises(OperationalError) as cut:
+                    conn.execute(text("select 1"))
+            errors.append(failure_of(cut.value))
+            errors.append(failure(engine))  # refused while the proxy is down
+            engine.dispose()
+        finally:
+            proxy.close()
+    for error in errors:
+        assert error["code"] == "database_unavailable" and error["retryable"] is True, error
+        assert "OperationalError" in error["message"]
+    assert failure_of(RuntimeError("a bug")) == {"code": "internal_error",
+                                                 "message": "RuntimeError('a bug')"}
+
+
 def test_deterministic_error_fails_at_once(rstack):
     """A checkpoint to resume from whose files are gone fails at once: retrying cannot help."""
     from common.db import engine_for, session_factory
@@ -1347,6 +1386,10 @@ class Thief:
         self.proc.wait(10)
 
 
+# Items committed (across the batch) from one kill to the next: a shard of 10 or less apart.
+KILL_EVERY = (4, 12)
+
+
 @pytest.mark.timeout(900)  # minutes on a loaded machine: it waits on progress
 def test_random_kills_during_a_multi_shard_batch_lose_and_double_nothing(aof_redis):
     """Issue 25: pool children and whole workers killed at random while two workers run a
@@ -1356,7 +1399,9 @@ def test_random_kills_during_a_multi_shard_batch_lose_and_double_nothing(aof_red
     `queued` with its message fetched but unclaimed, for longer than the lease and the
     reaper's rounds (LEFT_BEHIND_MARGIN_S). A victim is always a shard that committed items
     in its current attempt: attempts that made no progress may legitimately spend
-    max_attempts (a poison job)."""
+    max_attempts (a poison job). The kills are paced by the batch's progress, not the clock:
+    each is due once a few more items are committed since the last, so all seven land in
+    about the first half of the batch on a machine of any speed."""
     import io
     import random
 
@@ -1379,10 +1424,10 @@ def test_random_kills_during_a_multi_shard_batch_lose_and_double_nothing(aof_red
                 stack.wait_worker(name)
             c = stack.client()
             trained = finish(c, c.create_job({**SPEC, "steps": 10})["id"])
-            # Seeded lines run one by one: 960 of 600 tokens last well past the seven kills,
-            # which are paced in wall-clock time (160 of 300 did not on a quiet machine once
-            # small jobs got cheaper: the batch finished before the last kill landed).
-            rows = lines_for(trained["result"]["model"], 960, max_tokens=600)
+            # Seeded lines run one by one, 600 tokens keep a shard of 10 running for a couple
+            # of seconds (victims with items committed in their attempt); the kills are due at
+            # most 7 x KILL_EVERY[1] = 84 items (and a few waits for a victim) into 320.
+            rows = lines_for(trained["result"]["model"], 320, max_tokens=600)
             client = sdk(stack)
             upload = client.files.create(file=("in.jsonl", io.BytesIO(jsonl(rows))),
                                          purpose="batch")
@@ -1393,8 +1438,9 @@ def test_random_kills_during_a_multi_shard_batch_lose_and_double_nothing(aof_red
                      "fetched"]
             rng.shuffle(kills)
             done_kills: list[str] = []
+            landed: list[int] = []  # items committed when each kill landed
             left_behind = LeftBehind()
-            next_kill = time.monotonic() + rng.uniform(0.5, 1.5)
+            next_kill = rng.randint(*KILL_EVERY)  # due once this many items are committed
             factory = session_factory(engine_for(stack.env["GENQ_DATABASE_URL"]))
             deadline = time.monotonic() + 800
             while client.batches.retrieve(batch.id).status not in ("completed", "failed"):
@@ -1406,15 +1452,19 @@ def test_random_kills_during_a_multi_shard_batch_lose_and_double_nothing(aof_red
                         select(func.count()).select_from(Item).where(
                             Item.job_id == shard.id, Item.status != "pending"))
                         for shard in shards if shard.status == "running"}
+                    progress = s.scalar(select(func.count()).select_from(Item).join(
+                        Job, Item.job_id == Job.id).where(
+                        Job.parent_id == batch.id, Item.status != "pending"))
                 left_behind.look(shards, waiting_task_ids(broker, "cpu"))
                 if thief is not None and thief.fetched():
-                    thief, next_kill = None, time.monotonic() + rng.uniform(0.5, 2.0)
+                    thief, next_kill = None, progress + rng.randint(*KILL_EVERY)
                     done_kills.append("fetched")
+                    landed.append(progress)
                 victims = [shard for shard in shards if shard.status == "running"
                            and shard.worker_pid and _alive(shard.worker_pid)
                            and committed[shard.id]
                            > max([e.get("progress", 0) for e in shard.attempts_log] or [0])]
-                if kills and thief is None and time.monotonic() >= next_kill and (
+                if kills and thief is None and progress >= next_kill and (
                         victims or kills[-1] == "fetched"):
                     how = kills.pop()
                     if how == "fetched":
@@ -1427,12 +1477,13 @@ def test_random_kills_during_a_multi_shard_batch_lose_and_double_nothing(aof_red
                         stack.stop(node_of(shard), sig=signal.SIGKILL)
                         spawn_worker(stack, f"f{len(done_kills) + 2}")
                     done_kills.append(how)
-                    next_kill = time.monotonic() + rng.uniform(0.5, 2.0)
+                    landed.append(progress)
+                    next_kill = progress + rng.randint(*KILL_EVERY)
                 time.sleep(0.1)
             final = client.batches.retrieve(batch.id)
             assert final.status == "completed", final
             assert sorted(done_kills) == sorted(["pool child"] * 3 + ["worker"] * 3 + [
-                "fetched"]), (done_kills, "the batch finished before every kill landed")
+                "fetched"]), (done_kills, landed, "the batch finished before every kill landed")
             out = read_jsonl(client, final.output_file_id)
             ids = [o["custom_id"] for o in out]
             assert sorted(ids) == sorted(r["custom_id"] for r in rows)  # each exactly once

@@ -9,7 +9,8 @@ from collections.abc import Callable
 from typing import Any
 
 from billiard.common import terminate_handler_fired
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from common import fleet, jobs
 from common.celery_app import get_celery
@@ -94,18 +95,11 @@ def record(session: Any, ctx: JobContext, body: Body) -> str:
         error = {"code": "timeout", "message": f"ran past timeout_s={job.spec.get('timeout_s')}"}
         jobs.finish_job(session, job, status=JobStatus.failed, error=error, result=stop.partial)
         return "failed: timeout"
-    except NanLoss as exc:
-        return _fail(ctx, session, {"code": "nan_loss", "message": str(exc), "step": exc.step})
-    except (GenqError, CheckpointError, ValueError) as exc:
-        code = getattr(exc, "code", "invalid_spec")
-        return _fail(ctx, session, {"code": code, "message": str(exc)})
-    except (RetryableError, OSError, TimeoutError, ConnectionError) as exc:
-        return _fail(ctx, session, _retryable(exc))
     except Exception as exc:
-        if "out of memory" in str(exc).lower():
-            return _fail(ctx, session, _retryable(exc, code="out_of_memory"))
-        log.error("job %s crashed:\n%s", job.id, traceback.format_exc())
-        return _fail(ctx, session, {"code": "internal_error", "message": repr(exc)[:2000]})
+        error = failure_of(exc)
+        if error["code"] == "internal_error":
+            log.error("job %s crashed:\n%s", job.id, traceback.format_exc())
+        return _fail(ctx, session, error)
     jobs.finish_job(session, job, status=JobStatus.succeeded, result=result,
                     progress=ctx.final_progress())
     return f"succeeded: {summary(result)}"
@@ -148,6 +142,31 @@ def _fail(ctx: JobContext, session: Any, error: dict[str, Any]) -> str:
     session.rollback()  # the error may have left a transaction half-done
     ctx.log(f"{error['code']}: {error['message']}", level="ERROR")
     return f"{jobs.fail_job(session, ctx.job, error)}: {error['code']}"
+
+
+def failure_of(exc: Exception) -> dict[str, Any]:
+    """The error recorded for a job body's exception (not a stop): deterministic errors fail
+    the job at once, transient ones (`retryable`) re-queue it while attempts remain."""
+    if isinstance(exc, NanLoss):
+        return {"code": "nan_loss", "message": str(exc), "step": exc.step}
+    if isinstance(exc, GenqError | CheckpointError | ValueError):
+        return {"code": getattr(exc, "code", "invalid_spec"), "message": str(exc)}
+    if isinstance(exc, DATABASE_UNAVAILABLE):
+        # The connection broke or was refused (a restart, a failover), or the database stayed
+        # locked: not the job's doing. Recorded once the database is back, it re-queues the job
+        # as the reaper would have had the record failed too (SQLAlchemy's own `code` is a
+        # link to its docs, not ours).
+        return {"code": "database_unavailable", "message": repr(exc)[:2000], "retryable": True}
+    if isinstance(exc, RetryableError | OSError | TimeoutError | ConnectionError):
+        return _retryable(exc)
+    if "out of memory" in str(exc).lower():
+        return _retryable(exc, code="out_of_memory")
+    return {"code": "internal_error", "message": repr(exc)[:2000]}
+
+
+# psycopg's and sqlite3's OperationalError (a refused or dropped connection, "database is
+# locked"), and a connection pool that had none to give in time.
+DATABASE_UNAVAILABLE = (OperationalError, PoolTimeout)
 
 
 def _retryable(exc: BaseException, code: str = "transient") -> dict[str, Any]:

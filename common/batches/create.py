@@ -11,13 +11,14 @@ from typing import Any
 
 from sqlalchemy import update
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from common.batches.input_file import Checker, Validated, requests_in, validate_file
 from common.batches.schemas import IMAGE_ENDPOINT, BatchCreate
 from common.config import get_settings
 from common.db import rows_changed
 from common.dispatch import release_shards
-from common.errors import InvalidSpec, LeaseLost
+from common.errors import Cancelled, InvalidSpec, LeaseLost
 from common.files import get_file
 from common.fleet import resolve_queue
 from common.gen_params import ItemInput
@@ -234,17 +235,28 @@ def _write_window(state: Preparing, window: list[tuple[str, dict[str, Any]]], *,
         state.shards += 1
     state.requests_done += len(requests)
     state.lines_done = lines_done
-    place = {k: getattr(state, k) for k in PREPARED_KEYS}
+    # A conditional write under the lock this transaction then holds (the parent's row on
+    # PostgreSQL, the whole database on SQLite): cancel_job flags the parent before it reads
+    # the shards to cancel, so a window either commits first, and its shards are cancelled
+    # with the others, or finds the flag here and writes nothing. Released unflagged, they
+    # would run and their items land in a cancelled batch's output.
+    live = rows_changed(session, update(Job).where(
+        Job.id == parent.id, Job.cancel_requested.is_(False))
+        .values(shards_total=state.shards + (0 if last else 1)))
+    if live != 1:  # the prepare job ends cancelled at the windows before this one
+        session.rollback()
+        raise Cancelled({})
+    result = {**(state.job.result or {}), **{k: getattr(state, k) for k in PREPARED_KEYS}}
     ours = rows_changed(session, update(Job).where(
         Job.id == state.job.id, Job.attempt == state.job.attempt,
-        Job.status == JobStatus.running).values(result={**(state.job.result or {}), **place})
+        Job.status == JobStatus.running).values(result=result)
         .execution_options(synchronize_session=False))
     if ours != 1:  # the reaper gave the job to another attempt: write nothing
         session.rollback()
         raise LeaseLost({})
-    session.execute(update(Job).where(Job.id == parent.id)
-                    .values(shards_total=state.shards + (0 if last else 1)))
     session.commit()
+    # what a stop's transition merges its partial result into (jobs.finish_job)
+    set_committed_value(state.job, "result", result)
     if spans:
         release_shards(session, parent.queue)
 
