@@ -95,21 +95,34 @@ NOTES = """## Reading the figures
   0.29 → 0.46 of raw Celery running the job's request), PostgreSQL 79 → 137 jobs/s
   (0.09 → 0.16; 0.24 → 0.41); an earlier pair at a higher load: SQLite 67 → 119, PostgreSQL
   33 → 71 jobs/s. The CPU section's row before the cuts (27 jobs/s, 0.08) created jobs one
-  at a time, waited for each, and ran torch on two threads. Where a job's time goes now, in
-  CPU per job on SQLite: the API about 4 ms (its route about 2.5 ms, half of it Celery's
-  send_task; FastAPI and HTTP the rest), the worker's main process 1.3 ms (1.0-1.1 for a
-  no-op), the pool child 3.5 ms (the model call 2 ms: transformers' generate around a
-  1.5 ms forward; the job's SQL about 1 ms), PostgreSQL's backends another 1.1 ms. The
-  worker runs a job in about 4 ms and then waits 3-4 ms for the next: with prefetch 1 and
-  late acks the next message is fetched only after the ack, and that wait is all of a raw
-  no-op's cycle (1.2-1.6 ms). A larger prefetch would hide it but hold a second message
-  behind a long job and ahead of a later urgent one (README: Priorities), so it stays 1.
-  Against the no-op, 0.5 is out of reach on this machine: the model call alone costs more
-  than a raw cycle. With torch's default two threads the same jobs ran about half as fast
-  (each op of a 1-token forward waited for the second thread on the loaded cores), hence
-  GENQ_TORCH_THREADS=1 for this section's worker. (Issue 22 asked that scheduling keep this
-  figure within 10 % of before: on 2026-12-04 it ran 42 and 38 jobs/s with it against 39
-  and 31 without.)
+  at a time, waited for each, and ran torch on two threads. On 2026-12-08 the API's
+  create went from 5.8-6.2 to 4.9-5.1 ms of CPU a job (two back-to-back pairs of the same
+  bench, before and after): each request had built a sessionmaker, with its event
+  dispatch, and run its session dependency's start and end on FastAPI's threadpool; there
+  is now one sessionmaker per engine and the dependency is async (it closes on the
+  threadpool only while a transaction is open). The table's "CPU per minimal job" rows say
+  where a job's CPU goes, process by process. What bounds the throughput is the worker's
+  serial path: it runs one job at a time (prefork concurrency 1, DESIGN.md), and every job
+  is one Celery message, so each costs the pool child's work (claim, model call, items and
+  finish: 4.85 ms of CPU on SQLite, 7 on PostgreSQL) plus the message's own cycle in the
+  main process (ack, fetch of the next, hand-over to the child), which is all a raw
+  no-op's cycle is (about 2.3 ms in this run: 440/s). Half the no-op's rate would leave
+  the pool child about 2.3 ms a job, and transformers' generate for one token (1.5-2 ms)
+  with the job's SQL (about 1 ms) is already past it. Against raw Celery running the same
+  model call genq is at 0.51 (SQLite) and 0.40 (PostgreSQL). Two changes could reach 0.5 of
+  the no-op, neither done: a pool child that claims the other queued small jobs of the same
+  model with its own and generates them as one batch (their messages then each cost a
+  dropped claim, not a model call), and a create cheaper than the API's ~5 ms, which caps
+  one API process at about 200 jobs/s. On PostgreSQL every connection checkout also pings
+  (`pool_pre_ping`, what carries the processes across a database restart), once for each
+  transaction of a create or a job. With prefetch 1 and late acks the worker fetches the
+  next message only after the ack; a larger prefetch would hide that but hold a second
+  message behind a long job and ahead of a later urgent one (README: Priorities), so it
+  stays 1. With torch's default
+  two threads the same jobs ran about half as fast (each op of a 1-token forward waited for
+  the second thread on the loaded cores), hence GENQ_TORCH_THREADS=1 for this section's
+  worker. (Issue 22 asked that scheduling keep this figure within 10 % of before: on
+  2026-12-04 it ran 42 and 38 jobs/s with it against 39 and 31 without.)
 - The scale section (a million lines, about four minutes a database) is as sensitive to
   other work on the machine as the rest: a run during which another benchmark used the
   cores put SQLite's ratio at 0.56, one beside a test suite at 0.68; the table's figures

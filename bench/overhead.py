@@ -157,12 +157,13 @@ def bench_overhead(report: Report, stack: Any, *, database: str) -> None:
     ours = cpu_per_job(stack, lambda n: genq_rate(clients, model, n), N_THROUGHPUT)
     theirs = cpu_per_job(stack, raw_celery_rate, N_THROUGHPUT)
     cores = os.cpu_count() or 1
+    server = "" if database == "SQLite" else f"; {database}'s server processes not counted"
     report.add(Figure(
         f"CPU per minimal job, all processes ({database})", sum(ours.values()), "ms",
         baseline=sum(theirs.values()),
         note=f"per job in ms: {split_text(ours)}; raw Celery no-op: {split_text(theirs)}"
-             f" (user + system time of each process over one round; {database}'s own server "
-             f"processes not counted); {cores} cores busy with nothing else would run at most "
+             f" (user + system time of each process over one round{server}); {cores} cores "
+             f"busy with nothing else would run at most "
              f"{1000 * cores / sum(ours.values()):.0f} such jobs/s"))
     # the same work without the queue: what the job's own model call costs
     model_id = client.request("GET", f"/v1/models/{model}")["genq_id"]

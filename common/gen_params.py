@@ -8,7 +8,8 @@ GenParams joins. GenerateSpec (POST /v1/jobs), TextBody (a Batch API text line) 
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Mapping
+from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
@@ -127,6 +128,13 @@ class GenParams(ImageParams, TextParams):
 _BATCHED = tuple(name for name in GenParams.model_fields if name != "seed")
 
 
+def packing_key(gen: Mapping[str, Any]) -> tuple[tuple, int]:
+    """Requests with equal keys are packed into batches together (unless isolated), read
+    from a request's stored form (an item's `gen`, ItemInput.model_dump()): sharding a
+    window computes it for every request, and building each model cost more than the rest."""
+    return tuple(gen[name] for name in _BATCHED), gen["n"]
+
+
 class ItemInput(GenParams):
     """One item's request (items.request["gen"]): its prompt or label, n, and the parameters."""
 
@@ -134,10 +142,6 @@ class ItemInput(GenParams):
     label: Label | None = None  # image families (conditioning); None = unconditional
     n: int = Field(1, ge=1, le=10_000)
     prompt_ids: list[int] | None = None  # the prompt already tokenized (batches)
-
-    def packing_key(self) -> tuple[tuple, int]:
-        """Requests with equal keys are packed into batches together (unless isolated)."""
-        return self.batch_key(), self.n
 
     @property
     def isolated_sampling(self) -> bool:

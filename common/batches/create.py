@@ -13,7 +13,7 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
-from common.batches.input_file import Checker, Validated, requests_in, validate_file
+from common.batches.input_file import Checked, Checker, Validated, requests_in, validate_file
 from common.batches.schemas import IMAGE_ENDPOINT, BatchCreate
 from common.config import get_settings
 from common.db import rows_changed
@@ -21,7 +21,7 @@ from common.dispatch import release_shards
 from common.errors import Cancelled, InvalidSpec, LeaseLost
 from common.files import get_file
 from common.fleet import resolve_queue
-from common.gen_params import ItemInput
+from common.gen_params import ItemInput, packing_key
 from common.idempotency import create_once
 from common.ml.packing import batch_starts, spans_at_batch_starts, unit_cost, unit_rows
 from common.ml.prompt_ids import encode_prompts, load_prompt_tokenizer
@@ -35,8 +35,9 @@ from common.storage import Storage
 def _collector_paused() -> Iterator[None]:
     """Hold off the cyclic garbage collector. Validating a 10,000-line file allocates some
     300,000 containers (requests, their token-id lists), which set off full collections over
-    everything the API process holds: 0.1-0.25 s of a 0.5 s create. What is built here is
-    freed by refcounting as usual; any cycle waits for the next collection after."""
+    everything the process holds (measured when the API did this: 0.1-0.25 s of a 0.5 s
+    create). What is built here is freed by refcounting as usual; any cycle waits for the
+    next collection after."""
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -127,8 +128,9 @@ def prepare_batch(session: Session, storage: Storage, job: Job, *,
     """The `prepare` job's body: validate the whole file, then shard it window by window.
 
     A file with any bad line fails the parent with every line's errors and writes nothing
-    else. A valid one turns the parent `in_progress` and is read again, a window of
-    SHARDS_PER_WINDOW shards at a time: each window's requests are tokenized, sorted,
+    else. A valid one turns the parent `in_progress`; one of a single window is written
+    from what the check kept, a longer one is read again, a window of SHARDS_PER_WINDOW
+    shards at a time: each window's requests are tokenized, sorted,
     cut into shards and written with their items in one transaction, and its shards are
     released at once, so the first shards run while the rest of the file is still being
     sharded. Memory holds one window, whatever the file's length.
@@ -136,6 +138,7 @@ def prepare_batch(session: Session, storage: Storage, job: Job, *,
     parent = session.get(Job, job.parent_id)
     assert parent is not None
     spec = parent.spec
+    size = max(1, get_settings().shard_size) * SHARDS_PER_WINDOW
     state = Preparing(session, storage, parent, job, Checker(
         session, owner=parent.owner, endpoint=spec["endpoint"], default_model=spec.get("model")),
         **{k: v for k, v in (job.result or {}).items() if k in PREPARED_KEYS})
@@ -146,13 +149,15 @@ def prepare_batch(session: Session, storage: Storage, job: Job, *,
             on_progress(lines, 0)
 
         validated = validate_file(state.checker, state.lines, cap=job.spec["max_lines"],
-                                  on_progress=validating)
+                                  on_progress=validating, keep=size)
         if validated.errors:
             _fail_invalid(session, parent, validated)
             return {"requests": validated.requests, "errors": validated.error_count}
         _start(session, parent, validated, state.checker)
-    window: list[tuple[str, dict[str, Any]]] = []
-    size = max(1, get_settings().shard_size) * SHARDS_PER_WINDOW
+        if validated.whole is not None:  # one window, checked already: no second read
+            return _last_window(state, validated.whole, lines_done=validated.last_line,
+                                on_progress=on_progress)
+    window: list[Checked] = []
     line = state.lines_done
     for line, raw in requests_in(state.lines()):
         if line <= state.lines_done:
@@ -167,8 +172,15 @@ def prepare_batch(session: Session, storage: Storage, job: Job, *,
             window = []
             on_progress(state.requests_done, parent.progress_total)
             should_stop()
-    _write_window(state, window, lines_done=max(line, state.lines_done), last=True)
-    on_progress(state.requests_done, parent.progress_total)
+    return _last_window(state, window, lines_done=max(line, state.lines_done),
+                        on_progress=on_progress)
+
+
+def _last_window(state: Preparing, window: list[Checked], *, lines_done: int,
+                 on_progress: Callable[[int, int], None]) -> dict[str, Any]:
+    """Write the file's last window (perhaps empty): the parent then knows its shards."""
+    _write_window(state, window, lines_done=lines_done, last=True)
+    on_progress(state.requests_done, state.parent.progress_total)
     return {"requests": state.requests_done, "shards": state.shards,
             "lines_done": state.lines_done, "requests_done": state.requests_done}
 
@@ -203,7 +215,7 @@ def _start(session: Session, parent: Job, validated: Validated, checker: Checker
     session.commit()
 
 
-def _write_window(state: Preparing, window: list[tuple[str, dict[str, Any]]], *,
+def _write_window(state: Preparing, window: list[Checked], *,
                   lines_done: int, last: bool) -> None:
     """Shard one window of requests and write it, with the job's place in the file."""
     session, parent = state.session, state.parent
@@ -274,14 +286,14 @@ def _shard_spans(requests: list[dict[str, Any]], size: int) -> list[tuple[int, i
     parameters, token ids known, no seeded sampling, which runs alone), a shard ends where
     a generation batch ends (common/ml/packing.py), so no shard ends on a part-full batch.
     """
-    gens = [ItemInput.model_construct(**r["gen"]) for r in requests]  # validated: Checker
-    first = (requests[0]["model_id"], gens[0].packing_key())
-    alike = all(g.prompt_ids is not None and (r["model_id"], g.packing_key()) == first
+    gens = [r["gen"] for r in requests]  # ItemInput dumps, validated by the Checker
+    first = (requests[0]["model_id"], packing_key(gens[0]))
+    alike = all(g.get("prompt_ids") is not None and (r["model_id"], packing_key(g)) == first
                 for r, g in zip(requests, gens, strict=True))
     starts: list[int] = []
-    if alike and not gens[0].isolated_sampling:
-        rows = unit_rows(gens[0].n, gens[0].num_beams)
-        costs = [(unit_cost(rows, len(g.prompt_ids or ()), g.max_tokens), rows) for g in gens]
+    if alike and not ItemInput.model_construct(**gens[0]).isolated_sampling:
+        rows = unit_rows(gens[0]["n"], gens[0]["num_beams"])
+        costs = [(unit_cost(rows, len(g["prompt_ids"]), g["max_tokens"]), rows) for g in gens]
         starts = batch_starts(costs, token_budget=get_settings().token_budget)
     return spans_at_batch_starts(len(requests), size, starts)
 

@@ -72,14 +72,20 @@ class Checker:
         return None if request is None else (line.custom_id, request)
 
 
+Checked = tuple[str, dict[str, Any]]  # a line's custom_id and item request
+
+
 @dataclass
 class Validated:
-    """What the first pass over a file learns: how many requests, and its problems."""
+    """What the first pass over a file learns: how many requests, and its problems; for a
+    valid file of at most `keep` requests (validate_file), every line's checked request."""
 
     requests: int
     errors: list[LineError]
     error_count: int
     first_model: Model | None
+    whole: list[Checked] | None = None
+    last_line: int = 0  # the number of the file's last line with a request
 
 
 def requests_in(lines: Iterable[bytes]) -> Iterator[tuple[int, bytes]]:
@@ -90,18 +96,22 @@ def requests_in(lines: Iterable[bytes]) -> Iterator[tuple[int, bytes]]:
 
 
 def validate_file(checker: Checker, read: Callable[[], Iterator[bytes]], *, cap: int,
-                  on_progress: Callable[[int], None] = lambda n: None) -> Validated:
+                  on_progress: Callable[[int], None] = lambda n: None,
+                  keep: int = 0) -> Validated:
     """Check every line of a batch input file (`read()` gives its lines from the start),
-    collecting each problem with its line number.
+    collecting each problem with its line number. A valid file of at most `keep` requests
+    comes back whole (`Validated.whole`), so its requests need not be read and checked again.
 
     Duplicate custom_ids are found from 8-byte digests (8 MB for a million lines), sorted
     once at the end; only a file with a repeated digest is read a second time, to name the
     lines that repeat one.
     """
     digests = bytearray()
-    count, first_model = 0, None
+    count, first_model, last_line = 0, None, 0
+    whole: list[Checked] | None = [] if keep else None
     for n, raw in requests_in(read()):
         count += 1
+        last_line = n
         if count > cap:
             checker.error(n, "too_many_requests", f"a batch holds at most {cap} requests")
             break
@@ -111,6 +121,11 @@ def validate_file(checker: Checker, read: Callable[[], Iterator[bytes]], *, cap:
             if first_model is None:
                 first_model = next(m for m in checker.models.values()
                                    if m.id == checked[1]["model_id"])
+        if whole is not None:  # dropped at the first error or past `keep` requests
+            if checked is None or count > keep:
+                whole = None
+            else:
+                whole.append(checked)
         if count % PROGRESS_EVERY == 0:
             on_progress(count)
     if count == 0:
@@ -120,7 +135,8 @@ def validate_file(checker: Checker, read: Callable[[], Iterator[bytes]], *, cap:
         report_duplicates(checker, read(), repeated)
     checker.errors.sort(key=lambda e: e.line or 0)
     return Validated(requests=count, errors=checker.errors, error_count=checker.error_count,
-                     first_model=first_model)
+                     first_model=first_model, whole=None if checker.errors else whole,
+                     last_line=last_line)
 
 
 def repeated_digests(digests: bytes | bytearray) -> set[bytes]:

@@ -1,12 +1,13 @@
-"""Prompt token ids for a batch, computed in the API without torch or transformers.
+"""Prompt token ids for a batch, computed by its prepare job without torch or transformers.
 
 A batch is cut into shards of similar prompt length, and each shard packs its generation
 batches on its own. Cut by characters, shards of same-length prompts with different token
-counts pack worse than one in-process call; cut by tokens they pack alike. So the API
-tokenizes a batch's prompts once, with the checkpoint's own `tokenizer.json`, sorts by
-token count, and stores the ids with each item; the worker reuses them instead of encoding
-again. Models without a `tokenizer.json` (the character-level LSTM, whose token count is
-the character count) keep the character-length order and are encoded in the worker.
+counts pack worse than one in-process call; cut by tokens they pack alike. So the prepare
+job (common/batches/create.py) tokenizes a batch's prompts once, with the checkpoint's own
+`tokenizer.json`, sorts by token count, and stores the ids with each item; the shard
+reuses them instead of encoding again. Models without a `tokenizer.json` (the
+character-level LSTM, whose token count is the character count) keep the character-length
+order and are encoded in the worker.
 
 The chat template that renders a /v1/chat/completions line is read from the same
 checkpoint files (load_chat_render).
@@ -28,11 +29,11 @@ log = logging.getLogger(__name__)
 TOKENIZER_FILE = "tokenizer.json"  # what a transformers fast tokenizer saves
 TEMPLATE_FILE = "chat_template.jinja"  # where transformers 5 saves a chat template
 CONFIG_FILE = "tokenizer_config.json"  # older saves keep it here; and the special tokens
-CACHED = 8  # tokenizers kept per API process, by checkpoint uri
+CACHED = 8  # tokenizers kept per process, by checkpoint uri
 
 _cache: OrderedDict[str, Any] = OrderedDict()
 _renders: OrderedDict[str, Render] = OrderedDict()
-_lock = threading.Lock()  # the API creates batches on several threads
+_lock = threading.Lock()  # callers may be on several threads
 
 
 def load_prompt_tokenizer(storage: Storage, checkpoint_uri: str) -> Any | None:
