@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import openai
 import pytest
@@ -645,3 +646,36 @@ def test_a_repeated_custom_id_is_named_at_each_line_that_repeats_it(session):  #
     report_duplicates(checker, iter(lines), repeated)
     assert [(e.line, e.code) for e in checker.errors] == [
         (3, "duplicate_custom_id"), (5, "duplicate_custom_id"), (6, "duplicate_custom_id")]
+
+
+def test_a_file_of_one_window_comes_back_whole_from_its_check(session):  # type: ignore[no-untyped-def]
+    """The prepare job writes a file of at most one window straight from its check: the
+    check keeps every line's request, in line order, only while the file stays valid and
+    within `keep` requests."""
+    from common.batches.input_file import Checker, validate_file
+    from common.models import Checkpoint, Model, new_id
+
+    trainer = Job(id=new_id("job_"), owner="o", type="train", spec={}, queue="cpu")
+    session.add(trainer)
+    session.flush()
+    checkpoint = Checkpoint(id=new_id("ckpt_"), job_id=trainer.id, step=1, uri="file:///x")
+    session.add(checkpoint)
+    session.flush()
+    session.add(Model(id=new_id("model_"), owner="o", name="m", family="lstm",
+                      checkpoint_id=checkpoint.id))
+    session.commit()
+
+    def check(rows: list[dict | None], keep: int) -> Any:
+        lines = [b"\n" if r is None else json.dumps(r).encode() for r in rows]
+        checker = Checker(session, owner="o", endpoint="/v1/completions", default_model=None)
+        return validate_file(checker, lambda: iter(lines), cap=100, keep=keep)
+
+    rows = [{"custom_id": f"c{i}", "url": "/v1/completions",
+             "body": {"model": "m", "prompt": f"p{i}", "max_tokens": 2}} for i in range(3)]
+    whole = check([rows[0], None, rows[1], rows[2]], keep=3)
+    assert not whole.errors and whole.requests == 3 and whole.last_line == 4
+    assert [custom_id for custom_id, _ in whole.whole] == ["c0", "c1", "c2"]
+    assert [request["gen"]["prompt"] for _, request in whole.whole] == ["p0", "p1", "p2"]
+    assert check(rows, keep=2).whole is None  # longer than a window: read again
+    bad = check([rows[0], {**rows[1], "url": "/v1/embeddings"}, rows[2]], keep=3)
+    assert bad.errors and bad.whole is None
