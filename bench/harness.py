@@ -35,14 +35,16 @@ NOTES = """## Reading the figures
   through the SDK's `extra_query`): the API answers when the last shard's finish notice
   arrives (Redis pub/sub), within about 10 ms of the batch completing. The bench used to
   poll every 0.5 s, which added 0.25 s on average to the queue's side.
-- Where the queue's time goes (one 10,000-request batch on a calm hour, in-process
-  7.4-7.9 s): upload 0.08 s; create 0.55-0.65 s to the first shard's start (measured on
-  one create: parse and validate ~0.19 s, tokenize 0.17-0.2 s in `tokenizers`' batch
-  encoder on both cores, shard cut ~0.07 s, insert ~0.2 s, commit ~0.05 s); the ten shards
-  7.7-8.4 s back to back (gaps ~7 ms); the output file ~0.2 s; the held retrieve ~0.01 s;
-  the download 0.03 s. The shards skip tokenizing (the API did it then; a batch's
-  prepare job on a worker does it now; ~10% of the in-process call's samples encode
-  prompts).
+- Where the queue's time goes (one 10,000-request batch, 2026-12-08, in-process 6.3 s;
+  times from the jobs' rows): the create answers at once and the prepare job runs 0.57-0.65
+  s (checking every line ~0.2 s, tokenizing ~0.2 s in `tokenizers`' batch encoder, writing
+  the items ~0.1 s, the shard cut, its commit; it was 0.8 s while a file of one window was
+  read and checked twice and each request built a model for its packing key); the ten
+  shards 6.4 s back to back (gaps 10-20 ms; py-spy in the pool child: 86 % of a shard in
+  the model's forward, 9 % in the rest of generation, about 5 % the queue's own reads and
+  writes); the output file ~0.14 s. The shards skip tokenizing, which the in-process call
+  does (~10 % of its samples encode prompts). Before 2026-12-07 the API did the prepare
+  job's work in the create (0.55-0.65 s to the first shard's start).
 - Training left the worker slow to generate (found 2026-12-02). The bench trains before it
   generates, in the same pool child, and the ten shards then ran 5.7-6.05 s where their
   requests (read back from SQL, already tokenized) took 4.8-5.1 s through `generate()` in
@@ -91,38 +93,39 @@ NOTES = """## Reading the figures
   current job set and cleared, the last heartbeat and flag read, the finish, a re-read and
   a quota lookup — and a thread and two sessions a job) and the API 7 in 3 (before: 8).
   Back to back on 2026-12-07 (the table's run, then the code before the cuts with the same
-  bench), before → after: SQLite 101 → 151 jobs/s (0.12 → 0.18 of raw Celery's no-op;
-  0.29 → 0.46 of raw Celery running the job's request), PostgreSQL 79 → 137 jobs/s
-  (0.09 → 0.16; 0.24 → 0.41); an earlier pair at a higher load: SQLite 67 → 119, PostgreSQL
-  33 → 71 jobs/s. The CPU section's row before the cuts (27 jobs/s, 0.08) created jobs one
-  at a time, waited for each, and ran torch on two threads. On 2026-12-08 the API's
-  create went from 5.8-6.2 to 4.9-5.1 ms of CPU a job (two back-to-back pairs of the same
-  bench, before and after): each request had built a sessionmaker, with its event
-  dispatch, and run its session dependency's start and end on FastAPI's threadpool; there
-  is now one sessionmaker per engine and the dependency is async (it closes on the
-  threadpool only while a transaction is open). The table's "CPU per minimal job" rows say
-  where a job's CPU goes, process by process. What bounds the throughput is the worker's
-  serial path: it runs one job at a time (prefork concurrency 1, DESIGN.md), and every job
-  is one Celery message, so each costs the pool child's work (claim, model call, items and
-  finish: 4.85 ms of CPU on SQLite, 7 on PostgreSQL) plus the message's own cycle in the
-  main process (ack, fetch of the next, hand-over to the child), which is all a raw
-  no-op's cycle is (about 2.3 ms in this run: 440/s). Half the no-op's rate would leave
-  the pool child about 2.3 ms a job, and transformers' generate for one token (1.5-2 ms)
-  with the job's SQL (about 1 ms) is already past it. Against raw Celery running the same
-  model call genq is at 0.51 (SQLite) and 0.40 (PostgreSQL). Two changes could reach 0.5 of
-  the no-op, neither done: a pool child that claims the other queued small jobs of the same
-  model with its own and generates them as one batch (their messages then each cost a
-  dropped claim, not a model call), and a create cheaper than the API's ~5 ms, which caps
-  one API process at about 200 jobs/s. On PostgreSQL every connection checkout also pings
-  (`pool_pre_ping`, what carries the processes across a database restart), once for each
-  transaction of a create or a job. With prefetch 1 and late acks the worker fetches the
-  next message only after the ack; a larger prefetch would hide that but hold a second
+  bench), before → after: SQLite 101 → 151 jobs/s (0.12 → 0.18 of raw Celery's no-op; 0.29
+  → 0.46 of raw Celery running the job's request), PostgreSQL 79 → 137 jobs/s (0.09 → 0.16;
+  0.24 → 0.41); an earlier pair at a higher load: SQLite 67 → 119, PostgreSQL 33 → 71
+  jobs/s. The CPU section's row before the cuts (27 jobs/s, 0.08) created jobs one at a
+  time, waited for each, and ran torch on two threads. On 2026-12-08 the API's create went
+  from 5.8-6.2 to 4.9-5.1 ms of CPU a job (two back-to-back pairs of the same bench, before
+  and after): each request had built a sessionmaker, with its event dispatch, and run its
+  session dependency's start and end on FastAPI's threadpool; there is now one sessionmaker
+  per engine and the dependency is async (it closes on the threadpool only while a
+  transaction is open). uvicorn's C parts (`uvicorn[standard]`: httptools, uvloop) took
+  about 0.4 ms more off (5.4-5.5 -> 5.0-5.15, two pairs). The table's "CPU per minimal job"
+  rows say where a job's CPU goes, process by process. What bounds the throughput is the
+  worker's serial path: it runs one job at a time (prefork concurrency 1, DESIGN.md), and
+  every job is one Celery message, so each costs the pool child's work (claim, model call,
+  items and finish: 4.85 ms of CPU on SQLite, 5.75 on PostgreSQL) plus the message's own
+  cycle in the main process (ack, fetch of the next, hand-over to the child), which is all
+  a raw no-op's cycle is (about 2.3 ms in this run: 440/s). Half the no-op's rate would
+  leave the pool child about 2.3 ms a job, and transformers' generate for one token (1.5-2
+  ms) with the job's SQL (about 1 ms) is already past it. Against raw Celery running the
+  same model call genq is at 0.51 (SQLite) and 0.40 (PostgreSQL). Two changes could reach
+  0.5 of the no-op, neither done: a pool child that claims the other queued small jobs of
+  the same model with its own and generates them as one batch (their messages then each
+  cost a dropped claim, not a model call), and a create cheaper than the API's ~5 ms, which
+  caps one API process at about 200 jobs/s. On PostgreSQL every connection checkout also
+  pings (`pool_pre_ping`, what carries the processes across a database restart), once for
+  each transaction of a create or a job. With prefetch 1 and late acks the worker fetches
+  the next message only after the ack; a larger prefetch would hide that but hold a second
   message behind a long job and ahead of a later urgent one (README: Priorities), so it
-  stays 1. With torch's default
-  two threads the same jobs ran about half as fast (each op of a 1-token forward waited for
-  the second thread on the loaded cores), hence GENQ_TORCH_THREADS=1 for this section's
-  worker. (Issue 22 asked that scheduling keep this figure within 10 % of before: on
-  2026-12-04 it ran 42 and 38 jobs/s with it against 39 and 31 without.)
+  stays 1. With torch's default two threads the same jobs ran about half as fast (each op
+  of a 1-token forward waited for the second thread on the loaded cores), hence
+  GENQ_TORCH_THREADS=1 for this section's worker. (Issue 22 asked that scheduling keep this
+  figure within 10 % of before: on 2026-12-04 it ran 42 and 38 jobs/s with it against 39
+  and 31 without.)
 - The scale section (a million lines, about four minutes a database) is as sensitive to
   other work on the machine as the rest: a run during which another benchmark used the
   cores put SQLite's ratio at 0.56, one beside a test suite at 0.68; the table's figures
