@@ -9,8 +9,9 @@ import time
 from collections.abc import AsyncIterator
 from typing import Annotated
 
+import anyio.to_thread
+from anyio import CancelScope, CapacityLimiter
 from fastapi import Depends, Request
-from fastapi.concurrency import run_in_threadpool
 from limits import RateLimitItemPerMinute
 from limits.storage import RedisStorage
 from limits.strategies import SlidingWindowCounterRateLimiter
@@ -28,14 +29,19 @@ log = logging.getLogger(__name__)
 async def get_session() -> AsyncIterator[Session]:
     """A session for the request. Async so that it costs no thread hand-offs of its own
     (FastAPI runs a sync dependency's start and end each on its threadpool): making one
-    touches no database, and closing one does only while a transaction is still open, so
-    that close goes to the threadpool and any other stays on the event loop."""
+    touches no database, and closing one does only while a transaction is still open.
+
+    That close runs on a thread as FastAPI runs a sync dependency's exit: shielded from the
+    request's cancellation, and outside the threadpool's shared limit, because a close
+    that waited for a thread while every thread waits for a pooled connection (the one this
+    close would give back) would never run."""
     session = session_factory()()
     try:
         yield session
     finally:
         if session.in_transaction():
-            await run_in_threadpool(session.close)
+            with CancelScope(shield=True):
+                await anyio.to_thread.run_sync(session.close, limiter=CapacityLimiter(1))
         else:
             session.close()
 
