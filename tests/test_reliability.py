@@ -143,6 +143,49 @@ def running_at(stack: Stack, job_id: str, step: int, timeout: float = 60):  # ty
     return wait_for(ready, timeout=timeout, interval=0.1)
 
 
+def freeze(stack: Stack, pid: int, job_id: str) -> None:
+    """SIGSTOP the child `pid` running `job_id` at a moment it holds no lock that a write of
+    the job's row needs. Frozen inside one of its short write transactions (a log line every
+    10 steps), it would hold the whole database (SQLite) or the job's row (PostgreSQL)
+    until continued, and every write to the job, a cancel included, would wait for it: a
+    child stuck in its computation, what the callers test, holds none."""
+    for _ in range(100):
+        os.kill(pid, signal.SIGSTOP)
+        if _job_row_writable(stack.env["GENQ_DATABASE_URL"], job_id):
+            return
+        os.kill(pid, signal.SIGCONT)
+        time.sleep(0.02)
+    raise AssertionError(f"child {pid} held a lock on job {job_id} at each of 100 stops")
+
+
+def _job_row_writable(url: str, job_id: str) -> bool:
+    """Whether the job's row could be written now, tried with a lock wait of 0.2 s."""
+    import sqlite3
+
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    if url.startswith("sqlite"):
+        conn = sqlite3.connect(str(make_url(url).database), timeout=0.2, isolation_level=None)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("ROLLBACK")
+            return True
+        except sqlite3.OperationalError:  # database is locked
+            return False
+        finally:
+            conn.close()
+    with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://")) as conn:
+        conn.execute("SET lock_timeout = '200ms'")
+        try:
+            conn.execute("SELECT 1 FROM jobs WHERE id = %s FOR UPDATE", (job_id,))
+            return True
+        except psycopg.errors.LockNotAvailable:
+            return False
+        finally:
+            conn.rollback()
+
+
 def node_of(job) -> str:  # type: ignore[no-untyped-def]
     return job.worker.split("@", 1)[0]
 
@@ -427,7 +470,7 @@ def test_force_cancel_revokes_a_stuck_task(rstack):
     replica = spawn_api(rstack)  # first: while the child is stopped its lease runs out
     job = c.create_job({**SPEC, "steps": 2000})
     running = running_at(rstack, job["id"], 5)
-    os.kill(running.worker_pid, signal.SIGSTOP)
+    freeze(rstack, running.worker_pid, job["id"])
     try:
         resp = replica.client().request("POST", f"/v1/jobs/{job['id']}/cancel",
                                         params={"force": "true"})
