@@ -128,8 +128,12 @@ _LIVE_STACKS: list[Stack] = []
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Remove this session's folder (databases, storage, logs: 40-140 MB) after a green run;
-    after a red one keep it, and say where, for the full logs."""
+    """Stop the stacks a failed test left running (its processes are in sessions of their
+    own: nothing else would stop them). Remove this session's folder (databases, storage,
+    logs: 40-140 MB) after a green run; after a red one keep it, and say where, for the
+    full logs."""
+    for stack in list(_LIVE_STACKS):
+        stack.stop_all()
     if exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
         shutil.rmtree(_TMP, ignore_errors=True)
     else:
