@@ -162,10 +162,14 @@ def _job_row_writable(url: str, job_id: str) -> bool:
     """Whether the job's row could be written now, tried with a lock wait of 0.2 s."""
     import sqlite3
 
-    import psycopg
+    from sqlalchemy import text
     from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import OperationalError
 
-    if url.startswith("sqlite"):
+    from common.db import engine_for
+    from common.models import Job
+
+    if url.startswith("sqlite"):  # the engine's connections wait 30 s for a lock: not one
         conn = sqlite3.connect(str(make_url(url).database), timeout=0.2, isolation_level=None)
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -175,12 +179,12 @@ def _job_row_writable(url: str, job_id: str) -> bool:
             return False
         finally:
             conn.close()
-    with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://")) as conn:
-        conn.execute("SET lock_timeout = '200ms'")
+    with engine_for(url).connect() as conn:
+        conn.execute(text("SET LOCAL lock_timeout = '200ms'"))  # this transaction's only
         try:
-            conn.execute("SELECT 1 FROM jobs WHERE id = %s FOR UPDATE", (job_id,))
+            conn.execute(select(Job.id).where(Job.id == job_id).with_for_update())
             return True
-        except psycopg.errors.LockNotAvailable:
+        except OperationalError:  # lock_timeout: the row is locked
             return False
         finally:
             conn.rollback()
